@@ -1,0 +1,269 @@
+//! Who is calling: every request is accounted to one configured service,
+//! or refused before anything is forwarded.
+//!
+//! A service proves itself with its API key (`X-Api-Key`, or
+//! `Authorization: Bearer <key>`), or, for integrations that only know how
+//! to talk to Marketo, with a token the proxy issued at its own
+//! `/identity/oauth/token` in exchange for the service's client id and
+//! secret. Those tokens follow Marketo's rule: the same token until it
+//! expires, with its remaining lifetime.
+//!
+//! Secrets are compared in constant time. Failed attempts are throttled
+//! per client address (a keyed `governor` limiter) so that keys cannot be
+//! guessed at speed.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use tokio::time::Instant;
+
+use crate::config::Config;
+use crate::marketo::TokenAnswer;
+use crate::secret::Secret;
+
+/// Lifetime of a proxy-issued token, as Marketo's.
+pub const PROXY_TOKEN_TTL: Duration = Duration::from_secs(3600);
+
+/// Failed attempts a client address may make per minute.
+const FAILURES_PER_MINUTE: u32 = 10;
+
+/// The index of a service in the configuration.
+pub type ServiceId = usize;
+
+/// Why a caller was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("missing or unknown credentials")]
+    Unauthenticated,
+    #[error("too many failed attempts from this address")]
+    Throttled { retry_after: Duration },
+}
+
+struct ServiceCredentials {
+    api_key: Option<Secret>,
+    client_id: Option<String>,
+    client_secret: Option<Secret>,
+}
+
+struct IssuedToken {
+    service: ServiceId,
+    expires_at: Instant,
+}
+
+/// The credentials of every service and the tokens issued to them.
+pub struct Callers {
+    services: Vec<ServiceCredentials>,
+    names: Vec<String>,
+    /// Proxy-issued token → whose it is.
+    tokens: DashMap<String, IssuedToken>,
+    /// Service → its current token, to hand back the same one.
+    current: Mutex<HashMap<ServiceId, String>>,
+    failures: DefaultKeyedRateLimiter<IpAddr>,
+    blocked: DashMap<IpAddr, Instant>,
+}
+
+impl Callers {
+    pub fn new(config: &Config) -> Self {
+        let services = config
+            .services
+            .iter()
+            .map(|service| ServiceCredentials {
+                api_key: service.api_key.clone(),
+                client_id: service.client_id.clone(),
+                client_secret: service.client_secret.clone(),
+            })
+            .collect();
+        let per_minute = NonZeroU32::new(FAILURES_PER_MINUTE).unwrap_or(NonZeroU32::MIN);
+        Self {
+            services,
+            names: config.services.iter().map(|service| service.name.clone()).collect(),
+            tokens: DashMap::new(),
+            current: Mutex::new(HashMap::new()),
+            failures: RateLimiter::keyed(Quota::per_minute(per_minute)),
+            blocked: DashMap::new(),
+        }
+    }
+
+    pub fn name(&self, service: ServiceId) -> &str {
+        self.names.get(service).map_or("unknown", String::as_str)
+    }
+
+    /// Refuses an address that failed too often, before looking at what it
+    /// presents.
+    pub fn check_throttle(&self, peer: IpAddr) -> Result<(), AuthError> {
+        let now = Instant::now();
+        if let Some(until) = self.blocked.get(&peer).map(|entry| *entry) {
+            if until > now {
+                return Err(AuthError::Throttled {
+                    retry_after: until - now,
+                });
+            }
+            self.blocked.remove(&peer);
+        }
+        Ok(())
+    }
+
+    /// Notes a failed attempt; too many in a minute block the address.
+    pub fn record_failure(&self, peer: IpAddr) {
+        if let Err(not_until) = self.failures.check_key(&peer) {
+            let wait = not_until.wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default()));
+            let wait = wait.max(Duration::from_secs(1));
+            self.blocked.insert(peer, Instant::now() + wait);
+            tracing::info!(%peer, retry_after_s = wait.as_secs(), "caller throttled after repeated failed authentication");
+        }
+        // Keep the limiter's memory bounded under a spray of addresses.
+        if self.failures.len() > 10_000 {
+            self.failures.retain_recent();
+        }
+    }
+
+    /// The service that presented `credential` (an API key or a token this
+    /// proxy issued), if any.
+    pub fn authenticate(&self, credential: &str) -> Option<ServiceId> {
+        if credential.is_empty() {
+            return None;
+        }
+        // Check every key, so the time taken does not say which one matched.
+        let mut matched = None;
+        for (index, service) in self.services.iter().enumerate() {
+            if service.api_key.as_ref().is_some_and(|key| key.matches(credential)) {
+                matched = Some(index);
+            }
+        }
+        matched.or_else(|| self.token_owner(credential))
+    }
+
+    fn token_owner(&self, token: &str) -> Option<ServiceId> {
+        let entry = self.tokens.get(token)?;
+        (entry.expires_at > Instant::now()).then_some(entry.service)
+    }
+
+    /// The proxy's `/identity/oauth/token`: a token for the service with
+    /// these client credentials, or `None`.
+    pub fn issue_token(&self, client_id: &str, client_secret: &str) -> Option<TokenAnswer> {
+        let mut matched = None;
+        for (index, service) in self.services.iter().enumerate() {
+            let id_matches = service
+                .client_id
+                .as_deref()
+                .is_some_and(|id| Secret::new(id).matches(client_id));
+            let secret_matches = service
+                .client_secret
+                .as_ref()
+                .is_some_and(|secret| secret.matches(client_secret));
+            if id_matches & secret_matches {
+                matched = Some(index);
+            }
+        }
+        let service = matched?;
+        let now = Instant::now();
+        let mut current = self.current.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(token) = current.get(&service) {
+            if let Some(issued) = self.tokens.get(token) {
+                if issued.expires_at > now {
+                    return Some(answer(token.clone(), issued.expires_at - now, self.name(service)));
+                }
+            }
+            self.tokens.remove(token);
+        }
+        let token = new_token();
+        self.tokens.insert(
+            token.clone(),
+            IssuedToken {
+                service,
+                expires_at: now + PROXY_TOKEN_TTL,
+            },
+        );
+        current.insert(service, token.clone());
+        Some(answer(token, PROXY_TOKEN_TTL - Duration::from_secs(1), self.name(service)))
+    }
+}
+
+fn answer(token: String, left: Duration, service: &str) -> TokenAnswer {
+    TokenAnswer {
+        access_token: token,
+        token_type: "bearer".into(),
+        expires_in: left.as_secs(),
+        scope: service.to_owned(),
+    }
+}
+
+/// 128 random bits, in Marketo's token shape so clients that check the
+/// format are content.
+fn new_token() -> String {
+    let bytes: [u8; 16] = rand::random();
+    let hex: String = bytes.iter().map(|byte| format!("{byte:02x}")).collect();
+    format!("{}-{}-{}-{}-{}:mp", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn callers() -> Callers {
+        let config = crate::config::Config::from_yaml_with_env(
+            r#"
+marketo: { base_url: "http://127.0.0.1:1", client_id: a, client_secret: b }
+services:
+  - { name: crm, api_key: key-crm-1234567890, client_id: crm-id, client_secret: crm-secret }
+  - { name: forms, api_key: key-forms-0987654321 }
+"#,
+            |_| None,
+        )
+        .unwrap();
+        Callers::new(&config)
+    }
+
+    #[tokio::test]
+    async fn api_keys_name_their_service() {
+        let callers = callers();
+        assert_eq!(callers.authenticate("key-crm-1234567890"), Some(0));
+        assert_eq!(callers.authenticate("key-forms-0987654321"), Some(1));
+        assert_eq!(callers.authenticate("key-forms-098765432"), None);
+        assert_eq!(callers.authenticate(""), None);
+    }
+
+    #[tokio::test]
+    async fn issued_tokens_are_the_same_until_expiry() {
+        let callers = callers();
+        assert!(callers.issue_token("crm-id", "wrong").is_none());
+        assert!(callers.issue_token("forms", "").is_none());
+        let first = callers.issue_token("crm-id", "crm-secret").unwrap();
+        assert_eq!(first.scope, "crm");
+        assert_eq!(first.expires_in, 3599);
+        assert_eq!(callers.authenticate(&first.access_token), Some(0));
+        let again = callers.issue_token("crm-id", "crm-secret").unwrap();
+        assert_eq!(again.access_token, first.access_token);
+        assert!(again.expires_in <= first.expires_in);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expired_tokens_are_refused_and_replaced() {
+        let callers = callers();
+        let first = callers.issue_token("crm-id", "crm-secret").unwrap();
+        tokio::time::advance(PROXY_TOKEN_TTL).await;
+        assert_eq!(callers.authenticate(&first.access_token), None);
+        let second = callers.issue_token("crm-id", "crm-secret").unwrap();
+        assert_ne!(second.access_token, first.access_token);
+        assert_eq!(callers.authenticate(&second.access_token), Some(0));
+    }
+
+    #[tokio::test]
+    async fn repeated_failures_block_the_address() {
+        let callers = callers();
+        let peer: IpAddr = [192, 0, 2, 7].into();
+        for _ in 0..FAILURES_PER_MINUTE {
+            assert!(callers.check_throttle(peer).is_ok());
+            callers.record_failure(peer);
+        }
+        callers.record_failure(peer);
+        assert!(matches!(callers.check_throttle(peer), Err(AuthError::Throttled { .. })));
+        let other: IpAddr = [192, 0, 2, 8].into();
+        assert!(callers.check_throttle(other).is_ok());
+    }
+}

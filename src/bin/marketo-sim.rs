@@ -1,0 +1,88 @@
+//! `marketo-sim`: run a simulated Marketo instance for tests, demos and
+//! integrators who want to exercise their code against Marketo's limits.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use marketo_proxy::sim::{SimClient, SimConfig, Simulator};
+
+/// A simulated Marketo instance: identity, the rolling window, the
+/// concurrency limit, the daily quota, leads and bulk exports.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    listen: SocketAddr,
+    /// Calls allowed in one rolling window.
+    #[arg(long, default_value_t = 100)]
+    window_calls: u32,
+    /// Length of the rolling window, in seconds.
+    #[arg(long, default_value_t = 20)]
+    window_seconds: u64,
+    /// Calls allowed in flight at once.
+    #[arg(long, default_value_t = 10)]
+    concurrency: u32,
+    /// Calls allowed per day.
+    #[arg(long, default_value_t = 50_000)]
+    daily_quota: u64,
+    /// Lifetime of an access token (e.g. 3600s, 1h).
+    #[arg(long, default_value = "3600s", value_parser = humantime::parse_duration)]
+    token_ttl: Duration,
+    /// Time every call takes (e.g. 50ms).
+    #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
+    latency: Duration,
+    /// Time a bulk export takes once enqueued.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    export_time: Duration,
+    /// Time zone whose midnight resets the daily quota.
+    #[arg(long, default_value = "America/Chicago")]
+    timezone: chrono_tz::Tz,
+    /// An API user as ID:SECRET:USER; repeat for more. Default: demo-client:demo-secret:demo@example.com
+    #[arg(long = "client")]
+    clients: Vec<SimClient>,
+    /// Leads in the database at start.
+    #[arg(long, default_value_t = 1000)]
+    leads: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    marketo_proxy::logging::init(false);
+    let args = Args::parse();
+    anyhow::ensure!(
+        args.window_seconds > 0,
+        "--window-seconds must be at least 1"
+    );
+    let clients = if args.clients.is_empty() {
+        vec![SimClient::demo()]
+    } else {
+        args.clients
+    };
+    let config = SimConfig {
+        window_calls: args.window_calls,
+        window: Duration::from_secs(args.window_seconds),
+        concurrency: args.concurrency,
+        daily_quota: args.daily_quota,
+        token_ttl: args.token_ttl,
+        latency: args.latency,
+        export_time: args.export_time,
+        clients,
+        timezone: args.timezone,
+        leads: args.leads,
+    };
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        window_calls = config.window_calls,
+        window_seconds = args.window_seconds,
+        concurrency = config.concurrency,
+        daily_quota = config.daily_quota,
+        "marketo-sim listening"
+    );
+    Simulator::new(config)
+        .serve(listener, marketo_proxy::shutdown_signal())
+        .await;
+    Ok(())
+}

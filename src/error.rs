@@ -1,0 +1,122 @@
+//! Every way a request can end without Marketo's own answer, and the one
+//! function that turns it into a response.
+//!
+//! Local refusals look like Marketo's: a `success:false` envelope with the
+//! code an existing client already knows how to handle, and `Retry-After`
+//! where waiting helps. Each error knows who caused it (the client, the
+//! upstream, or the proxy) and which `outcome` label it counts under.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+use http_body_util::BodyExt;
+
+use crate::auth::AuthError;
+use crate::marketo::{self, code};
+use crate::proxy::ProxyBody;
+use crate::proxy::path::PathError;
+use crate::token::TokenError;
+use crate::upstream::UpstreamError;
+
+/// Who made a request fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorSource {
+    Client,
+    Upstream,
+    Proxy,
+}
+
+/// Why the proxy answered a request itself.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error(transparent)]
+    Path(#[from] PathError),
+    #[error("the request URI is longer than {limit} bytes")]
+    UriTooLong { limit: usize },
+    #[error("the request body is larger than {limit} bytes")]
+    BodyTooLarge { limit: usize },
+    #[error("the request body could not be read")]
+    BodyUnreadable(#[source] hyper::Error),
+    #[error("no access token: {0}")]
+    Token(#[from] TokenError),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+}
+
+impl ProxyError {
+    pub fn source_of_error(&self) -> ErrorSource {
+        match self {
+            Self::Auth(_) | Self::Path(_) | Self::UriTooLong { .. } | Self::BodyTooLarge { .. } | Self::BodyUnreadable(_) => {
+                ErrorSource::Client
+            }
+            Self::Token(TokenError::Rejected(_)) => ErrorSource::Proxy,
+            Self::Token(_) | Self::Upstream(_) => ErrorSource::Upstream,
+        }
+    }
+
+    /// The `outcome` label of `marketo_proxy_requests_total`.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            Self::Auth(_) => "rejected_auth",
+            Self::Path(_) | Self::BodyUnreadable(_) => "rejected_request",
+            Self::UriTooLong { .. } | Self::BodyTooLarge { .. } => "rejected_size",
+            Self::Token(_) | Self::Upstream(_) => "upstream_error",
+        }
+    }
+
+    /// The response the client gets.
+    pub fn into_response(self) -> Response<ProxyBody> {
+        let message = self.to_string();
+        let (status, marketo_code, retry_after) = match &self {
+            Self::Auth(AuthError::Unauthenticated) => (StatusCode::UNAUTHORIZED, code::TOKEN_INVALID, None),
+            Self::Auth(AuthError::Throttled { retry_after }) => {
+                (StatusCode::TOO_MANY_REQUESTS, code::ACCESS_DENIED, Some(*retry_after))
+            }
+            Self::Path(PathError::NotForwarded) => (StatusCode::NOT_FOUND, code::NOT_FOUND, None),
+            Self::Path(PathError::Invalid) | Self::BodyUnreadable(_) => {
+                (StatusCode::BAD_REQUEST, code::INVALID_VALUE, None)
+            }
+            Self::UriTooLong { .. } => (StatusCode::URI_TOO_LONG, "414", None),
+            Self::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "413", None),
+            Self::Token(TokenError::Rejected(_)) => {
+                (StatusCode::SERVICE_UNAVAILABLE, code::UNAVAILABLE, Some(Duration::from_secs(30)))
+            }
+            Self::Token(_) => (StatusCode::SERVICE_UNAVAILABLE, code::UNAVAILABLE, Some(Duration::from_secs(5))),
+            Self::Upstream(UpstreamError::Timeout(_)) => (StatusCode::GATEWAY_TIMEOUT, code::TIMED_OUT, None),
+            Self::Upstream(_) => (StatusCode::BAD_GATEWAY, code::UNAVAILABLE, Some(Duration::from_secs(1))),
+        };
+        marketo_error(status, marketo_code, &message, retry_after)
+    }
+}
+
+/// A Marketo-shaped error response, with `Retry-After` when given.
+pub fn marketo_error(
+    status: StatusCode,
+    marketo_code: &str,
+    message: &str,
+    retry_after: Option<Duration>,
+) -> Response<ProxyBody> {
+    let body = marketo::error_body(&marketo::request_id(), marketo_code, message);
+    let mut response = json_response(status, body);
+    if let Some(wait) = retry_after {
+        // Whole seconds, rounded up: waiting less would be refused again.
+        let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+    }
+    response
+}
+
+/// A JSON response built by the proxy itself.
+pub fn json_response(status: StatusCode, body: Bytes) -> Response<ProxyBody> {
+    let body = http_body_util::Full::new(body).map_err(|never| match never {}).boxed_unsync();
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json;charset=UTF-8"),
+    );
+    response
+}

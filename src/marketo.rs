@@ -1,0 +1,129 @@
+//! The Marketo REST wire format: error codes, the `success:false` envelope,
+//! the identity answer. Shared by the proxy (which reads and imitates it)
+//! and the simulator (which speaks it).
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// Marketo error codes the proxy and the simulator act on. Marketo sends
+/// them as strings.
+pub mod code {
+    pub const TOKEN_MISSING: &str = "600";
+    pub const TOKEN_INVALID: &str = "601";
+    pub const TOKEN_EXPIRED: &str = "602";
+    pub const ACCESS_DENIED: &str = "603";
+    pub const TIMED_OUT: &str = "604";
+    pub const RATE_LIMITED: &str = "606";
+    pub const QUOTA_REACHED: &str = "607";
+    pub const UNAVAILABLE: &str = "608";
+    pub const INVALID_JSON: &str = "609";
+    pub const NOT_FOUND: &str = "610";
+    pub const SYSTEM_ERROR: &str = "611";
+    pub const CONCURRENCY_LIMITED: &str = "615";
+    pub const TRANSIENT: &str = "713";
+    pub const INVALID_VALUE: &str = "1003";
+    pub const TOO_MANY_JOBS: &str = "1029";
+}
+
+/// One entry of the `errors` array.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    pub code: String,
+    pub message: String,
+}
+
+/// The part of a REST answer that says whether it worked. Bodies are much
+/// larger than this; only these fields are read.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Outcome {
+    #[serde(default)]
+    pub success: bool,
+    #[serde(default)]
+    pub errors: Vec<ApiError>,
+}
+
+impl Outcome {
+    /// The first error code, if the call failed.
+    pub fn first_code(&self) -> Option<&str> {
+        if self.success {
+            None
+        } else {
+            self.errors.first().map(|error| error.code.as_str())
+        }
+    }
+}
+
+/// The answer of `/identity/oauth/token`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenAnswer {
+    pub access_token: String,
+    pub token_type: String,
+    pub expires_in: u64,
+    pub scope: String,
+}
+
+/// An identity error answer (`invalid_client`, ...).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IdentityError {
+    pub error: String,
+    pub error_description: String,
+}
+
+/// A `success:false` body with one error, as Marketo writes it.
+pub fn error_body(request_id: &str, code: &str, message: &str) -> Bytes {
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Body<'a> {
+        request_id: &'a str,
+        success: bool,
+        errors: [ApiError; 1],
+    }
+    let body = Body {
+        request_id,
+        success: false,
+        errors: [ApiError {
+            code: code.to_owned(),
+            message: message.to_owned(),
+        }],
+    };
+    Bytes::from(serde_json::to_vec(&body).unwrap_or_default())
+}
+
+/// A request id in Marketo's style (`e42b#14272d07d78`).
+pub fn request_id() -> String {
+    let prefix: u16 = rand::random();
+    let millis = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis())
+        .unwrap_or_default();
+    format!("{prefix:x}#{millis:x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_body_has_marketo_shape() {
+        let body = error_body(
+            "a#1",
+            code::RATE_LIMITED,
+            "Max rate limit '100' exceeded with in '20' secs",
+        );
+        let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(value["success"], false);
+        assert_eq!(value["requestId"], "a#1");
+        assert_eq!(value["errors"][0]["code"], "606");
+    }
+
+    #[test]
+    fn outcome_reads_the_first_error_code() {
+        let outcome: Outcome =
+            serde_json::from_str(r#"{"requestId":"x","success":false,"errors":[{"code":"601","message":"Access token invalid"}]}"#)
+                .unwrap();
+        assert_eq!(outcome.first_code(), Some("601"));
+        let ok: Outcome =
+            serde_json::from_str(r#"{"requestId":"x","result":[],"success":true}"#).unwrap();
+        assert_eq!(ok.first_code(), None);
+    }
+}

@@ -1,0 +1,180 @@
+//! Which requests may be forwarded, and to what path.
+//!
+//! Only the target's path and query are ever used: an absolute-form URI
+//! or a `Host` header never chooses where a call goes. Dot-segments are
+//! resolved (`node-marketo-rest` sends bulk calls as `/rest/../bulk/v1/..`)
+//! on a fixed placeholder host, so no spelling of a path can leave it, and
+//! the result must lie under `/rest/` or `/bulk/`.
+
+use url::Url;
+
+/// The Marketo API a path belongs to, for metric labels and size limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    /// Lead Database: `/rest/v1/...`
+    Rest,
+    /// Assets: `/rest/asset/v1/...`
+    Asset,
+    /// Bulk extract and import: `/bulk/...`
+    Bulk,
+    /// `/identity/oauth/token`
+    Identity,
+}
+
+impl Api {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Rest => "rest",
+            Self::Asset => "asset",
+            Self::Bulk => "bulk",
+            Self::Identity => "identity",
+        }
+    }
+}
+
+/// A path the proxy may forward.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// Normalised path, percent-encoded, starting with `/rest/` or `/bulk/`.
+    pub path: String,
+    /// The raw query without `?`, if any.
+    pub query: Option<String>,
+    pub api: Api,
+}
+
+impl Target {
+    /// Bulk import paths accept bodies up to 10 MB: leads are imported
+    /// with `POST /bulk/v1/leads.json`, everything else at `.../import.json`.
+    pub fn is_bulk_import(&self) -> bool {
+        self.api == Api::Bulk && (self.path == "/bulk/v1/leads.json" || self.path.ends_with("/import.json"))
+    }
+
+    /// Path and query as sent upstream.
+    pub fn path_and_query(&self) -> String {
+        match &self.query {
+            Some(query) => format!("{}?{}", self.path, query),
+            None => self.path.clone(),
+        }
+    }
+}
+
+/// Why a path is not forwarded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    #[error("the path is not a valid URL path")]
+    Invalid,
+    #[error("only /rest/ and /bulk/ paths are forwarded")]
+    NotForwarded,
+}
+
+/// Placeholder host the path is resolved against; never contacted.
+const PLACEHOLDER: &str = "http://upstream.invalid";
+
+/// Resolves `path` (as received, percent-encoded) and checks it may be
+/// forwarded. `query` is kept byte for byte.
+pub fn normalise(path: &str, query: Option<&str>) -> Result<Target, PathError> {
+    if !path.starts_with('/') {
+        return Err(PathError::Invalid);
+    }
+    // Concatenating (not `join`ing) keeps `//host/...` a path, not an authority.
+    let url = Url::parse(&format!("{PLACEHOLDER}{path}")).map_err(|_| PathError::Invalid)?;
+    if url.host_str() != Some("upstream.invalid") || url.port().is_some() || !url.username().is_empty() {
+        return Err(PathError::Invalid);
+    }
+    let path = url.path().to_owned();
+    let api = if path.starts_with("/rest/asset/") {
+        Api::Asset
+    } else if path.starts_with("/rest/") {
+        Api::Rest
+    } else if path.starts_with("/bulk/") {
+        Api::Bulk
+    } else {
+        return Err(PathError::NotForwarded);
+    };
+    Ok(Target {
+        path,
+        query: query.filter(|query| !query.is_empty()).map(str::to_owned),
+        api,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_dot_segments_and_keeps_to_the_api() {
+        let cases: &[(&str, Result<(&str, Api), PathError>)] = &[
+            ("/rest/v1/lead/1.json", Ok(("/rest/v1/lead/1.json", Api::Rest))),
+            ("/rest/asset/v1/emails.json", Ok(("/rest/asset/v1/emails.json", Api::Asset))),
+            ("/bulk/v1/leads/export/create.json", Ok(("/bulk/v1/leads/export/create.json", Api::Bulk))),
+            ("/rest/../bulk/v1/leads/export/create.json", Ok(("/bulk/v1/leads/export/create.json", Api::Bulk))),
+            ("/rest/./v1/./leads.json", Ok(("/rest/v1/leads.json", Api::Rest))),
+            ("/rest/v1/x/../../v1/leads.json", Ok(("/rest/v1/leads.json", Api::Rest))),
+            ("/rest/%2e%2e/bulk/v1/x", Ok(("/bulk/v1/x", Api::Bulk))),
+            ("/rest/%2E%2E/%2e%2E/bulk/v1/x", Ok(("/bulk/v1/x", Api::Bulk))),
+            ("/rest/../../../../rest/v1/a", Ok(("/rest/v1/a", Api::Rest))),
+            ("/rest/..", Err(PathError::NotForwarded)),
+            ("/rest", Err(PathError::NotForwarded)),
+            ("/", Err(PathError::NotForwarded)),
+            ("/identity/oauth/token", Err(PathError::NotForwarded)),
+            ("/rest/../identity/oauth/token", Err(PathError::NotForwarded)),
+            ("/rest/../_sim/stats", Err(PathError::NotForwarded)),
+            ("/restless/v1", Err(PathError::NotForwarded)),
+            ("/bulkhead/v1", Err(PathError::NotForwarded)),
+            ("rest/v1/lead/1.json", Err(PathError::Invalid)),
+        ];
+        for (input, expected) in cases {
+            let got = normalise(input, None).map(|target| (target.path, target.api));
+            let expected = expected.clone().map(|(path, api)| (path.to_owned(), api));
+            assert_eq!(got, expected, "input {input}");
+        }
+    }
+
+    #[test]
+    fn never_reaches_another_host() {
+        // Each would name another host if resolved as a URL reference.
+        let cases = [
+            "//evil.example/rest/v1/lead/1.json",
+            "///evil.example/rest/v1/x",
+            "/\\evil.example/rest/v1/x",
+            "/rest/v1/..//evil.example/x",
+            "/rest/@evil.example/v1/x",
+            "/rest/v1/lead/1.json#@evil.example",
+            "//user:pw@evil.example:443/rest/v1/x",
+            "/rest/%2F%2Fevil.example/v1",
+            "/rest/v1/http://evil.example/x",
+        ];
+        for input in cases {
+            match normalise(input, None) {
+                Ok(target) => {
+                    let uri = format!("https://123-ABC-456.mktorest.com{}", target.path_and_query());
+                    let parsed = Url::parse(&uri).unwrap();
+                    assert_eq!(parsed.host_str(), Some("123-ABC-456.mktorest.com"), "input {input} gave {uri}");
+                    assert!(target.path.starts_with("/rest/") || target.path.starts_with("/bulk/"));
+                }
+                Err(error) => assert!(
+                    matches!(error, PathError::NotForwarded | PathError::Invalid),
+                    "input {input}"
+                ),
+            }
+        }
+    }
+
+    #[test]
+    fn keeps_the_query_byte_for_byte() {
+        let target = normalise("/rest/v1/leads.json", Some("filterType=email&filterValues=a%40b.c,d+e")).unwrap();
+        assert_eq!(target.path_and_query(), "/rest/v1/leads.json?filterType=email&filterValues=a%40b.c,d+e");
+        assert_eq!(normalise("/rest/v1/leads.json", Some("")).unwrap().query, None);
+    }
+
+    #[test]
+    fn knows_bulk_import_paths() {
+        let import = |path| normalise(path, None).unwrap().is_bulk_import();
+        assert!(import("/bulk/v1/leads.json"));
+        assert!(import("/bulk/v1/customobjects/car_c/import.json"));
+        assert!(import("/bulk/v1/program/1001/members/import.json"));
+        assert!(!import("/bulk/v1/leads/export/create.json"));
+        assert!(!import("/rest/v1/leads.json"));
+    }
+}

@@ -1,0 +1,373 @@
+//! What the simulated instance remembers: issued tokens, the rolling
+//! window, calls in flight, today's usage, injected faults and a record of
+//! every arrival.
+//!
+//! Everything sits behind one mutex that is never held across an await;
+//! the simulator is a test instrument, not a hot path.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use chrono::NaiveDate;
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use super::SimConfig;
+use super::leads::LeadStore;
+use crate::marketo::code;
+
+/// The state of one simulated instance.
+pub(crate) struct State {
+    pub config: SimConfig,
+    pub started: Instant,
+    inner: Mutex<Inner>,
+}
+
+pub(crate) struct Inner {
+    tokens: HashMap<String, IssuedToken>,
+    /// client id → the token it was last given.
+    current: HashMap<String, String>,
+    /// Arrival times of executed calls inside the window.
+    window: VecDeque<Instant>,
+    in_flight: u32,
+    day: NaiveDate,
+    used_today: u64,
+    users_today: BTreeMap<String, u64>,
+    pub faults: FaultState,
+    pub stats: Stats,
+    pub leads: LeadStore,
+}
+
+impl Inner {
+    /// Starts a fresh day of usage once the configured midnight has passed.
+    /// Every reader and writer of today's usage calls it first, so calls
+    /// added just after midnight are not wiped by the next admission.
+    fn roll_day(&mut self, today: NaiveDate) {
+        if self.day != today {
+            self.day = today;
+            self.used_today = 0;
+            self.users_today.clear();
+        }
+    }
+}
+
+struct IssuedToken {
+    user: String,
+    expires_at: Instant,
+}
+
+/// Faults waiting to be applied to the next calls.
+#[derive(Debug, Default)]
+pub(crate) struct FaultState {
+    pub fail_next: VecDeque<Failure>,
+    pub extra_latency: Duration,
+    pub hang_next: u32,
+    pub drop_next: u32,
+    pub identity_fail_next: u32,
+}
+
+/// How to fail one call.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct Failure {
+    /// Marketo error code to answer inside HTTP 200, e.g. "606".
+    #[serde(default)]
+    pub code: Option<String>,
+    /// Or a bare HTTP status (502, 503, ...).
+    #[serde(default)]
+    pub http_status: Option<u16>,
+}
+
+/// Faults to inject, posted as JSON to `/_sim/faults`. Every field is
+/// optional; the ones given are added to what is already pending.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Faults {
+    /// Forget every issued token: later calls with them get 601.
+    pub revoke_tokens: bool,
+    /// Expire every issued token now: later calls with them get 602.
+    pub expire_tokens: bool,
+    /// Answer the next `count` authenticated calls with this failure.
+    pub fail_next: Option<FailNext>,
+    /// Latency added to every call from now on.
+    #[serde(with = "humantime_serde")]
+    pub extra_latency: Option<Duration>,
+    /// Never answer the next N calls.
+    pub hang_next: u32,
+    /// Close the connection without an answer on the next N calls.
+    pub drop_next: u32,
+    /// Answer the next N identity calls with HTTP 503.
+    pub identity_fail_next: u32,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailNext {
+    pub count: u32,
+    #[serde(flatten)]
+    pub failure: Failure,
+}
+
+/// Everything a test may want to check about what arrived.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Stats {
+    /// Identity calls answered (successful or not).
+    pub identity_calls: u64,
+    /// REST and bulk calls that arrived, whatever their answer.
+    pub calls: u64,
+    /// Calls answered with `success:true` (or a file).
+    pub ok: u64,
+    /// Error answers by Marketo code (or `http_<status>`).
+    pub codes: BTreeMap<String, u64>,
+    /// Most calls ever executing at once.
+    pub max_in_flight: u32,
+    /// Most executed calls ever counted inside one window.
+    pub max_in_window: u32,
+    /// Calls that carried an `access_token` parameter (query or body).
+    pub access_token_params: u64,
+    /// Every arrival, in order.
+    pub arrivals: Vec<Arrival>,
+}
+
+impl Stats {
+    /// How many calls were answered with this Marketo code.
+    pub fn code(&self, code: &str) -> u64 {
+        self.codes.get(code).copied().unwrap_or(0)
+    }
+}
+
+/// One call as the instance saw it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Arrival {
+    /// Seconds since the simulator started.
+    pub at: f64,
+    /// API user the token belonged to, if it was valid.
+    pub user: Option<String>,
+    pub method: String,
+    /// Path and query.
+    pub target: String,
+    /// `ok` or the error code answered.
+    pub code: String,
+}
+
+/// Releases a concurrency slot when the call ends, however it ends.
+pub(crate) struct InFlight {
+    state: Arc<State>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.state.lock().in_flight -= 1;
+    }
+}
+
+/// What the limits say about an authenticated call.
+pub(crate) enum Admission {
+    Admitted(InFlight),
+    Rejected(&'static str, String),
+}
+
+impl State {
+    pub fn new(config: SimConfig) -> Self {
+        let leads = LeadStore::seeded(config.leads);
+        let day = today(&config);
+        Self {
+            config,
+            started: Instant::now(),
+            inner: Mutex::new(Inner {
+                tokens: HashMap::new(),
+                current: HashMap::new(),
+                window: VecDeque::new(),
+                in_flight: 0,
+                day,
+                used_today: 0,
+                users_today: BTreeMap::new(),
+                faults: FaultState::default(),
+                stats: Stats::default(),
+                leads,
+            }),
+        }
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic in a handler must not take the whole instance down.
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn seconds_since_start(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    /// Issues a token, or hands back the current one with its remaining
+    /// lifetime, as Marketo does. Returns `None` for unknown credentials.
+    pub fn issue_token(
+        &self,
+        client_id: &str,
+        client_secret: &str,
+    ) -> Option<(String, u64, String)> {
+        let client = self.config.clients.iter().find(|client| {
+            client.client_id == client_id && client.client_secret == client_secret
+        })?;
+        let now = Instant::now();
+        let mut inner = self.lock();
+        if let Some(token) = inner.current.get(client_id).cloned() {
+            if let Some(issued) = inner.tokens.get(&token) {
+                if issued.expires_at > now {
+                    let left = issued.expires_at.duration_since(now).as_secs();
+                    return Some((token, left, client.user.clone()));
+                }
+            }
+        }
+        let token = new_token();
+        inner.tokens.insert(
+            token.clone(),
+            IssuedToken {
+                user: client.user.clone(),
+                expires_at: now + self.config.token_ttl,
+            },
+        );
+        inner.current.insert(client_id.to_owned(), token.clone());
+        Some((
+            token,
+            self.config.token_ttl.as_secs().saturating_sub(1),
+            client.user.clone(),
+        ))
+    }
+
+    /// Checks a presented token: the API user, or the error code.
+    pub fn check_token(&self, token: Option<&str>) -> Result<String, &'static str> {
+        let Some(token) = token.filter(|token| !token.is_empty()) else {
+            return Err(code::TOKEN_MISSING);
+        };
+        let inner = self.lock();
+        match inner.tokens.get(token) {
+            None => Err(code::TOKEN_INVALID),
+            Some(issued) if issued.expires_at <= Instant::now() => Err(code::TOKEN_EXPIRED),
+            Some(issued) => Ok(issued.user.clone()),
+        }
+    }
+
+    /// Applies the concurrency limit, the rolling window and the daily
+    /// quota to a call that arrives now, in that order.
+    pub fn admit(self: &Arc<Self>, user: &str) -> Admission {
+        let now = Instant::now();
+        let config = &self.config;
+        let mut inner = self.lock();
+        inner.roll_day(today(config));
+        while inner
+            .window
+            .front()
+            .is_some_and(|arrived| now.duration_since(*arrived) >= config.window)
+        {
+            inner.window.pop_front();
+        }
+        if inner.in_flight >= config.concurrency {
+            return Admission::Rejected(
+                code::CONCURRENCY_LIMITED,
+                "Concurrent access limit reached".into(),
+            );
+        }
+        if inner.window.len() >= config.window_calls as usize {
+            return Admission::Rejected(
+                code::RATE_LIMITED,
+                format!(
+                    "Max rate limit '{}' exceeded with in '{}' secs",
+                    config.window_calls,
+                    config.window.as_secs()
+                ),
+            );
+        }
+        if inner.used_today >= config.daily_quota {
+            return Admission::Rejected(code::QUOTA_REACHED, "Daily quota reached".into());
+        }
+        inner.window.push_back(now);
+        inner.in_flight += 1;
+        inner.used_today += 1;
+        *inner.users_today.entry(user.to_owned()).or_default() += 1;
+        inner.stats.max_in_flight = inner.stats.max_in_flight.max(inner.in_flight);
+        let in_window = u32::try_from(inner.window.len()).unwrap_or(u32::MAX);
+        inner.stats.max_in_window = inner.stats.max_in_window.max(in_window);
+        Admission::Admitted(InFlight {
+            state: Arc::clone(self),
+        })
+    }
+
+    /// Today's usage per API user, for `/rest/v1/stats/usage.json`.
+    pub fn usage_today(&self) -> (NaiveDate, u64, BTreeMap<String, u64>) {
+        let mut inner = self.lock();
+        inner.roll_day(today(&self.config));
+        (inner.day, inner.used_today, inner.users_today.clone())
+    }
+
+    /// Adds calls to today's usage as if another integration had made them.
+    pub fn add_foreign_usage(&self, user: &str, calls: u64) {
+        let mut inner = self.lock();
+        inner.roll_day(today(&self.config));
+        inner.used_today += calls;
+        *inner.users_today.entry(user.to_owned()).or_default() += calls;
+    }
+
+    pub fn apply_faults(&self, faults: Faults) {
+        let mut inner = self.lock();
+        if faults.revoke_tokens {
+            inner.tokens.clear();
+            inner.current.clear();
+        }
+        if faults.expire_tokens {
+            let now = Instant::now();
+            for issued in inner.tokens.values_mut() {
+                issued.expires_at = issued.expires_at.min(now);
+            }
+        }
+        if let Some(fail) = faults.fail_next {
+            for _ in 0..fail.count {
+                inner.faults.fail_next.push_back(fail.failure.clone());
+            }
+        }
+        if let Some(latency) = faults.extra_latency {
+            inner.faults.extra_latency = latency;
+        }
+        inner.faults.hang_next += faults.hang_next;
+        inner.faults.drop_next += faults.drop_next;
+        inner.faults.identity_fail_next += faults.identity_fail_next;
+    }
+
+    /// Records an answered call.
+    pub fn record(&self, arrival: Arrival) {
+        let mut inner = self.lock();
+        inner.stats.calls += 1;
+        if arrival.code == "ok" {
+            inner.stats.ok += 1;
+        } else {
+            *inner.stats.codes.entry(arrival.code.clone()).or_default() += 1;
+        }
+        // Calls are recorded when they end, which is not the order they
+        // arrived in once latency differs (a 615 ends before the calls that
+        // filled the slots): keep the log sorted by arrival time.
+        let arrivals = &mut inner.stats.arrivals;
+        let position = arrivals.partition_point(|earlier| earlier.at <= arrival.at);
+        arrivals.insert(position, arrival);
+    }
+}
+
+fn today(config: &SimConfig) -> NaiveDate {
+    chrono::Utc::now()
+        .with_timezone(&config.timezone)
+        .date_naive()
+}
+
+/// A token in Marketo's shape: a UUID and a pod suffix.
+fn new_token() -> String {
+    let bytes: [u8; 16] = rand::random();
+    let hex: String = bytes.iter().map(|byte| format!("{byte:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}:sim",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}

@@ -1,0 +1,272 @@
+//! The upstream access token, one cache per Marketo credential.
+//!
+//! Marketo hands back the same token until it expires, with its remaining
+//! lifetime (which can be 0). The cache asks for a token once, keeps it
+//! with its expiry, refreshes it in the background before it runs out, and
+//! lets exactly one identity call run at a time however many requests are
+//! waiting (single-flight). After a 601/602 the caller invalidates the
+//! token it used, and only that one.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, StatusCode, header};
+use http_body_util::Full;
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+use crate::config::UpstreamCredential;
+use crate::marketo::TokenAnswer;
+use crate::metrics::Metrics;
+use crate::upstream::{AnswerBody, Upstream, UpstreamError};
+
+/// How often to ask again when Marketo answers `expires_in: 0`.
+const ZERO_LIFETIME_RETRY: Duration = Duration::from_millis(500);
+/// Attempts per refresh before callers get an error.
+const MAX_ATTEMPTS: u32 = 3;
+/// First pause between failed identity calls; doubles up to the maximum.
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Why no token could be had.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TokenError {
+    #[error("Marketo rejected the client credentials (HTTP {0})")]
+    Rejected(u16),
+    #[error("the identity service answered HTTP {0}")]
+    Unavailable(u16),
+    #[error("the identity service is unreachable: {0}")]
+    Unreachable(String),
+    #[error("the identity answer was not understood")]
+    Malformed,
+    #[error("the token kept expiring on arrival")]
+    NoLifetime,
+}
+
+/// A token and when it stops working.
+#[derive(Clone)]
+pub struct Token {
+    /// `Bearer ...`, marked sensitive so it never shows in debug output.
+    pub header: HeaderValue,
+    pub expires_at: Instant,
+}
+
+impl Token {
+    fn is_fresh(&self, now: Instant) -> bool {
+        self.expires_at > now
+    }
+}
+
+/// Identity state for one credential.
+pub struct TokenCache {
+    upstream: Upstream,
+    credential: UpstreamCredential,
+    refresh_before: Duration,
+    current: RwLock<Option<Token>>,
+    last_error: RwLock<Option<TokenError>>,
+    refreshing: Mutex<()>,
+    metrics: Metrics,
+}
+
+impl TokenCache {
+    pub fn new(upstream: Upstream, credential: UpstreamCredential, refresh_before: Duration, metrics: Metrics) -> Arc<Self> {
+        Arc::new(Self {
+            upstream,
+            credential,
+            refresh_before,
+            current: RwLock::new(None),
+            last_error: RwLock::new(None),
+            refreshing: Mutex::new(()),
+            metrics,
+        })
+    }
+
+    /// A usable token: the cached one, or a fresh one when there is none.
+    pub async fn get(&self) -> Result<Token, TokenError> {
+        if let Some(token) = self.cached() {
+            return Ok(token);
+        }
+        self.refresh(None).await
+    }
+
+    /// Drops `failed` if it is still the cached token (Marketo said 601/602
+    /// for it) and gets another, with one identity call however many
+    /// callers saw the same failure.
+    pub async fn replace(&self, failed: &Token) -> Result<Token, TokenError> {
+        self.refresh(Some(failed)).await
+    }
+
+    /// The cached token if it has not expired.
+    pub fn cached(&self) -> Option<Token> {
+        let now = Instant::now();
+        read(&self.current).filter(|token| token.is_fresh(now))
+    }
+
+    /// The last identity failure, cleared by the next success.
+    pub fn last_error(&self) -> Option<TokenError> {
+        read(&self.last_error)
+    }
+
+    /// Single-flight refresh. Whoever holds the lock fetches; everyone else
+    /// waits for it and then uses what it stored.
+    async fn refresh(&self, failed: Option<&Token>) -> Result<Token, TokenError> {
+        let _flight = self.refreshing.lock().await;
+        if let Some(token) = self.cached() {
+            let same_as_failed = failed.is_some_and(|failed| failed.header == token.header);
+            if !same_as_failed {
+                return Ok(token);
+            }
+        }
+        let result = self.fetch_with_retries().await;
+        match &result {
+            Ok(token) => {
+                write(&self.current, Some(token.clone()));
+                write(&self.last_error, None);
+            }
+            Err(error) => {
+                if failed.is_some() {
+                    write(&self.current, None);
+                }
+                write(&self.last_error, Some(error.clone()));
+            }
+        }
+        result
+    }
+
+    async fn fetch_with_retries(&self) -> Result<Token, TokenError> {
+        let mut backoff = FIRST_BACKOFF;
+        let mut attempt = 1;
+        loop {
+            let result = self.fetch().await;
+            let outcome = match &result {
+                Ok(_) => "ok",
+                Err(TokenError::Rejected(_)) => "rejected",
+                Err(_) => "error",
+            };
+            self.metrics.token_refreshes.with_label_values(&[outcome]).inc();
+            match result {
+                Ok(token) => return Ok(token),
+                // Wrong credentials do not get better by asking again.
+                Err(error @ TokenError::Rejected(_)) => return Err(error),
+                Err(TokenError::NoLifetime) if attempt < MAX_ATTEMPTS * 2 => {
+                    tokio::time::sleep(ZERO_LIFETIME_RETRY).await;
+                }
+                Err(error) if attempt >= MAX_ATTEMPTS => return Err(error),
+                Err(error) => {
+                    tracing::warn!(client_id = %self.credential.client_id, %error, "identity call failed, retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+            attempt += 1;
+        }
+    }
+
+    /// One identity call. The secret travels in a form body, not the URL,
+    /// so it stays out of access logs along the way.
+    async fn fetch(&self) -> Result<Token, TokenError> {
+        let form = form_urlencoded::Serializer::new(String::new())
+            .append_pair("grant_type", "client_credentials")
+            .append_pair("client_id", &self.credential.client_id)
+            .append_pair("client_secret", self.credential.client_secret.expose())
+            .finish();
+        let uri = self
+            .upstream
+            .uri("/identity/oauth/token")
+            .map_err(|error| TokenError::Unreachable(error.to_string()))?;
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri(uri)
+            .header(header::HOST, self.upstream.host())
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .header(header::ACCEPT, "application/json")
+            .body(Full::new(Bytes::from(form)))
+            .map_err(|_| TokenError::Malformed)?;
+        let asked_at = Instant::now();
+        let answer = self.upstream.send(request).await.map_err(|error| match error {
+            UpstreamError::Timeout(_) => TokenError::Unreachable("timed out".into()),
+            other => TokenError::Unreachable(other.to_string()),
+        })?;
+        let status = answer.head.status;
+        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN || status == StatusCode::BAD_REQUEST {
+            return Err(TokenError::Rejected(status.as_u16()));
+        }
+        if !status.is_success() {
+            return Err(TokenError::Unavailable(status.as_u16()));
+        }
+        let AnswerBody::Whole(body) = answer.body else {
+            return Err(TokenError::Malformed);
+        };
+        let answer: TokenAnswer = serde_json::from_slice(&body).map_err(|_| TokenError::Malformed)?;
+        if answer.expires_in == 0 {
+            return Err(TokenError::NoLifetime);
+        }
+        let mut header =
+            HeaderValue::try_from(format!("Bearer {}", answer.access_token)).map_err(|_| TokenError::Malformed)?;
+        header.set_sensitive(true);
+        // Count the lifetime from when we asked: the token may be older.
+        let expires_at = asked_at + Duration::from_secs(answer.expires_in);
+        self.metrics.token_expiry_seconds.set(answer.expires_in as f64);
+        tracing::info!(client_id = %self.credential.client_id, expires_in = answer.expires_in, "access token refreshed");
+        Ok(Token { header, expires_at })
+    }
+
+    /// Keeps the token fresh so that steady traffic never waits on an
+    /// identity call: wakes `refresh_before` ahead of expiry and refreshes.
+    /// Runs until the cache is dropped.
+    pub fn spawn_refresher(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let cache = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut backoff = FIRST_BACKOFF;
+            loop {
+                let Some(this) = cache.upgrade() else { return };
+                let wake_at = match this.cached() {
+                    Some(token) => token.expires_at.checked_sub(this.refresh_before).unwrap_or_else(Instant::now),
+                    None => Instant::now(),
+                };
+                drop(this);
+                tokio::time::sleep_until(wake_at).await;
+                let Some(this) = cache.upgrade() else { return };
+                let due = this.cached().is_none_or(|token| token.expires_at.saturating_duration_since(Instant::now()) <= this.refresh_before);
+                if !due {
+                    continue;
+                }
+                let _flight = this.refreshing.lock().await;
+                match this.fetch().await {
+                    Ok(token) => {
+                        // Marketo returns the old token until it expires;
+                        // a token with little left is not worth waking for.
+                        let left = token.expires_at.saturating_duration_since(Instant::now());
+                        write(&this.current, Some(token));
+                        write(&this.last_error, None);
+                        this.metrics.token_refreshes.with_label_values(&["ok"]).inc();
+                        backoff = FIRST_BACKOFF;
+                        if left <= this.refresh_before {
+                            drop(_flight);
+                            drop(this);
+                            tokio::time::sleep(left.max(ZERO_LIFETIME_RETRY)).await;
+                        }
+                    }
+                    Err(error) => {
+                        this.metrics.token_refreshes.with_label_values(&["error"]).inc();
+                        tracing::warn!(client_id = %this.credential.client_id, %error, "background token refresh failed");
+                        write(&this.last_error, Some(error));
+                        drop(_flight);
+                        drop(this);
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                    }
+                }
+            }
+        })
+    }
+}
+
+fn read<T: Clone>(lock: &RwLock<Option<T>>) -> Option<T> {
+    lock.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+}
+
+fn write<T>(lock: &RwLock<Option<T>>, value: Option<T>) {
+    *lock.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = value;
+}

@@ -1,0 +1,245 @@
+//! The client side: one pooled hyper client to the configured Marketo host,
+//! HTTPS through rustls (plain HTTP for a local simulator), with connect
+//! and answer timeouts, and the peek that classifies Marketo's answers.
+//!
+//! Marketo reports most failures inside HTTP 200 as a small
+//! `success:false` envelope, so the first bytes of every answer are read
+//! before anything is sent to the client. An answer that ends within
+//! [`PEEK_LIMIT`] is classified by its envelope; a larger one cannot be an
+//! error envelope and is streamed through with the peeked bytes in front.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::{Request, Response, Uri, header, response};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use crate::config::MarketoConfig;
+use crate::marketo::Outcome;
+
+/// Answers up to this size are read whole and classified.
+pub const PEEK_LIMIT: usize = 64 * 1024;
+
+/// Idle upstream connections kept per host. Marketo allows 10 calls in
+/// flight, so a few more than that covers bursts without reconnecting.
+const MAX_IDLE_PER_HOST: usize = 32;
+
+/// Why a call did not get an answer from Marketo.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("cannot build the TLS client")]
+    Tls(#[source] rustls::Error),
+    #[error("marketo.base_url is not an absolute http(s) URL")]
+    BaseUrl,
+    #[error("invalid upstream address")]
+    Uri(#[source] http::Error),
+    #[error("cannot reach Marketo")]
+    Connect(#[source] hyper_util::client::legacy::Error),
+    #[error("Marketo did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the answer from Marketo broke off")]
+    Body(#[source] hyper::Error),
+}
+
+/// A pooled client bound to one Marketo base URL.
+#[derive(Clone)]
+pub struct Upstream {
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    scheme: http::uri::Scheme,
+    authority: http::uri::Authority,
+    /// Path prefix of the base URL without a trailing slash (usually empty).
+    prefix: String,
+    request_timeout: Duration,
+}
+
+impl Upstream {
+    pub fn new(marketo: &MarketoConfig) -> Result<Self, UpstreamError> {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(marketo.connect_timeout));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
+            .map_err(UpstreamError::Tls)?
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(MAX_IDLE_PER_HOST)
+            .build(https);
+        let base: Uri = marketo
+            .base_url
+            .as_str()
+            .parse()
+            .map_err(|_| UpstreamError::BaseUrl)?;
+        let scheme = base.scheme().cloned().ok_or(UpstreamError::BaseUrl)?;
+        let authority = base.authority().cloned().ok_or(UpstreamError::BaseUrl)?;
+        Ok(Self {
+            client,
+            scheme,
+            authority,
+            prefix: base.path().trim_end_matches('/').to_owned(),
+            request_timeout: marketo.request_timeout,
+        })
+    }
+
+    /// The absolute URI of `path_and_query` on the Marketo host.
+    pub fn uri(&self, path_and_query: &str) -> Result<Uri, UpstreamError> {
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(format!("{}{}", self.prefix, path_and_query))
+            .build()
+            .map_err(UpstreamError::Uri)
+    }
+
+    /// The `Host` header value for the Marketo host.
+    pub fn host(&self) -> &str {
+        self.authority.as_str()
+    }
+
+    /// Sends a request and waits for the answer's head and first
+    /// [`PEEK_LIMIT`] bytes, within the request timeout.
+    pub async fn send(&self, request: Request<Full<Bytes>>) -> Result<Answer, UpstreamError> {
+        let exchange = async {
+            let response = self.client.request(request).await.map_err(UpstreamError::Connect)?;
+            Answer::read(response).await
+        };
+        tokio::time::timeout(self.request_timeout, exchange)
+            .await
+            .map_err(|_| UpstreamError::Timeout(self.request_timeout))?
+    }
+}
+
+/// An answer from Marketo with its body peeked.
+pub struct Answer {
+    pub head: response::Parts,
+    pub body: AnswerBody,
+    /// The Marketo error code, when the answer is a `success:false` envelope.
+    pub error_code: Option<String>,
+}
+
+impl Answer {
+    async fn read(response: Response<Incoming>) -> Result<Self, UpstreamError> {
+        let (head, mut incoming) = response.into_parts();
+        let mut peeked = BytesMut::new();
+        let complete = loop {
+            match incoming.frame().await {
+                None => break true,
+                Some(Err(error)) => return Err(UpstreamError::Body(error)),
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        peeked.extend_from_slice(&data);
+                    }
+                    if peeked.len() > PEEK_LIMIT {
+                        break false;
+                    }
+                }
+            }
+        };
+        let peeked = peeked.freeze();
+        if !complete {
+            return Ok(Self {
+                head,
+                body: AnswerBody::Streaming { head: peeked, rest: incoming },
+                error_code: None,
+            });
+        }
+        let error_code = is_json(&head)
+            .then(|| serde_json::from_slice::<Outcome>(&peeked).ok())
+            .flatten()
+            .and_then(|outcome| outcome.first_code().map(str::to_owned));
+        Ok(Self {
+            head,
+            body: AnswerBody::Whole(peeked),
+            error_code,
+        })
+    }
+}
+
+fn is_json(head: &response::Parts) -> bool {
+    head.headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.contains("json"))
+}
+
+/// The body of an answer: read whole, or the peeked part and the rest still
+/// arriving.
+pub enum AnswerBody {
+    Whole(Bytes),
+    Streaming { head: Bytes, rest: Incoming },
+}
+
+impl AnswerBody {
+    /// A body to hand to the client: peeked bytes first, then the rest as it
+    /// arrives.
+    pub fn into_body(self) -> PassThrough {
+        match self {
+            Self::Whole(bytes) => PassThrough {
+                head: Some(bytes),
+                rest: None,
+            },
+            Self::Streaming { head, rest } => PassThrough {
+                head: Some(head),
+                rest: Some(rest),
+            },
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Peeked bytes, then the remaining upstream body, without copying.
+    pub struct PassThrough {
+        head: Option<Bytes>,
+        #[pin]
+        rest: Option<Incoming>,
+    }
+}
+
+impl Body for PassThrough {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.project();
+        if let Some(head) = this.head.take() {
+            if !head.is_empty() {
+                return Poll::Ready(Some(Ok(Frame::data(head))));
+            }
+        }
+        match this.rest.as_pin_mut() {
+            Some(rest) => rest.poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.head.as_ref().is_none_or(Bytes::is_empty) && self.rest.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let head = self.head.as_ref().map_or(0, Bytes::len) as u64;
+        match &self.rest {
+            None => SizeHint::with_exact(head),
+            Some(rest) => {
+                let rest = rest.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(rest.lower() + head);
+                if let Some(upper) = rest.upper() {
+                    hint.set_upper(upper + head);
+                }
+                hint
+            }
+        }
+    }
+}
