@@ -118,12 +118,9 @@ impl TokenCache {
                 return Ok(token);
             }
         }
-        let result = self.fetch_with_retries().await;
+        let result = self.fetch_with_retries(failed).await;
         match &result {
-            Ok(token) => {
-                write(&self.current, Some(token.clone()));
-                write(&self.last_error, None);
-            }
+            Ok(token) => self.store(token.clone()),
             Err(error) => {
                 if failed.is_some() {
                     write(&self.current, None);
@@ -134,24 +131,29 @@ impl TokenCache {
         result
     }
 
-    async fn fetch_with_retries(&self) -> Result<Token, TokenError> {
+    fn store(&self, token: Token) {
+        write(&self.current, Some(token));
+        write(&self.last_error, None);
+    }
+
+    /// Fetches until a usable token comes back. A token Marketo just
+    /// refused (`failed`) that comes back again is at the very end of its
+    /// life: wait a moment for Marketo to issue the next one.
+    async fn fetch_with_retries(&self, failed: Option<&Token>) -> Result<Token, TokenError> {
         let mut backoff = FIRST_BACKOFF;
         let mut attempt = 1;
         loop {
             let result = self.fetch().await;
-            let outcome = match &result {
-                Ok(_) => "ok",
-                Err(TokenError::Rejected(_)) => "rejected",
-                Err(_) => "error",
-            };
-            self.metrics.token_refreshes.with_label_values(&[outcome]).inc();
             match result {
+                Ok(token) if failed.is_some_and(|failed| failed.header == token.header) => {
+                    if attempt >= MAX_ATTEMPTS * 2 {
+                        return Err(TokenError::NoLifetime);
+                    }
+                    tokio::time::sleep(ZERO_LIFETIME_RETRY).await;
+                }
                 Ok(token) => return Ok(token),
                 // Wrong credentials do not get better by asking again.
                 Err(error @ TokenError::Rejected(_)) => return Err(error),
-                Err(TokenError::NoLifetime) if attempt < MAX_ATTEMPTS * 2 => {
-                    tokio::time::sleep(ZERO_LIFETIME_RETRY).await;
-                }
                 Err(error) if attempt >= MAX_ATTEMPTS => return Err(error),
                 Err(error) => {
                     tracing::warn!(client_id = %self.credential.client_id, %error, "identity call failed, retrying");
@@ -166,6 +168,17 @@ impl TokenCache {
     /// One identity call. The secret travels in a form body, not the URL,
     /// so it stays out of access logs along the way.
     async fn fetch(&self) -> Result<Token, TokenError> {
+        let result = self.fetch_once().await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(TokenError::Rejected(_)) => "rejected",
+            Err(_) => "error",
+        };
+        self.metrics.token_refreshes.with_label_values(&[outcome]).inc();
+        result
+    }
+
+    async fn fetch_once(&self) -> Result<Token, TokenError> {
         let form = form_urlencoded::Serializer::new(String::new())
             .append_pair("grant_type", "client_credentials")
             .append_pair("client_id", &self.credential.client_id)
@@ -199,60 +212,62 @@ impl TokenCache {
             return Err(TokenError::Malformed);
         };
         let answer: TokenAnswer = serde_json::from_slice(&body).map_err(|_| TokenError::Malformed)?;
-        if answer.expires_in == 0 {
-            return Err(TokenError::NoLifetime);
-        }
         let mut header =
             HeaderValue::try_from(format!("Bearer {}", answer.access_token)).map_err(|_| TokenError::Malformed)?;
         header.set_sensitive(true);
-        // Count the lifetime from when we asked: the token may be older.
-        let expires_at = asked_at + Duration::from_secs(answer.expires_in);
+        // `expires_in` is rounded down to whole seconds, so the token lives
+        // up to a second longer; counting from when we asked covers the
+        // time the answer took. A call that still meets an expired token
+        // gets 602 and is replayed with the next one.
+        let expires_at = asked_at + Duration::from_secs(answer.expires_in) + Duration::from_secs(1);
         self.metrics.token_expiry_seconds.set(answer.expires_in as f64);
-        tracing::info!(client_id = %self.credential.client_id, expires_in = answer.expires_in, "access token refreshed");
+        tracing::info!(client_id = %self.credential.client_id, expires_in = answer.expires_in, "access token fetched");
         Ok(Token { header, expires_at })
     }
 
-    /// Keeps the token fresh so that steady traffic never waits on an
-    /// identity call: wakes `refresh_before` ahead of expiry and refreshes.
+    /// Keeps the token fresh so that steady traffic does not wait on the
+    /// identity call. When less than `refresh_before` is left it asks
+    /// again: a new token (revoked or reissued) replaces the old one at
+    /// once; the same token (Marketo's rule) comes with its exact
+    /// remaining life, and the next ask is made the moment it ends.
     /// Runs until the cache is dropped.
     pub fn spawn_refresher(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let cache = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut backoff = FIRST_BACKOFF;
+            // The token whose remaining life was confirmed; it is not asked
+            // about again before it ends.
+            let mut confirmed: Option<HeaderValue> = None;
             loop {
                 let Some(this) = cache.upgrade() else { return };
                 let wake_at = match this.cached() {
+                    Some(token) if confirmed.as_ref() == Some(&token.header) => token.expires_at,
                     Some(token) => token.expires_at.checked_sub(this.refresh_before).unwrap_or_else(Instant::now),
                     None => Instant::now(),
                 };
                 drop(this);
                 tokio::time::sleep_until(wake_at).await;
                 let Some(this) = cache.upgrade() else { return };
-                let due = this.cached().is_none_or(|token| token.expires_at.saturating_duration_since(Instant::now()) <= this.refresh_before);
+                let flight = this.refreshing.lock().await;
+                let before = this.cached();
+                let due = before.as_ref().is_none_or(|token| {
+                    let left = token.expires_at.saturating_duration_since(Instant::now());
+                    left <= this.refresh_before && confirmed.as_ref() != Some(&token.header)
+                });
                 if !due {
                     continue;
                 }
-                let _flight = this.refreshing.lock().await;
                 match this.fetch().await {
                     Ok(token) => {
-                        // Marketo returns the old token until it expires;
-                        // a token with little left is not worth waking for.
-                        let left = token.expires_at.saturating_duration_since(Instant::now());
-                        write(&this.current, Some(token));
-                        write(&this.last_error, None);
-                        this.metrics.token_refreshes.with_label_values(&["ok"]).inc();
+                        let same = before.is_some_and(|before| before.header == token.header);
+                        confirmed = same.then(|| token.header.clone());
+                        this.store(token);
                         backoff = FIRST_BACKOFF;
-                        if left <= this.refresh_before {
-                            drop(_flight);
-                            drop(this);
-                            tokio::time::sleep(left.max(ZERO_LIFETIME_RETRY)).await;
-                        }
                     }
                     Err(error) => {
-                        this.metrics.token_refreshes.with_label_values(&["error"]).inc();
                         tracing::warn!(client_id = %this.credential.client_id, %error, "background token refresh failed");
                         write(&this.last_error, Some(error));
-                        drop(_flight);
+                        drop(flight);
                         drop(this);
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(MAX_BACKOFF);

@@ -1,0 +1,131 @@
+//! Shared helpers for the end-to-end tests: a simulator and a proxy in
+//! front of it, both in process on ephemeral ports, and a real HTTP client.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use marketo_proxy::app::{self, RunningProxy};
+use marketo_proxy::config::Config;
+use marketo_proxy::sim::{SimClient, SimConfig, SimHandle, Simulator};
+
+/// API keys of the services in [`proxy_config`].
+pub const CRM_KEY: &str = "test-key-crm-0123456789";
+pub const WAREHOUSE_KEY: &str = "test-key-warehouse-0123456789";
+/// Client credentials the `crm-sync` service presents to the proxy.
+pub const CRM_CLIENT_ID: &str = "crm-sync-client";
+pub const CRM_CLIENT_SECRET: &str = "crm-sync-secret-0123456789";
+
+/// A simulator with no latency and Marketo's limits, unless changed.
+pub fn sim_config() -> SimConfig {
+    SimConfig {
+        latency: std::time::Duration::ZERO,
+        clients: vec![
+            SimClient::demo(),
+            SimClient {
+                client_id: "warehouse-user".into(),
+                client_secret: "warehouse-user-secret".into(),
+                user: "warehouse@example.com".into(),
+            },
+        ],
+        ..SimConfig::default()
+    }
+}
+
+/// A proxy config for a simulator at `sim_url`, with two services:
+/// `crm-sync` (API key and client credentials) and `warehouse` (API key,
+/// own Marketo API user). `extra_marketo` is added under `marketo:`.
+pub fn proxy_config(sim_url: &str, extra_marketo: &str) -> Config {
+    let yaml = format!(
+        r#"
+marketo:
+  base_url: {sim_url}
+  client_id: demo-client
+  client_secret: demo-secret
+  {extra_marketo}
+services:
+  - name: crm-sync
+    api_key: {CRM_KEY}
+    client_id: {CRM_CLIENT_ID}
+    client_secret: {CRM_CLIENT_SECRET}
+  - name: warehouse
+    api_key: {WAREHOUSE_KEY}
+    marketo:
+      client_id: warehouse-user
+      client_secret: warehouse-user-secret
+state:
+  file: ~
+"#
+    );
+    Config::from_yaml_with_env(&yaml, |_| None).expect("test config is valid")
+}
+
+/// A simulator and a proxy in front of it.
+pub struct Stack {
+    pub sim: SimHandle,
+    pub proxy: RunningProxy,
+    pub http: reqwest::Client,
+}
+
+impl Stack {
+    pub async fn start(sim: SimConfig) -> Self {
+        Self::start_with(sim, "").await
+    }
+
+    pub async fn start_with(sim: SimConfig, extra_marketo: &str) -> Self {
+        let sim = Simulator::spawn(sim).await.expect("simulator starts");
+        let config = proxy_config(&sim.url(), extra_marketo);
+        let proxy = app::spawn(config).await.expect("proxy starts");
+        Self {
+            sim,
+            proxy,
+            http: client(),
+        }
+    }
+
+    /// `GET` through the proxy with an API key.
+    pub async fn get(&self, key: &str, path: &str) -> reqwest::Response {
+        self.http
+            .get(format!("{}{path}", self.proxy.url()))
+            .header("X-Api-Key", key)
+            .send()
+            .await
+            .expect("proxy answers")
+    }
+
+    /// The admin `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(format!("{}/metrics", self.proxy.admin_url()))
+            .send()
+            .await
+            .expect("admin answers")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("HTTP client builds")
+}
+
+/// The value of one exposition line, e.g.
+/// `marketo_proxy_requests_total{outcome="ok",service="crm-sync"}`.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Replaces the value of `"requestId"` so two answers can be compared
+/// byte for byte apart from it.
+pub fn without_request_id(body: &str) -> String {
+    match body.find("\"requestId\":\"") {
+        Some(start) => {
+            let value_start = start + "\"requestId\":\"".len();
+            let end = body[value_start..].find('"').map_or(body.len(), |end| value_start + end);
+            format!("{}REQUEST-ID{}", &body[..value_start], &body[end..])
+        }
+        None => body.to_owned(),
+    }
+}
