@@ -15,7 +15,11 @@ use crate::proxy::{Proxy, ProxyBody};
 /// Answers one admin request.
 pub async fn handle(proxy: &Proxy, request: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
     if request.method() != Method::GET && request.method() != Method::HEAD {
-        return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "use GET\n".into()));
+        return Ok(text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "use GET\n".into(),
+        ));
     }
     Ok(match request.uri().path() {
         "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
@@ -42,7 +46,11 @@ fn readiness(proxy: &Proxy) -> Response<ProxyBody> {
         })
         .collect();
     if problems.is_empty() {
-        text(StatusCode::OK, "application/json", json!({"ready": true}).to_string())
+        text(
+            StatusCode::OK,
+            "application/json",
+            json!({"ready": true}).to_string(),
+        )
     } else {
         text(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -53,7 +61,9 @@ fn readiness(proxy: &Proxy) -> Response<ProxyBody> {
 }
 
 fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<ProxyBody> {
-    let body = Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed_unsync();
+    let body = Full::new(Bytes::from(body))
+        .map_err(|never| match never {})
+        .boxed_unsync();
     let mut response = Response::new(body);
     *response.status_mut() = status;
     response

@@ -81,7 +81,11 @@ impl Callers {
         let per_minute = NonZeroU32::new(FAILURES_PER_MINUTE).unwrap_or(NonZeroU32::MIN);
         Self {
             services,
-            names: config.services.iter().map(|service| service.name.clone()).collect(),
+            names: config
+                .services
+                .iter()
+                .map(|service| service.name.clone())
+                .collect(),
             tokens: DashMap::new(),
             current: Mutex::new(HashMap::new()),
             failures: RateLimiter::keyed(Quota::per_minute(per_minute)),
@@ -111,7 +115,9 @@ impl Callers {
     /// Notes a failed attempt; too many in a minute block the address.
     pub fn record_failure(&self, peer: IpAddr) {
         if let Err(not_until) = self.failures.check_key(&peer) {
-            let wait = not_until.wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default()));
+            let wait = not_until.wait_time_from(governor::clock::Clock::now(
+                &governor::clock::DefaultClock::default(),
+            ));
             let wait = wait.max(Duration::from_secs(1));
             self.blocked.insert(peer, Instant::now() + wait);
             tracing::info!(%peer, retry_after_s = wait.as_secs(), "caller throttled after repeated failed authentication");
@@ -131,7 +137,11 @@ impl Callers {
         // Check every key, so the time taken does not say which one matched.
         let mut matched = None;
         for (index, service) in self.services.iter().enumerate() {
-            if service.api_key.as_ref().is_some_and(|key| key.matches(credential)) {
+            if service
+                .api_key
+                .as_ref()
+                .is_some_and(|key| key.matches(credential))
+            {
                 matched = Some(index);
             }
         }
@@ -162,7 +172,10 @@ impl Callers {
         }
         let service = matched?;
         let now = Instant::now();
-        let mut current = self.current.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut current = self
+            .current
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(token) = current.get(&service) {
             if let Some(issued) = self.tokens.get(token) {
                 if issued.expires_at > now {
@@ -180,7 +193,11 @@ impl Callers {
             },
         );
         current.insert(service, token.clone());
-        Some(answer(token, PROXY_TOKEN_TTL - Duration::from_secs(1), self.name(service)))
+        Some(answer(
+            token,
+            PROXY_TOKEN_TTL - Duration::from_secs(1),
+            self.name(service),
+        ))
     }
 }
 
@@ -198,7 +215,14 @@ fn answer(token: String, left: Duration, service: &str) -> TokenAnswer {
 fn new_token() -> String {
     let bytes: [u8; 16] = rand::random();
     let hex: String = bytes.iter().map(|byte| format!("{byte:02x}")).collect();
-    format!("{}-{}-{}-{}-{}:mp", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32])
+    format!(
+        "{}-{}-{}-{}-{}:mp",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
 }
 
 #[cfg(test)]
@@ -262,7 +286,10 @@ services:
             callers.record_failure(peer);
         }
         callers.record_failure(peer);
-        assert!(matches!(callers.check_throttle(peer), Err(AuthError::Throttled { .. })));
+        assert!(matches!(
+            callers.check_throttle(peer),
+            Err(AuthError::Throttled { .. })
+        ));
         let other: IpAddr = [192, 0, 2, 8].into();
         assert!(callers.check_throttle(other).is_ok());
     }

@@ -49,9 +49,11 @@ pub enum ProxyError {
 impl ProxyError {
     pub fn source_of_error(&self) -> ErrorSource {
         match self {
-            Self::Auth(_) | Self::Path(_) | Self::UriTooLong { .. } | Self::BodyTooLarge { .. } | Self::BodyUnreadable(_) => {
-                ErrorSource::Client
-            }
+            Self::Auth(_)
+            | Self::Path(_)
+            | Self::UriTooLong { .. }
+            | Self::BodyTooLarge { .. }
+            | Self::BodyUnreadable(_) => ErrorSource::Client,
             Self::Token(TokenError::Rejected(_)) => ErrorSource::Proxy,
             Self::Token(_) | Self::Upstream(_) => ErrorSource::Upstream,
         }
@@ -72,21 +74,33 @@ impl ProxyError {
         let message = self.to_string();
         let (status, marketo_code, retry_after) = match &self {
             Self::Auth(AuthError::Unauthenticated) => (StatusCode::UNAUTHORIZED, code::TOKEN_INVALID, None),
-            Self::Auth(AuthError::Throttled { retry_after }) => {
-                (StatusCode::TOO_MANY_REQUESTS, code::ACCESS_DENIED, Some(*retry_after))
-            }
+            Self::Auth(AuthError::Throttled { retry_after }) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                code::ACCESS_DENIED,
+                Some(*retry_after),
+            ),
             Self::Path(PathError::NotForwarded) => (StatusCode::NOT_FOUND, code::NOT_FOUND, None),
             Self::Path(PathError::Invalid) | Self::BodyUnreadable(_) => {
                 (StatusCode::BAD_REQUEST, code::INVALID_VALUE, None)
             }
             Self::UriTooLong { .. } => (StatusCode::URI_TOO_LONG, "414", None),
             Self::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "413", None),
-            Self::Token(TokenError::Rejected(_)) => {
-                (StatusCode::SERVICE_UNAVAILABLE, code::UNAVAILABLE, Some(Duration::from_secs(30)))
-            }
-            Self::Token(_) => (StatusCode::SERVICE_UNAVAILABLE, code::UNAVAILABLE, Some(Duration::from_secs(5))),
+            Self::Token(TokenError::Rejected(_)) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                code::UNAVAILABLE,
+                Some(Duration::from_secs(30)),
+            ),
+            Self::Token(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                code::UNAVAILABLE,
+                Some(Duration::from_secs(5)),
+            ),
             Self::Upstream(UpstreamError::Timeout(_)) => (StatusCode::GATEWAY_TIMEOUT, code::TIMED_OUT, None),
-            Self::Upstream(_) => (StatusCode::BAD_GATEWAY, code::UNAVAILABLE, Some(Duration::from_secs(1))),
+            Self::Upstream(_) => (
+                StatusCode::BAD_GATEWAY,
+                code::UNAVAILABLE,
+                Some(Duration::from_secs(1)),
+            ),
         };
         marketo_error(status, marketo_code, &message, retry_after)
     }
@@ -104,14 +118,18 @@ pub fn marketo_error(
     if let Some(wait) = retry_after {
         // Whole seconds, rounded up: waiting less would be refused again.
         let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
     }
     response
 }
 
 /// A JSON response built by the proxy itself.
 pub fn json_response(status: StatusCode, body: Bytes) -> Response<ProxyBody> {
-    let body = http_body_util::Full::new(body).map_err(|never| match never {}).boxed_unsync();
+    let body = http_body_util::Full::new(body)
+        .map_err(|never| match never {})
+        .boxed_unsync();
     let mut response = Response::new(body);
     *response.status_mut() = status;
     response.headers_mut().insert(

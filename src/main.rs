@@ -115,7 +115,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         services = config.services.len(),
         "marketo-proxy listening"
     );
-    app::run(config, listeners, Metrics::new(), marketo_proxy::shutdown_signal()).await?;
+    app::run(
+        config,
+        listeners,
+        Metrics::new(),
+        marketo_proxy::shutdown_signal(),
+    )
+    .await?;
     Ok(())
 }
 
@@ -151,7 +157,13 @@ async fn demo(listen: SocketAddr, admin_listen: SocketAddr) -> anyhow::Result<()
          Ctrl-C stops it.",
         sim_url = sim.url(),
     );
-    app::run(config, listeners, Metrics::new(), marketo_proxy::shutdown_signal()).await?;
+    app::run(
+        config,
+        listeners,
+        Metrics::new(),
+        marketo_proxy::shutdown_signal(),
+    )
+    .await?;
     sim.shutdown().await;
     Ok(())
 }
@@ -163,7 +175,9 @@ async fn bind_or_any(addr: SocketAddr) -> anyhow::Result<TcpListener> {
         Ok(listener) => Ok(listener),
         Err(error) if error.kind() == std::io::ErrorKind::AddrInUse => {
             let any = SocketAddr::new(addr.ip(), 0);
-            TcpListener::bind(any).await.with_context(|| format!("cannot listen on {any}"))
+            TcpListener::bind(any)
+                .await
+                .with_context(|| format!("cannot listen on {any}"))
         }
         Err(error) => Err(error).with_context(|| format!("cannot listen on {addr}")),
     }

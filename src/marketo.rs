@@ -118,12 +118,12 @@ mod tests {
 
     #[test]
     fn outcome_reads_the_first_error_code() {
-        let outcome: Outcome =
-            serde_json::from_str(r#"{"requestId":"x","success":false,"errors":[{"code":"601","message":"Access token invalid"}]}"#)
-                .unwrap();
+        let outcome: Outcome = serde_json::from_str(
+            r#"{"requestId":"x","success":false,"errors":[{"code":"601","message":"Access token invalid"}]}"#,
+        )
+        .unwrap();
         assert_eq!(outcome.first_code(), Some("601"));
-        let ok: Outcome =
-            serde_json::from_str(r#"{"requestId":"x","result":[],"success":true}"#).unwrap();
+        let ok: Outcome = serde_json::from_str(r#"{"requestId":"x","result":[],"success":true}"#).unwrap();
         assert_eq!(ok.first_code(), None);
     }
 }

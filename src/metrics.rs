@@ -7,7 +7,8 @@
 //! names.
 
 use prometheus::{
-    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// Latency buckets from 1 ms to 60 s.
@@ -44,24 +45,36 @@ impl Metrics {
         let registry = Registry::new();
         let metrics = Self {
             requests: IntCounterVec::new(
-                Opts::new("marketo_proxy_requests_total", "Client requests by service and outcome"),
+                Opts::new(
+                    "marketo_proxy_requests_total",
+                    "Client requests by service and outcome",
+                ),
                 &["service", "outcome"],
             )
             .expect("valid metric"),
             upstream_calls: IntCounterVec::new(
-                Opts::new("marketo_proxy_upstream_calls_total", "Calls sent to Marketo by service, API group and answer code"),
+                Opts::new(
+                    "marketo_proxy_upstream_calls_total",
+                    "Calls sent to Marketo by service, API group and answer code",
+                ),
                 &["service", "api", "code"],
             )
             .expect("valid metric"),
             queue_wait: HistogramVec::new(
-                HistogramOpts::new("marketo_proxy_queue_wait_seconds", "Time requests waited for admission")
-                    .buckets(BUCKETS.to_vec()),
+                HistogramOpts::new(
+                    "marketo_proxy_queue_wait_seconds",
+                    "Time requests waited for admission",
+                )
+                .buckets(BUCKETS.to_vec()),
                 &["service"],
             )
             .expect("valid metric"),
             upstream_duration: HistogramVec::new(
-                HistogramOpts::new("marketo_proxy_upstream_duration_seconds", "Time Marketo took to answer")
-                    .buckets(BUCKETS.to_vec()),
+                HistogramOpts::new(
+                    "marketo_proxy_upstream_duration_seconds",
+                    "Time Marketo took to answer",
+                )
+                .buckets(BUCKETS.to_vec()),
                 &["service", "api"],
             )
             .expect("valid metric"),
@@ -70,9 +83,13 @@ impl Metrics {
                 &["service"],
             )
             .expect("valid metric"),
-            inflight: IntGauge::new("marketo_proxy_inflight", "Calls to Marketo in flight").expect("valid metric"),
-            window_used: IntGauge::new("marketo_proxy_window_used", "Calls counted in the current rolling window")
+            inflight: IntGauge::new("marketo_proxy_inflight", "Calls to Marketo in flight")
                 .expect("valid metric"),
+            window_used: IntGauge::new(
+                "marketo_proxy_window_used",
+                "Calls counted in the current rolling window",
+            )
+            .expect("valid metric"),
             window_limit: IntGauge::new("marketo_proxy_window_limit", "Calls allowed per rolling window")
                 .expect("valid metric"),
             daily_used: IntGaugeVec::new(
@@ -80,7 +97,8 @@ impl Metrics {
                 &["service"],
             )
             .expect("valid metric"),
-            daily_quota: IntGauge::new("marketo_proxy_daily_quota", "Calls allowed per day").expect("valid metric"),
+            daily_quota: IntGauge::new("marketo_proxy_daily_quota", "Calls allowed per day")
+                .expect("valid metric"),
             daily_remaining: IntGauge::new("marketo_proxy_daily_remaining", "Calls left today")
                 .expect("valid metric"),
             token_refreshes: IntCounterVec::new(
@@ -94,12 +112,18 @@ impl Metrics {
             )
             .expect("valid metric"),
             replays: IntCounterVec::new(
-                Opts::new("marketo_proxy_replays_total", "Calls replayed to Marketo by reason"),
+                Opts::new(
+                    "marketo_proxy_replays_total",
+                    "Calls replayed to Marketo by reason",
+                ),
                 &["reason"],
             )
             .expect("valid metric"),
-            backend_up: IntGauge::new("marketo_proxy_backend_up", "1 while the state backend is reachable")
-                .expect("valid metric"),
+            backend_up: IntGauge::new(
+                "marketo_proxy_backend_up",
+                "1 while the state backend is reachable",
+            )
+            .expect("valid metric"),
             registry,
         };
         metrics.register_all();

@@ -25,11 +25,8 @@ type BoxError = Box<dyn StdError + Send + Sync>;
 
 /// Serves connections from `listener` with a service built per connection
 /// by `make_service(peer_address)` until `shutdown` completes.
-pub async fn serve<M, S, B>(
-    listener: TcpListener,
-    make_service: M,
-    shutdown: impl Future<Output = ()>,
-) where
+pub async fn serve<M, S, B>(listener: TcpListener, make_service: M, shutdown: impl Future<Output = ()>)
+where
     M: Fn(SocketAddr) -> S,
     S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send + 'static,

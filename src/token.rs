@@ -70,7 +70,12 @@ pub struct TokenCache {
 }
 
 impl TokenCache {
-    pub fn new(upstream: Upstream, credential: UpstreamCredential, refresh_before: Duration, metrics: Metrics) -> Arc<Self> {
+    pub fn new(
+        upstream: Upstream,
+        credential: UpstreamCredential,
+        refresh_before: Duration,
+        metrics: Metrics,
+    ) -> Arc<Self> {
         Arc::new(Self {
             upstream,
             credential,
@@ -202,7 +207,10 @@ impl TokenCache {
             other => TokenError::Unreachable(other.to_string()),
         })?;
         let status = answer.head.status;
-        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN || status == StatusCode::BAD_REQUEST {
+        if status == StatusCode::UNAUTHORIZED
+            || status == StatusCode::FORBIDDEN
+            || status == StatusCode::BAD_REQUEST
+        {
             return Err(TokenError::Rejected(status.as_u16()));
         }
         if !status.is_success() {
@@ -212,8 +220,8 @@ impl TokenCache {
             return Err(TokenError::Malformed);
         };
         let answer: TokenAnswer = serde_json::from_slice(&body).map_err(|_| TokenError::Malformed)?;
-        let mut header =
-            HeaderValue::try_from(format!("Bearer {}", answer.access_token)).map_err(|_| TokenError::Malformed)?;
+        let mut header = HeaderValue::try_from(format!("Bearer {}", answer.access_token))
+            .map_err(|_| TokenError::Malformed)?;
         header.set_sensitive(true);
         // `expires_in` is rounded down to whole seconds, so the token lives
         // up to a second longer; counting from when we asked covers the
@@ -242,7 +250,10 @@ impl TokenCache {
                 let Some(this) = cache.upgrade() else { return };
                 let wake_at = match this.cached() {
                     Some(token) if confirmed.as_ref() == Some(&token.header) => token.expires_at,
-                    Some(token) => token.expires_at.checked_sub(this.refresh_before).unwrap_or_else(Instant::now),
+                    Some(token) => token
+                        .expires_at
+                        .checked_sub(this.refresh_before)
+                        .unwrap_or_else(Instant::now),
                     None => Instant::now(),
                 };
                 drop(this);
@@ -279,7 +290,9 @@ impl TokenCache {
 }
 
 fn read<T: Clone>(lock: &RwLock<Option<T>>) -> Option<T> {
-    lock.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+    lock.read()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .clone()
 }
 
 fn write<T>(lock: &RwLock<Option<T>>, value: Option<T>) {

@@ -111,7 +111,11 @@ impl Upstream {
     /// [`PEEK_LIMIT`] bytes, within the request timeout.
     pub async fn send(&self, request: Request<Full<Bytes>>) -> Result<Answer, UpstreamError> {
         let exchange = async {
-            let response = self.client.request(request).await.map_err(UpstreamError::Connect)?;
+            let response = self
+                .client
+                .request(request)
+                .await
+                .map_err(UpstreamError::Connect)?;
             Answer::read(response).await
         };
         tokio::time::timeout(self.request_timeout, exchange)
@@ -150,7 +154,10 @@ impl Answer {
         if !complete {
             return Ok(Self {
                 head,
-                body: AnswerBody::Streaming { head: peeked, rest: incoming },
+                body: AnswerBody::Streaming {
+                    head: peeked,
+                    rest: incoming,
+                },
                 error_code: None,
             });
         }
@@ -210,7 +217,10 @@ impl Body for PassThrough {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.project();
         if let Some(head) = this.head.take() {
             if !head.is_empty() {

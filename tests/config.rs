@@ -117,9 +117,7 @@ fn misspelled_key_is_named_with_its_line() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("proxy.yaml");
     fs::write(&path, config_text("    wieght: 2\n")).unwrap();
-    let message = Config::load_with_env(&path, no_env)
-        .unwrap_err()
-        .to_string();
+    let message = Config::load_with_env(&path, no_env).unwrap_err().to_string();
     assert!(message.contains("unknown field `wieght`"), "{message}");
     assert!(message.contains("services[1]"), "{message}");
     assert!(message.contains("line 11"), "{message}");
@@ -144,10 +142,7 @@ fn assert_redacted(message: &str, key: &str, line: &str) {
         !message.contains("s3cr3t"),
         "part of the secret leaked: {message}"
     );
-    assert!(
-        message.contains("[redacted]"),
-        "nothing was redacted: {message}"
-    );
+    assert!(message.contains("[redacted]"), "nothing was redacted: {message}");
     assert!(message.contains(key), "{message}");
     assert!(message.contains(line), "{message}");
 }
@@ -199,7 +194,6 @@ fn secret_with_yaml_syntax_arrives_intact() {
     let tricky = "*not: an alias # nor a comment, \"quoted\" 'too'";
     let text = config_text("").replace("crm-key", "${CRM_KEY}");
     let config =
-        Config::from_yaml_with_env(&text, |name| (name == "CRM_KEY").then(|| tricky.to_owned()))
-            .unwrap();
+        Config::from_yaml_with_env(&text, |name| (name == "CRM_KEY").then(|| tricky.to_owned())).unwrap();
     assert!(config.services[0].api_key.as_ref().unwrap().matches(tricky));
 }

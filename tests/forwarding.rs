@@ -43,7 +43,11 @@ async fn direct_and_proxied(
             .unwrap_or_default();
         (status, content_type, response.text().await.unwrap())
     };
-    let direct = build(&stack.http, direct_sim.url()).bearer_auth(token).send().await.unwrap();
+    let direct = build(&stack.http, direct_sim.url())
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
     let proxied = build(&stack.http, stack.proxy.url())
         .header("X-Api-Key", CRM_KEY)
         .send()
@@ -55,13 +59,19 @@ async fn direct_and_proxied(
 fn assert_same_answer(direct: (u16, String, String), proxied: (u16, String, String)) {
     assert_eq!(proxied.0, direct.0, "status");
     assert_eq!(proxied.1, direct.1, "content type");
-    assert_eq!(without_request_id(&proxied.2), without_request_id(&direct.2), "body");
+    assert_eq!(
+        without_request_id(&proxied.2),
+        without_request_id(&direct.2),
+        "body"
+    );
 }
 
 #[tokio::test]
 async fn lead_get_round_trips_byte_for_byte() {
-    let (direct, proxied) =
-        direct_and_proxied(|http, base| http.get(format!("{base}/rest/v1/lead/7.json?fields=email,lastName"))).await;
+    let (direct, proxied) = direct_and_proxied(|http, base| {
+        http.get(format!("{base}/rest/v1/lead/7.json?fields=email,lastName"))
+    })
+    .await;
     assert!(proxied.2.contains("lead7@example.com"), "{}", proxied.2);
     assert_same_answer(direct, proxied);
 }
@@ -117,12 +127,21 @@ async fn large_export_file_streams_through_unchanged() {
         .await
         .unwrap();
     let id = created["result"][0]["exportId"].as_str().unwrap().to_owned();
-    post(&format!("/bulk/v1/leads/export/{id}/enqueue.json")).send().await.unwrap();
+    post(&format!("/bulk/v1/leads/export/{id}/enqueue.json"))
+        .send()
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let file = stack.get(CRM_KEY, &format!("/bulk/v1/leads/export/{id}/file.json")).await;
+    let file = stack
+        .get(CRM_KEY, &format!("/bulk/v1/leads/export/{id}/file.json"))
+        .await;
     assert_eq!(file.status(), 200);
     let csv = file.text().await.unwrap();
-    assert!(csv.len() > marketo_proxy::upstream::PEEK_LIMIT, "file is {} bytes", csv.len());
+    assert!(
+        csv.len() > marketo_proxy::upstream::PEEK_LIMIT,
+        "file is {} bytes",
+        csv.len()
+    );
     let lines: Vec<&str> = csv.lines().collect();
     assert_eq!(lines.len(), 3001);
     assert_eq!(lines[0], "id,email,firstName");
@@ -169,7 +188,12 @@ async fn dot_segments_are_resolved_before_forwarding() {
     let arrivals = stack.sim.stats().arrivals;
     assert_eq!(arrivals[0].target, "/bulk/v1/leads/export/none/status.json");
 
-    for escape in ["/rest/../_sim/stats", "/rest/%2e%2e/identity/oauth/token", "/_sim/stats", "//evil.invalid/rest/v1/x"] {
+    for escape in [
+        "/rest/../_sim/stats",
+        "/rest/%2e%2e/identity/oauth/token",
+        "/_sim/stats",
+        "//evil.invalid/rest/v1/x",
+    ] {
         let answer = raw(
             stack.proxy.addr,
             &format!("GET {escape} HTTP/1.1\r\nHost: x\r\nX-Api-Key: {CRM_KEY}\r\nConnection: close\r\n\r\n"),
@@ -181,14 +205,26 @@ async fn dot_segments_are_resolved_before_forwarding() {
         }
         assert!(answer.starts_with("HTTP/1.1 404"), "{escape}: {answer}");
     }
-    assert!(stack.sim.stats().arrivals.iter().all(|arrival| !arrival.target.contains("_sim")));
+    assert!(
+        stack
+            .sim
+            .stats()
+            .arrivals
+            .iter()
+            .all(|arrival| !arrival.target.contains("_sim"))
+    );
 }
 
 #[tokio::test]
 async fn oversized_uri_and_body_are_refused_before_marketo() {
     let stack = Stack::start(support::sim_config()).await;
     let long = "x".repeat(9000);
-    let answer = stack.get(CRM_KEY, &format!("/rest/v1/leads.json?filterType=email&filterValues={long}")).await;
+    let answer = stack
+        .get(
+            CRM_KEY,
+            &format!("/rest/v1/leads.json?filterType=email&filterValues={long}"),
+        )
+        .await;
     assert_eq!(answer.status(), 414);
     let body: Value = answer.json().await.unwrap();
     assert_eq!(body["success"], false);
@@ -234,7 +270,11 @@ async fn unreachable_marketo_gives_a_marketo_shaped_503() {
         .send()
         .await
         .unwrap();
-    assert_eq!(answer.status(), 503, "no token can be had from an unreachable Marketo");
+    assert_eq!(
+        answer.status(),
+        503,
+        "no token can be had from an unreachable Marketo"
+    );
     assert!(answer.headers().contains_key("retry-after"));
     let body: Value = answer.json().await.unwrap();
     assert_eq!(body["success"], false);
@@ -245,11 +285,28 @@ async fn unreachable_marketo_gives_a_marketo_shaped_503() {
 async fn admin_endpoints_answer() {
     let stack = Stack::start(support::sim_config()).await;
     let admin = stack.proxy.admin_url();
-    assert_eq!(stack.http.get(format!("{admin}/healthz")).send().await.unwrap().status(), 200);
+    assert_eq!(
+        stack
+            .http
+            .get(format!("{admin}/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     // Ready once a token has been fetched.
     let mut ready = false;
     for _ in 0..50 {
-        if stack.http.get(format!("{admin}/readyz")).send().await.unwrap().status() == 200 {
+        if stack
+            .http
+            .get(format!("{admin}/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            == 200
+        {
             ready = true;
             break;
         }
@@ -259,12 +316,18 @@ async fn admin_endpoints_answer() {
     stack.get(CRM_KEY, "/rest/v1/lead/1.json").await;
     let metrics = stack.metrics().await;
     assert_eq!(
-        support::metric(&metrics, "marketo_proxy_requests_total{outcome=\"ok\",service=\"crm-sync\"}"),
+        support::metric(
+            &metrics,
+            "marketo_proxy_requests_total{outcome=\"ok\",service=\"crm-sync\"}"
+        ),
         Some(1.0),
         "{metrics}"
     );
     assert_eq!(
-        support::metric(&metrics, "marketo_proxy_upstream_calls_total{api=\"rest\",code=\"ok\",service=\"crm-sync\"}"),
+        support::metric(
+            &metrics,
+            "marketo_proxy_upstream_calls_total{api=\"rest\",code=\"ok\",service=\"crm-sync\"}"
+        ),
         Some(1.0),
         "{metrics}"
     );

@@ -9,9 +9,7 @@
 
 use std::time::{Duration, Instant};
 
-use marketo_proxy::sim::{
-    FailNext, Failure, Faults, SimClient, SimConfig, SimHandle, Simulator, Stats,
-};
+use marketo_proxy::sim::{FailNext, Failure, Faults, SimClient, SimConfig, SimHandle, Simulator, Stats};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -29,9 +27,7 @@ fn quick_config() -> SimConfig {
 }
 
 fn other_client() -> SimClient {
-    "other-client:other-secret:other@example.com"
-        .parse()
-        .unwrap()
+    "other-client:other-secret:other@example.com".parse().unwrap()
 }
 
 /// A running simulator and an HTTP client pointed at it.
@@ -117,19 +113,10 @@ fn code(body: &Value) -> &str {
     if body["success"] == json!(true) {
         return "ok";
     }
-    assert_eq!(
-        body["success"],
-        json!(false),
-        "not a Marketo envelope: {body}"
-    );
+    assert_eq!(body["success"], json!(false), "not a Marketo envelope: {body}");
     assert!(body["requestId"].is_string(), "no requestId in {body}");
-    assert!(
-        body["errors"][0]["message"].is_string(),
-        "no message in {body}"
-    );
-    body["errors"][0]["code"]
-        .as_str()
-        .expect("code is a string")
+    assert!(body["errors"][0]["message"].is_string(), "no message in {body}");
+    body["errors"][0]["code"].as_str().expect("code is a string")
 }
 
 fn fail_next(count: u32, failure: Failure) -> Faults {
@@ -274,12 +261,7 @@ async fn each_api_user_gets_its_own_token_and_scope() {
 async fn missing_token_gets_600_and_unknown_token_gets_601_in_http_200_without_spending_quota() {
     let harness = Harness::start(quick_config()).await;
 
-    let response = harness
-        .http
-        .get(harness.url(LEAD_ONE))
-        .send()
-        .await
-        .unwrap();
+    let response = harness.http.get(harness.url(LEAD_ONE)).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     let missing: Value = response.json().await.unwrap();
     assert_eq!(code(&missing), "600");
@@ -392,10 +374,7 @@ async fn eleventh_concurrent_call_gets_615_while_ten_succeed() {
     assert_eq!(stats.max_in_flight, 10);
     assert_eq!(stats.code("615"), 1);
     assert!(
-        stats
-            .arrivals
-            .windows(2)
-            .all(|pair| pair[0].at <= pair[1].at),
+        stats.arrivals.windows(2).all(|pair| pair[0].at <= pair[1].at),
         "arrivals are listed in arrival order, not completion order: {:?}",
         stats
             .arrivals
@@ -408,6 +387,40 @@ async fn eleventh_concurrent_call_gets_615_while_ten_succeed() {
 }
 
 #[tokio::test]
+async fn call_abandoned_by_its_client_is_recorded_as_cancelled_and_frees_its_slot() {
+    let harness = Harness::start(SimConfig {
+        concurrency: 1,
+        latency: Duration::from_millis(600),
+        ..quick_config()
+    })
+    .await;
+    let token = harness.token().await;
+
+    let abandoned = harness
+        .http
+        .get(harness.url(LEAD_ONE))
+        .bearer_auth(&token)
+        .timeout(Duration::from_millis(100))
+        .send()
+        .await;
+    assert!(abandoned.expect_err("the client gave up first").is_timeout());
+
+    // The server notices the closed connection and drops the call.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stats = harness.sim.stats();
+    assert_eq!(
+        (stats.calls, stats.code("cancelled"), stats.max_in_window),
+        (1, 1, 1)
+    );
+    assert_eq!(stats.arrivals[0].code, "cancelled");
+    assert_eq!(
+        code(&harness.get(LEAD_ONE, &token).await),
+        "ok",
+        "the concurrency slot was released"
+    );
+}
+
+#[tokio::test]
 async fn sixth_call_of_the_day_gets_607_with_a_daily_quota_of_5() {
     let harness = Harness::start(SimConfig {
         daily_quota: 5,
@@ -417,11 +430,7 @@ async fn sixth_call_of_the_day_gets_607_with_a_daily_quota_of_5() {
     let token = harness.token().await;
 
     for call in 0..5 {
-        assert_eq!(
-            code(&harness.get(LEAD_ONE, &token).await),
-            "ok",
-            "call {call}"
-        );
+        assert_eq!(code(&harness.get(LEAD_ONE, &token).await), "ok", "call {call}");
     }
     let refused = harness.get(LEAD_ONE, &token).await;
 
@@ -599,12 +608,7 @@ async fn unknown_rest_path_gets_610_and_unknown_other_path_gets_http_404() {
         code(&harness.get("/rest/v1/nothing-here.json", &token).await),
         "610"
     );
-    let response = harness
-        .http
-        .get(harness.url("/elsewhere"))
-        .send()
-        .await
-        .unwrap();
+    let response = harness.http.get(harness.url("/elsewhere")).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::NOT_FOUND);
 }
 
@@ -639,10 +643,7 @@ async fn bulk_export_goes_from_queued_to_completed_and_serves_one_csv_line_per_l
     .unwrap();
     assert_eq!(code(&created), "ok");
     assert_eq!(created["result"][0]["status"], "Created");
-    let id = created["result"][0]["exportId"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = created["result"][0]["exportId"].as_str().unwrap().to_owned();
     let job = format!("/bulk/v1/leads/export/{id}");
 
     let enqueued: Value = post(format!("{job}/enqueue.json"), json!({}))
@@ -711,10 +712,7 @@ async fn usage_counts_calls_per_api_user() {
 
     assert_eq!(code(&usage), "ok");
     let today = &usage["result"][0];
-    assert_eq!(
-        today["total"], 6,
-        "five lead calls and the usage call: {usage}"
-    );
+    assert_eq!(today["total"], 6, "five lead calls and the usage call: {usage}");
     assert_eq!(
         today["users"],
         json!([{"userId": "demo@example.com", "count": 4}, {"userId": "other@example.com", "count": 2}])
@@ -724,10 +722,7 @@ async fn usage_counts_calls_per_api_user() {
 #[tokio::test]
 async fn usage_date_is_today_in_the_configured_timezone() {
     // UTC+14 and UTC-11 are never on the same date.
-    for timezone in [
-        chrono_tz::Pacific::Kiritimati,
-        chrono_tz::Pacific::Pago_Pago,
-    ] {
+    for timezone in [chrono_tz::Pacific::Kiritimati, chrono_tz::Pacific::Pago_Pago] {
         let harness = Harness::start(SimConfig {
             timezone,
             ..quick_config()
@@ -863,10 +858,7 @@ async fn expired_tokens_get_602_and_identity_issues_a_new_one() {
 async fn drop_next_closes_the_connection_without_an_answer() {
     let harness = Harness::start(quick_config()).await;
     let token = harness.token().await;
-    assert_eq!(
-        harness.post_faults(json!({"drop_next": 1})).await,
-        StatusCode::OK
-    );
+    assert_eq!(harness.post_faults(json!({"drop_next": 1})).await, StatusCode::OK);
 
     let dropped = harness
         .http
@@ -917,11 +909,7 @@ async fn extra_latency_slows_every_call_until_it_is_reset() {
     for _ in 0..2 {
         let start = Instant::now();
         assert_eq!(code(&harness.get(LEAD_ONE, &token).await), "ok");
-        assert!(
-            start.elapsed() >= extra,
-            "answered in {:?}",
-            start.elapsed()
-        );
+        assert!(start.elapsed() >= extra, "answered in {:?}", start.elapsed());
     }
 
     harness.sim.inject(Faults {
@@ -991,12 +979,7 @@ async fn sim_stats_endpoint_reports_counters_and_arrivals_as_json() {
     harness.get(LEAD_ONE, &token).await;
     harness.get(LEAD_ONE, "stale:sim").await;
 
-    let response = harness
-        .http
-        .get(harness.url("/_sim/stats"))
-        .send()
-        .await
-        .unwrap();
+    let response = harness.http.get(harness.url("/_sim/stats")).send().await.unwrap();
 
     assert_eq!(response.status(), StatusCode::OK);
     let raw: Value = response.json().await.unwrap();
@@ -1113,14 +1096,7 @@ fn sim_client_parses_id_secret_user() {
 
 #[test]
 fn sim_client_rejects_missing_or_empty_parts() {
-    for text in [
-        "",
-        "id",
-        "id:secret",
-        "id:secret:",
-        ":secret:user",
-        "id::user",
-    ] {
+    for text in ["", "id", "id:secret", "id:secret:", ":secret:user", "id::user"] {
         assert_eq!(
             text.parse::<SimClient>(),
             Err("expected ID:SECRET:USER".to_owned()),

@@ -51,10 +51,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     marketo_proxy::logging::init(false);
     let args = Args::parse();
-    anyhow::ensure!(
-        args.window_seconds > 0,
-        "--window-seconds must be at least 1"
-    );
+    anyhow::ensure!(args.window_seconds > 0, "--window-seconds must be at least 1");
     let clients = if args.clients.is_empty() {
         vec![SimClient::demo()]
     } else {

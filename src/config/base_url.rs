@@ -45,9 +45,7 @@ impl BaseUrl {
 
     /// `host` or `host:port`.
     pub fn authority(&self) -> &str {
-        self.uri
-            .authority()
-            .map_or("", |authority| authority.as_str())
+        self.uri.authority().map_or("", |authority| authority.as_str())
     }
 
     /// The host alone.
@@ -107,11 +105,7 @@ impl FromStr for BaseUrl {
             return Err(BaseUrlError::Query);
         }
         let path_prefix = uri.path().trim_end_matches('/').to_owned();
-        let text = format!(
-            "{}://{}{path_prefix}",
-            uri.scheme_str().unwrap_or(""),
-            authority
-        );
+        let text = format!("{}://{}{path_prefix}", uri.scheme_str().unwrap_or(""), authority);
         Ok(Self {
             uri,
             path_prefix,
@@ -211,10 +205,7 @@ mod tests {
         let err = serde_yaml_ng::from_str::<Marketo>("\nbase_url: https://u:hunter2@host\n")
             .unwrap_err()
             .to_string();
-        assert!(
-            err.starts_with("base_url: must not hold a user name"),
-            "{err}"
-        );
+        assert!(err.starts_with("base_url: must not hold a user name"), "{err}");
         assert!(err.ends_with("at line 2 column 11"), "{err}");
         assert!(!err.contains("hunter2"), "{err}");
     }

@@ -37,11 +37,9 @@ pub(super) struct Expanded {
 impl Expanded {
     /// `message` with every substituted value replaced by `[redacted]`.
     pub(super) fn redact(&self, message: &str) -> String {
-        self.values
-            .iter()
-            .fold(message.to_owned(), |message, value| {
-                message.replace(value.as_str(), REDACTED)
-            })
+        self.values.iter().fold(message.to_owned(), |message, value| {
+            message.replace(value.as_str(), REDACTED)
+        })
     }
 
     /// The parser's message, redacted, keeping its "at line L column C"
@@ -71,10 +69,7 @@ impl Expanded {
 }
 
 /// Fills every placeholder in `text` from `env`.
-pub(super) fn expand(
-    text: &str,
-    env: impl Fn(&str) -> Option<String>,
-) -> Result<Expanded, ConfigError> {
+pub(super) fn expand(text: &str, env: impl Fn(&str) -> Option<String>) -> Result<Expanded, ConfigError> {
     let mut out = String::with_capacity(text.len());
     let mut values = Vec::new();
     for (index, line) in text.split_inclusive('\n').enumerate() {
@@ -190,11 +185,7 @@ impl<'a> Placeholder<'a> {
         })
     }
 
-    fn resolve(
-        &self,
-        env: &impl Fn(&str) -> Option<String>,
-        line: usize,
-    ) -> Result<String, ConfigError> {
+    fn resolve(&self, env: &impl Fn(&str) -> Option<String>, line: usize) -> Result<String, ConfigError> {
         match (env(self.name), self.default) {
             (Some(value), Some(default)) if value.is_empty() => Ok(default.to_owned()),
             (Some(value), _) => Ok(value),
@@ -209,9 +200,7 @@ impl<'a> Placeholder<'a> {
 
 fn is_var_name(name: &str) -> bool {
     let mut chars = name.chars();
-    chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
@@ -237,8 +226,7 @@ impl Slot {
                 let after_key_or_dash = before.trim_end().ends_with([':', '-']);
                 let after = after.trim_end();
                 let nothing_after = after.is_empty()
-                    || (after.starts_with(char::is_whitespace)
-                        && after.trim_start().starts_with('#'));
+                    || (after.starts_with(char::is_whitespace) && after.trim_start().starts_with('#'));
                 Self::Plain {
                     whole: starts && after_key_or_dash && nothing_after,
                     starts,
@@ -252,9 +240,7 @@ impl Slot {
             Self::DoubleQuoted => Ok(escape_double_quoted(value)),
             Self::SingleQuoted if value.chars().any(char::is_control) => Err(interpolation_error(
                 line,
-                &format!(
-                    "the value of {name} holds control characters; put ${{{name}}} in double quotes"
-                ),
+                &format!("the value of {name} holds control characters; put ${{{name}}} in double quotes"),
             )),
             Self::SingleQuoted => Ok(value.replace('\'', "''")),
             // Empty would read as null; an empty string gets a clear
@@ -333,8 +319,7 @@ mod tests {
 
     /// Expands, parses as YAML and returns the string at `key`.
     fn value_of(text: &str, key: &str) -> String {
-        let yaml: serde_yaml_ng::Value =
-            serde_yaml_ng::from_str(&expand_text(text).unwrap()).unwrap();
+        let yaml: serde_yaml_ng::Value = serde_yaml_ng::from_str(&expand_text(text).unwrap()).unwrap();
         yaml[key].as_str().unwrap().to_owned()
     }
 
@@ -356,10 +341,7 @@ mod tests {
 
     #[test]
     fn default_may_hold_colons_and_slashes() {
-        assert_eq!(
-            value_of("a: ${NOPE:-redis://h:6379/0}", "a"),
-            "redis://h:6379/0"
-        );
+        assert_eq!(value_of("a: ${NOPE:-redis://h:6379/0}", "a"), "redis://h:6379/0");
     }
 
     #[test]

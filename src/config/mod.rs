@@ -324,10 +324,7 @@ impl Config {
     }
 
     /// [`Config::load`] with `env` standing in for the process environment.
-    pub fn load_with_env(
-        path: &Path,
-        env: impl Fn(&str) -> Option<String>,
-    ) -> Result<Self, ConfigError> {
+    pub fn load_with_env(path: &Path, env: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let text = fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
@@ -342,10 +339,7 @@ impl Config {
 
     /// [`Config::from_yaml`] with `env` standing in for the process
     /// environment, so tests need not touch it.
-    pub fn from_yaml_with_env(
-        text: &str,
-        env: impl Fn(&str) -> Option<String>,
-    ) -> Result<Self, ConfigError> {
+    pub fn from_yaml_with_env(text: &str, env: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let expanded = interpolate::expand(text, env)?;
         let config: Self = serde_yaml_ng::from_str(&expanded.text)
             .map_err(|err| ConfigError::Parse(expanded.redact_yaml_error(&err)))?;
@@ -409,8 +403,7 @@ services:
 
     #[test]
     fn redis_defaults_fill_a_partial_block() {
-        let text =
-            format!("{MINIMAL}state:\n  backend: redis\n  redis:\n    url: redis://r:6379\n");
+        let text = format!("{MINIMAL}state:\n  backend: redis\n  redis:\n    url: redis://r:6379\n");
         let redis = parse(&text).unwrap().state.redis.unwrap();
         assert_eq!(redis.key_prefix, "marketo-proxy");
         assert_eq!(redis.fallback_replicas.get(), 2);
@@ -425,10 +418,7 @@ services:
         assert_eq!(config.limits.safety_margin, Duration::from_millis(250));
         assert_eq!(config.limits.max_queue_wait, Duration::from_secs(90));
         assert_eq!(config.state.usage_sync_interval, Duration::from_secs(300));
-        assert_eq!(
-            config.services[0].max_queue_wait,
-            Some(Duration::from_secs(3600))
-        );
+        assert_eq!(config.services[0].max_queue_wait, Some(Duration::from_secs(3600)));
     }
 
     #[test]
@@ -475,19 +465,13 @@ services:
         let mut config = parse(MINIMAL).unwrap();
         let limits = config.limits.clone();
         let service = &mut config.services[0];
-        assert_eq!(
-            service.effective_max_queue_wait(&limits),
-            limits.max_queue_wait
-        );
+        assert_eq!(service.effective_max_queue_wait(&limits), limits.max_queue_wait);
         assert_eq!(service.effective_window_calls(&limits), limits.window_calls);
         assert_eq!(service.effective_concurrency(&limits), limits.concurrency);
         assert_eq!(service.effective_daily_quota(&limits), limits.daily_quota);
         service.max_queue_wait = Some(Duration::from_secs(3));
         service.concurrency = NonZeroU32::new(2);
-        assert_eq!(
-            service.effective_max_queue_wait(&limits),
-            Duration::from_secs(3)
-        );
+        assert_eq!(service.effective_max_queue_wait(&limits), Duration::from_secs(3));
         assert_eq!(service.effective_concurrency(&limits).get(), 2);
     }
 

@@ -45,11 +45,7 @@ impl Config {
                 limits.daily_quota
             ),
         ];
-        lines.extend(
-            self.services
-                .iter()
-                .map(|service| self.service_line(service)),
-        );
+        lines.extend(self.services.iter().map(|service| self.service_line(service)));
         let mut text = lines.join("\n");
         text.push('\n');
         text
@@ -89,10 +85,7 @@ impl Config {
                 service.effective_daily_quota(limits),
                 service.reserved_daily
             ),
-            format!(
-                "queue wait {}",
-                human(service.effective_max_queue_wait(limits))
-            ),
+            format!("queue wait {}", human(service.effective_max_queue_wait(limits))),
         ];
         let mut auth = Vec::new();
         if service.api_key.is_some() {
@@ -149,9 +142,7 @@ state:
     key_prefix: mp
     fallback_replicas: 3
 ";
-        let summary = Config::from_yaml_with_env(text, |_| None)
-            .unwrap()
-            .summary();
+        let summary = Config::from_yaml_with_env(text, |_| None).unwrap().summary();
         for expected in [
             "window: 100 calls per 20s (+250ms safety margin)",
             "concurrency: 10 calls in flight",
@@ -162,19 +153,9 @@ state:
             "  crm-sync: weight 3; window 50 calls per 20s; concurrency 10; daily quota 50000, 5000 reserved; queue wait 10s; auth: api key, client credentials; upstream: own Marketo API user",
             "  forms: weight 1; window 100 calls per 20s; concurrency 10; daily quota 50000, 0 reserved; queue wait 30s; auth: api key; upstream: shared Marketo API user",
         ] {
-            assert!(
-                summary.contains(expected),
-                "missing {expected:?} in\n{summary}"
-            );
+            assert!(summary.contains(expected), "missing {expected:?} in\n{summary}");
         }
-        for secret in [
-            "secret-1",
-            "key-2",
-            "secret-3",
-            "secret-4",
-            "key-5",
-            "password-6",
-        ] {
+        for secret in ["secret-1", "key-2", "secret-3", "secret-4", "key-5", "password-6"] {
             assert!(!summary.contains(secret), "{secret} leaked into\n{summary}");
         }
     }

@@ -7,9 +7,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use super::{
-    Backend, Config, ConfigError, LimitsConfig, MarketoConfig, RedisConfig, ServiceConfig,
-};
+use super::{Backend, Config, ConfigError, LimitsConfig, MarketoConfig, RedisConfig, ServiceConfig};
 use crate::secret::Secret;
 
 /// A Marketo access token lives this long.
@@ -54,17 +52,10 @@ fn check_marketo(marketo: &MarketoConfig) -> Check {
             .to_ascii_lowercase()
             .ends_with(".mktorest.com")
     {
-        return invalid(
-            "marketo.base_url",
-            "Marketo serves only HTTPS; use https://",
-        );
+        return invalid("marketo.base_url", "Marketo serves only HTTPS; use https://");
     }
     check_non_empty("marketo.client_id", &marketo.client_id, REQUIRED)?;
-    check_non_empty(
-        "marketo.client_secret",
-        marketo.client_secret.expose(),
-        REQUIRED,
-    )?;
+    check_non_empty("marketo.client_secret", marketo.client_secret.expose(), REQUIRED)?;
     check_positive("marketo.connect_timeout", marketo.connect_timeout)?;
     check_positive("marketo.request_timeout", marketo.request_timeout)?;
     if marketo.token_refresh_before >= TOKEN_LIFETIME {
@@ -88,9 +79,7 @@ fn check_services(services: &[ServiceConfig], limits: &LimitsConfig) -> Check {
         check_service(&format!("services[{index}]"), service, limits)?;
     }
     check_unique(services, "name", |s| Some(s.name.as_str()))?;
-    check_unique(services, "api_key", |s| {
-        s.api_key.as_ref().map(Secret::expose)
-    })?;
+    check_unique(services, "api_key", |s| s.api_key.as_ref().map(Secret::expose))?;
     check_unique(services, "client_id", |s| s.client_id.as_deref())?;
     let reserved = services
         .iter()
@@ -114,10 +103,7 @@ fn check_service(key: &str, service: &ServiceConfig, limits: &LimitsConfig) -> C
     }
     match (&service.client_id, &service.client_secret) {
         (None, None) if service.api_key.is_none() => {
-            return invalid(
-                key,
-                "needs an api_key, or a client_id and client_secret, or both",
-            );
+            return invalid(key, "needs an api_key, or a client_id and client_secret, or both");
         }
         (Some(_), None) => {
             return invalid(format!("{key}.client_secret"), "is required with client_id");
@@ -161,11 +147,7 @@ fn check_service(key: &str, service: &ServiceConfig, limits: &LimitsConfig) -> C
         }
     }
     if let Some(upstream) = &service.marketo {
-        check_non_empty(
-            &format!("{key}.marketo.client_id"),
-            &upstream.client_id,
-            REQUIRED,
-        )?;
+        check_non_empty(&format!("{key}.marketo.client_id"), &upstream.client_id, REQUIRED)?;
         check_non_empty(
             &format!("{key}.marketo.client_secret"),
             upstream.client_secret.expose(),
@@ -226,10 +208,7 @@ fn check_state(config: &Config) -> Check {
         .as_ref()
         .is_some_and(|file| file.as_os_str().is_empty())
     {
-        return invalid(
-            "state.file",
-            "must not be empty; write ~ to keep no state file",
-        );
+        return invalid("state.file", "must not be empty; write ~ to keep no state file");
     }
     match (&state.redis, state.backend) {
         (None, Backend::Redis) => {
@@ -248,10 +227,7 @@ fn check_redis(redis: &RedisConfig) -> Check {
     let scheme_ok = url::Url::parse(redis.url.expose())
         .is_ok_and(|url| matches!(url.scheme(), "redis" | "rediss" | "redis+unix" | "unix"));
     if !scheme_ok {
-        return invalid(
-            "state.redis.url",
-            "must be a redis://, rediss:// or unix:// URL",
-        );
+        return invalid("state.redis.url", "must be a redis://, rediss:// or unix:// URL");
     }
     check_non_empty("state.redis.key_prefix", &redis.key_prefix, REQUIRED)
 }
@@ -431,11 +407,7 @@ services:
         let mut config = valid();
         config.services[1].client_id = Some("crm".to_owned());
         config.services[1].client_secret = Some(Secret::new("other"));
-        assert_invalid(
-            config,
-            "services[1].client_id",
-            "same as services[0].client_id",
-        );
+        assert_invalid(config, "services[1].client_id", "same as services[0].client_id");
     }
 
     #[test]
@@ -457,18 +429,10 @@ services:
         );
         let mut config = valid();
         config.services[0].concurrency = NonZeroU32::new(11);
-        assert_invalid(
-            config,
-            "services[0].concurrency",
-            "more than limits.concurrency",
-        );
+        assert_invalid(config, "services[0].concurrency", "more than limits.concurrency");
         let mut config = valid();
         config.services[0].daily_quota = NonZeroU64::new(1001);
-        assert_invalid(
-            config,
-            "services[0].daily_quota",
-            "more than limits.daily_quota",
-        );
+        assert_invalid(config, "services[0].daily_quota", "more than limits.daily_quota");
         let mut config = valid();
         config.services[0].window_calls = NonZeroU32::new(100);
         config.services[0].concurrency = NonZeroU32::new(10);
@@ -538,11 +502,7 @@ services:
             config.state.redis = Some(redis);
             config
         };
-        assert_invalid(
-            with_redis(RedisConfig::default()),
-            "state.redis.url",
-            "required",
-        );
+        assert_invalid(with_redis(RedisConfig::default()), "state.redis.url", "required");
         let bad = with_redis(RedisConfig {
             url: Secret::new("http://user:hunter2@host"),
             ..Default::default()

@@ -100,7 +100,12 @@ impl Proxy {
         for service in &config.services {
             match &service.marketo {
                 Some(credential) => {
-                    tokens.push(TokenCache::new(upstream.clone(), credential.clone(), refresh_before, metrics.clone()));
+                    tokens.push(TokenCache::new(
+                        upstream.clone(),
+                        credential.clone(),
+                        refresh_before,
+                        metrics.clone(),
+                    ));
                     service_tokens.push(tokens.len() - 1);
                 }
                 None => service_tokens.push(0),
@@ -128,7 +133,11 @@ impl Proxy {
 
     /// Starts the background refresh of every upstream token.
     pub fn spawn_token_refreshers(&self) -> Vec<tokio::task::JoinHandle<()>> {
-        self.shared.tokens.iter().map(TokenCache::spawn_refresher).collect()
+        self.shared
+            .tokens
+            .iter()
+            .map(TokenCache::spawn_refresher)
+            .collect()
     }
 
     /// Answers one client request.
@@ -153,7 +162,11 @@ impl Proxy {
     }
 
     fn count(&self, service: &str, outcome: &str) {
-        self.shared.metrics.requests.with_label_values(&[service, outcome]).inc();
+        self.shared
+            .metrics
+            .requests
+            .with_label_values(&[service, outcome])
+            .inc();
     }
 
     /// The pipeline, in the order the module documentation gives.
@@ -170,7 +183,10 @@ impl Proxy {
         // 2. Target.
         let target = path::normalise(parts.uri.path(), parts.uri.query())?;
         // 3. URI size.
-        let uri_len = parts.uri.path_and_query().map_or(0, |target| target.as_str().len());
+        let uri_len = parts
+            .uri
+            .path_and_query()
+            .map_or(0, |target| target.as_str().len());
         if uri_len > MAX_URI_BYTES {
             return Err(ProxyError::UriTooLong { limit: MAX_URI_BYTES });
         }
@@ -181,7 +197,9 @@ impl Proxy {
             MAX_BODY_BYTES
         };
         let presented = presented_credential(&parts.headers, target.query.as_deref());
-        let mut service = presented.as_deref().and_then(|credential| callers.authenticate(credential));
+        let mut service = presented
+            .as_deref()
+            .and_then(|credential| callers.authenticate(credential));
         if presented.is_some() && service.is_none() {
             callers.record_failure(peer);
             return Err(AuthError::Unauthenticated.into());
@@ -206,7 +224,9 @@ impl Proxy {
             BodyKind::Other => (body, None),
         };
         if service.is_none() {
-            service = body_token.as_deref().and_then(|token| callers.authenticate(token));
+            service = body_token
+                .as_deref()
+                .and_then(|token| callers.authenticate(token));
         }
         let Some(service) = service else {
             callers.record_failure(peer);
@@ -234,7 +254,12 @@ impl Proxy {
 
     /// Sends with the service's token; on 601/602 replaces that token and
     /// replays once.
-    async fn send(&self, service: ServiceId, target: &Target, outgoing: &Outgoing) -> Result<Answer, ProxyError> {
+    async fn send(
+        &self,
+        service: ServiceId,
+        target: &Target,
+        outgoing: &Outgoing,
+    ) -> Result<Answer, ProxyError> {
         let cache = &self.shared.tokens[self.shared.service_tokens.get(service).copied().unwrap_or(0)];
         let mut token = cache.get().await?;
         let mut replayed = false;
@@ -271,7 +296,9 @@ impl Proxy {
         *request.headers_mut() = outgoing.headers.clone();
         let host = HeaderValue::from_str(self.shared.upstream.host()).map_err(|_| UpstreamError::BaseUrl)?;
         request.headers_mut().insert(header::HOST, host);
-        request.headers_mut().insert(header::AUTHORIZATION, token.header.clone());
+        request
+            .headers_mut()
+            .insert(header::AUTHORIZATION, token.header.clone());
 
         let service_name = self.shared.callers.name(service);
         let api = target.api.label();
@@ -291,7 +318,10 @@ impl Proxy {
             Err(UpstreamError::Timeout(_)) => "timeout".to_owned(),
             Err(_) => "connect_error".to_owned(),
         };
-        metrics.upstream_calls.with_label_values(&[service_name, api, &code_label]).inc();
+        metrics
+            .upstream_calls
+            .with_label_values(&[service_name, api, &code_label])
+            .inc();
         tracing::debug!(service = service_name, api, path = %target.path, code = %code_label, "upstream call");
         Ok(result?)
     }
@@ -315,7 +345,11 @@ impl Proxy {
                 Err(error) => return error.into_response(),
             }
         } else if parts.method != Method::GET {
-            return identity_error(StatusCode::METHOD_NOT_ALLOWED, "invalid_request", "Use GET or POST");
+            return identity_error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "invalid_request",
+                "Use GET or POST",
+            );
         }
         let param = |name: &str| {
             params
@@ -325,7 +359,11 @@ impl Proxy {
                 .unwrap_or_default()
         };
         if param("grant_type") != "client_credentials" {
-            return identity_error(StatusCode::BAD_REQUEST, "unsupported_grant_type", "Unsupported grant type");
+            return identity_error(
+                StatusCode::BAD_REQUEST,
+                "unsupported_grant_type",
+                "Unsupported grant type",
+            );
         }
         match callers.issue_token(param("client_id"), param("client_secret")) {
             Some(answer) => {
@@ -336,7 +374,11 @@ impl Proxy {
             None => {
                 callers.record_failure(peer);
                 self.count(NO_SERVICE, "rejected_auth");
-                identity_error(StatusCode::UNAUTHORIZED, "invalid_client", "Bad client credentials")
+                identity_error(
+                    StatusCode::UNAUTHORIZED,
+                    "invalid_client",
+                    "Bad client credentials",
+                )
             }
         }
     }
@@ -348,8 +390,14 @@ fn presented_credential(headers: &http::HeaderMap, query: Option<&str>) -> Optio
     if let Some(key) = headers.get(API_KEY_HEADER).and_then(|value| value.to_str().ok()) {
         return Some(key.trim().to_owned());
     }
-    if let Some(authorization) = headers.get(header::AUTHORIZATION).and_then(|value| value.to_str().ok()) {
-        let (scheme, credential) = authorization.trim().split_once(' ').unwrap_or((authorization, ""));
+    if let Some(authorization) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+    {
+        let (scheme, credential) = authorization
+            .trim()
+            .split_once(' ')
+            .unwrap_or((authorization, ""));
         if scheme.eq_ignore_ascii_case("bearer") {
             return Some(credential.trim().to_owned());
         }

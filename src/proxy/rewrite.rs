@@ -83,7 +83,10 @@ pub enum BodyKind {
 }
 
 pub fn body_kind(headers: &HeaderMap) -> BodyKind {
-    let Some(content_type) = headers.get(header::CONTENT_TYPE).and_then(|value| value.to_str().ok()) else {
+    let Some(content_type) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+    else {
         return BodyKind::Other;
     };
     let mut params = content_type.split(';').map(str::trim);
@@ -166,7 +169,10 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_and_those_named_in_connection_go() {
         let mut headers = HeaderMap::new();
-        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-trace"));
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-trace"),
+        );
         headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         headers.insert("x-trace", HeaderValue::from_static("1"));
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -179,7 +185,10 @@ mod tests {
     #[test]
     fn request_headers_lose_client_credentials() {
         let mut headers = HeaderMap::new();
-        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer client-key"));
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer client-key"),
+        );
         headers.insert(API_KEY_HEADER, HeaderValue::from_static("client-key"));
         headers.insert(header::HOST, HeaderValue::from_static("evil.example"));
         headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
@@ -194,7 +203,10 @@ mod tests {
             ("a=1&access_token=abc&b=%20x+y", "a=1&b=%20x+y"),
             ("access%5Ftoken=abc&b=2", "b=2"),
             ("access_token=1&access_token=2&c", "c"),
-            ("filterType=email&filterValues=a%40b.c", "filterType=email&filterValues=a%40b.c"),
+            (
+                "filterType=email&filterValues=a%40b.c",
+                "filterType=email&filterValues=a%40b.c",
+            ),
             ("access_tokens=keep", "access_tokens=keep"),
         ];
         for (input, expected) in cases {

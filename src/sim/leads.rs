@@ -11,14 +11,7 @@ use tokio::time::{Duration, Instant};
 pub type Lead = Map<String, Value>;
 
 /// Fields every lead has, in the order Marketo lists them.
-const DEFAULT_FIELDS: [&str; 6] = [
-    "id",
-    "updatedAt",
-    "lastName",
-    "email",
-    "createdAt",
-    "firstName",
-];
+const DEFAULT_FIELDS: [&str; 6] = ["id", "updatedAt", "lastName", "email", "createdAt", "firstName"];
 
 /// Bulk extract jobs allowed to wait in the queue (Marketo: 10).
 const MAX_QUEUED_EXPORTS: usize = 10;
@@ -111,9 +104,7 @@ impl LeadStore {
             .filter(|lead| {
                 lead.get(filter_type.as_str())
                     .map(|value| match value {
-                        Value::String(text) => values
-                            .iter()
-                            .any(|wanted| text.eq_ignore_ascii_case(wanted)),
+                        Value::String(text) => values.iter().any(|wanted| text.eq_ignore_ascii_case(wanted)),
                         other => {
                             let text = other.to_string();
                             values.iter().any(|wanted| text == *wanted)
@@ -202,16 +193,8 @@ impl LeadStore {
                     .collect()
             })
             .filter(|fields: &Vec<String>| !fields.is_empty())
-            .unwrap_or_else(|| {
-                DEFAULT_FIELDS
-                    .iter()
-                    .map(|field| (*field).to_owned())
-                    .collect()
-            });
-        let id = format!(
-            "{:08x}-sim0-export-{:04}",
-            self.next_export, self.next_export
-        );
+            .unwrap_or_else(|| DEFAULT_FIELDS.iter().map(|field| (*field).to_owned()).collect());
+        let id = format!("{:08x}-sim0-export-{:04}", self.next_export, self.next_export);
         self.next_export += 1;
         let created_at = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string();
         self.exports.insert(
@@ -325,10 +308,7 @@ fn project(lead: &Lead, fields: Option<&str>) -> Value {
         None => Value::Object(
             DEFAULT_FIELDS
                 .iter()
-                .filter_map(|field| {
-                    lead.get(*field)
-                        .map(|value| ((*field).to_owned(), value.clone()))
-                })
+                .filter_map(|field| lead.get(*field).map(|value| ((*field).to_owned(), value.clone())))
                 .collect(),
         ),
         Some(fields) => {
@@ -336,15 +316,8 @@ fn project(lead: &Lead, fields: Option<&str>) -> Value {
             if let Some(id) = lead.get("id") {
                 out.insert("id".into(), id.clone());
             }
-            for field in fields
-                .split(',')
-                .map(str::trim)
-                .filter(|field| !field.is_empty())
-            {
-                out.insert(
-                    field.to_owned(),
-                    lead.get(field).cloned().unwrap_or(Value::Null),
-                );
+            for field in fields.split(',').map(str::trim).filter(|field| !field.is_empty()) {
+                out.insert(field.to_owned(), lead.get(field).cloned().unwrap_or(Value::Null));
             }
             Value::Object(out)
         }
@@ -356,10 +329,7 @@ fn skipped(code: &str, message: &str) -> Value {
 }
 
 fn export_not_found() -> (&'static str, String) {
-    (
-        crate::marketo::code::NOT_FOUND,
-        "Export job not found".to_owned(),
-    )
+    (crate::marketo::code::NOT_FOUND, "Export job not found".to_owned())
 }
 
 fn csv_cell(text: &str) -> String {

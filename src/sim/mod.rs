@@ -195,10 +195,7 @@ impl Simulator {
     }
 
     /// Answers one request.
-    pub async fn handle(
-        &self,
-        request: Request<Incoming>,
-    ) -> Result<Response<SimBody>, DroppedConnection> {
+    pub async fn handle(&self, request: Request<Incoming>) -> Result<Response<SimBody>, DroppedConnection> {
         let path = request.uri().path().to_owned();
         if path.starts_with("/_sim/") {
             return Ok(self.control(request).await);
@@ -242,10 +239,7 @@ impl Simulator {
                 "Unsupported grant type",
             );
         }
-        let id = params
-            .get("client_id")
-            .map(String::as_str)
-            .unwrap_or_default();
+        let id = params.get("client_id").map(String::as_str).unwrap_or_default();
         let secret = params
             .get("client_secret")
             .map(String::as_str)
@@ -268,10 +262,7 @@ impl Simulator {
         }
     }
 
-    async fn rest(
-        &self,
-        request: Request<Incoming>,
-    ) -> Result<Response<SimBody>, DroppedConnection> {
+    async fn rest(&self, request: Request<Incoming>) -> Result<Response<SimBody>, DroppedConnection> {
         let (parts, body) = request.into_parts();
         let target = parts
             .uri
@@ -384,20 +375,26 @@ impl Simulator {
 
         let (failure, extra_latency) = {
             let mut inner = self.state.lock();
-            (
-                inner.faults.fail_next.pop_front(),
-                inner.faults.extra_latency,
-            )
+            (inner.faults.fail_next.pop_front(), inner.faults.extra_latency)
         };
         let latency = self.state.config.latency + extra_latency;
         if !latency.is_zero() {
+            // hyper drops this future when the client goes away during the
+            // sleep; the call was admitted and counted, so record it anyway.
+            let mut abandoned = RecordOnDrop {
+                state: &self.state,
+                arrival: Some(Arrival {
+                    code: "cancelled".into(),
+                    ..arrival.clone()
+                }),
+            };
             tokio::time::sleep(latency).await;
+            abandoned.arrival = None;
         }
         if let Some(failure) = failure {
             let response = match (failure.http_status, failure.code) {
                 (Some(status), _) => {
-                    let status =
-                        StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+                    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
                     arrival.code = format!("http_{}", status.as_u16());
                     error_response(status, &status.as_u16().to_string(), "Injected failure")
                 }
@@ -411,13 +408,12 @@ impl Simulator {
             return Ok(response);
         }
 
-        let method = if parts.method == Method::POST
-            && params.get("_method").map(String::as_str) == Some("GET")
-        {
-            Method::GET
-        } else {
-            parts.method.clone()
-        };
+        let method =
+            if parts.method == Method::POST && params.get("_method").map(String::as_str) == Some("GET") {
+                Method::GET
+            } else {
+                parts.method.clone()
+            };
         let response = self.route(&method, &path, &params, &body);
         arrival.code = match &response {
             Routed::Json(Ok(_)) | Routed::File(_) => "ok".into(),
@@ -434,13 +430,7 @@ impl Simulator {
         })
     }
 
-    fn route(
-        &self,
-        method: &Method,
-        path: &str,
-        params: &BTreeMap<String, String>,
-        body: &Bytes,
-    ) -> Routed {
+    fn route(&self, method: &Method, path: &str, params: &BTreeMap<String, String>, body: &Bytes) -> Routed {
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
         let mut inner = self.state.lock();
         let leads = &mut inner.leads;
@@ -452,12 +442,10 @@ impl Simulator {
                 }
             }
             (&Method::GET, ["rest", "v1", "leads.json"]) => leads.by_filter(params),
-            (&Method::POST, ["rest", "v1", "leads.json"]) => {
-                match serde_json::from_slice::<Value>(body) {
-                    Ok(body) => leads.sync(&body),
-                    Err(_) => Err((code::INVALID_JSON, "Invalid JSON".to_owned())),
-                }
-            }
+            (&Method::POST, ["rest", "v1", "leads.json"]) => match serde_json::from_slice::<Value>(body) {
+                Ok(body) => leads.sync(&body),
+                Err(_) => Err((code::INVALID_JSON, "Invalid JSON".to_owned())),
+            },
             (&Method::GET, ["rest", "v1", "stats", "usage.json"]) => {
                 drop(inner);
                 let (day, total, users) = self.state.usage_today();
@@ -478,12 +466,8 @@ impl Simulator {
             (&Method::POST, ["bulk", "v1", "leads", "export", id, "enqueue.json"]) => {
                 leads.enqueue_export(id, self.state.config.export_time)
             }
-            (&Method::POST, ["bulk", "v1", "leads", "export", id, "cancel.json"]) => {
-                leads.cancel_export(id)
-            }
-            (&Method::GET, ["bulk", "v1", "leads", "export", id, "status.json"]) => {
-                leads.export_status(id)
-            }
+            (&Method::POST, ["bulk", "v1", "leads", "export", id, "cancel.json"]) => leads.cancel_export(id),
+            (&Method::GET, ["bulk", "v1", "leads", "export", id, "status.json"]) => leads.export_status(id),
             (&Method::GET, ["bulk", "v1", "leads", "export", id, "file.json"]) => {
                 return match leads.export_file(id) {
                     Ok(rows) => Routed::File(rows),
@@ -511,10 +495,9 @@ impl Simulator {
                         self.inject(faults);
                         json_response(StatusCode::OK, &json!({"ok": true}))
                     }
-                    Err(error) => json_response(
-                        StatusCode::BAD_REQUEST,
-                        &json!({"error": error.to_string()}),
-                    ),
+                    Err(error) => {
+                        json_response(StatusCode::BAD_REQUEST, &json!({"error": error.to_string()}))
+                    }
                 }
             }
             (Method::POST, "/_sim/usage") => {
@@ -537,6 +520,20 @@ impl Simulator {
                 }
             }
             _ => json_response(StatusCode::NOT_FOUND, &json!({"error": "not found"})),
+        }
+    }
+}
+
+/// Records an admitted call whose client went away before the answer.
+struct RecordOnDrop<'a> {
+    state: &'a State,
+    arrival: Option<Arrival>,
+}
+
+impl Drop for RecordOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(arrival) = self.arrival.take() {
+            self.state.record(arrival);
         }
     }
 }
@@ -605,9 +602,7 @@ fn take_one(counter: &mut u32) -> bool {
 async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, StatusCode> {
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(error) if error.is::<http_body_util::LengthLimitError>() => {
-            Err(StatusCode::PAYLOAD_TOO_LARGE)
-        }
+        Err(error) if error.is::<http_body_util::LengthLimitError>() => Err(StatusCode::PAYLOAD_TOO_LARGE),
         Err(_) => Err(StatusCode::BAD_REQUEST),
     }
 }

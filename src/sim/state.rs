@@ -191,9 +191,7 @@ impl State {
 
     pub fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic in a handler must not take the whole instance down.
-        self.inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub fn seconds_since_start(&self) -> f64 {
@@ -202,14 +200,12 @@ impl State {
 
     /// Issues a token, or hands back the current one with its remaining
     /// lifetime, as Marketo does. Returns `None` for unknown credentials.
-    pub fn issue_token(
-        &self,
-        client_id: &str,
-        client_secret: &str,
-    ) -> Option<(String, u64, String)> {
-        let client = self.config.clients.iter().find(|client| {
-            client.client_id == client_id && client.client_secret == client_secret
-        })?;
+    pub fn issue_token(&self, client_id: &str, client_secret: &str) -> Option<(String, u64, String)> {
+        let client = self
+            .config
+            .clients
+            .iter()
+            .find(|client| client.client_id == client_id && client.client_secret == client_secret)?;
         let now = Instant::now();
         let mut inner = self.lock();
         if let Some(token) = inner.current.get(client_id).cloned() {
@@ -353,9 +349,7 @@ impl State {
 }
 
 fn today(config: &SimConfig) -> NaiveDate {
-    chrono::Utc::now()
-        .with_timezone(&config.timezone)
-        .date_naive()
+    chrono::Utc::now().with_timezone(&config.timezone).date_naive()
 }
 
 /// A token in Marketo's shape: a UUID and a pod suffix.

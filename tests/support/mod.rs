@@ -123,7 +123,9 @@ pub fn without_request_id(body: &str) -> String {
     match body.find("\"requestId\":\"") {
         Some(start) => {
             let value_start = start + "\"requestId\":\"".len();
-            let end = body[value_start..].find('"').map_or(body.len(), |end| value_start + end);
+            let end = body[value_start..]
+                .find('"')
+                .map_or(body.len(), |end| value_start + end);
             format!("{}REQUEST-ID{}", &body[..value_start], &body[end..])
         }
         None => body.to_owned(),
