@@ -53,7 +53,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
     let proxy = Proxy::new(&config, metrics)?;
-    let refreshers = proxy.spawn_token_refreshers();
+    let mut background = proxy.spawn_token_refreshers();
+    background.push(proxy.admission().spawn_timer());
     let shutdown = shutdown.shared();
 
     let forwarding = {
@@ -85,8 +86,8 @@ pub async fn run(
         )
     };
     tokio::join!(forwarding, admin);
-    for refresher in refreshers {
-        refresher.abort();
+    for task in background {
+        task.abort();
     }
     Ok(())
 }

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::BodyExt;
 
+use crate::admission::AdmissionError;
 use crate::auth::AuthError;
 use crate::marketo::{self, code};
 use crate::proxy::ProxyBody;
@@ -44,6 +45,8 @@ pub enum ProxyError {
     Token(#[from] TokenError),
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
+    #[error(transparent)]
+    Admission(#[from] AdmissionError),
 }
 
 impl ProxyError {
@@ -54,7 +57,10 @@ impl ProxyError {
             | Self::UriTooLong { .. }
             | Self::BodyTooLarge { .. }
             | Self::BodyUnreadable(_) => ErrorSource::Client,
-            Self::Token(TokenError::Rejected(_)) => ErrorSource::Proxy,
+            Self::Token(TokenError::Rejected(_)) | Self::Admission(AdmissionError::Closed) => {
+                ErrorSource::Proxy
+            }
+            Self::Admission(_) => ErrorSource::Client,
             Self::Token(_) | Self::Upstream(_) => ErrorSource::Upstream,
         }
     }
@@ -65,7 +71,10 @@ impl ProxyError {
             Self::Auth(_) => "rejected_auth",
             Self::Path(_) | Self::BodyUnreadable(_) => "rejected_request",
             Self::UriTooLong { .. } | Self::BodyTooLarge { .. } => "rejected_size",
-            Self::Token(_) | Self::Upstream(_) => "upstream_error",
+            Self::Token(_) | Self::Upstream(_) | Self::Admission(AdmissionError::Closed) => "upstream_error",
+            Self::Admission(AdmissionError::Quota { .. }) => "rejected_quota",
+            Self::Admission(AdmissionError::QueueFull { .. }) => "rejected_queue",
+            Self::Admission(_) => "rejected_rate",
         }
     }
 
@@ -101,6 +110,16 @@ impl ProxyError {
                 code::UNAVAILABLE,
                 Some(Duration::from_secs(1)),
             ),
+            // Marketo answers these inside HTTP 200, and clients look there.
+            Self::Admission(error @ AdmissionError::Quota { .. }) => {
+                (StatusCode::OK, code::QUOTA_REACHED, error.retry_after())
+            }
+            Self::Admission(AdmissionError::Closed) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                code::UNAVAILABLE,
+                Some(Duration::from_secs(1)),
+            ),
+            Self::Admission(error) => (StatusCode::OK, code::RATE_LIMITED, error.retry_after()),
         };
         marketo_error(status, marketo_code, &message, retry_after)
     }

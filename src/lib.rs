@@ -5,6 +5,7 @@
 //! are thin command-line wrappers.
 
 pub mod admin;
+pub mod admission;
 pub mod app;
 pub mod auth;
 pub mod config;

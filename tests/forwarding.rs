@@ -243,18 +243,44 @@ async fn oversized_uri_and_body_are_refused_before_marketo() {
 }
 
 #[tokio::test]
-async fn upstream_that_never_answers_times_out_with_604() {
+async fn a_read_that_gets_no_answer_is_replayed() {
     let stack = Stack::start_with(support::sim_config(), "request_timeout: 500ms").await;
     stack.sim.inject(Faults {
         hang_next: 1,
         ..Faults::default()
     });
     let answer = stack.get(CRM_KEY, "/rest/v1/lead/1.json").await;
+    assert_eq!(answer.status(), 200);
+    let codes: Vec<String> = stack.sim.stats().arrivals.into_iter().map(|arrival| arrival.code).collect();
+    assert_eq!(codes, ["hung", "ok"]);
+    let metrics = stack.metrics().await;
+    assert_eq!(
+        support::metric(&metrics, "marketo_proxy_replays_total{reason=\"no_answer\"}"),
+        Some(1.0),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_write_that_gets_no_answer_times_out_with_604_and_is_not_replayed() {
+    let stack = Stack::start_with(support::sim_config(), "request_timeout: 500ms").await;
+    stack.sim.inject(Faults {
+        hang_next: 1,
+        ..Faults::default()
+    });
+    let answer = stack
+        .http
+        .post(format!("{}/rest/v1/leads.json", stack.proxy.url()))
+        .header("X-Api-Key", CRM_KEY)
+        .json(&json!({"action": "createOnly", "input": [{"email": "once@example.com"}]}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(answer.status(), 504);
     let body: Value = answer.json().await.unwrap();
+    assert_eq!(body["success"], false);
     assert_eq!(body["errors"][0]["code"], "604");
-    // The next call goes through.
-    assert_eq!(stack.get(CRM_KEY, "/rest/v1/lead/1.json").await.status(), 200);
+    assert_eq!(stack.sim.stats().calls, 1, "a write is never sent twice");
 }
 
 #[tokio::test]

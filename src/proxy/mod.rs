@@ -27,6 +27,7 @@ pub mod rewrite;
 use std::error::Error as StdError;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, header};
@@ -35,6 +36,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
+use crate::admission::{Admission, AdmissionError, Permit};
 use crate::auth::{AuthError, Callers, ServiceId};
 use crate::config::{Config, UpstreamCredential};
 use crate::error::{ProxyError, json_response};
@@ -55,6 +57,15 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 /// Largest bulk import body.
 pub const MAX_IMPORT_BODY_BYTES: usize = 10 * 1024 * 1024;
 
+/// Attempts per request, replays included.
+const MAX_ATTEMPTS: u32 = 5;
+/// Pause after Marketo said 606: calls outside the proxy used the window.
+const PAUSE_AFTER_606: Duration = Duration::from_secs(2);
+/// Pause after Marketo said 615: calls outside the proxy are in flight.
+const PAUSE_AFTER_615: Duration = Duration::from_millis(250);
+/// First pause before replaying after a transient failure; doubles.
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+
 /// Label used for requests that no service could be found for.
 const NO_SERVICE: &str = "unauthenticated";
 
@@ -71,6 +82,7 @@ struct Shared {
     tokens: Vec<Arc<TokenCache>>,
     /// Service → index into `tokens`.
     service_tokens: Vec<usize>,
+    admission: Arc<Admission>,
     metrics: Metrics,
 }
 
@@ -80,6 +92,9 @@ struct Outgoing {
     path_and_query: String,
     headers: http::HeaderMap,
     body: Bytes,
+    /// A read (GET, or POST with `_method=GET`): safe to send again after
+    /// a timeout or a transient error.
+    idempotent: bool,
 }
 
 impl Proxy {
@@ -117,6 +132,7 @@ impl Proxy {
                 callers: Callers::new(config),
                 tokens,
                 service_tokens,
+                admission: Admission::new(config, metrics.clone()),
                 metrics,
             }),
         })
@@ -129,6 +145,10 @@ impl Proxy {
     /// Every upstream token cache, the instance's own first.
     pub fn token_caches(&self) -> &[Arc<TokenCache>] {
         &self.shared.tokens
+    }
+
+    pub fn admission(&self) -> &Arc<Admission> {
+        &self.shared.admission
     }
 
     /// Starts the background refresh of every upstream token.
@@ -176,6 +196,7 @@ impl Proxy {
         peer: IpAddr,
         service_out: &mut Option<ServiceId>,
     ) -> Result<(Response<ProxyBody>, &'static str), ProxyError> {
+        let arrived = Instant::now();
         let callers = &self.shared.callers;
         // 1. Throttle.
         callers.check_throttle(peer)?;
@@ -233,51 +254,149 @@ impl Proxy {
             return Err(AuthError::Unauthenticated.into());
         };
         *service_out = Some(service);
+        let deadline = arrived + self.shared.admission.max_wait(service);
         let mut headers = parts.headers;
         rewrite::request_headers(&mut headers);
+        let idempotent = parts.method == Method::GET
+            || (parts.method == Method::POST && asks_for_get(target.query.as_deref(), &kind, &body));
         let outgoing = Outgoing {
             method: parts.method,
             path_and_query: without_access_token(&target),
             headers,
             body,
+            idempotent,
         };
-        // 7. Token and send.
-        let answer = self.send(service, &target, &outgoing).await?;
+        // 7. Admission, token and send.
+        let (answer, permit) = self.send(service, &target, &outgoing, deadline).await?;
         // 8. Answer.
         let outcome = if answer.error_code.is_some() || !answer.head.status.is_success() {
             "marketo_error"
         } else {
             "ok"
         };
-        Ok((respond(answer), outcome))
+        Ok((respond(answer, permit), outcome))
     }
 
-    /// Sends with the service's token; on 601/602 replaces that token and
-    /// replays once.
+    /// Admits, sends and replays until Marketo gives an answer worth
+    /// passing on. Every attempt waits for admission like any call.
+    ///
+    /// - 601/602: the token is replaced (single-flight) and the call
+    ///   replayed once.
+    /// - 606/615: calls we cannot see used the window or the concurrency;
+    ///   admission pauses and the call is replayed from the head of its
+    ///   queue (Marketo did not execute it).
+    /// - 604/608/611/713, HTTP 502/503, no answer: replayed only when
+    ///   idempotent, with backoff.
+    /// - 607: the day is spent; later calls are answered locally.
+    ///
+    /// All within the request's deadline and [`MAX_ATTEMPTS`].
     async fn send(
         &self,
         service: ServiceId,
         target: &Target,
         outgoing: &Outgoing,
-    ) -> Result<Answer, ProxyError> {
-        let cache = &self.shared.tokens[self.shared.service_tokens.get(service).copied().unwrap_or(0)];
+        deadline: Instant,
+    ) -> Result<(Answer, Option<Permit>), ProxyError> {
+        let shared = &self.shared;
+        let cache = &shared.tokens[shared.service_tokens.get(service).copied().unwrap_or(0)];
+        // The identity call costs no quota: get the token before a slot.
         let mut token = cache.get().await?;
-        let mut replayed = false;
-        loop {
-            let answer = self.send_once(service, target, outgoing, &token).await?;
-            let token_failed = matches!(
-                answer.error_code.as_deref(),
-                Some(code::TOKEN_INVALID | code::TOKEN_EXPIRED)
-            );
-            if !token_failed || replayed {
-                return Ok(answer);
+        let mut token_replaced = false;
+        let mut front = false;
+        let mut backoff = FIRST_BACKOFF;
+        let mut last: Option<Answer> = None;
+        for attempt in 1..=MAX_ATTEMPTS {
+            let mut permit = match shared.admission.admit(service, deadline, front).await {
+                Ok(permit) => permit,
+                // A replay that no longer fits its deadline: pass on what
+                // Marketo said last.
+                Err(_) if last.is_some() => break,
+                Err(error) => return Err(error.into()),
+            };
+            let result = self.send_once(service, target, outgoing, &token).await;
+            permit.answered();
+            let answer = match result {
+                Ok(answer) => answer,
+                Err(error) => {
+                    let retry =
+                        outgoing.idempotent && attempt < MAX_ATTEMPTS && Instant::now() + backoff < deadline;
+                    if !retry {
+                        return Err(error);
+                    }
+                    self.replay(service, "no_answer");
+                    drop(permit);
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                    front = true;
+                    continue;
+                }
+            };
+            let reason =
+                match answer.error_code.as_deref() {
+                    Some(code @ (code::TOKEN_INVALID | code::TOKEN_EXPIRED)) if !token_replaced => {
+                        let code = code.to_owned();
+                        self.replay(service, &code);
+                        drop(permit);
+                        token = cache.replace(&token).await?;
+                        token_replaced = true;
+                        front = true;
+                        last = Some(answer);
+                        continue;
+                    }
+                    Some(code::RATE_LIMITED) => {
+                        shared.admission.pause(PAUSE_AFTER_606);
+                        code::RATE_LIMITED
+                    }
+                    Some(code::CONCURRENCY_LIMITED) => {
+                        shared.admission.pause(PAUSE_AFTER_615);
+                        code::CONCURRENCY_LIMITED
+                    }
+                    Some(code::QUOTA_REACHED) => {
+                        tracing::warn!(
+                            service = shared.callers.name(service),
+                            "Marketo says the daily quota is spent"
+                        );
+                        shared.admission.quota_spent();
+                        return Ok((answer, Some(permit)));
+                    }
+                    Some(
+                        code @ (code::TIMED_OUT | code::UNAVAILABLE | code::SYSTEM_ERROR | code::TRANSIENT),
+                    ) if outgoing.idempotent => code,
+                    None if outgoing.idempotent
+                        && matches!(
+                            answer.head.status,
+                            StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE
+                        ) =>
+                    {
+                        "http_5xx"
+                    }
+                    _ => return Ok((answer, Some(permit))),
+                };
+            if attempt == MAX_ATTEMPTS {
+                return Ok((answer, Some(permit)));
             }
-            let reason = answer.error_code.clone().unwrap_or_default();
-            tracing::info!(service = self.shared.callers.name(service), code = %reason, "token refused by Marketo, refreshing and replaying");
-            self.shared.metrics.replays.with_label_values(&[&reason]).inc();
-            token = cache.replace(&token).await?;
-            replayed = true;
+            self.replay(service, reason);
+            drop(permit);
+            if !matches!(reason, code::RATE_LIMITED | code::CONCURRENCY_LIMITED) {
+                tokio::time::sleep(backoff).await;
+                backoff *= 2;
+            }
+            front = true;
+            last = Some(answer);
         }
+        match last {
+            Some(answer) => Ok((answer, None)),
+            None => Err(ProxyError::Admission(AdmissionError::Closed)),
+        }
+    }
+
+    fn replay(&self, service: ServiceId, reason: &str) {
+        tracing::info!(
+            service = self.shared.callers.name(service),
+            reason,
+            "replaying a call"
+        );
+        self.shared.metrics.replays.with_label_values(&[reason]).inc();
     }
 
     async fn send_once(
@@ -422,16 +541,63 @@ async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, ProxyError> {
     }
 }
 
-/// Marketo's answer as the client gets it.
-fn respond(answer: Answer) -> Response<ProxyBody> {
+/// Marketo's answer as the client gets it. The permit (the concurrency
+/// slot) goes with the body and is released when the body has been sent
+/// in full or dropped.
+fn respond(answer: Answer, permit: Option<Permit>) -> Response<ProxyBody> {
     let mut head = answer.head;
     rewrite::strip_hop_by_hop(&mut head.headers);
-    let body = answer
-        .body
-        .into_body()
-        .map_err(|error| Box::new(error) as Box<dyn StdError + Send + Sync>)
-        .boxed_unsync();
+    let body = HoldsPermit {
+        body: answer.body.into_body(),
+        permit,
+    }
+    .map_err(|error| Box::new(error) as Box<dyn StdError + Send + Sync>)
+    .boxed_unsync();
     Response::from_parts(head, body)
+}
+
+/// Is this POST a read (`_method=GET` in the query or the form body)?
+fn asks_for_get(query: Option<&str>, kind: &BodyKind, body: &Bytes) -> bool {
+    let says_get = |pairs: &[u8]| {
+        form_urlencoded::parse(pairs)
+            .any(|(key, value)| key == "_method" && value.eq_ignore_ascii_case("GET"))
+    };
+    query.is_some_and(|query| says_get(query.as_bytes()))
+        || (matches!(kind, BodyKind::Form) && says_get(body))
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that holds a [`Permit`] until it ends.
+    struct HoldsPermit<B> {
+        #[pin]
+        body: B,
+        permit: Option<Permit>,
+    }
+}
+
+impl<B: http_body::Body> http_body::Body for HoldsPermit<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let polled = this.body.poll_frame(cx);
+        if matches!(polled, std::task::Poll::Ready(None | Some(Err(_)))) {
+            this.permit.take();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 fn identity_error(status: StatusCode, error: &str, description: &str) -> Response<ProxyBody> {

@@ -1,0 +1,734 @@
+//! Admission control: whether and when a call may be sent to Marketo.
+//!
+//! A call needs three things at once: a slot in the instance's sliding
+//! window (and in its service's share, when capped), a concurrency slot
+//! (instance and service), and a unit of the daily quota (instance,
+//! service cap, and what others' reserves leave). Requests wait in one
+//! queue per service; when capacity frees, the services that can go are
+//! served by start-time fair queueing on their weights, FIFO within a
+//! service. An idle service banks no credit and loses none, and capacity
+//! it does not use goes to the others.
+//!
+//! A request that cannot start before its deadline is refused at once
+//! with the wait it would need; one whose deadline passes in the queue is
+//! refused then. Waiters that go away (client disconnected) leave the
+//! queue. All of it sits behind one mutex that is never held across an
+//! await; a timer task wakes the queue when a window slot frees.
+
+pub mod quota;
+pub mod window;
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::{Notify, oneshot};
+use tokio::time::Instant;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use quota::{DailyQuota, QuotaScope, ServiceQuota};
+use window::SlidingWindow;
+
+/// Wall-clock time, for the quota's day. Injected so tests can move it.
+pub type WallClock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
+
+/// The rate limit a request could not be admitted under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateScope {
+    /// The instance's window (`limits.window_calls`).
+    Instance,
+    /// The service's own share (`services[].window_calls`).
+    Service,
+}
+
+/// Why a request was not admitted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AdmissionError {
+    #[error("{}", quota_message(*scope))]
+    Quota {
+        scope: QuotaScope,
+        retry_after: Duration,
+    },
+    #[error("queue full: {limit} requests are already waiting")]
+    QueueFull { limit: usize, retry_after: Duration },
+    #[error("{} rate limit: this request could not start within its {} queue wait", rate_name(*scope), humantime::format_duration(*max_wait))]
+    WouldWait {
+        scope: RateScope,
+        max_wait: Duration,
+        retry_after: Duration,
+    },
+    #[error("rate limit: not admitted within the {} queue wait", humantime::format_duration(*max_wait))]
+    DeadlineExpired {
+        max_wait: Duration,
+        retry_after: Duration,
+    },
+    #[error("the proxy is shutting down")]
+    Closed,
+}
+
+impl AdmissionError {
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Quota { retry_after, .. }
+            | Self::QueueFull { retry_after, .. }
+            | Self::WouldWait { retry_after, .. }
+            | Self::DeadlineExpired { retry_after, .. } => Some(*retry_after),
+            Self::Closed => Some(Duration::from_secs(1)),
+        }
+    }
+}
+
+fn quota_message(scope: QuotaScope) -> &'static str {
+    match scope {
+        QuotaScope::Instance => "daily quota reached for the instance; it resets at local midnight",
+        QuotaScope::ServiceCap => "daily quota reached for this service (its daily_quota cap)",
+        QuotaScope::Reserved => "daily quota: what is left today is reserved for other services",
+    }
+}
+
+fn rate_name(scope: RateScope) -> &'static str {
+    match scope {
+        RateScope::Instance => "instance",
+        RateScope::Service => "service",
+    }
+}
+
+/// The admission state of one Marketo instance.
+pub struct Admission {
+    state: Mutex<State>,
+    /// Wakes the timer task when the next wake-up moves.
+    timer: Arc<Notify>,
+    metrics: Metrics,
+    names: Vec<String>,
+    wall: WallClock,
+    max_queue_length: usize,
+}
+
+struct State {
+    window: SlidingWindow,
+    concurrency: u32,
+    in_flight: u32,
+    quota: DailyQuota,
+    lanes: Vec<Lane>,
+    queued: usize,
+    /// After Marketo said 606/615, nothing is sent before this.
+    paused_until: Option<Instant>,
+    /// Start tag of the last dispatch (start-time fair queueing).
+    virtual_time: f64,
+    /// Smoothed time Marketo takes to answer, for estimates.
+    latency: Duration,
+    next_id: u64,
+    /// When the timer task should next pump the queue.
+    wake_at: Option<Instant>,
+}
+
+/// One service's queue and limits.
+struct Lane {
+    weight: f64,
+    window: Option<SlidingWindow>,
+    concurrency: u32,
+    in_flight: u32,
+    max_wait: Duration,
+    queue: VecDeque<Waiter>,
+    /// Finish tag of the service's last dispatched call.
+    finish: f64,
+}
+
+struct Waiter {
+    id: u64,
+    enqueued: Instant,
+    deadline: Instant,
+    reply: oneshot::Sender<Result<Permit, AdmissionError>>,
+}
+
+/// What admission looks like right now, for `/usage` and metrics.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Snapshot {
+    pub day: chrono::NaiveDate,
+    pub daily_quota: u64,
+    pub daily_used: u64,
+    pub daily_remaining: u64,
+    /// Calls Marketo counted today that did not go through this proxy.
+    pub daily_foreign: u64,
+    pub window_used: u32,
+    pub window_limit: u32,
+    pub in_flight: u32,
+    pub concurrency: u32,
+    pub queued: usize,
+    pub services: Vec<ServiceSnapshot>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ServiceSnapshot {
+    pub name: String,
+    pub daily_used: u64,
+    pub daily_cap: u64,
+    pub reserved_daily: u64,
+    pub window_used: Option<u32>,
+    pub window_limit: Option<u32>,
+    pub in_flight: u32,
+    pub concurrency: u32,
+    pub queued: usize,
+}
+
+impl Admission {
+    pub fn new(config: &Config, metrics: Metrics) -> Arc<Self> {
+        Self::with_clock(config, metrics, Arc::new(Utc::now))
+    }
+
+    pub fn with_clock(config: &Config, metrics: Metrics, wall: WallClock) -> Arc<Self> {
+        let limits = &config.limits;
+        let quota_services = config
+            .services
+            .iter()
+            .map(|service| ServiceQuota {
+                cap: service.effective_daily_quota(limits).get(),
+                reserved: service.reserved_daily,
+            })
+            .collect();
+        let lanes = config
+            .services
+            .iter()
+            .map(|service| Lane {
+                weight: f64::from(service.weight.get()),
+                window: service
+                    .window_calls
+                    .map(|calls| SlidingWindow::new(calls.get(), limits.window, limits.safety_margin)),
+                concurrency: service.effective_concurrency(limits).get(),
+                in_flight: 0,
+                max_wait: service.effective_max_queue_wait(limits),
+                queue: VecDeque::new(),
+                finish: 0.0,
+            })
+            .collect();
+        let now = wall();
+        let state = State {
+            window: SlidingWindow::new(limits.window_calls.get(), limits.window, limits.safety_margin),
+            concurrency: limits.concurrency.get(),
+            in_flight: 0,
+            quota: DailyQuota::new(limits.timezone, limits.daily_quota.get(), quota_services, now),
+            lanes,
+            queued: 0,
+            paused_until: None,
+            virtual_time: 0.0,
+            latency: Duration::ZERO,
+            next_id: 0,
+            wake_at: None,
+        };
+        metrics.window_limit.set(i64::from(limits.window_calls.get()));
+        metrics
+            .daily_quota
+            .set(i64::try_from(limits.daily_quota.get()).unwrap_or(i64::MAX));
+        let admission = Arc::new(Self {
+            state: Mutex::new(state),
+            timer: Arc::new(Notify::new()),
+            metrics,
+            names: config
+                .services
+                .iter()
+                .map(|service| service.name.clone())
+                .collect(),
+            wall,
+            max_queue_length: limits.max_queue_length.get(),
+        });
+        admission.publish(&mut admission.lock());
+        admission
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The longest a request of `service` may wait to be admitted.
+    pub fn max_wait(&self, service: usize) -> Duration {
+        self.lock()
+            .lanes
+            .get(service)
+            .map_or(Duration::ZERO, |lane| lane.max_wait)
+    }
+
+    /// Waits until a call of `service` may be sent, or says why it may
+    /// not. `front` puts a replay at the head of its service's queue.
+    pub async fn admit(
+        self: &Arc<Self>,
+        service: usize,
+        deadline: Instant,
+        front: bool,
+    ) -> Result<Permit, AdmissionError> {
+        let (receiver, id) = {
+            let mut state = self.lock();
+            let now = Instant::now();
+            let wall = (self.wall)();
+            state.quota.roll(wall);
+            if service >= state.lanes.len() {
+                return Err(AdmissionError::Closed);
+            }
+            if let Err(scope) = state.quota.check(service) {
+                let retry_after = (state.quota.next_reset(wall) - wall).to_std().unwrap_or_default();
+                return Err(AdmissionError::Quota { scope, retry_after });
+            }
+            let (start, scope) = state.estimate_start(service, now, front);
+            if !front && state.queued >= self.max_queue_length {
+                return Err(AdmissionError::QueueFull {
+                    limit: self.max_queue_length,
+                    retry_after: start.saturating_duration_since(now).max(Duration::from_secs(1)),
+                });
+            }
+            if start > deadline {
+                return Err(AdmissionError::WouldWait {
+                    scope,
+                    max_wait: deadline.saturating_duration_since(now),
+                    retry_after: start.saturating_duration_since(now),
+                });
+            }
+            let (reply, receiver) = oneshot::channel();
+            let id = state.next_id;
+            state.next_id += 1;
+            let waiter = Waiter {
+                id,
+                enqueued: now,
+                deadline,
+                reply,
+            };
+            let lane = &mut state.lanes[service];
+            if front {
+                lane.queue.push_front(waiter);
+            } else {
+                lane.queue.push_back(waiter);
+            }
+            state.queued += 1;
+            self.pump(&mut state);
+            (receiver, id)
+        };
+        let mut leave = LeaveQueue {
+            admission: self,
+            service,
+            id,
+            armed: true,
+        };
+        let result = receiver.await.unwrap_or(Err(AdmissionError::Closed));
+        leave.armed = false;
+        result
+    }
+
+    /// Holds every call back for `pause` (Marketo said 606 or 615 because
+    /// of calls we cannot see).
+    pub fn pause(self: &Arc<Self>, pause: Duration) {
+        let mut state = self.lock();
+        let until = Instant::now() + pause;
+        state.paused_until = Some(state.paused_until.map_or(until, |current| current.max(until)));
+        self.pump(&mut state);
+    }
+
+    /// Marketo said 607: nothing more today.
+    pub fn quota_spent(self: &Arc<Self>) {
+        let mut state = self.lock();
+        state.quota.mark_spent();
+        self.pump(&mut state);
+    }
+
+    /// Marketo's own count of today's calls (its usage report).
+    pub fn reconcile(self: &Arc<Self>, marketo_total: u64) {
+        let mut state = self.lock();
+        state.quota.roll((self.wall)());
+        state.quota.reconcile(marketo_total);
+        self.pump(&mut state);
+    }
+
+    /// Today's counts per service and the calls from outside the proxy.
+    pub fn daily_counts(&self) -> (chrono::NaiveDate, Vec<u64>, u64) {
+        let mut state = self.lock();
+        state.quota.roll((self.wall)());
+        let used = (0..state.lanes.len())
+            .map(|service| state.quota.used_by(service))
+            .collect();
+        (state.quota.day(), used, state.quota.foreign())
+    }
+
+    /// Restores counts saved earlier today.
+    pub fn restore(self: &Arc<Self>, day: chrono::NaiveDate, used: &[u64], foreign: u64) {
+        let mut state = self.lock();
+        state.quota.roll((self.wall)());
+        state.quota.restore(day, used, foreign);
+        self.pump(&mut state);
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let mut state = self.lock();
+        let now = Instant::now();
+        state.quota.roll((self.wall)());
+        let window_used = state.window.used(now);
+        let services = state
+            .lanes
+            .iter_mut()
+            .enumerate()
+            .map(|(index, lane)| ServiceSnapshot {
+                name: self.names.get(index).cloned().unwrap_or_default(),
+                daily_used: 0,
+                daily_cap: 0,
+                reserved_daily: 0,
+                window_used: lane.window.as_mut().map(|window| window.used(now)),
+                window_limit: lane.window.as_ref().map(SlidingWindow::limit),
+                in_flight: lane.in_flight,
+                concurrency: lane.concurrency,
+                queued: lane.queue.len(),
+            })
+            .collect::<Vec<_>>();
+        let services = services
+            .into_iter()
+            .enumerate()
+            .map(|(index, mut service)| {
+                service.daily_used = state.quota.used_by(index);
+                let limits = state.quota.service(index);
+                service.daily_cap = limits.cap;
+                service.reserved_daily = limits.reserved;
+                service
+            })
+            .collect();
+        Snapshot {
+            day: state.quota.day(),
+            daily_quota: state.quota.limit(),
+            daily_used: state.quota.used_total(),
+            daily_remaining: state.quota.remaining(),
+            daily_foreign: state.quota.foreign(),
+            window_used,
+            window_limit: state.window.limit(),
+            in_flight: state.in_flight,
+            concurrency: state.concurrency,
+            queued: state.queued,
+            services,
+        }
+    }
+
+    /// Wakes the queue whenever a window slot frees, a pause ends or a
+    /// deadline passes. Runs until the admission state is dropped.
+    pub fn spawn_timer(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let admission: Weak<Self> = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let Some(this) = admission.upgrade() else { return };
+                let wake_at = this.lock().wake_at;
+                let timer = Arc::clone(&this.timer);
+                // Register for a notification before sleeping, so a change
+                // made meanwhile is not missed.
+                let notified = timer.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                drop(this);
+                match wake_at {
+                    Some(at) => {
+                        tokio::select! {
+                            () = tokio::time::sleep_until(at) => {}
+                            () = &mut notified => {}
+                        }
+                    }
+                    None => notified.await,
+                }
+                let Some(this) = admission.upgrade() else { return };
+                let mut state = this.lock();
+                this.pump(&mut state);
+            }
+        })
+    }
+
+    /// Sends every call that may go now, refuses waiters whose deadline
+    /// passed, and sets the next wake-up. Called with the lock held after
+    /// every change.
+    fn pump(self: &Arc<Self>, state: &mut State) {
+        let now = Instant::now();
+        state.quota.roll((self.wall)());
+        self.expire_deadlines(state, now);
+        if state.paused_until.is_some_and(|until| until <= now) {
+            state.paused_until = None;
+        }
+        while state.queued > 0
+            && state.paused_until.is_none()
+            && state.in_flight < state.concurrency
+            && state.window.has_room(now)
+        {
+            let Some(service) = state.next_lane(now) else {
+                break;
+            };
+            let Some(waiter) = state.lanes[service].queue.pop_front() else {
+                break;
+            };
+            state.queued -= 1;
+            if waiter.reply.is_closed() {
+                continue;
+            }
+            if let Err(scope) = state.quota.check(service) {
+                let wall = (self.wall)();
+                let retry_after = (state.quota.next_reset(wall) - wall).to_std().unwrap_or_default();
+                let _ = waiter
+                    .reply
+                    .send(Err(AdmissionError::Quota { scope, retry_after }));
+                continue;
+            }
+            state.dispatch(service);
+            self.metrics
+                .queue_wait
+                .with_label_values(&[self.name(service)])
+                .observe(now.saturating_duration_since(waiter.enqueued).as_secs_f64());
+            let permit = Permit {
+                admission: Arc::clone(self),
+                service,
+                sent_at: now,
+                queue_wait: now.saturating_duration_since(waiter.enqueued),
+                stamped: false,
+                armed: true,
+            };
+            if let Err(Ok(mut permit)) = waiter.reply.send(Ok(permit)) {
+                // The waiter left between the check and the send: the call
+                // was never made, so give everything back here, under the
+                // lock we hold.
+                permit.armed = false;
+                state.undispatch(service);
+            }
+        }
+        let wake_at = state.next_wake(now);
+        if wake_at != state.wake_at {
+            state.wake_at = wake_at;
+            self.timer.notify_one();
+        }
+        self.publish(state);
+    }
+
+    fn expire_deadlines(&self, state: &mut State, now: Instant) {
+        for service in 0..state.lanes.len() {
+            while state.lanes[service]
+                .queue
+                .front()
+                .is_some_and(|waiter| waiter.deadline <= now)
+            {
+                let Some(waiter) = state.lanes[service].queue.pop_front() else {
+                    break;
+                };
+                state.queued -= 1;
+                let (start, _) = state.estimate_start(service, now, false);
+                let _ = waiter.reply.send(Err(AdmissionError::DeadlineExpired {
+                    max_wait: waiter.deadline.saturating_duration_since(waiter.enqueued),
+                    retry_after: start.saturating_duration_since(now).max(Duration::from_secs(1)),
+                }));
+            }
+        }
+    }
+
+    fn publish(&self, state: &mut State) {
+        let now = Instant::now();
+        let metrics = &self.metrics;
+        metrics.inflight.set(i64::from(state.in_flight));
+        metrics.window_used.set(i64::from(state.window.used(now)));
+        metrics
+            .daily_remaining
+            .set(i64::try_from(state.quota.remaining()).unwrap_or(i64::MAX));
+        for (index, lane) in state.lanes.iter().enumerate() {
+            let name = self.name(index);
+            metrics
+                .queue_depth
+                .with_label_values(&[name])
+                .set(i64::try_from(lane.queue.len()).unwrap_or(i64::MAX));
+            metrics
+                .daily_used
+                .with_label_values(&[name])
+                .set(i64::try_from(state.quota.used_by(index)).unwrap_or(i64::MAX));
+        }
+    }
+
+    fn name(&self, service: usize) -> &str {
+        self.names.get(service).map_or("unknown", String::as_str)
+    }
+
+    fn leave(&self, service: usize, id: u64) {
+        let mut state = self.lock();
+        let Some(lane) = state.lanes.get_mut(service) else {
+            return;
+        };
+        if let Some(position) = lane.queue.iter().position(|waiter| waiter.id == id) {
+            lane.queue.remove(position);
+            state.queued -= 1;
+            let depth = i64::try_from(state.lanes[service].queue.len()).unwrap_or(i64::MAX);
+            self.metrics
+                .queue_depth
+                .with_label_values(&[self.name(service)])
+                .set(depth);
+        }
+    }
+}
+
+impl State {
+    /// The service to serve next: of those whose head may go now, the one
+    /// with the smallest start tag.
+    fn next_lane(&mut self, now: Instant) -> Option<usize> {
+        let virtual_time = self.virtual_time;
+        let mut best: Option<(usize, f64)> = None;
+        for (index, lane) in self.lanes.iter_mut().enumerate() {
+            if lane.queue.is_empty() || lane.in_flight >= lane.concurrency {
+                continue;
+            }
+            if lane.window.as_mut().is_some_and(|window| !window.has_room(now)) {
+                continue;
+            }
+            let start = lane.finish.max(virtual_time);
+            if best.is_none_or(|(_, best_start)| start < best_start) {
+                best = Some((index, start));
+            }
+        }
+        best.map(|(index, _)| index)
+    }
+
+    fn dispatch(&mut self, service: usize) {
+        self.window.acquire();
+        self.in_flight += 1;
+        self.quota.consume(service);
+        let lane = &mut self.lanes[service];
+        if let Some(window) = lane.window.as_mut() {
+            window.acquire();
+        }
+        lane.in_flight += 1;
+        let start = lane.finish.max(self.virtual_time);
+        lane.finish = start + 1.0 / lane.weight;
+        self.virtual_time = start;
+    }
+
+    /// Undoes [`dispatch`] for a call that was never sent.
+    ///
+    /// [`dispatch`]: Self::dispatch
+    fn undispatch(&mut self, service: usize) {
+        self.window.release_unsent();
+        self.in_flight -= 1;
+        self.quota.unconsume(service);
+        let lane = &mut self.lanes[service];
+        if let Some(window) = lane.window.as_mut() {
+            window.release_unsent();
+        }
+        lane.in_flight -= 1;
+    }
+
+    /// When a request of `service` joining the queue now could start, and
+    /// the window that decides it.
+    fn estimate_start(&mut self, service: usize, now: Instant, front: bool) -> (Instant, RateScope) {
+        let own_ahead = if front { 0 } else { self.lanes[service].queue.len() };
+        let weight = self.lanes[service].weight;
+        // Under fair queueing, another service sends about weight_o /
+        // weight_s calls for each of ours, but never more than it has queued.
+        let others_ahead: usize = self
+            .lanes
+            .iter()
+            .enumerate()
+            .filter(|(index, _)| *index != service)
+            .map(|(_, lane)| {
+                let share = ((own_ahead + 1) as f64 * lane.weight / weight).ceil() as usize;
+                lane.queue.len().min(share)
+            })
+            .sum();
+        let latency = self.latency;
+        let instance = self.window.estimate_start(now, own_ahead + others_ahead, latency);
+        let own = self.lanes[service]
+            .window
+            .as_mut()
+            .map(|window| window.estimate_start(now, own_ahead, latency));
+        let paused = self.paused_until.unwrap_or(now);
+        match own {
+            Some(own) if own > instance => (own.max(paused), RateScope::Service),
+            _ => (instance.max(paused), RateScope::Instance),
+        }
+    }
+
+    /// The next moment something may change without a call ending.
+    fn next_wake(&mut self, now: Instant) -> Option<Instant> {
+        let mut wake: Option<Instant> = None;
+        let mut consider = |at: Option<Instant>| {
+            if let Some(at) = at {
+                wake = Some(wake.map_or(at, |current| current.min(at)));
+            }
+        };
+        consider(self.paused_until);
+        for lane in &mut self.lanes {
+            consider(lane.queue.front().map(|waiter| waiter.deadline));
+        }
+        if self.queued > 0 {
+            consider(self.window.next_free(now).filter(|at| *at > now));
+            for lane in &mut self.lanes {
+                if !lane.queue.is_empty() {
+                    if let Some(window) = lane.window.as_mut() {
+                        consider(window.next_free(now).filter(|at| *at > now));
+                    }
+                }
+            }
+        }
+        wake
+    }
+}
+
+/// Removes a waiter whose request went away before it was admitted.
+struct LeaveQueue<'a> {
+    admission: &'a Arc<Admission>,
+    service: usize,
+    id: u64,
+    armed: bool,
+}
+
+impl Drop for LeaveQueue<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.admission.leave(self.service, self.id);
+        }
+    }
+}
+
+/// The right to have one call in flight. Stamp it with [`answered`] when
+/// Marketo's answer arrives; drop it when the answer has been passed on
+/// (its body fully sent or dropped) to free the concurrency slot.
+///
+/// [`answered`]: Permit::answered
+pub struct Permit {
+    admission: Arc<Admission>,
+    service: usize,
+    sent_at: Instant,
+    queue_wait: Duration,
+    stamped: bool,
+    armed: bool,
+}
+
+impl Permit {
+    /// How long the request waited in the queue.
+    pub fn queue_wait(&self) -> Duration {
+        self.queue_wait
+    }
+
+    /// Marketo's answer arrived: the window slot starts its countdown.
+    pub fn answered(&mut self) {
+        if self.stamped || !self.armed {
+            return;
+        }
+        self.stamped = true;
+        let now = Instant::now();
+        let mut state = self.admission.lock();
+        state.window.stamp(now);
+        if let Some(window) = state.lanes[self.service].window.as_mut() {
+            window.stamp(now);
+        }
+        // Smooth over roughly the last ten answers.
+        let latency = now.saturating_duration_since(self.sent_at);
+        state.latency = (state.latency * 9 + latency) / 10;
+        self.admission.pump(&mut state);
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        // A call that ended without an answer may still have reached
+        // Marketo: count it as answered now.
+        self.answered();
+        let admission = Arc::clone(&self.admission);
+        let mut state = admission.lock();
+        state.in_flight -= 1;
+        state.lanes[self.service].in_flight -= 1;
+        admission.pump(&mut state);
+    }
+}

@@ -1,0 +1,319 @@
+//! The daily quota: calls per day for the instance and each service, with
+//! reserves, in the instance's time zone.
+//!
+//! Marketo resets the quota at midnight US Central time. The day is kept
+//! as a local date in the configured zone; midnight is found with
+//! `chrono-tz`, so the 23- and 25-hour days of a daylight-saving change
+//! are counted as they fall. Wall-clock time is passed in.
+
+use chrono::{DateTime, Days, NaiveDate, TimeZone, Utc};
+use chrono_tz::Tz;
+
+/// Which daily limit a call ran into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaScope {
+    /// The instance's quota is spent (or Marketo said 607).
+    Instance,
+    /// The service's own `daily_quota` cap is spent.
+    ServiceCap,
+    /// What is left is reserved for other services.
+    Reserved,
+}
+
+/// One service's daily limits.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ServiceQuota {
+    pub cap: u64,
+    pub reserved: u64,
+}
+
+/// Today's counts.
+#[derive(Debug, Clone)]
+pub struct DailyQuota {
+    tz: Tz,
+    limit: u64,
+    services: Vec<ServiceQuota>,
+    day: NaiveDate,
+    used: Vec<u64>,
+    /// Calls Marketo counted today that did not go through this proxy.
+    foreign: u64,
+    /// Marketo answered 607: nothing more today, whatever the counts say.
+    spent: bool,
+}
+
+impl DailyQuota {
+    pub fn new(tz: Tz, limit: u64, services: Vec<ServiceQuota>, now: DateTime<Utc>) -> Self {
+        let used = vec![0; services.len()];
+        Self {
+            tz,
+            limit,
+            services,
+            day: local_day(tz, now),
+            used,
+            foreign: 0,
+            spent: false,
+        }
+    }
+
+    /// Starts a new day when local midnight has passed.
+    pub fn roll(&mut self, now: DateTime<Utc>) {
+        let today = local_day(self.tz, now);
+        if today != self.day {
+            self.day = today;
+            self.used.iter_mut().for_each(|used| *used = 0);
+            self.foreign = 0;
+            self.spent = false;
+        }
+    }
+
+    pub fn day(&self) -> NaiveDate {
+        self.day
+    }
+
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// Calls counted today: this proxy's and, after reconciliation, others'.
+    pub fn used_total(&self) -> u64 {
+        self.used.iter().sum::<u64>() + self.foreign
+    }
+
+    pub fn used_by(&self, service: usize) -> u64 {
+        self.used.get(service).copied().unwrap_or(0)
+    }
+
+    pub fn remaining(&self) -> u64 {
+        if self.spent {
+            0
+        } else {
+            self.limit.saturating_sub(self.used_total())
+        }
+    }
+
+    /// Whether `service` may make one more call today.
+    pub fn check(&self, service: usize) -> Result<(), QuotaScope> {
+        if self.remaining() == 0 {
+            return Err(QuotaScope::Instance);
+        }
+        let own = self.services.get(service).copied().unwrap_or_default();
+        let used = self.used_by(service);
+        if used >= own.cap {
+            return Err(QuotaScope::ServiceCap);
+        }
+        let held_for_others: u64 = self
+            .services
+            .iter()
+            .enumerate()
+            .filter(|(other, _)| *other != service)
+            .map(|(other, quota)| quota.reserved.saturating_sub(self.used_by(other)))
+            .sum();
+        if self.remaining() <= held_for_others {
+            return Err(QuotaScope::Reserved);
+        }
+        Ok(())
+    }
+
+    /// Counts one call sent by `service`.
+    pub fn consume(&mut self, service: usize) {
+        if let Some(used) = self.used.get_mut(service) {
+            *used += 1;
+        }
+    }
+
+    /// Gives back the unit of a call that was never sent.
+    pub fn unconsume(&mut self, service: usize) {
+        if let Some(used) = self.used.get_mut(service) {
+            *used = used.saturating_sub(1);
+        }
+    }
+
+    /// The limits of one service.
+    pub fn service(&self, service: usize) -> ServiceQuota {
+        self.services.get(service).copied().unwrap_or_default()
+    }
+
+    /// Marketo answered 607: the day is spent until the reset.
+    pub fn mark_spent(&mut self) {
+        self.spent = true;
+    }
+
+    /// Sets today's count of calls Marketo saw from outside this proxy,
+    /// from its usage report (`total` for the day).
+    pub fn reconcile(&mut self, marketo_total: u64) {
+        let ours: u64 = self.used.iter().sum();
+        self.foreign = marketo_total.saturating_sub(ours);
+    }
+
+    /// Restores counts saved earlier today (after a restart).
+    pub fn restore(&mut self, day: NaiveDate, used: &[u64], foreign: u64) {
+        if day == self.day {
+            for (slot, saved) in self.used.iter_mut().zip(used) {
+                *slot = (*slot).max(*saved);
+            }
+            self.foreign = self.foreign.max(foreign);
+        }
+    }
+
+    pub fn foreign(&self) -> u64 {
+        self.foreign
+    }
+
+    /// The next local midnight, as an instant.
+    pub fn next_reset(&self, now: DateTime<Utc>) -> DateTime<Utc> {
+        next_midnight(self.tz, now)
+    }
+}
+
+/// The local date at `now` in `tz`.
+pub fn local_day(tz: Tz, now: DateTime<Utc>) -> NaiveDate {
+    now.with_timezone(&tz).date_naive()
+}
+
+/// The first instant of the next local day in `tz`.
+pub fn next_midnight(tz: Tz, now: DateTime<Utc>) -> DateTime<Utc> {
+    let tomorrow = local_day(tz, now)
+        .checked_add_days(Days::new(1))
+        .unwrap_or(NaiveDate::MAX);
+    // Where a zone skips midnight itself, the day starts at the first
+    // instant that exists.
+    (0..24)
+        .filter_map(|hour| tomorrow.and_hms_opt(hour, 0, 0))
+        .find_map(|local| tz.from_local_datetime(&local).earliest())
+        .map_or(now + chrono::Duration::hours(24), |start| {
+            start.with_timezone(&Utc)
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(text: &str) -> DateTime<Utc> {
+        text.parse().unwrap()
+    }
+
+    fn quota(limit: u64, services: &[(u64, u64)], now: DateTime<Utc>) -> DailyQuota {
+        let services = services
+            .iter()
+            .map(|(cap, reserved)| ServiceQuota {
+                cap: *cap,
+                reserved: *reserved,
+            })
+            .collect();
+        DailyQuota::new(chrono_tz::America::Chicago, limit, services, now)
+    }
+
+    #[test]
+    fn resets_at_midnight_central_time() {
+        // 2026-11-28 is CST (UTC-6): local midnight is 06:00 UTC.
+        let mut quota = quota(2, &[(2, 0)], at("2026-11-28T05:00:00Z"));
+        quota.consume(0);
+        quota.consume(0);
+        assert_eq!(quota.check(0), Err(QuotaScope::Instance));
+        assert_eq!(
+            quota.next_reset(at("2026-11-28T05:00:00Z")),
+            at("2026-11-28T06:00:00Z")
+        );
+        quota.roll(at("2026-11-28T05:59:59Z"));
+        assert_eq!(quota.check(0), Err(QuotaScope::Instance));
+        quota.roll(at("2026-11-28T06:00:00Z"));
+        assert_eq!(quota.check(0), Ok(()));
+        assert_eq!(quota.used_total(), 0);
+    }
+
+    #[test]
+    fn resets_at_local_midnight_across_daylight_saving_changes() {
+        // DST starts 2026-03-08 at 02:00 CST: the 8th starts at 06:00 UTC
+        // (UTC-6) and the 9th at 05:00 UTC (UTC-5), a 23-hour day.
+        assert_eq!(
+            next_midnight(chrono_tz::America::Chicago, at("2026-03-08T12:00:00Z")),
+            at("2026-03-09T05:00:00Z")
+        );
+        // DST ends 2026-11-01 at 02:00 CDT: the 1st starts at 05:00 UTC and
+        // the 2nd at 06:00 UTC, a 25-hour day.
+        assert_eq!(
+            next_midnight(chrono_tz::America::Chicago, at("2026-11-01T05:00:00Z")),
+            at("2026-11-02T06:00:00Z")
+        );
+        let mut quota = quota(1, &[(1, 0)], at("2026-03-08T06:00:00Z"));
+        quota.consume(0);
+        quota.roll(at("2026-03-09T04:59:59Z"));
+        assert_eq!(
+            quota.check(0),
+            Err(QuotaScope::Instance),
+            "still the 8th, local time"
+        );
+        quota.roll(at("2026-03-09T05:00:00Z"));
+        assert_eq!(quota.check(0), Ok(()), "the 9th begins at 05:00 UTC in CDT");
+    }
+
+    #[test]
+    fn a_zone_without_midnight_starts_the_day_at_its_first_instant() {
+        // America/Havana skipped 00:00-01:00 on 2026-03-08 (DST at midnight).
+        let reset = next_midnight(chrono_tz::America::Havana, at("2026-03-07T12:00:00Z"));
+        let local = reset.with_timezone(&chrono_tz::America::Havana);
+        assert_eq!(local.date_naive(), "2026-03-08".parse::<NaiveDate>().unwrap());
+        assert!(reset > at("2026-03-07T12:00:00Z"));
+    }
+
+    #[test]
+    fn reserved_calls_are_kept_for_their_service() {
+        let now = at("2026-11-28T12:00:00Z");
+        // Instance 100 a day; service 1 keeps 20 for itself.
+        let mut quota = quota(100, &[(100, 0), (100, 20)], now);
+        let mut service_0 = 0;
+        while quota.check(0).is_ok() {
+            quota.consume(0);
+            service_0 += 1;
+        }
+        assert_eq!(service_0, 80);
+        assert_eq!(quota.check(0), Err(QuotaScope::Reserved));
+        let mut service_1 = 0;
+        while quota.check(1).is_ok() {
+            quota.consume(1);
+            service_1 += 1;
+        }
+        assert_eq!(service_1, 20);
+        assert_eq!(quota.check(1), Err(QuotaScope::Instance));
+    }
+
+    #[test]
+    fn a_used_reserve_frees_the_shared_pool() {
+        let now = at("2026-11-28T12:00:00Z");
+        let mut quota = quota(10, &[(10, 0), (10, 4)], now);
+        for _ in 0..4 {
+            quota.consume(1);
+        }
+        let mut service_0 = 0;
+        while quota.check(0).is_ok() {
+            quota.consume(0);
+            service_0 += 1;
+        }
+        assert_eq!(service_0, 6);
+    }
+
+    #[test]
+    fn service_cap_applies_before_the_instance_quota() {
+        let mut quota = quota(100, &[(3, 0)], at("2026-11-28T12:00:00Z"));
+        for _ in 0..3 {
+            quota.consume(0);
+        }
+        assert_eq!(quota.check(0), Err(QuotaScope::ServiceCap));
+    }
+
+    #[test]
+    fn marketo_607_spends_the_day_and_reconciliation_shrinks_it() {
+        let now = at("2026-11-28T12:00:00Z");
+        let mut quota = quota(100, &[(100, 0)], now);
+        quota.consume(0);
+        quota.reconcile(91);
+        assert_eq!(quota.foreign(), 90);
+        assert_eq!(quota.remaining(), 9);
+        quota.mark_spent();
+        assert_eq!(quota.remaining(), 0);
+        assert_eq!(quota.check(0), Err(QuotaScope::Instance));
+        quota.roll(at("2026-11-29T06:00:00Z"));
+        assert_eq!(quota.remaining(), 100);
+    }
+}
