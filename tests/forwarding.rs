@@ -251,7 +251,13 @@ async fn a_read_that_gets_no_answer_is_replayed() {
     });
     let answer = stack.get(CRM_KEY, "/rest/v1/lead/1.json").await;
     assert_eq!(answer.status(), 200);
-    let codes: Vec<String> = stack.sim.stats().arrivals.into_iter().map(|arrival| arrival.code).collect();
+    let codes: Vec<String> = stack
+        .sim
+        .stats()
+        .arrivals
+        .into_iter()
+        .map(|arrival| arrival.code)
+        .collect();
     assert_eq!(codes, ["hung", "ok"]);
     let metrics = stack.metrics().await;
     assert_eq!(

@@ -692,6 +692,16 @@ pub struct Permit {
     armed: bool,
 }
 
+impl std::fmt::Debug for Permit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Permit")
+            .field("service", &self.service)
+            .field("queue_wait", &self.queue_wait)
+            .field("stamped", &self.stamped)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Permit {
     /// How long the request waited in the queue.
     pub fn queue_wait(&self) -> Duration {

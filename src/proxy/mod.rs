@@ -362,7 +362,7 @@ impl Proxy {
                     Some(
                         code @ (code::TIMED_OUT | code::UNAVAILABLE | code::SYSTEM_ERROR | code::TRANSIENT),
                     ) if outgoing.idempotent => code,
-                    None if outgoing.idempotent
+                    _ if outgoing.idempotent
                         && matches!(
                             answer.head.status,
                             StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE
@@ -607,4 +607,49 @@ fn identity_error(status: StatusCode, error: &str, description: &str) -> Respons
     })
     .unwrap_or_default();
     json_response(status, Bytes::from(body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use http_body_util::StreamBody;
+
+    #[tokio::test]
+    async fn the_concurrency_slot_is_held_until_the_body_has_been_sent() {
+        let config = Config::from_yaml_with_env(
+            "marketo: { base_url: 'http://127.0.0.1:1', client_id: a, client_secret: b }\n\
+             services: [{ name: s, api_key: key-s-0123456789 }]\nstate: { file: ~ }",
+            |_| None,
+        )
+        .unwrap();
+        let admission = Admission::new(&config, Metrics::new());
+        let mut permit = admission
+            .admit(0, Instant::now() + Duration::from_secs(1), false)
+            .await
+            .unwrap();
+        permit.answered();
+        let (sender, receiver) =
+            tokio::sync::mpsc::channel::<Result<http_body::Frame<Bytes>, hyper::Error>>(1);
+        let stream = futures_util::stream::unfold(receiver, |mut receiver| async move {
+            receiver.recv().await.map(|frame| (frame, receiver))
+        });
+        let mut body = std::pin::pin!(HoldsPermit {
+            body: StreamBody::new(stream),
+            permit: Some(permit),
+        });
+        sender
+            .send(Ok(http_body::Frame::data(Bytes::from_static(b"part"))))
+            .await
+            .unwrap();
+        assert!(body.frame().await.is_some());
+        assert_eq!(
+            admission.snapshot().in_flight,
+            1,
+            "answer headers and part of the body are not enough"
+        );
+        drop(sender);
+        assert!(body.frame().await.is_none());
+        assert_eq!(admission.snapshot().in_flight, 0, "the body ended");
+    }
 }
