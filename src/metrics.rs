@@ -37,6 +37,9 @@ pub struct Metrics {
     pub token_expiry_seconds: Gauge,
     pub replays: IntCounterVec,
     pub backend_up: IntGauge,
+    /// Seconds until the day's quota runs out at the current rate; +Inf
+    /// when it will not before the reset.
+    pub quota_exhaustion_eta_seconds: Gauge,
 }
 
 impl Metrics {
@@ -124,15 +127,21 @@ impl Metrics {
                 "1 while the state backend is reachable",
             )
             .expect("valid metric"),
+            quota_exhaustion_eta_seconds: Gauge::new(
+                "marketo_proxy_quota_exhaustion_eta_seconds",
+                "Seconds until the daily quota runs out at the current rate (+Inf: not before the reset)",
+            )
+            .expect("valid metric"),
             registry,
         };
         metrics.register_all();
         metrics.backend_up.set(1);
+        metrics.quota_exhaustion_eta_seconds.set(f64::INFINITY);
         metrics
     }
 
     fn register_all(&self) {
-        let collectors: [Box<dyn prometheus::core::Collector>; 15] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 16] = [
             Box::new(self.requests.clone()),
             Box::new(self.upstream_calls.clone()),
             Box::new(self.queue_wait.clone()),
@@ -148,6 +157,7 @@ impl Metrics {
             Box::new(self.token_expiry_seconds.clone()),
             Box::new(self.replays.clone()),
             Box::new(self.backend_up.clone()),
+            Box::new(self.quota_exhaustion_eta_seconds.clone()),
         ];
         for collector in collectors {
             // Names are fixed and distinct; a clash would be a programming error.
