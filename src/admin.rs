@@ -1,6 +1,6 @@
 //! The admin listener, on its own port so it can stay private:
 //! `/healthz` (the process answers), `/readyz` (a Marketo token can be
-//! had), `/metrics` (Prometheus text).
+//! had), `/metrics` (Prometheus text), `/usage` (today's usage as JSON).
 
 use std::convert::Infallible;
 
@@ -24,11 +24,15 @@ pub async fn handle(proxy: &Proxy, request: Request<Incoming>) -> Result<Respons
     Ok(match request.uri().path() {
         "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
         "/readyz" => readiness(proxy),
-        "/metrics" => text(
-            StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
-            proxy.metrics().render(),
-        ),
+        "/metrics" => {
+            proxy.refresh_metrics();
+            text(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                proxy.metrics().render(),
+            )
+        }
+        "/usage" => text(StatusCode::OK, "application/json", usage(proxy).to_string()),
         _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     })
 }
@@ -58,6 +62,44 @@ fn readiness(proxy: &Proxy) -> Response<ProxyBody> {
             json!({"ready": false, "reasons": problems}).to_string(),
         )
     }
+}
+
+/// Today's usage: the quota, what the proxy and Marketo counted, each
+/// service's share, and the window and concurrency in use.
+fn usage(proxy: &Proxy) -> serde_json::Value {
+    let admission = proxy.admission();
+    let snapshot = admission.snapshot();
+    let services: Vec<serde_json::Value> = snapshot
+        .services
+        .iter()
+        .map(|service| {
+            json!({
+                "name": service.name,
+                "used": service.daily_used,
+                "reserved": service.reserved_daily,
+                "cap": service.daily_cap,
+                "window": {"used": service.window_used, "limit": service.window_limit},
+                "in_flight": service.in_flight,
+                "concurrency": service.concurrency,
+                "queued": service.queued,
+            })
+        })
+        .collect();
+    let proxy_used = snapshot.daily_used - snapshot.daily_foreign;
+    json!({
+        "day": snapshot.day,
+        "resets_at": admission.next_reset(),
+        "quota": snapshot.daily_quota,
+        "used": snapshot.daily_used,
+        "remaining": snapshot.daily_remaining,
+        "proxy_used": proxy_used,
+        "marketo_reported": proxy.marketo_usage(),
+        "outside_proxy": snapshot.daily_foreign,
+        "window": {"used": snapshot.window_used, "limit": snapshot.window_limit},
+        "concurrency": {"in_flight": snapshot.in_flight, "limit": snapshot.concurrency},
+        "queued": snapshot.queued,
+        "services": services,
+    })
 }
 
 fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<ProxyBody> {

@@ -13,10 +13,14 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::config::Config;
+use std::sync::Arc;
+
+use crate::config::{Backend, Config};
+use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::upstream::UpstreamError;
+use crate::usage_sync;
 
 /// The sockets the proxy serves on.
 pub struct Listeners {
@@ -43,6 +47,8 @@ pub enum StartError {
     Upstream(#[from] UpstreamError),
     #[error("cannot bind a listener")]
     Bind(#[from] std::io::Error),
+    #[error("state.backend: redis is not available in this version; use memory")]
+    RedisUnsupported,
 }
 
 /// Serves until `shutdown` completes, then drains open connections.
@@ -52,9 +58,28 @@ pub async fn run(
     metrics: Metrics,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
+    if config.state.backend == Backend::Redis {
+        return Err(StartError::RedisUnsupported);
+    }
     let proxy = Proxy::new(&config, metrics)?;
     let mut background = proxy.spawn_token_refreshers();
     background.push(proxy.admission().spawn_timer());
+    let ledger = config.state.file.as_ref().map(|path| {
+        Arc::new(Ledger::new(
+            path,
+            proxy.service_names(),
+            Arc::clone(proxy.admission()),
+        ))
+    });
+    if let Some(ledger) = &ledger {
+        if let Err(error) = ledger.restore() {
+            tracing::warn!(error = %error, "starting without the saved usage");
+        }
+        background.push(ledger.spawn_saver());
+    }
+    if !config.state.usage_sync_interval.is_zero() {
+        background.push(usage_sync::spawn(proxy.clone(), config.state.usage_sync_interval));
+    }
     let shutdown = shutdown.shared();
 
     let forwarding = {
@@ -88,6 +113,11 @@ pub async fn run(
     tokio::join!(forwarding, admin);
     for task in background {
         task.abort();
+    }
+    if let Some(ledger) = ledger {
+        if let Err(error) = ledger.save() {
+            tracing::error!(error = %error, "cannot save the usage ledger at shutdown");
+        }
     }
     Ok(())
 }

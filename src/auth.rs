@@ -81,10 +81,12 @@ impl Callers {
         let per_minute = NonZeroU32::new(FAILURES_PER_MINUTE).unwrap_or(NonZeroU32::MIN);
         Self {
             services,
+            // The proxy's own calls come last, under a name no service has.
             names: config
                 .services
                 .iter()
                 .map(|service| service.name.clone())
+                .chain(std::iter::once(crate::config::INTERNAL_SERVICE.to_owned()))
                 .collect(),
             tokens: DashMap::new(),
             current: Mutex::new(HashMap::new()),

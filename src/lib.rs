@@ -10,6 +10,7 @@ pub mod app;
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod ledger;
 pub mod logging;
 pub mod marketo;
 pub mod metrics;
@@ -19,6 +20,7 @@ pub mod server;
 pub mod sim;
 pub mod token;
 pub mod upstream;
+pub mod usage_sync;
 
 /// Resolves on Ctrl-C or SIGTERM, whichever comes first.
 pub async fn shutdown_signal() {

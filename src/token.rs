@@ -23,6 +23,9 @@ use crate::upstream::{AnswerBody, Upstream, UpstreamError};
 
 /// How often to ask again when Marketo answers `expires_in: 0`.
 const ZERO_LIFETIME_RETRY: Duration = Duration::from_millis(500);
+/// A token with no more than this left was answered with `expires_in: 0`
+/// (`fetch_once` adds a second for Marketo's rounding).
+const END_OF_LIFE: Duration = Duration::from_secs(1);
 /// Attempts per refresh before callers get an error.
 const MAX_ATTEMPTS: u32 = 3;
 /// First pause between failed identity calls; doubles up to the maximum.
@@ -65,9 +68,15 @@ pub struct TokenCache {
     refresh_before: Duration,
     current: RwLock<Option<Token>>,
     last_error: RwLock<Option<TokenError>>,
+    /// When Marketo last refused the credentials: asking again at once
+    /// for every request would not change its mind.
+    rejected_at: RwLock<Option<Instant>>,
     refreshing: Mutex<()>,
     metrics: Metrics,
 }
+
+/// How long a refusal of the credentials is remembered.
+const REJECTION_MEMORY: Duration = Duration::from_secs(5);
 
 impl TokenCache {
     pub fn new(
@@ -82,6 +91,7 @@ impl TokenCache {
             refresh_before,
             current: RwLock::new(None),
             last_error: RwLock::new(None),
+            rejected_at: RwLock::new(None),
             refreshing: Mutex::new(()),
             metrics,
         })
@@ -123,12 +133,20 @@ impl TokenCache {
                 return Ok(token);
             }
         }
+        let recently_rejected = read(&self.rejected_at)
+            .is_some_and(|at| Instant::now().saturating_duration_since(at) < REJECTION_MEMORY);
+        if let (true, Some(error @ TokenError::Rejected(_))) = (recently_rejected, self.last_error()) {
+            return Err(error);
+        }
         let result = self.fetch_with_retries(failed).await;
         match &result {
             Ok(token) => self.store(token.clone()),
             Err(error) => {
                 if failed.is_some() {
                     write(&self.current, None);
+                }
+                if matches!(error, TokenError::Rejected(_)) {
+                    write(&self.rejected_at, Some(Instant::now()));
                 }
                 write(&self.last_error, Some(error.clone()));
             }
@@ -139,18 +157,24 @@ impl TokenCache {
     fn store(&self, token: Token) {
         write(&self.current, Some(token));
         write(&self.last_error, None);
+        write(&self.rejected_at, None);
     }
 
     /// Fetches until a usable token comes back. A token Marketo just
-    /// refused (`failed`) that comes back again is at the very end of its
-    /// life: wait a moment for Marketo to issue the next one.
+    /// refused (`failed`) that comes back again with no life left is at the
+    /// very end of its life: wait a moment for Marketo to issue the next
+    /// one. If it comes back with life left, Marketo still stands by it
+    /// (the refusal was spurious): use it again.
     async fn fetch_with_retries(&self, failed: Option<&Token>) -> Result<Token, TokenError> {
         let mut backoff = FIRST_BACKOFF;
         let mut attempt = 1;
         loop {
             let result = self.fetch().await;
             match result {
-                Ok(token) if failed.is_some_and(|failed| failed.header == token.header) => {
+                Ok(token)
+                    if failed.is_some_and(|failed| failed.header == token.header)
+                        && token.expires_at <= Instant::now() + END_OF_LIFE =>
+                {
                     if attempt >= MAX_ATTEMPTS * 2 {
                         return Err(TokenError::NoLifetime);
                     }
@@ -269,9 +293,14 @@ impl TokenCache {
                     continue;
                 }
                 match this.fetch().await {
-                    Ok(token) => {
-                        let same = before.is_some_and(|before| before.header == token.header);
-                        confirmed = same.then(|| token.header.clone());
+                    Ok(mut token) => {
+                        let same = before.as_ref().filter(|before| before.header == token.header);
+                        if let Some(before) = same {
+                            // Both expiries are upper bounds (whole seconds
+                            // rounded down, plus one): the earlier is closer.
+                            token.expires_at = token.expires_at.min(before.expires_at);
+                        }
+                        confirmed = same.map(|_| token.header.clone());
                         this.store(token);
                         backoff = FIRST_BACKOFF;
                     }

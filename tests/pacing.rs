@@ -23,7 +23,7 @@ services:
   - {{ name: crm-sync, api_key: key-crm-0123456789, weight: 3 }}
   - {{ name: warehouse, api_key: key-warehouse-0123456789, weight: 1 }}
   - {{ name: forms, api_key: key-forms-0123456789, weight: 2 }}
-state: {{ file: ~ }}
+state: {{ file: ~, usage_sync_interval: 0s }}
 "#
     );
     Config::from_yaml_with_env(&yaml, |_| None).unwrap()

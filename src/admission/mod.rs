@@ -26,7 +26,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
-use crate::config::Config;
+use crate::config::{Config, INTERNAL_SERVICE};
 use crate::metrics::Metrics;
 use quota::{DailyQuota, QuotaScope, ServiceQuota};
 use window::SlidingWindow;
@@ -122,7 +122,14 @@ struct State {
     next_id: u64,
     /// When the timer task should next pump the queue.
     wake_at: Option<Instant>,
+    /// Send times of the calls of the last [`RATE_HORIZON`], for the
+    /// quota forecast.
+    recent: VecDeque<Instant>,
+    started: Instant,
 }
+
+/// How far back the quota forecast looks for the current rate.
+const RATE_HORIZON: Duration = Duration::from_secs(15 * 60);
 
 /// One service's queue and limits.
 struct Lane {
@@ -180,7 +187,7 @@ impl Admission {
 
     pub fn with_clock(config: &Config, metrics: Metrics, wall: WallClock) -> Arc<Self> {
         let limits = &config.limits;
-        let quota_services = config
+        let quota_services: Vec<ServiceQuota> = config
             .services
             .iter()
             .map(|service| ServiceQuota {
@@ -188,7 +195,7 @@ impl Admission {
                 reserved: service.reserved_daily,
             })
             .collect();
-        let lanes = config
+        let mut lanes: Vec<Lane> = config
             .services
             .iter()
             .map(|service| Lane {
@@ -203,6 +210,21 @@ impl Admission {
                 finish: 0.0,
             })
             .collect();
+        // The proxy's own calls (the usage report) get a lane of their own.
+        lanes.push(Lane {
+            weight: 1.0,
+            window: None,
+            concurrency: limits.concurrency.get(),
+            in_flight: 0,
+            max_wait: limits.max_queue_wait,
+            queue: VecDeque::new(),
+            finish: 0.0,
+        });
+        let mut quota_services: Vec<ServiceQuota> = quota_services;
+        quota_services.push(ServiceQuota {
+            cap: limits.daily_quota.get(),
+            reserved: 0,
+        });
         let now = wall();
         let state = State {
             window: SlidingWindow::new(limits.window_calls.get(), limits.window, limits.safety_margin),
@@ -216,6 +238,8 @@ impl Admission {
             latency: Duration::ZERO,
             next_id: 0,
             wake_at: None,
+            recent: VecDeque::new(),
+            started: Instant::now(),
         };
         metrics.window_limit.set(i64::from(limits.window_calls.get()));
         metrics
@@ -229,6 +253,7 @@ impl Admission {
                 .services
                 .iter()
                 .map(|service| service.name.clone())
+                .chain(std::iter::once(INTERNAL_SERVICE.to_owned()))
                 .collect(),
             wall,
             max_queue_length: limits.max_queue_length.get(),
@@ -466,7 +491,7 @@ impl Admission {
                     .send(Err(AdmissionError::Quota { scope, retry_after }));
                 continue;
             }
-            state.dispatch(service);
+            state.dispatch(service, now);
             self.metrics
                 .queue_wait
                 .with_label_values(&[self.name(service)])
@@ -523,6 +548,10 @@ impl Admission {
         metrics
             .daily_remaining
             .set(i64::try_from(state.quota.remaining()).unwrap_or(i64::MAX));
+        metrics.quota_exhaustion_eta_seconds.set(
+            self.exhaustion_eta(state, now)
+                .map_or(f64::INFINITY, |eta| eta.as_secs_f64()),
+        );
         for (index, lane) in state.lanes.iter().enumerate() {
             let name = self.name(index);
             metrics
@@ -534,6 +563,50 @@ impl Admission {
                 .with_label_values(&[name])
                 .set(i64::try_from(state.quota.used_by(index)).unwrap_or(i64::MAX));
         }
+    }
+
+    /// When the day's quota runs out at the rate of the last
+    /// [`RATE_HORIZON`]; `None` when it will not before the reset.
+    fn exhaustion_eta(&self, state: &mut State, now: Instant) -> Option<Duration> {
+        while state
+            .recent
+            .front()
+            .is_some_and(|sent| now.saturating_duration_since(*sent) > RATE_HORIZON)
+        {
+            state.recent.pop_front();
+        }
+        let remaining = state.quota.remaining();
+        if remaining == 0 {
+            return Some(Duration::ZERO);
+        }
+        let observed = now.saturating_duration_since(state.started).min(RATE_HORIZON);
+        if state.recent.is_empty() || observed.is_zero() {
+            return None;
+        }
+        let per_second = state.recent.len() as f64 / observed.as_secs_f64();
+        let eta = Duration::from_secs_f64(remaining as f64 / per_second);
+        let wall = (self.wall)();
+        let until_reset = (state.quota.next_reset(wall) - wall).to_std().unwrap_or_default();
+        (eta < until_reset).then_some(eta)
+    }
+
+    /// Brings the gauges up to date (the window empties as time passes
+    /// without any call to trigger an update).
+    pub fn refresh_metrics(&self) {
+        let mut state = self.lock();
+        state.quota.roll((self.wall)());
+        self.publish(&mut state);
+    }
+
+    /// The index the proxy's own calls are admitted under.
+    pub fn internal_service(&self) -> usize {
+        self.names.len() - 1
+    }
+
+    /// The quota's time zone and when the day resets.
+    pub fn next_reset(&self) -> DateTime<Utc> {
+        let state = self.lock();
+        state.quota.next_reset((self.wall)())
     }
 
     fn name(&self, service: usize) -> &str {
@@ -578,7 +651,8 @@ impl State {
         best.map(|(index, _)| index)
     }
 
-    fn dispatch(&mut self, service: usize) {
+    fn dispatch(&mut self, service: usize, now: Instant) {
+        self.recent.push_back(now);
         self.window.acquire();
         self.in_flight += 1;
         self.quota.consume(service);
@@ -596,6 +670,7 @@ impl State {
     ///
     /// [`dispatch`]: Self::dispatch
     fn undispatch(&mut self, service: usize) {
+        self.recent.pop_back();
         self.window.release_unsent();
         self.in_flight -= 1;
         self.quota.unconsume(service);

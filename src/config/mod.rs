@@ -28,6 +28,10 @@ use crate::secret::Secret;
 
 pub use base_url::{BaseUrl, BaseUrlError};
 
+/// The service name the proxy's own calls to Marketo (the usage report it
+/// reconciles with) are counted under. No configured service may take it.
+pub const INTERNAL_SERVICE: &str = "marketo-proxy";
+
 /// The configuration `marketo-proxy demo` runs with; the demo replaces
 /// `marketo.base_url` with the address of its bundled simulator.
 pub const DEMO_CONFIG: &str = include_str!("../../config/demo.yaml");
@@ -277,7 +281,8 @@ pub struct StateConfig {
     pub file: Option<PathBuf>,
     /// Redis connection; required when `backend` is `redis`.
     pub redis: Option<RedisConfig>,
-    /// How often to reconcile daily counts with Marketo's usage API.
+    /// How often to reconcile daily counts with Marketo's usage API; `0s`
+    /// turns it off.
     #[serde(with = "humantime_serde")]
     pub usage_sync_interval: Duration,
 }

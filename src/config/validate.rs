@@ -164,6 +164,12 @@ fn check_name(key: &str, name: &str) -> Check {
     if !name.chars().all(allowed) {
         return invalid(key, "may hold only a-z, 0-9, - and _");
     }
+    if name == super::INTERNAL_SERVICE {
+        return invalid(
+            key,
+            format!("'{name}' is the name the proxy's own calls are counted under"),
+        );
+    }
     Ok(())
 }
 
@@ -217,7 +223,16 @@ fn check_state(config: &Config) -> Check {
         (Some(redis), _) => check_redis(redis)?,
         (None, Backend::Memory) => {}
     }
-    check_positive("state.usage_sync_interval", state.usage_sync_interval)
+    // 0s turns reconciliation off; anything shorter than a few seconds
+    // would spend quota on the usage report itself.
+    if !state.usage_sync_interval.is_zero() && state.usage_sync_interval < std::time::Duration::from_secs(10)
+    {
+        return invalid(
+            "state.usage_sync_interval",
+            "must be 0s (off) or at least 10s: each reconciliation is a call that counts",
+        );
+    }
+    Ok(())
 }
 
 fn check_redis(redis: &RedisConfig) -> Check {
@@ -366,7 +381,9 @@ services:
         }
         let mut config = valid();
         config.services[1].name = "crm-sync".to_owned();
-        assert_invalid(config, "services[1].name", "same as services[0].name");
+        assert_invalid(config.clone(), "services[1].name", "same as services[0].name");
+        config.services[1].name = "marketo-proxy".to_owned();
+        assert_invalid(config, "services[1].name", "proxy's own calls");
     }
 
     #[test]
@@ -524,7 +541,10 @@ services:
         config.state.file = Some(PathBuf::new());
         assert_invalid(config, "state.file", "~");
         let mut config = valid();
+        config.state.usage_sync_interval = Duration::from_secs(1);
+        assert_invalid(config, "state.usage_sync_interval", "at least 10s");
+        let mut config = valid();
         config.state.usage_sync_interval = Duration::ZERO;
-        assert_invalid(config, "state.usage_sync_interval", "more than 0s");
+        config.validate().unwrap();
     }
 }

@@ -44,6 +44,7 @@ use crate::marketo::{IdentityError, code};
 use crate::metrics::Metrics;
 use crate::token::{Token, TokenCache};
 use crate::upstream::{Answer, Upstream, UpstreamError};
+use crate::usage_sync::MarketoUsage;
 use path::Target;
 use rewrite::{API_KEY_HEADER, BodyKind};
 
@@ -83,6 +84,8 @@ struct Shared {
     /// Service → index into `tokens`.
     service_tokens: Vec<usize>,
     admission: Arc<Admission>,
+    /// Marketo's own count of today's calls, when last read.
+    marketo_usage: std::sync::Mutex<Option<MarketoUsage>>,
     metrics: Metrics,
 }
 
@@ -133,6 +136,7 @@ impl Proxy {
                 tokens,
                 service_tokens,
                 admission: Admission::new(config, metrics.clone()),
+                marketo_usage: std::sync::Mutex::new(None),
                 metrics,
             }),
         })
@@ -149,6 +153,78 @@ impl Proxy {
 
     pub fn admission(&self) -> &Arc<Admission> {
         &self.shared.admission
+    }
+
+    /// Calls Marketo as the proxy itself (its usage report): admitted,
+    /// counted and replayed like any call. Returns the answer's body.
+    pub async fn internal_get(&self, path_and_query: &str) -> Result<Bytes, ProxyError> {
+        let (path, query) = path_and_query.split_once('?').unwrap_or((path_and_query, ""));
+        let target = path::normalise(path, Some(query))?;
+        let service = self.shared.admission.internal_service();
+        let deadline = Instant::now() + self.shared.admission.max_wait(service);
+        let mut headers = http::HeaderMap::new();
+        headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+        let outgoing = Outgoing {
+            method: Method::GET,
+            path_and_query: target.path_and_query(),
+            headers,
+            body: Bytes::new(),
+            idempotent: true,
+        };
+        let (answer, _permit) = self.send(service, &target, &outgoing, deadline).await?;
+        let body = answer
+            .body
+            .into_body()
+            .collect()
+            .await
+            .map_err(|error| ProxyError::Upstream(UpstreamError::Body(error)))?
+            .to_bytes();
+        Ok(body)
+    }
+
+    /// Takes Marketo's count of today's calls into the quota.
+    pub fn apply_marketo_usage(&self, usage: &crate::usage_sync::MarketoUsage) {
+        let admission = &self.shared.admission;
+        if admission.snapshot().day == usage.date {
+            admission.reconcile(usage.total);
+        }
+        *self
+            .shared
+            .marketo_usage
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(usage.clone());
+    }
+
+    /// Marketo's count of today's calls, when last read.
+    pub fn marketo_usage(&self) -> Option<crate::usage_sync::MarketoUsage> {
+        self.shared
+            .marketo_usage
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Brings time-dependent gauges up to date before a scrape.
+    pub fn refresh_metrics(&self) {
+        self.shared.admission.refresh_metrics();
+        let now = Instant::now();
+        if let Some(token) = self.shared.tokens.first().and_then(|cache| cache.cached()) {
+            let left = token.expires_at.saturating_duration_since(now);
+            self.shared.metrics.token_expiry_seconds.set(left.as_secs_f64());
+        } else {
+            self.shared.metrics.token_expiry_seconds.set(0.0);
+        }
+    }
+
+    /// Service names in admission order, the proxy's own last.
+    pub fn service_names(&self) -> Vec<String> {
+        self.shared
+            .admission
+            .snapshot()
+            .services
+            .into_iter()
+            .map(|service| service.name)
+            .collect()
     }
 
     /// Starts the background refresh of every upstream token.

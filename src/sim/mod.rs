@@ -276,6 +276,11 @@ impl Simulator {
             method: parts.method.to_string(),
             target: target.clone(),
             code: "ok".into(),
+            headers: parts
+                .headers
+                .iter()
+                .map(|(name, _)| name.as_str().to_owned())
+                .collect(),
         };
 
         if target.len() > MAX_URI_BYTES {

@@ -148,6 +148,9 @@ pub struct Arrival {
     pub target: String,
     /// `ok` or the error code answered.
     pub code: String,
+    /// Names of the request headers, one per value, as they arrived.
+    #[serde(default)]
+    pub headers: Vec<String>,
 }
 
 /// Releases a concurrency slot when the call ends, however it ends.

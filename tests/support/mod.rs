@@ -52,6 +52,7 @@ services:
       client_secret: warehouse-user-secret
 state:
   file: ~
+  usage_sync_interval: 0s
 "#
     );
     Config::from_yaml_with_env(&yaml, |_| None).expect("test config is valid")
