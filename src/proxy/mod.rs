@@ -241,20 +241,31 @@ impl Proxy {
         if request.uri().path() == "/identity/oauth/token" {
             return self.identity(request, peer.ip()).await;
         }
+        let started = Instant::now();
+        let method = request.method().clone();
+        let path = request.uri().path().to_owned();
         let mut service = None;
         let result = self.forward(request, peer.ip(), &mut service).await;
         let service_name = service.map_or(NO_SERVICE, |id| self.shared.callers.name(id));
-        match result {
-            Ok((response, outcome)) => {
-                self.count(service_name, outcome);
-                response
-            }
+        let (response, outcome) = match result {
+            Ok((response, outcome)) => (response, outcome),
             Err(error) => {
-                self.count(service_name, error.outcome());
                 tracing::info!(service = service_name, %peer, error = %error, "request refused");
-                error.into_response()
+                let outcome = error.outcome();
+                (error.into_response(), outcome)
             }
-        }
+        };
+        self.count(service_name, outcome);
+        tracing::debug!(
+            service = service_name,
+            %method,
+            path,
+            status = response.status().as_u16(),
+            outcome,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "request"
+        );
+        response
     }
 
     fn count(&self, service: &str, outcome: &str) {

@@ -1,0 +1,132 @@
+//! The binaries as a user runs them: `check-config` exit codes and
+//! messages, and `demo` printing a `curl` line that works as printed.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const PROXY: &str = env!("CARGO_BIN_EXE_marketo-proxy");
+
+/// Kills the child when the test ends, however it ends.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn check_config_accepts_every_bundled_config() {
+    for entry in std::fs::read_dir("config").unwrap() {
+        let path = entry.unwrap().path();
+        let output = Command::new(PROXY)
+            .arg("check-config")
+            .arg(&path)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{}: {stdout}", path.display());
+        assert!(stdout.contains("window: 100 calls per 20s"), "{stdout}");
+    }
+}
+
+#[test]
+fn check_config_exits_64_naming_the_key_and_line_without_the_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(
+        &path,
+        "marketo:\n  base_url: https://123-ABC-456.mktorest.com\n  client_id: id\n  client_secret: ${SECRET}\nservices:\n  - name: crm\n    api_key: key-0123456789\n    wieght: 3\n",
+    )
+    .unwrap();
+    let output = Command::new(PROXY)
+        .arg("check-config")
+        .arg(&path)
+        .env("SECRET", "s3cr3t-value-that-must-not-leak")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("wieght"), "{stderr}");
+    assert!(stderr.contains("line 8"), "{stderr}");
+    assert!(!stderr.contains("s3cr3t"), "{stderr}");
+
+    let output = Command::new(PROXY)
+        .args(["serve", "--config"])
+        .arg(&path)
+        .env("SECRET", "s3cr3t-value-that-must-not-leak")
+        .output()
+        .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(64),
+        "serve refuses a bad config the same way"
+    );
+}
+
+#[test]
+fn check_config_exits_64_for_a_missing_file() {
+    let output = Command::new(PROXY)
+        .args(["check-config", "/nonexistent/marketo-proxy.yaml"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(64));
+}
+
+#[tokio::test]
+async fn demo_prints_a_curl_line_that_works_as_printed() {
+    let mut child = Command::new(PROXY)
+        .args(["demo", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let _running = Running(child);
+    let lines = tokio::task::spawn_blocking(move || {
+        let mut lines = Vec::new();
+        for line in BufReader::new(stdout).lines() {
+            let line = line.unwrap();
+            let done = line.contains("Ctrl-C");
+            lines.push(line);
+            if done {
+                break;
+            }
+        }
+        lines
+    })
+    .await
+    .unwrap();
+    let curl = lines
+        .iter()
+        .find(|line| line.trim_start().starts_with("curl -H"))
+        .unwrap_or_else(|| panic!("no curl line in {lines:#?}"));
+    // curl -H 'X-Api-Key: KEY' URL
+    let parts: Vec<&str> = curl.split('\'').collect();
+    let (name, value) = parts[1].split_once(": ").unwrap();
+    let url = parts[2].trim();
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let started = Instant::now();
+    let body: serde_json::Value = loop {
+        match http.get(url).header(name, value).send().await {
+            Ok(answer) => break answer.json().await.unwrap(),
+            Err(_) if started.elapsed() < Duration::from_secs(10) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(error) => panic!("{url}: {error}"),
+        }
+    };
+    assert_eq!(body["success"], true, "{body}");
+    assert_eq!(body["result"][0]["id"], 1);
+
+    let identity = lines
+        .iter()
+        .find(|line| line.contains("/identity/oauth/token"))
+        .unwrap();
+    let identity_url = identity.split('\'').nth(1).unwrap();
+    let token: serde_json::Value = http.get(identity_url).send().await.unwrap().json().await.unwrap();
+    assert_eq!(token["token_type"], "bearer", "{token}");
+}
