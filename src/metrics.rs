@@ -111,7 +111,7 @@ impl Metrics {
             .expect("valid metric"),
             token_expiry_seconds: Gauge::new(
                 "marketo_proxy_token_expiry_seconds",
-                "Lifetime left on the last access token when it was fetched",
+                "Seconds left on the access token of the proxy's own Marketo API user",
             )
             .expect("valid metric"),
             replays: IntCounterVec::new(

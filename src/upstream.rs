@@ -8,6 +8,7 @@
 //! [`PEEK_LIMIT`] is classified by its envelope; a larger one cannot be an
 //! error envelope and is streamed through with the peeked bytes in front.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -47,6 +48,8 @@ pub enum UpstreamError {
     Timeout(Duration),
     #[error("the answer from Marketo broke off")]
     Body(#[source] hyper::Error),
+    #[error(transparent)]
+    Stream(#[from] StreamError),
 }
 
 /// A pooled client bound to one Marketo base URL.
@@ -116,7 +119,7 @@ impl Upstream {
                 .request(request)
                 .await
                 .map_err(UpstreamError::Connect)?;
-            Answer::read(response).await
+            Answer::read(response, self.request_timeout).await
         };
         tokio::time::timeout(self.request_timeout, exchange)
             .await
@@ -133,7 +136,7 @@ pub struct Answer {
 }
 
 impl Answer {
-    async fn read(response: Response<Incoming>) -> Result<Self, UpstreamError> {
+    async fn read(response: Response<Incoming>, idle_timeout: Duration) -> Result<Self, UpstreamError> {
         let (head, mut incoming) = response.into_parts();
         let mut peeked = BytesMut::new();
         let complete = loop {
@@ -157,6 +160,7 @@ impl Answer {
                 body: AnswerBody::Streaming {
                     head: peeked,
                     rest: incoming,
+                    idle_timeout,
                 },
                 error_code: None,
             });
@@ -184,7 +188,21 @@ fn is_json(head: &response::Parts) -> bool {
 /// arriving.
 pub enum AnswerBody {
     Whole(Bytes),
-    Streaming { head: Bytes, rest: Incoming },
+    Streaming {
+        head: Bytes,
+        rest: Incoming,
+        /// Longest pause between two parts before the answer is given up.
+        idle_timeout: Duration,
+    },
+}
+
+/// Why the rest of a streamed answer did not arrive.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("the answer from Marketo broke off")]
+    Broken(#[source] hyper::Error),
+    #[error("the answer from Marketo stalled for {0:?}")]
+    Stalled(Duration),
 }
 
 impl AnswerBody {
@@ -195,27 +213,39 @@ impl AnswerBody {
             Self::Whole(bytes) => PassThrough {
                 head: Some(bytes),
                 rest: None,
+                idle: None,
+                idle_timeout: Duration::ZERO,
             },
-            Self::Streaming { head, rest } => PassThrough {
+            Self::Streaming {
+                head,
+                rest,
+                idle_timeout,
+            } => PassThrough {
                 head: Some(head),
                 rest: Some(rest),
+                idle: Some(Box::pin(tokio::time::sleep(idle_timeout))),
+                idle_timeout,
             },
         }
     }
 }
 
 pin_project_lite::pin_project! {
-    /// Peeked bytes, then the remaining upstream body, without copying.
+    /// Peeked bytes, then the remaining upstream body, without copying. A
+    /// stalled upstream ends the body with an error instead of holding the
+    /// call's concurrency slot forever.
     pub struct PassThrough {
         head: Option<Bytes>,
         #[pin]
         rest: Option<Incoming>,
+        idle: Option<Pin<Box<tokio::time::Sleep>>>,
+        idle_timeout: Duration,
     }
 }
 
 impl Body for PassThrough {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = StreamError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
@@ -227,9 +257,21 @@ impl Body for PassThrough {
                 return Poll::Ready(Some(Ok(Frame::data(head))));
             }
         }
-        match this.rest.as_pin_mut() {
-            Some(rest) => rest.poll_frame(cx),
-            None => Poll::Ready(None),
+        let Some(rest) = this.rest.as_pin_mut() else {
+            return Poll::Ready(None);
+        };
+        match rest.poll_frame(cx) {
+            Poll::Ready(frame) => {
+                if let Some(idle) = this.idle.as_mut() {
+                    idle.as_mut()
+                        .reset(tokio::time::Instant::now() + *this.idle_timeout);
+                }
+                Poll::Ready(frame.map(|frame| frame.map_err(StreamError::Broken)))
+            }
+            Poll::Pending => match this.idle.as_mut().map(|idle| idle.as_mut().poll(cx)) {
+                Some(Poll::Ready(())) => Poll::Ready(Some(Err(StreamError::Stalled(*this.idle_timeout)))),
+                _ => Poll::Pending,
+            },
         }
     }
 

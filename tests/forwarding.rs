@@ -364,3 +364,74 @@ async fn admin_endpoints_answer() {
         "{metrics}"
     );
 }
+
+/// An upstream that issues tokens and answers every call with 100 KB of a
+/// file, then stalls without ending it.
+async fn stalling_upstream() -> String {
+    use http_body_util::BodyExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    |request: hyper::Request<hyper::body::Incoming>| async move {
+                        type Frames = Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>;
+                        let body = if request.uri().path() == "/identity/oauth/token" {
+                            let token = r#"{"access_token":"t:1","token_type":"bearer","expires_in":3599,"scope":"u"}"#;
+                            http_body_util::Full::new(bytes::Bytes::from(token)).boxed_unsync()
+                        } else {
+                            let part = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(
+                                hyper::body::Frame::data(bytes::Bytes::from(vec![b'x'; 100 * 1024])),
+                            )]);
+                            let stalled = futures_util::stream::pending::<Frames>();
+                            http_body_util::StreamBody::new(futures_util::StreamExt::chain(part, stalled))
+                                .boxed_unsync()
+                        };
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
+                    },
+                );
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, service)
+                    .await;
+            });
+        }
+    });
+    url
+}
+
+#[tokio::test]
+async fn a_stalled_answer_is_cut_off_and_frees_its_slot() {
+    let upstream = stalling_upstream().await;
+    let config = support::proxy_config(&upstream, "request_timeout: 500ms");
+    let proxy = marketo_proxy::app::spawn(config).await.unwrap();
+    let answer = support::client()
+        .get(format!("{}/bulk/v1/leads/export/x/file.json", proxy.url()))
+        .header("X-Api-Key", CRM_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    let started = std::time::Instant::now();
+    assert!(
+        answer.bytes().await.is_err(),
+        "the body breaks off instead of hanging"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let metrics = support::client()
+        .get(format!("{}/metrics", proxy.admin_url()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        support::metric(&metrics, "marketo_proxy_inflight"),
+        Some(0.0),
+        "{metrics}"
+    );
+}

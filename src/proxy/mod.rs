@@ -177,7 +177,7 @@ impl Proxy {
             .into_body()
             .collect()
             .await
-            .map_err(|error| ProxyError::Upstream(UpstreamError::Body(error)))?
+            .map_err(|error| ProxyError::Upstream(UpstreamError::Stream(error)))?
             .to_bytes();
         Ok(body)
     }
