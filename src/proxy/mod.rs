@@ -320,14 +320,10 @@ impl Proxy {
         let body = read_body(body, limit).await?;
         // 6. Credentials out (old clients may have sent theirs in the body).
         let (body, body_token) = match &kind {
-            BodyKind::Form => {
-                let text = String::from_utf8_lossy(&body);
-                let token = rewrite::find_access_token(text.as_bytes());
-                match token {
-                    Some(token) => (Bytes::from(rewrite::strip_access_token_pairs(&text)), Some(token)),
-                    None => (body, None),
-                }
-            }
+            BodyKind::Form => match rewrite::find_access_token(&body) {
+                Some(token) => (Bytes::from(rewrite::strip_access_token_bytes(&body)), Some(token)),
+                None => (body, None),
+            },
             BodyKind::Multipart { boundary } => rewrite::strip_access_token_multipart(&body, boundary),
             BodyKind::Other => (body, None),
         };

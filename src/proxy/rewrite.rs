@@ -58,21 +58,25 @@ pub fn find_access_token(pairs: &[u8]) -> Option<String> {
         .map(|(_, value)| value.into_owned())
 }
 
-/// Drops every `access_token` pair from a query string or urlencoded body,
-/// leaving every other byte as it was.
+/// Drops every `access_token` pair from a query string, leaving every
+/// other byte as it was.
 pub fn strip_access_token_pairs(pairs: &str) -> String {
-    pairs
-        .split('&')
+    String::from_utf8_lossy(&strip_access_token_bytes(pairs.as_bytes())).into_owned()
+}
+
+/// Drops every `access_token` pair from an urlencoded body, leaving every
+/// other byte as it was (even bytes that are not UTF-8).
+pub fn strip_access_token_bytes(pairs: &[u8]) -> Vec<u8> {
+    let kept: Vec<&[u8]> = pairs
+        .split(|byte| *byte == b'&')
         .filter(|pair| {
-            let key = pair.split('=').next().unwrap_or_default();
-            let decoded: String = form_urlencoded::parse(key.as_bytes())
+            let key = pair.split(|byte| *byte == b'=').next().unwrap_or_default();
+            !form_urlencoded::parse(key)
                 .next()
-                .map(|(key, _)| key.into_owned())
-                .unwrap_or_default();
-            decoded != "access_token"
+                .is_some_and(|(key, _)| key == "access_token")
         })
-        .collect::<Vec<_>>()
-        .join("&")
+        .collect();
+    kept.join(&b'&')
 }
 
 /// The kind of body, from its `Content-Type`.
@@ -213,6 +217,11 @@ mod tests {
             assert_eq!(strip_access_token_pairs(input), expected, "input {input}");
         }
         assert_eq!(find_access_token(b"a=1&access_token=t%3Ak"), Some("t:k".into()));
+        assert_eq!(
+            strip_access_token_bytes(b"a=\xff\xfe&access_token=x&b=2"),
+            b"a=\xff\xfe&b=2".to_vec(),
+            "bytes that are not UTF-8 pass unchanged"
+        );
     }
 
     #[test]
