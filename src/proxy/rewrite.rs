@@ -71,9 +71,9 @@ pub fn strip_access_token_bytes(pairs: &[u8]) -> Vec<u8> {
         .split(|byte| *byte == b'&')
         .filter(|pair| {
             let key = pair.split(|byte| *byte == b'=').next().unwrap_or_default();
-            !form_urlencoded::parse(key)
+            form_urlencoded::parse(key)
                 .next()
-                .is_some_and(|(key, _)| key == "access_token")
+                .is_none_or(|(key, _)| key != "access_token")
         })
         .collect();
     kept.join(&b'&')
