@@ -43,7 +43,7 @@ fn readiness(proxy: &Proxy) -> Response<ProxyBody> {
     let problems: Vec<String> = proxy
         .token_caches()
         .iter()
-        .filter(|cache| cache.cached().is_none())
+        .filter(|cache| !cache.is_ready())
         .map(|cache| match cache.last_error() {
             Some(error) => error.to_string(),
             None => "no access token yet".to_owned(),

@@ -7,6 +7,7 @@
 //! waiting (single-flight). After a 601/602 the caller invalidates the
 //! token it used, and only that one.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -72,6 +73,12 @@ pub struct TokenCache {
     /// for every request would not change its mind.
     rejected_at: RwLock<Option<Instant>>,
     refreshing: Mutex<()>,
+    /// Refreshes completed, successful or not: a caller that waited for
+    /// the lock while one finished takes its result instead of asking
+    /// Marketo again.
+    completed: AtomicU64,
+    /// A token was held at some point (for readiness across a refresh).
+    ever_held: AtomicBool,
     metrics: Metrics,
 }
 
@@ -93,6 +100,8 @@ impl TokenCache {
             last_error: RwLock::new(None),
             rejected_at: RwLock::new(None),
             refreshing: Mutex::new(()),
+            completed: AtomicU64::new(0),
+            ever_held: AtomicBool::new(false),
             metrics,
         })
     }
@@ -123,14 +132,28 @@ impl TokenCache {
         read(&self.last_error)
     }
 
+    /// Ready to serve: a token is held, or was until a moment ago and the
+    /// refresh in progress has not failed.
+    pub fn is_ready(&self) -> bool {
+        self.cached().is_some() || (self.ever_held.load(Ordering::Relaxed) && self.last_error().is_none())
+    }
+
     /// Single-flight refresh. Whoever holds the lock fetches; everyone else
     /// waits for it and then uses what it stored.
     async fn refresh(&self, failed: Option<&Token>) -> Result<Token, TokenError> {
+        let seen = self.completed.load(Ordering::Acquire);
         let _flight = self.refreshing.lock().await;
         if let Some(token) = self.cached() {
             let same_as_failed = failed.is_some_and(|failed| failed.header == token.header);
             if !same_as_failed {
                 return Ok(token);
+            }
+        }
+        // A refresh finished while we waited and left no usable token: its
+        // failure is ours too, rather than one more identity call each.
+        if self.completed.load(Ordering::Acquire) != seen {
+            if let Some(error) = self.last_error() {
+                return Err(error);
             }
         }
         let recently_rejected = read(&self.rejected_at)
@@ -139,6 +162,7 @@ impl TokenCache {
             return Err(error);
         }
         let result = self.fetch_with_retries(failed).await;
+        self.completed.fetch_add(1, Ordering::AcqRel);
         match &result {
             Ok(token) => self.store(token.clone()),
             Err(error) => {
@@ -155,6 +179,7 @@ impl TokenCache {
     }
 
     fn store(&self, token: Token) {
+        self.ever_held.store(true, Ordering::Relaxed);
         write(&self.current, Some(token));
         write(&self.last_error, None);
         write(&self.rejected_at, None);
@@ -292,7 +317,9 @@ impl TokenCache {
                 if !due {
                     continue;
                 }
-                match this.fetch().await {
+                let fetched = this.fetch().await;
+                this.completed.fetch_add(1, Ordering::AcqRel);
+                match fetched {
                     Ok(mut token) => {
                         let same = before.as_ref().filter(|before| before.header == token.header);
                         if let Some(before) = same {

@@ -105,6 +105,11 @@ impl Upstream {
             .map_err(UpstreamError::Uri)
     }
 
+    /// How long Marketo gets to answer a call.
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout
+    }
+
     /// The `Host` header value for the Marketo host.
     pub fn host(&self) -> &str {
         self.authority.as_str()
@@ -215,6 +220,7 @@ impl AnswerBody {
                 rest: None,
                 idle: None,
                 idle_timeout: Duration::ZERO,
+                waiting: false,
             },
             Self::Streaming {
                 head,
@@ -225,6 +231,7 @@ impl AnswerBody {
                 rest: Some(rest),
                 idle: Some(Box::pin(tokio::time::sleep(idle_timeout))),
                 idle_timeout,
+                waiting: false,
             },
         }
     }
@@ -240,6 +247,10 @@ pin_project_lite::pin_project! {
         rest: Option<Incoming>,
         idle: Option<Pin<Box<tokio::time::Sleep>>>,
         idle_timeout: Duration,
+        // The last poll found nothing: the idle timer is running. A client
+        // that reads slowly is not an upstream that stalls, so the timer
+        // only runs while we wait on the upstream.
+        waiting: bool,
     }
 }
 

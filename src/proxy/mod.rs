@@ -27,6 +27,7 @@ pub mod rewrite;
 use std::error::Error as StdError;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -43,7 +44,7 @@ use crate::error::{ProxyError, json_response};
 use crate::marketo::{IdentityError, code};
 use crate::metrics::Metrics;
 use crate::token::{Token, TokenCache};
-use crate::upstream::{Answer, Upstream, UpstreamError};
+use crate::upstream::{Answer, AnswerBody, Upstream, UpstreamError};
 use crate::usage_sync::MarketoUsage;
 use path::Target;
 use rewrite::{API_KEY_HEADER, BodyKind};
@@ -64,6 +65,9 @@ const MAX_ATTEMPTS: u32 = 5;
 const PAUSE_AFTER_606: Duration = Duration::from_secs(2);
 /// Pause after Marketo said 615: calls outside the proxy are in flight.
 const PAUSE_AFTER_615: Duration = Duration::from_millis(250);
+/// How long a call that got no answer in time keeps its concurrency slot:
+/// Marketo may still be executing it.
+const TIMED_OUT_CALL_GRACE: Duration = Duration::from_secs(10);
 /// First pause before replaying after a transient failure; doubles.
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 
@@ -90,6 +94,7 @@ struct Shared {
 }
 
 /// A request ready to be sent (and sent again).
+#[derive(Clone)]
 struct Outgoing {
     method: Method,
     path_and_query: String,
@@ -357,7 +362,10 @@ impl Proxy {
         } else {
             "ok"
         };
-        Ok((respond(answer, permit), outcome))
+        Ok((
+            respond(answer, permit, self.shared.upstream.request_timeout()),
+            outcome,
+        ))
     }
 
     /// Admits, sends and replays until Marketo gives an answer worth
@@ -382,22 +390,22 @@ impl Proxy {
     ) -> Result<(Answer, Option<Permit>), ProxyError> {
         let shared = &self.shared;
         let cache = &shared.tokens[shared.service_tokens.get(service).copied().unwrap_or(0)];
-        // The identity call costs no quota: get the token before a slot.
-        let mut token = cache.get().await?;
+        // The identity call costs no quota: get the token before a slot,
+        // within the request's deadline.
+        let mut token = within(deadline, cache.get()).await?;
         let mut token_replaced = false;
         let mut front = false;
         let mut backoff = FIRST_BACKOFF;
         let mut last: Option<Answer> = None;
         for attempt in 1..=MAX_ATTEMPTS {
-            let mut permit = match shared.admission.admit(service, deadline, front).await {
+            let permit = match shared.admission.admit(service, deadline, front).await {
                 Ok(permit) => permit,
                 // A replay that no longer fits its deadline: pass on what
                 // Marketo said last.
                 Err(_) if last.is_some() => break,
                 Err(error) => return Err(error.into()),
             };
-            let result = self.send_once(service, target, outgoing, &token).await;
-            permit.answered();
+            let (result, permit) = self.attempt(service, target, outgoing, &token, permit).await;
             let answer = match result {
                 Ok(answer) => answer,
                 Err(error) => {
@@ -420,7 +428,7 @@ impl Proxy {
                         let code = code.to_owned();
                         self.replay(service, &code);
                         drop(permit);
-                        token = cache.replace(&token).await?;
+                        token = within(deadline, cache.replace(&token)).await?;
                         token_replaced = true;
                         front = true;
                         last = Some(answer);
@@ -440,7 +448,7 @@ impl Proxy {
                             "Marketo says the daily quota is spent"
                         );
                         shared.admission.quota_spent();
-                        return Ok((answer, Some(permit)));
+                        return Ok((answer, permit));
                     }
                     Some(
                         code @ (code::TIMED_OUT | code::UNAVAILABLE | code::SYSTEM_ERROR | code::TRANSIENT),
@@ -453,10 +461,10 @@ impl Proxy {
                     {
                         "http_5xx"
                     }
-                    _ => return Ok((answer, Some(permit))),
+                    _ => return Ok((answer, permit)),
                 };
             if attempt == MAX_ATTEMPTS {
-                return Ok((answer, Some(permit)));
+                return Ok((answer, permit));
             }
             self.replay(service, reason);
             drop(permit);
@@ -470,6 +478,39 @@ impl Proxy {
         match last {
             Some(answer) => Ok((answer, None)),
             None => Err(ProxyError::Admission(AdmissionError::Closed)),
+        }
+    }
+
+    /// One call to Marketo, in a task of its own: a client that goes away
+    /// does not cancel a call Marketo may already be executing, so its
+    /// slots are given back only once Marketo has answered. A call that
+    /// timed out may still be running there: its concurrency slot is kept
+    /// a while longer.
+    async fn attempt(
+        &self,
+        service: ServiceId,
+        target: &Target,
+        outgoing: &Outgoing,
+        token: &Token,
+        mut permit: Permit,
+    ) -> (Result<Answer, ProxyError>, Option<Permit>) {
+        let proxy = self.clone();
+        let (target, outgoing, token) = (target.clone(), outgoing.clone(), token.clone());
+        let call = tokio::spawn(async move {
+            let result = proxy.send_once(service, &target, &outgoing, &token).await;
+            permit.answered();
+            if matches!(result, Err(ProxyError::Upstream(UpstreamError::Timeout(_)))) {
+                tokio::spawn(async move {
+                    tokio::time::sleep(TIMED_OUT_CALL_GRACE).await;
+                    drop(permit);
+                });
+                return (result, None);
+            }
+            (result, Some(permit))
+        });
+        match call.await {
+            Ok(done) => done,
+            Err(_) => (Err(ProxyError::Admission(AdmissionError::Closed)), None),
         }
     }
 
@@ -586,6 +627,19 @@ impl Proxy {
     }
 }
 
+/// Waits for a token no longer than the request may wait.
+async fn within(
+    deadline: Instant,
+    token: impl std::future::Future<Output = Result<Token, crate::token::TokenError>>,
+) -> Result<Token, ProxyError> {
+    match tokio::time::timeout_at(deadline, token).await {
+        Ok(token) => Ok(token?),
+        Err(_) => {
+            Err(crate::token::TokenError::Unreachable("no token before the request's deadline".into()).into())
+        }
+    }
+}
+
 /// The credential a client presented in headers or query: `X-Api-Key`,
 /// `Authorization: Bearer`, or the deprecated `access_token` parameter.
 fn presented_credential(headers: &http::HeaderMap, query: Option<&str>) -> Option<String> {
@@ -626,17 +680,79 @@ async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, ProxyError> {
 
 /// Marketo's answer as the client gets it. The permit (the concurrency
 /// slot) goes with the body and is released when the body has been sent
-/// in full or dropped.
-fn respond(answer: Answer, permit: Option<Permit>) -> Response<ProxyBody> {
+/// in full or dropped, or, for a streamed answer, when the client has read
+/// nothing for `idle` (a client that stops reading must not hold one of
+/// the instance's few slots forever).
+fn respond(answer: Answer, permit: Option<Permit>, idle: Duration) -> Response<ProxyBody> {
     let mut head = answer.head;
     rewrite::strip_hop_by_hop(&mut head.headers);
+    let streamed = matches!(answer.body, AnswerBody::Streaming { .. });
+    let held = permit.map(|permit| {
+        Arc::new(HeldPermit {
+            permit: std::sync::Mutex::new(Some(permit)),
+            progress: AtomicU64::new(0),
+        })
+    });
+    if let (true, Some(held)) = (streamed, &held) {
+        watch_progress(Arc::downgrade(held), idle);
+    }
     let body = HoldsPermit {
         body: answer.body.into_body(),
-        permit,
+        held,
     }
     .map_err(|error| Box::new(error) as Box<dyn StdError + Send + Sync>)
     .boxed_unsync();
     Response::from_parts(head, body)
+}
+
+/// The permit of an answer being passed on, shared (weakly) with the
+/// watchdog of a streamed answer. Dropping the body drops the permit.
+struct HeldPermit {
+    permit: std::sync::Mutex<Option<Permit>>,
+    /// Frames passed on so far.
+    progress: AtomicU64,
+}
+
+impl HeldPermit {
+    fn release(&self) {
+        let permit = self
+            .permit
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        drop(permit);
+    }
+
+    fn is_held(&self) -> bool {
+        self.permit
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .is_some()
+    }
+}
+
+/// Releases the permit of a streamed answer whose client read nothing for
+/// `idle`.
+fn watch_progress(held: std::sync::Weak<HeldPermit>, idle: Duration) {
+    tokio::spawn(async move {
+        let mut last = None;
+        loop {
+            tokio::time::sleep(idle).await;
+            let Some(held) = held.upgrade() else { return };
+            if !held.is_held() {
+                return;
+            }
+            let progress = held.progress.load(Ordering::Relaxed);
+            if last == Some(progress) {
+                tracing::warn!(
+                    "a client stopped reading a streamed answer; its concurrency slot is released"
+                );
+                held.release();
+                return;
+            }
+            last = Some(progress);
+        }
+    });
 }
 
 /// Is this POST a read (`_method=GET` in the query or the form body)?
@@ -654,7 +770,7 @@ pin_project_lite::pin_project! {
     struct HoldsPermit<B> {
         #[pin]
         body: B,
-        permit: Option<Permit>,
+        held: Option<Arc<HeldPermit>>,
     }
 }
 
@@ -668,8 +784,14 @@ impl<B: http_body::Body> http_body::Body for HoldsPermit<B> {
     ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
         let this = self.project();
         let polled = this.body.poll_frame(cx);
-        if matches!(polled, std::task::Poll::Ready(None | Some(Err(_)))) {
-            this.permit.take();
+        if let Some(held) = this.held.as_ref() {
+            match &polled {
+                std::task::Poll::Ready(Some(Ok(_))) => {
+                    held.progress.fetch_add(1, Ordering::Relaxed);
+                }
+                std::task::Poll::Ready(None | Some(Err(_))) => held.release(),
+                std::task::Poll::Pending => {}
+            }
         }
         polled
     }
@@ -717,9 +839,13 @@ mod tests {
         let stream = futures_util::stream::unfold(receiver, |mut receiver| async move {
             receiver.recv().await.map(|frame| (frame, receiver))
         });
+        let held = Arc::new(HeldPermit {
+            permit: std::sync::Mutex::new(Some(permit)),
+            progress: AtomicU64::new(0),
+        });
         let mut body = std::pin::pin!(HoldsPermit {
             body: StreamBody::new(stream),
-            permit: Some(permit),
+            held: Some(held),
         });
         sender
             .send(Ok(http_body::Frame::data(Bytes::from_static(b"part"))))
@@ -734,5 +860,32 @@ mod tests {
         drop(sender);
         assert!(body.frame().await.is_none());
         assert_eq!(admission.snapshot().in_flight, 0, "the body ended");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_stops_reading_a_streamed_answer_loses_its_slot() {
+        let config = Config::from_yaml_with_env(
+            "marketo: { base_url: 'http://127.0.0.1:1', client_id: a, client_secret: b }\n\
+             services: [{ name: s, api_key: key-s-0123456789 }]\nstate: { file: ~ }",
+            |_| None,
+        )
+        .unwrap();
+        let admission = Admission::new(&config, Metrics::new());
+        let permit = admission
+            .admit(0, Instant::now() + Duration::from_secs(1), false)
+            .await
+            .unwrap();
+        let held = Arc::new(HeldPermit {
+            permit: std::sync::Mutex::new(Some(permit)),
+            progress: AtomicU64::new(0),
+        });
+        watch_progress(Arc::downgrade(&held), Duration::from_secs(60));
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        held.progress.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(admission.snapshot().in_flight, 1, "it was reading");
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(admission.snapshot().in_flight, 0, "it read nothing for a minute");
+        assert!(!held.is_held());
     }
 }
