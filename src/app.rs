@@ -80,7 +80,16 @@ pub async fn run(
     if !config.state.usage_sync_interval.is_zero() {
         background.push(usage_sync::spawn(proxy.clone(), config.state.usage_sync_interval));
     }
-    let shutdown = shutdown.shared();
+    // When shutdown starts, waiting requests are answered at once (they
+    // could wait longer than the grace period) and nothing new is admitted.
+    let shutdown = {
+        let admission = Arc::clone(proxy.admission());
+        async move {
+            shutdown.await;
+            admission.close();
+        }
+    }
+    .shared();
 
     let forwarding = {
         let proxy = proxy.clone();

@@ -124,9 +124,12 @@ impl Callers {
             self.blocked.insert(peer, Instant::now() + wait);
             tracing::info!(%peer, retry_after_s = wait.as_secs(), "caller throttled after repeated failed authentication");
         }
-        // Keep the limiter's memory bounded under a spray of addresses.
-        if self.failures.len() > 10_000 {
+        // Keep memory bounded under a spray of addresses; sweeping is a
+        // full scan, so only now and then.
+        if self.failures.len() > 10_000 && rand::random::<u8>() == 0 {
             self.failures.retain_recent();
+            let now = Instant::now();
+            self.blocked.retain(|_, until| *until > now);
         }
     }
 

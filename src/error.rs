@@ -28,6 +28,16 @@ pub enum ErrorSource {
     Proxy,
 }
 
+impl ErrorSource {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Client => "client",
+            Self::Upstream => "upstream",
+            Self::Proxy => "proxy",
+        }
+    }
+}
+
 /// Why the proxy answered a request itself.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -41,6 +51,8 @@ pub enum ProxyError {
     BodyTooLarge { limit: usize },
     #[error("the request body could not be read")]
     BodyUnreadable(#[source] hyper::Error),
+    #[error("the request body did not arrive within {0:?}")]
+    BodyTimeout(Duration),
     #[error("no access token: {0}")]
     Token(#[from] TokenError),
     #[error(transparent)]
@@ -56,7 +68,8 @@ impl ProxyError {
             | Self::Path(_)
             | Self::UriTooLong { .. }
             | Self::BodyTooLarge { .. }
-            | Self::BodyUnreadable(_) => ErrorSource::Client,
+            | Self::BodyUnreadable(_)
+            | Self::BodyTimeout(_) => ErrorSource::Client,
             Self::Token(TokenError::Rejected(_)) | Self::Admission(AdmissionError::Closed) => {
                 ErrorSource::Proxy
             }
@@ -69,7 +82,7 @@ impl ProxyError {
     pub fn outcome(&self) -> &'static str {
         match self {
             Self::Auth(_) => "rejected_auth",
-            Self::Path(_) | Self::BodyUnreadable(_) => "rejected_request",
+            Self::Path(_) | Self::BodyUnreadable(_) | Self::BodyTimeout(_) => "rejected_request",
             Self::UriTooLong { .. } | Self::BodyTooLarge { .. } => "rejected_size",
             Self::Token(_) | Self::Upstream(_) | Self::Admission(AdmissionError::Closed) => "upstream_error",
             Self::Admission(AdmissionError::Quota { .. }) => "rejected_quota",
@@ -92,6 +105,7 @@ impl ProxyError {
             Self::Path(PathError::Invalid) | Self::BodyUnreadable(_) => {
                 (StatusCode::BAD_REQUEST, code::INVALID_VALUE, None)
             }
+            Self::BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "408", None),
             Self::UriTooLong { .. } => (StatusCode::URI_TOO_LONG, "414", None),
             Self::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "413", None),
             Self::Token(TokenError::Rejected(_)) => (

@@ -56,6 +56,9 @@ pub struct Ledger {
     path: PathBuf,
     names: Vec<String>,
     admission: Arc<Admission>,
+    /// One writer at a time: the periodic save and the one at shutdown
+    /// share the temporary file.
+    writing: std::sync::Mutex<()>,
 }
 
 impl Ledger {
@@ -66,6 +69,7 @@ impl Ledger {
             path: path.to_owned(),
             names,
             admission,
+            writing: std::sync::Mutex::new(()),
         }
     }
 
@@ -99,7 +103,15 @@ impl Ledger {
             .iter()
             .map(|name| saved.services.get(name).copied().unwrap_or(0))
             .collect();
-        self.admission.restore(saved.day, &used, saved.foreign);
+        // Calls of services no longer configured still count against
+        // today's quota.
+        let departed: u64 = saved
+            .services
+            .iter()
+            .filter(|(name, _)| !self.names.contains(name))
+            .map(|(_, calls)| calls)
+            .sum();
+        self.admission.restore(saved.day, &used, saved.foreign + departed);
         tracing::info!(
             day = %saved.day,
             calls = used.iter().sum::<u64>(),
@@ -122,10 +134,18 @@ impl Ledger {
     /// ledger.
     pub fn save(&self) -> Result<(), LedgerError> {
         let saved = self.current();
-        write_atomically(&self.path, &saved).map_err(|source| LedgerError::Write {
+        self.write(&saved).map_err(|source| LedgerError::Write {
             path: self.path.clone(),
             source,
         })
+    }
+
+    fn write(&self, saved: &Saved) -> std::io::Result<()> {
+        let _one_writer = self
+            .writing
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        write_atomically(&self.path, saved)
     }
 
     /// Saves every [`SAVE_INTERVAL`] while the counts change, until the
@@ -142,10 +162,10 @@ impl Ledger {
                 if now == last {
                     continue;
                 }
-                let path = ledger.path.clone();
                 let to_write = now.clone();
+                let writer = Arc::clone(&ledger);
                 // File I/O off the async workers.
-                let written = tokio::task::spawn_blocking(move || write_atomically(&path, &to_write)).await;
+                let written = tokio::task::spawn_blocking(move || writer.write(&to_write)).await;
                 match written {
                     Ok(Ok(())) => last = now,
                     Ok(Err(error)) => {
@@ -172,5 +192,12 @@ fn write_atomically(path: &Path, saved: &Saved) -> std::io::Result<()> {
         file.write_all(&text)?;
         file.sync_all()?;
     }
-    std::fs::rename(&temporary, path)
+    std::fs::rename(&temporary, path)?;
+    // Make the rename itself durable.
+    if let Some(parent) = path.parent().filter(|parent| !parent.as_os_str().is_empty()) {
+        if let Ok(directory) = std::fs::File::open(parent) {
+            let _ = directory.sync_all();
+        }
+    }
+    Ok(())
 }

@@ -28,8 +28,34 @@ pub mod code {
 /// One entry of the `errors` array.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApiError {
+    /// A string in Marketo's answers; a number is accepted too.
+    #[serde(deserialize_with = "code_as_string")]
     pub code: String,
+    #[serde(default)]
     pub message: String,
+}
+
+fn code_as_string<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Code {
+        Text(String),
+        Number(u64),
+    }
+    Ok(match Code::deserialize(deserializer)? {
+        Code::Text(text) => text,
+        Code::Number(number) => number.to_string(),
+    })
+}
+
+/// A Marketo code as a metric label: codes are short numbers; anything
+/// else is `other`, so a strange answer cannot grow the label set.
+pub fn code_label(code: &str) -> &str {
+    if !code.is_empty() && code.len() <= 5 && code.bytes().all(|byte| byte.is_ascii_digit()) {
+        code
+    } else {
+        "other"
+    }
 }
 
 /// The part of a REST answer that says whether it worked. Bodies are much
@@ -114,6 +140,14 @@ mod tests {
         assert_eq!(value["success"], false);
         assert_eq!(value["requestId"], "a#1");
         assert_eq!(value["errors"][0]["code"], "606");
+    }
+
+    #[test]
+    fn outcome_accepts_numeric_codes_and_missing_messages() {
+        let outcome: Outcome = serde_json::from_str(r#"{"success":false,"errors":[{"code":606}]}"#).unwrap();
+        assert_eq!(outcome.first_code(), Some("606"));
+        assert_eq!(code_label("606"), "606");
+        assert_eq!(code_label("<html>"), "other");
     }
 
     #[test]

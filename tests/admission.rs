@@ -451,3 +451,32 @@ async fn a_pause_holds_every_call_back() {
     );
     assert!(Instant::now() >= asked + Duration::from_secs(2));
 }
+
+#[tokio::test(start_paused = true)]
+async fn closing_answers_every_waiter_and_refuses_newcomers() {
+    let config = config("  window_calls: 1\n  max_queue_wait: 1h", TWO_SERVICES);
+    let admission = admission(&config);
+    let first = admission
+        .admit(0, Instant::now() + Duration::from_secs(60), false)
+        .await
+        .unwrap();
+    let waiter = {
+        let admission = Arc::clone(&admission);
+        tokio::spawn(async move {
+            admission
+                .admit(1, Instant::now() + Duration::from_secs(3600), false)
+                .await
+        })
+    };
+    tokio::task::yield_now().await;
+    admission.close();
+    let answered = waiter.await.unwrap();
+    assert!(matches!(answered, Err(AdmissionError::Closed)), "{answered:?}");
+    let refused = admission
+        .admit(0, Instant::now() + Duration::from_secs(60), false)
+        .await;
+    assert!(matches!(refused, Err(AdmissionError::Closed)));
+    // The call already admitted finishes normally.
+    drop(first);
+    assert_eq!(admission.snapshot().in_flight, 0);
+}

@@ -28,6 +28,7 @@ use tokio::time::Instant;
 
 use crate::config::{Config, INTERNAL_SERVICE};
 use crate::metrics::Metrics;
+use prometheus::IntGauge;
 use quota::{DailyQuota, QuotaScope, ServiceQuota};
 use window::SlidingWindow;
 
@@ -117,6 +118,8 @@ struct State {
     paused_until: Option<Instant>,
     /// Start tag of the last dispatch (start-time fair queueing).
     virtual_time: f64,
+    /// Shutting down: nobody is admitted any more.
+    closed: bool,
     /// Smoothed time Marketo takes to answer, for estimates.
     latency: Duration,
     next_id: u64,
@@ -133,6 +136,9 @@ const RATE_HORIZON: Duration = Duration::from_secs(15 * 60);
 
 /// One service's queue and limits.
 struct Lane {
+    /// The service's gauges, looked up once.
+    depth_gauge: IntGauge,
+    used_gauge: IntGauge,
     weight: f64,
     window: Option<SlidingWindow>,
     concurrency: u32,
@@ -199,6 +205,8 @@ impl Admission {
             .services
             .iter()
             .map(|service| Lane {
+                depth_gauge: metrics.queue_depth.with_label_values(&[service.name.as_str()]),
+                used_gauge: metrics.daily_used.with_label_values(&[service.name.as_str()]),
                 weight: f64::from(service.weight.get()),
                 window: service
                     .window_calls
@@ -212,6 +220,8 @@ impl Admission {
             .collect();
         // The proxy's own calls (the usage report) get a lane of their own.
         lanes.push(Lane {
+            depth_gauge: metrics.queue_depth.with_label_values(&[INTERNAL_SERVICE]),
+            used_gauge: metrics.daily_used.with_label_values(&[INTERNAL_SERVICE]),
             weight: 1.0,
             window: None,
             concurrency: limits.concurrency.get(),
@@ -235,6 +245,7 @@ impl Admission {
             queued: 0,
             paused_until: None,
             virtual_time: 0.0,
+            closed: false,
             latency: Duration::ZERO,
             next_id: 0,
             wake_at: None,
@@ -287,7 +298,7 @@ impl Admission {
             let now = Instant::now();
             let wall = (self.wall)();
             state.quota.roll(wall);
-            if service >= state.lanes.len() {
+            if service >= state.lanes.len() || state.closed {
                 return Err(AdmissionError::Closed);
             }
             if let Err(scope) = state.quota.check(service) {
@@ -336,6 +347,20 @@ impl Admission {
         let result = receiver.await.unwrap_or(Err(AdmissionError::Closed));
         leave.armed = false;
         result
+    }
+
+    /// Stops admitting: every waiting request is answered at once, and
+    /// later ones too. Calls already admitted finish normally.
+    pub fn close(&self) {
+        let mut state = self.lock();
+        state.closed = true;
+        for lane in &mut state.lanes {
+            for waiter in lane.queue.drain(..) {
+                let _ = waiter.reply.send(Err(AdmissionError::Closed));
+            }
+        }
+        state.queued = 0;
+        self.publish(&mut state);
     }
 
     /// Holds every call back for `pause` (Marketo said 606 or 615 because
@@ -483,6 +508,17 @@ impl Admission {
             if waiter.reply.is_closed() {
                 continue;
             }
+            // Deadlines are checked at the head of each queue; one further
+            // back may have passed (its request arrived earlier than those
+            // ahead of it were queued).
+            if waiter.deadline <= now {
+                let (start, _) = state.estimate_start(service, now, false);
+                let _ = waiter.reply.send(Err(AdmissionError::DeadlineExpired {
+                    max_wait: waiter.deadline.saturating_duration_since(waiter.enqueued),
+                    retry_after: start.saturating_duration_since(now).max(Duration::from_secs(1)),
+                }));
+                continue;
+            }
             if let Err(scope) = state.quota.check(service) {
                 let wall = (self.wall)();
                 let retry_after = (state.quota.next_reset(wall) - wall).to_std().unwrap_or_default();
@@ -548,19 +584,10 @@ impl Admission {
         metrics
             .daily_remaining
             .set(i64::try_from(state.quota.remaining()).unwrap_or(i64::MAX));
-        metrics.quota_exhaustion_eta_seconds.set(
-            self.exhaustion_eta(state, now)
-                .map_or(f64::INFINITY, |eta| eta.as_secs_f64()),
-        );
         for (index, lane) in state.lanes.iter().enumerate() {
-            let name = self.name(index);
-            metrics
-                .queue_depth
-                .with_label_values(&[name])
+            lane.depth_gauge
                 .set(i64::try_from(lane.queue.len()).unwrap_or(i64::MAX));
-            metrics
-                .daily_used
-                .with_label_values(&[name])
+            lane.used_gauge
                 .set(i64::try_from(state.quota.used_by(index)).unwrap_or(i64::MAX));
         }
     }
@@ -584,7 +611,7 @@ impl Admission {
             return None;
         }
         let per_second = state.recent.len() as f64 / observed.as_secs_f64();
-        let eta = Duration::from_secs_f64(remaining as f64 / per_second);
+        let eta = Duration::try_from_secs_f64(remaining as f64 / per_second).ok()?;
         let wall = (self.wall)();
         let until_reset = (state.quota.next_reset(wall) - wall).to_std().unwrap_or_default();
         (eta < until_reset).then_some(eta)
@@ -596,6 +623,10 @@ impl Admission {
         let mut state = self.lock();
         state.quota.roll((self.wall)());
         self.publish(&mut state);
+        let eta = self.exhaustion_eta(&mut state, Instant::now());
+        self.metrics
+            .quota_exhaustion_eta_seconds
+            .set(eta.map_or(f64::INFINITY, |eta| eta.as_secs_f64()));
     }
 
     /// The index the proxy's own calls are admitted under.

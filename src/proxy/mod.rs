@@ -56,6 +56,8 @@ pub type ProxyBody = UnsyncBoxBody<Bytes, Box<dyn StdError + Send + Sync>>;
 pub const MAX_URI_BYTES: usize = 8 * 1024;
 /// Largest request body Marketo accepts.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+/// How long a client may take to send a request body.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
 /// Largest bulk import body.
 pub const MAX_IMPORT_BODY_BYTES: usize = 10 * 1024 * 1024;
 
@@ -166,7 +168,7 @@ impl Proxy {
         let (path, query) = path_and_query.split_once('?').unwrap_or((path_and_query, ""));
         let target = path::normalise(path, Some(query))?;
         let service = self.shared.admission.internal_service();
-        let deadline = Instant::now() + self.shared.admission.max_wait(service);
+        let deadline = deadline_after(Instant::now(), self.shared.admission.max_wait(service));
         let mut headers = http::HeaderMap::new();
         headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
         let outgoing = Outgoing {
@@ -255,7 +257,13 @@ impl Proxy {
         let (response, outcome) = match result {
             Ok((response, outcome)) => (response, outcome),
             Err(error) => {
-                tracing::info!(service = service_name, %peer, error = %error, "request refused");
+                tracing::info!(
+                    service = service_name,
+                    %peer,
+                    cause = error.source_of_error().label(),
+                    error = %error,
+                    "request refused"
+                );
                 let outcome = error.outcome();
                 (error.into_response(), outcome)
             }
@@ -322,6 +330,13 @@ impl Proxy {
             callers.record_failure(peer);
             return Err(AuthError::Unauthenticated.into());
         }
+        // A caller not yet known (its token may be in the body) gets no
+        // more than an ordinary body's worth of our memory.
+        let limit = if service.is_none() {
+            limit.min(MAX_BODY_BYTES)
+        } else {
+            limit
+        };
         let body = read_body(body, limit).await?;
         // 6. Credentials out (old clients may have sent theirs in the body).
         let (body, body_token) = match &kind {
@@ -342,7 +357,7 @@ impl Proxy {
             return Err(AuthError::Unauthenticated.into());
         };
         *service_out = Some(service);
-        let deadline = arrived + self.shared.admission.max_wait(service);
+        let deadline = deadline_after(arrived, self.shared.admission.max_wait(service));
         let mut headers = parts.headers;
         rewrite::request_headers(&mut headers);
         let idempotent = parts.method == Method::GET
@@ -554,7 +569,7 @@ impl Proxy {
             .observe(started.elapsed().as_secs_f64());
         let code_label = match &result {
             Ok(answer) => match &answer.error_code {
-                Some(code) => code.clone(),
+                Some(code) => crate::marketo::code_label(code).to_owned(),
                 None if answer.head.status.is_success() => "ok".to_owned(),
                 None => answer.head.status.as_u16().to_string(),
             },
@@ -627,6 +642,13 @@ impl Proxy {
     }
 }
 
+/// `start + wait`, for any configured wait.
+fn deadline_after(start: Instant, wait: Duration) -> Instant {
+    start
+        .checked_add(wait)
+        .unwrap_or_else(|| start + Duration::from_secs(365 * 24 * 3600))
+}
+
 /// Waits for a token no longer than the request may wait.
 async fn within(
     deadline: Instant,
@@ -668,10 +690,14 @@ fn without_access_token(target: &Target) -> String {
     }
 }
 
+/// Reads a request body whole (a replay must be able to resend it),
+/// within `limit` bytes and [`BODY_READ_TIMEOUT`].
 async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, ProxyError> {
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(error) => match error.downcast::<hyper::Error>() {
+    let read = tokio::time::timeout(BODY_READ_TIMEOUT, Limited::new(body, limit).collect()).await;
+    match read {
+        Err(_) => Err(ProxyError::BodyTimeout(BODY_READ_TIMEOUT)),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(error)) => match error.downcast::<hyper::Error>() {
             Ok(error) => Err(ProxyError::BodyUnreadable(*error)),
             Err(_) => Err(ProxyError::BodyTooLarge { limit }),
         },
