@@ -15,11 +15,11 @@ use tokio::task::JoinHandle;
 
 use std::sync::Arc;
 
-use crate::config::{Backend, Config};
+use crate::config::Config;
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
+use crate::proxy::BuildError;
 use crate::proxy::Proxy;
-use crate::upstream::UpstreamError;
 use crate::usage_sync;
 
 /// The sockets the proxy serves on.
@@ -43,12 +43,10 @@ impl Listeners {
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot set up the Marketo client")]
-    Upstream(#[from] UpstreamError),
+    #[error("cannot set up the proxy")]
+    Build(#[from] BuildError),
     #[error("cannot bind a listener")]
     Bind(#[from] std::io::Error),
-    #[error("state.backend: redis is not available in this version; use memory")]
-    RedisUnsupported,
 }
 
 /// Serves until `shutdown` completes, then drains open connections.
@@ -58,12 +56,13 @@ pub async fn run(
     metrics: Metrics,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
-    if config.state.backend == Backend::Redis {
-        return Err(StartError::RedisUnsupported);
-    }
     let proxy = Proxy::new(&config, metrics)?;
     let mut background = proxy.spawn_token_refreshers();
     background.push(proxy.admission().spawn_timer());
+    if let Some(limits) = proxy.shared_limits() {
+        limits.connect(proxy.admission()).await;
+        background.push(limits.spawn_maintenance(Arc::clone(proxy.admission())));
+    }
     let ledger = config.state.file.as_ref().map(|path| {
         Arc::new(Ledger::new(
             path,

@@ -65,7 +65,7 @@ pub async fn reconcile(proxy: &Proxy) -> Result<MarketoUsage, SyncError> {
         total: today.total,
         read_at: Utc::now(),
     };
-    proxy.apply_marketo_usage(&usage);
+    proxy.apply_marketo_usage(&usage).await;
     Ok(usage)
 }
 

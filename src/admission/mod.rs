@@ -16,6 +16,7 @@
 //! await; a timer task wakes the queue when a window slot frees.
 
 pub mod quota;
+pub mod shared;
 pub mod window;
 
 use std::collections::VecDeque;
@@ -109,6 +110,9 @@ pub struct Admission {
 
 struct State {
     window: SlidingWindow,
+    /// The instance's limits; the ones in force may be a share of them.
+    full_window: u32,
+    full_concurrency: u32,
     concurrency: u32,
     in_flight: u32,
     quota: DailyQuota,
@@ -238,6 +242,8 @@ impl Admission {
         let now = wall();
         let state = State {
             window: SlidingWindow::new(limits.window_calls.get(), limits.window, limits.safety_margin),
+            full_window: limits.window_calls.get(),
+            full_concurrency: limits.concurrency.get(),
             concurrency: limits.concurrency.get(),
             in_flight: 0,
             quota: DailyQuota::new(limits.timezone, limits.daily_quota.get(), quota_services, now),
@@ -347,6 +353,27 @@ impl Admission {
         let result = receiver.await.unwrap_or(Err(AdmissionError::Closed));
         leave.armed = false;
         result
+    }
+
+    /// Enforces `1 / replicas` of the instance's limits here (the shared
+    /// state that spans replicas is unreachable), or all of them again
+    /// with 1.
+    pub fn set_share(self: &Arc<Self>, replicas: u32) {
+        let replicas = replicas.max(1);
+        let mut state = self.lock();
+        let window = (state.full_window / replicas).max(1);
+        let concurrency = (state.full_concurrency / replicas).max(1);
+        state.window.set_limit(window);
+        state.concurrency = concurrency;
+        state.quota.set_share(u64::from(replicas));
+        self.metrics.window_limit.set(i64::from(window));
+        self.pump(&mut state);
+    }
+
+    /// This replica's taken window slots: time left on each answered one,
+    /// and the number still in flight.
+    pub fn window_taken(&self) -> (Vec<Duration>, u32) {
+        self.lock().window.taken(Instant::now())
     }
 
     /// Stops admitting: every waiting request is answered at once, and
@@ -634,6 +661,13 @@ impl Admission {
         self.names.len() - 1
     }
 
+    /// The quota's current day (local date in its time zone).
+    pub fn day(&self) -> chrono::NaiveDate {
+        let mut state = self.lock();
+        state.quota.roll((self.wall)());
+        state.quota.day()
+    }
+
     /// The quota's time zone and when the day resets.
     pub fn next_reset(&self) -> DateTime<Utc> {
         let state = self.lock();
@@ -809,6 +843,16 @@ impl std::fmt::Debug for Permit {
 }
 
 impl Permit {
+    /// The call was not made after all (the shared limits said no):
+    /// everything it took is given back.
+    pub fn unsent(mut self) {
+        self.armed = false;
+        let admission = Arc::clone(&self.admission);
+        let mut state = admission.lock();
+        state.undispatch(self.service);
+        admission.pump(&mut state);
+    }
+
     /// How long the request waited in the queue.
     pub fn queue_wait(&self) -> Duration {
         self.queue_wait

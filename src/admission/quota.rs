@@ -39,6 +39,9 @@ pub struct DailyQuota {
     foreign: u64,
     /// Marketo answered 607: nothing more today, whatever the counts say.
     spent: bool,
+    /// The quota is shared by this many replicas that cannot see each
+    /// other's counts (shared state unreachable): each takes its part.
+    share: u64,
 }
 
 impl DailyQuota {
@@ -52,7 +55,14 @@ impl DailyQuota {
             used,
             foreign: 0,
             spent: false,
+            share: 1,
         }
+    }
+
+    /// Splits the quota between `replicas` that cannot see each other's
+    /// counts; 1 is the whole quota.
+    pub fn set_share(&mut self, replicas: u64) {
+        self.share = replicas.max(1);
     }
 
     /// Starts a new day when local midnight has passed.
@@ -87,7 +97,7 @@ impl DailyQuota {
         if self.spent {
             0
         } else {
-            self.limit.saturating_sub(self.used_total())
+            (self.limit / self.share).saturating_sub(self.used_total())
         }
     }
 

@@ -46,6 +46,25 @@ impl SlidingWindow {
         self.limit
     }
 
+    /// Changes the number of slots (a replica's share while the shared
+    /// state is unreachable). Slots already taken stay taken.
+    pub fn set_limit(&mut self, limit: u32) {
+        self.limit = limit;
+    }
+
+    /// How long each taken slot still has to run, and how many calls are
+    /// in flight (their slots run until `window + margin` after an answer
+    /// that has not come yet).
+    pub fn taken(&mut self, now: Instant) -> (Vec<Duration>, u32) {
+        self.expire(now);
+        let left = self
+            .frees_at
+            .iter()
+            .map(|free| free.saturating_duration_since(now))
+            .collect();
+        (left, self.pending)
+    }
+
     /// How long an answered call holds its slot.
     pub fn hold(&self) -> Duration {
         self.hold

@@ -37,9 +37,10 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
+use crate::admission::shared::{Grant, Lease, SharedLimits};
 use crate::admission::{Admission, AdmissionError, Permit};
 use crate::auth::{AuthError, Callers, ServiceId};
-use crate::config::{Config, UpstreamCredential};
+use crate::config::{Backend, Config, UpstreamCredential};
 use crate::error::{ProxyError, json_response};
 use crate::marketo::{IdentityError, code};
 use crate::metrics::Metrics;
@@ -76,6 +77,15 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 /// Label used for requests that no service could be found for.
 const NO_SERVICE: &str = "unauthenticated";
 
+/// Why a proxy could not be built from its configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error(transparent)]
+    Shared(#[from] crate::admission::shared::SharedError),
+}
+
 /// The proxy: shared state behind an `Arc`, cheap to clone per connection.
 #[derive(Clone)]
 pub struct Proxy {
@@ -90,6 +100,8 @@ struct Shared {
     /// Service → index into `tokens`.
     service_tokens: Vec<usize>,
     admission: Arc<Admission>,
+    /// The limits shared with other replicas through Redis, if configured.
+    limits: Option<Arc<SharedLimits>>,
     /// Marketo's own count of today's calls, when last read.
     marketo_usage: std::sync::Mutex<Option<MarketoUsage>>,
     metrics: Metrics,
@@ -108,8 +120,12 @@ struct Outgoing {
 }
 
 impl Proxy {
-    pub fn new(config: &Config, metrics: Metrics) -> Result<Self, UpstreamError> {
+    pub fn new(config: &Config, metrics: Metrics) -> Result<Self, BuildError> {
         let upstream = Upstream::new(&config.marketo)?;
+        let limits = match (&config.state.backend, &config.state.redis) {
+            (Backend::Redis, Some(redis)) => Some(SharedLimits::new(config, redis, metrics.clone())?),
+            _ => None,
+        };
         let refresh_before = config.marketo.token_refresh_before;
         let default_credential = UpstreamCredential {
             client_id: config.marketo.client_id.clone(),
@@ -136,13 +152,18 @@ impl Proxy {
                 None => service_tokens.push(0),
             }
         }
+        let admission = Admission::new(config, metrics.clone());
+        if let Some(limits) = &limits {
+            admission.set_share(limits.fallback_replicas());
+        }
         Ok(Self {
             shared: Arc::new(Shared {
                 upstream,
                 callers: Callers::new(config),
                 tokens,
                 service_tokens,
-                admission: Admission::new(config, metrics.clone()),
+                admission,
+                limits,
                 marketo_usage: std::sync::Mutex::new(None),
                 metrics,
             }),
@@ -190,10 +211,13 @@ impl Proxy {
     }
 
     /// Takes Marketo's count of today's calls into the quota.
-    pub fn apply_marketo_usage(&self, usage: &crate::usage_sync::MarketoUsage) {
+    pub async fn apply_marketo_usage(&self, usage: &crate::usage_sync::MarketoUsage) {
         let admission = &self.shared.admission;
-        if admission.snapshot().day == usage.date {
+        if admission.day() == usage.date {
             admission.reconcile(usage.total);
+            if let Some(limits) = &self.shared.limits {
+                limits.reconcile(usage.date, usage.total).await;
+            }
         }
         *self
             .shared
@@ -232,6 +256,11 @@ impl Proxy {
             .into_iter()
             .map(|service| service.name)
             .collect()
+    }
+
+    /// The limits shared with other replicas, when configured.
+    pub fn shared_limits(&self) -> Option<&Arc<SharedLimits>> {
+        self.shared.limits.as_ref()
     }
 
     /// Starts the background refresh of every upstream token.
@@ -402,7 +431,7 @@ impl Proxy {
         target: &Target,
         outgoing: &Outgoing,
         deadline: Instant,
-    ) -> Result<(Answer, Option<Permit>), ProxyError> {
+    ) -> Result<(Answer, Option<Slot>), ProxyError> {
         let shared = &self.shared;
         let cache = &shared.tokens[shared.service_tokens.get(service).copied().unwrap_or(0)];
         // The identity call costs no quota: get the token before a slot,
@@ -412,7 +441,10 @@ impl Proxy {
         let mut front = false;
         let mut backoff = FIRST_BACKOFF;
         let mut last: Option<Answer> = None;
-        for attempt in 1..=MAX_ATTEMPTS {
+        let mut attempt = 0;
+        let mut readmitted = false;
+        while attempt < MAX_ATTEMPTS {
+            attempt += 1;
             let permit = match shared.admission.admit(service, deadline, front).await {
                 Ok(permit) => permit,
                 // A replay that no longer fits its deadline: pass on what
@@ -420,7 +452,29 @@ impl Proxy {
                 Err(_) if last.is_some() => break,
                 Err(error) => return Err(error.into()),
             };
-            let (result, permit) = self.attempt(service, target, outgoing, &token, permit).await;
+            // With replicas, the limits they share must agree too.
+            let lease = match self.shared_grant(service, deadline).await {
+                Ok(SharedGrant::Go(lease)) => lease,
+                // Admitted under limits that no longer hold: once more
+                // under this replica's share.
+                Ok(SharedGrant::Readmit) if !readmitted => {
+                    permit.unsent();
+                    readmitted = true;
+                    attempt -= 1;
+                    front = true;
+                    continue;
+                }
+                Ok(SharedGrant::Readmit) => None,
+                Err(error) => {
+                    permit.unsent();
+                    if last.is_some() {
+                        break;
+                    }
+                    return Err(error);
+                }
+            };
+            let slot = Slot { permit, lease };
+            let (result, permit) = self.attempt(service, target, outgoing, &token, slot).await;
             let answer = match result {
                 Ok(answer) => answer,
                 Err(error) => {
@@ -463,6 +517,9 @@ impl Proxy {
                             "Marketo says the daily quota is spent"
                         );
                         shared.admission.quota_spent();
+                        if let Some(limits) = &shared.limits {
+                            limits.mark_spent(shared.admission.day()).await;
+                        }
                         return Ok((answer, permit));
                     }
                     Some(
@@ -507,25 +564,61 @@ impl Proxy {
         target: &Target,
         outgoing: &Outgoing,
         token: &Token,
-        mut permit: Permit,
-    ) -> (Result<Answer, ProxyError>, Option<Permit>) {
+        mut slot: Slot,
+    ) -> (Result<Answer, ProxyError>, Option<Slot>) {
         let proxy = self.clone();
         let (target, outgoing, token) = (target.clone(), outgoing.clone(), token.clone());
         let call = tokio::spawn(async move {
             let result = proxy.send_once(service, &target, &outgoing, &token).await;
-            permit.answered();
+            slot.permit.answered();
+            if let Some(lease) = slot.lease.as_mut() {
+                lease.answered().await;
+            }
             if matches!(result, Err(ProxyError::Upstream(UpstreamError::Timeout(_)))) {
                 tokio::spawn(async move {
                     tokio::time::sleep(TIMED_OUT_CALL_GRACE).await;
-                    drop(permit);
+                    drop(slot);
                 });
                 return (result, None);
             }
-            (result, Some(permit))
+            (result, Some(slot))
         });
         match call.await {
             Ok(done) => done,
             Err(_) => (Err(ProxyError::Admission(AdmissionError::Closed)), None),
+        }
+    }
+
+    /// A grant from the limits shared with other replicas, if any: waits
+    /// while another replica holds what this call needs, within the
+    /// deadline. `None` when there is nothing to share.
+    async fn shared_grant(&self, service: ServiceId, deadline: Instant) -> Result<SharedGrant, ProxyError> {
+        let Some(limits) = &self.shared.limits else {
+            return Ok(SharedGrant::Go(None));
+        };
+        let admission = &self.shared.admission;
+        let asked = Instant::now();
+        loop {
+            match limits.acquire(service, admission.day(), admission).await {
+                Grant::Granted(lease) => return Ok(SharedGrant::Go(Some(lease))),
+                Grant::Readmit => return Ok(SharedGrant::Readmit),
+                Grant::Refused(scope) => {
+                    let retry_after = (admission.next_reset() - chrono::Utc::now())
+                        .to_std()
+                        .unwrap_or_default();
+                    return Err(AdmissionError::Quota { scope, retry_after }.into());
+                }
+                Grant::Wait(wait) => {
+                    if Instant::now() + wait >= deadline {
+                        return Err(AdmissionError::DeadlineExpired {
+                            max_wait: deadline.saturating_duration_since(asked),
+                            retry_after: wait.max(Duration::from_secs(1)),
+                        }
+                        .into());
+                    }
+                    tokio::time::sleep(wait).await;
+                }
+            }
         }
     }
 
@@ -704,12 +797,35 @@ async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, ProxyError> {
     }
 }
 
+/// What the shared limits said about a call already admitted here.
+enum SharedGrant {
+    /// Go, with the lease on the shared limits if there are any.
+    Go(Option<Lease>),
+    /// The limits here changed under the call: admit it again.
+    Readmit,
+}
+
+/// What one call to Marketo holds while it runs: its place in this
+/// replica's limits and, when replicas share the instance, its lease on
+/// the shared ones. Dropping it gives both back.
+struct Slot {
+    permit: Permit,
+    lease: Option<Lease>,
+}
+
+impl Slot {
+    #[cfg(test)]
+    fn local(permit: Permit) -> Self {
+        Self { permit, lease: None }
+    }
+}
+
 /// Marketo's answer as the client gets it. The permit (the concurrency
 /// slot) goes with the body and is released when the body has been sent
 /// in full or dropped, or, for a streamed answer, when the client has read
 /// nothing for `idle` (a client that stops reading must not hold one of
 /// the instance's few slots forever).
-fn respond(answer: Answer, permit: Option<Permit>, idle: Duration) -> Response<ProxyBody> {
+fn respond(answer: Answer, permit: Option<Slot>, idle: Duration) -> Response<ProxyBody> {
     let mut head = answer.head;
     rewrite::strip_hop_by_hop(&mut head.headers);
     let streamed = matches!(answer.body, AnswerBody::Streaming { .. });
@@ -734,7 +850,7 @@ fn respond(answer: Answer, permit: Option<Permit>, idle: Duration) -> Response<P
 /// The permit of an answer being passed on, shared (weakly) with the
 /// watchdog of a streamed answer. Dropping the body drops the permit.
 struct HeldPermit {
-    permit: std::sync::Mutex<Option<Permit>>,
+    permit: std::sync::Mutex<Option<Slot>>,
     /// Frames passed on so far.
     progress: AtomicU64,
 }
@@ -866,7 +982,7 @@ mod tests {
             receiver.recv().await.map(|frame| (frame, receiver))
         });
         let held = Arc::new(HeldPermit {
-            permit: std::sync::Mutex::new(Some(permit)),
+            permit: std::sync::Mutex::new(Some(Slot::local(permit))),
             progress: AtomicU64::new(0),
         });
         let mut body = std::pin::pin!(HoldsPermit {
@@ -902,7 +1018,7 @@ mod tests {
             .await
             .unwrap();
         let held = Arc::new(HeldPermit {
-            permit: std::sync::Mutex::new(Some(permit)),
+            permit: std::sync::Mutex::new(Some(Slot::local(permit))),
             progress: AtomicU64::new(0),
         });
         watch_progress(Arc::downgrade(&held), Duration::from_secs(60));

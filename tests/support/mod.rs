@@ -2,6 +2,8 @@
 //! front of it, both in process on ephemeral ports, and a real HTTP client.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod redis;
+
 use marketo_proxy::app::{self, RunningProxy};
 use marketo_proxy::config::Config;
 use marketo_proxy::sim::{SimClient, SimConfig, SimHandle, Simulator};

@@ -1,0 +1,232 @@
+//! Several replicas in front of one Marketo instance share its limits
+//! through a real `redis-server` (started here on an ephemeral port): the
+//! simulator must never see the window, the concurrency limit or the
+//! quota exceeded, whichever replica the calls went through; with Redis
+//! gone each replica keeps to its fallback share.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use marketo_proxy::app::{self, RunningProxy};
+use marketo_proxy::config::Config;
+use marketo_proxy::sim::{SimConfig, Simulator};
+use serde_json::Value;
+use support::redis::RedisServer;
+
+const KEY: &str = "key-shared-0123456789";
+
+fn replica_config(sim_url: &str, redis_url: &str, limits: &str, prefix: &str) -> Config {
+    let yaml = format!(
+        r#"
+marketo: {{ base_url: "{sim_url}", client_id: demo-client, client_secret: demo-secret }}
+limits:
+{limits}
+services:
+  - {{ name: integration, api_key: {KEY} }}
+state:
+  backend: redis
+  file: ~
+  usage_sync_interval: 0s
+  redis: {{ url: "{redis_url}", key_prefix: "{prefix}", fallback_replicas: 2 }}
+"#
+    );
+    Config::from_yaml_with_env(&yaml, |_| None).unwrap()
+}
+
+/// Fires `count` requests at once, spread over the replicas; returns the
+/// (HTTP status, Marketo success, error code) of each.
+async fn fire(replicas: &[&RunningProxy], count: usize) -> Vec<(u16, bool, String)> {
+    let http = support::client();
+    let mut calls = Vec::new();
+    for index in 0..count {
+        let url = format!("{}/rest/v1/lead/1.json", replicas[index % replicas.len()].url());
+        let http = http.clone();
+        calls.push(tokio::spawn(async move {
+            let answer = http.get(url).header("X-Api-Key", KEY).send().await.unwrap();
+            let status = answer.status().as_u16();
+            let body: Value = answer.json().await.unwrap();
+            let code = body["errors"][0]["code"].as_str().unwrap_or_default().to_owned();
+            (status, body["success"] == true, code)
+        }));
+    }
+    let mut answers = Vec::new();
+    for call in calls {
+        answers.push(call.await.unwrap());
+    }
+    answers
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_one_window() {
+    let redis = RedisServer::start();
+    let sim = Simulator::spawn(SimConfig {
+        window_calls: 10,
+        window: Duration::from_secs(2),
+        latency: Duration::from_millis(20),
+        ..support::sim_config()
+    })
+    .await
+    .unwrap();
+    let limits = "  window_calls: 10\n  window: 2s\n  safety_margin: 100ms\n  max_queue_wait: 20s";
+    let first = app::spawn(replica_config(&sim.url(), &redis.url(), limits, "window"))
+        .await
+        .unwrap();
+    let second = app::spawn(replica_config(&sim.url(), &redis.url(), limits, "window"))
+        .await
+        .unwrap();
+    let answers = fire(&[&first, &second], 30).await;
+    assert!(
+        answers.iter().all(|(status, ok, _)| *status == 200 && *ok),
+        "{answers:?}"
+    );
+    let stats = sim.stats();
+    assert_eq!(stats.code("606"), 0, "{:?}", stats.codes);
+    assert!(
+        stats.max_in_window <= 10,
+        "{} calls in one window",
+        stats.max_in_window
+    );
+    assert_eq!(stats.ok, 30);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_one_concurrency_limit() {
+    let redis = RedisServer::start();
+    let sim = Simulator::spawn(SimConfig {
+        concurrency: 3,
+        latency: Duration::from_millis(150),
+        ..support::sim_config()
+    })
+    .await
+    .unwrap();
+    let limits = "  concurrency: 3\n  max_queue_wait: 20s";
+    let first = app::spawn(replica_config(&sim.url(), &redis.url(), limits, "concurrency"))
+        .await
+        .unwrap();
+    let second = app::spawn(replica_config(&sim.url(), &redis.url(), limits, "concurrency"))
+        .await
+        .unwrap();
+    let answers = fire(&[&first, &second], 16).await;
+    assert!(answers.iter().all(|(_, ok, _)| *ok), "{answers:?}");
+    let stats = sim.stats();
+    assert_eq!(stats.code("615"), 0, "{:?}", stats.codes);
+    assert_eq!(stats.max_in_flight, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_one_daily_quota() {
+    let redis = RedisServer::start();
+    let sim = Simulator::spawn(support::sim_config()).await.unwrap();
+    let limits = "  daily_quota: 10";
+    let first = app::spawn(replica_config(&sim.url(), &redis.url(), limits, "quota"))
+        .await
+        .unwrap();
+    let second = app::spawn(replica_config(&sim.url(), &redis.url(), limits, "quota"))
+        .await
+        .unwrap();
+    let answers = fire(&[&first, &second], 16).await;
+    let ok = answers.iter().filter(|(_, ok, _)| *ok).count();
+    let refused = answers.iter().filter(|(_, _, code)| code == "607").count();
+    assert_eq!((ok, refused), (10, 6), "{answers:?}");
+    assert_eq!(sim.stats().calls, 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_a_replica_keeps_to_its_share_and_comes_back_when_it_returns() {
+    let port = support::redis::free_port();
+    let sim = Simulator::spawn(SimConfig {
+        window_calls: 10,
+        window: Duration::from_secs(2),
+        latency: Duration::ZERO,
+        ..support::sim_config()
+    })
+    .await
+    .unwrap();
+    let limits = "  window_calls: 10\n  window: 2s\n  safety_margin: 100ms\n  max_queue_wait: 500ms";
+    let url = format!("redis://127.0.0.1:{port}");
+    let proxy = app::spawn(replica_config(&sim.url(), &url, limits, "fallback"))
+        .await
+        .unwrap();
+    // Redis is not there: 1/2 of the window (5 calls) for this replica.
+    let answers = fire(&[&proxy], 10).await;
+    let ok = answers.iter().filter(|(_, ok, _)| *ok).count();
+    assert_eq!(ok, 5, "{answers:?}");
+    assert!(
+        answers
+            .iter()
+            .filter(|(_, ok, _)| !ok)
+            .all(|(_, _, code)| code == "606")
+    );
+    let metrics = support::client()
+        .get(format!("{}/metrics", proxy.admin_url()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(support::metric(&metrics, "marketo_proxy_backend_up"), Some(0.0));
+    assert_eq!(support::metric(&metrics, "marketo_proxy_window_limit"), Some(5.0));
+
+    // Redis starts: the replica writes what it did and shares again.
+    let redis = RedisServer::start_on(port);
+    let mut up = None;
+    for _ in 0..50 {
+        let metrics = support::client()
+            .get(format!("{}/metrics", proxy.admin_url()))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        up = support::metric(&metrics, "marketo_proxy_backend_up");
+        if up == Some(1.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(up, Some(1.0), "back on Redis");
+    drop(redis);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_loses_redis_falls_back_to_its_share() {
+    let redis = RedisServer::start();
+    let sim = Simulator::spawn(SimConfig {
+        window_calls: 10,
+        window: Duration::from_secs(2),
+        latency: Duration::ZERO,
+        ..support::sim_config()
+    })
+    .await
+    .unwrap();
+    let limits = "  window_calls: 10\n  window: 2s\n  safety_margin: 100ms\n  max_queue_wait: 500ms";
+    let proxy = app::spawn(replica_config(&sim.url(), &redis.url(), limits, "lost"))
+        .await
+        .unwrap();
+    assert!(fire(&[&proxy], 1).await[0].1);
+    redis.stop();
+    // Calls admitted under the full limits when Redis went away are
+    // admitted again under the share: never more than this replica's half
+    // of the window (5) in any window, the call above included.
+    let answers = fire(&[&proxy], 10).await;
+    let ok = answers.iter().filter(|(_, ok, _)| *ok).count();
+    assert!(ok >= 4, "{answers:?}");
+    assert!(
+        answers.iter().all(|(_, ok, code)| *ok || code == "606"),
+        "{answers:?}"
+    );
+    assert_eq!(sim.stats().max_in_window, 5);
+    let metrics = support::client()
+        .get(format!("{}/metrics", proxy.admin_url()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(support::metric(&metrics, "marketo_proxy_backend_up"), Some(0.0));
+}
