@@ -76,17 +76,20 @@ fn demo_config_is_the_bundled_demo_file() {
 }
 
 #[test]
-fn sidecar_config_reads_its_service_and_state_file_from_the_environment() {
+fn sidecar_config_uses_redis_from_the_environment() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/sidecar.yaml");
     let env = |name: &str| match name {
-        "MARKETO_PROXY_STATE_FILE" => Some("/data/usage.json".to_owned()),
+        "REDIS_URL" => Some("redis://:pw@redis.internal:6380/0".to_owned()),
+        "MARKETO_PROXY_REPLICAS" => Some("4".to_owned()),
         "SERVICE_NAME" => Some("lead-scoring".to_owned()),
         _ => None,
     };
     let config = Config::load_with_env(&path, env).unwrap();
     assert_eq!(config.listen.to_string(), "0.0.0.0:8080");
-    assert_eq!(config.state.backend, Backend::Memory);
-    assert_eq!(config.state.file.as_deref(), Some(Path::new("/data/usage.json")));
+    assert_eq!(config.state.backend, Backend::Redis);
+    let redis = config.state.redis.unwrap();
+    assert_eq!(redis.url.expose(), "redis://:pw@redis.internal:6380/0");
+    assert_eq!(redis.fallback_replicas.get(), 4);
     assert_eq!(config.services[0].name, "lead-scoring");
 }
 
@@ -95,11 +98,11 @@ fn redis_state_reads_its_url_from_the_environment() {
     let yaml = "marketo: { base_url: 'https://123-ABC-456.mktorest.com', client_id: a, client_secret: b }\n\
                 services: [{ name: s, api_key: key-s-0123456789 }]\n\
                 state:\n  backend: redis\n  file: ~\n  redis:\n    url: ${REDIS_URL}\n    fallback_replicas: ${REPLICAS:-4}\n";
-    let env = |name: &str| (name == "REDIS_URL").then(|| "rediss://:pw@redis.internal:6380/0".to_owned());
+    let env = |name: &str| (name == "REDIS_URL").then(|| "redis://:pw@redis.internal:6380/0".to_owned());
     let config = Config::from_yaml_with_env(yaml, env).unwrap();
     assert_eq!(config.state.backend, Backend::Redis);
     let redis = config.state.redis.unwrap();
-    assert_eq!(redis.url.expose(), "rediss://:pw@redis.internal:6380/0");
+    assert_eq!(redis.url.expose(), "redis://:pw@redis.internal:6380/0");
     assert_eq!(redis.fallback_replicas.get(), 4);
 }
 

@@ -302,7 +302,7 @@ impl Default for StateConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
-    /// `redis://`, `rediss://` or `unix://` URL; may hold a password.
+    /// `redis://` or `unix://` URL; may hold a password.
     pub url: Secret,
     /// Prefix of every key; one per Marketo instance.
     pub key_prefix: String,
