@@ -122,15 +122,50 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
+    let mut verdicts = Vec::new();
     for name in selected {
         println!();
-        runtime.block_on(async {
+        verdicts.extend(runtime.block_on(async {
             match name {
                 "pass-through" => pass_through(mode).await,
                 "pacing" => pacing(mode).await,
                 _ => memory(mode).await,
             }
-        });
+        }));
+    }
+    println!();
+    println!(
+        "== targets (measured, not asserted){}",
+        match mode {
+            Mode::Smoke => "; smoke run, figures not meaningful",
+            Mode::Full => "",
+        }
+    );
+    for verdict in verdicts {
+        let status = match verdict.met {
+            Some(true) => "met",
+            Some(false) => "MISSED",
+            None => "skipped",
+        };
+        println!("  {status:<7} {}: {}", verdict.target, verdict.value);
+    }
+}
+
+/// A figure against its target from the issue.
+struct Verdict {
+    target: &'static str,
+    value: String,
+    /// `None` when it could not be measured here.
+    met: Option<bool>,
+}
+
+impl Verdict {
+    fn new(target: &'static str, value: String, met: bool) -> Self {
+        Self {
+            target,
+            value,
+            met: Some(met),
+        }
     }
 }
 
@@ -220,7 +255,7 @@ struct PassResult {
     client_cpu: f64,
 }
 
-async fn pass_through(mode: Mode) {
+async fn pass_through(mode: Mode) -> Vec<Verdict> {
     let plan = PassPlan::new(mode);
     let dir = tempfile::tempdir().expect("temp dir");
     println!(
@@ -256,10 +291,17 @@ async fn pass_through(mode: Mode) {
     match find_nginx() {
         Some(path) => {
             let addr = local_addr(free_port());
-            let mut process = start_nginx(&path, dir.path(), addr, upstream_addr);
-            wait_ready(&mut process, addr, "/rest/v1/lead/1.json").await;
-            nginx_addr = Some(addr);
-            nginx = Some(process);
+            match start_nginx(&path, dir.path(), addr, upstream_addr) {
+                Ok(mut process) => {
+                    wait_ready(&mut process, addr, "/rest/v1/lead/1.json").await;
+                    nginx_addr = Some(addr);
+                    nginx = Some(process);
+                }
+                Err(reason) => println!(
+                    "note: {} cannot run the comparison config, so (c) is skipped: {reason}",
+                    path.display()
+                ),
+            }
         }
         None => println!(
             "note: nginx is not installed, so (c) is skipped; install it with \
@@ -428,9 +470,39 @@ async fn pass_through(mode: Mode) {
             cpu_per_request(via_proxy) / cpu_per_request(reference),
         );
     };
+    let mut verdicts = Vec::new();
     match targets.iter().position(|target| target.name.contains("nginx")) {
-        Some(index) => compare("nginx", &results[index], " (target >= 1.0)"),
-        None => println!("ratios proxy/nginx: skipped (nginx not installed)"),
+        Some(index) => {
+            let nginx = &results[index];
+            compare("nginx", nginx, " (target >= 1.0)");
+            let throughput = via_proxy.closed.rate() / nginx.closed.rate();
+            verdicts.push(Verdict::new(
+                "pass-through throughput proxy/nginx >= 1.0",
+                format!("{throughput:.2}"),
+                throughput >= 1.0,
+            ));
+            // The direct p99 is common to both, so comparing p99s compares
+            // the latency each adds.
+            let p99 =
+                via_proxy.paced.percentile(0.99).as_secs_f64() / nginx.paced.percentile(0.99).as_secs_f64();
+            verdicts.push(Verdict::new(
+                "light-load p99 proxy/nginx <= 1.0 (added p99 no worse than nginx's)",
+                format!(
+                    "{p99:.2} (added p99 {:+.3} ms vs {:+.3} ms)",
+                    added(via_proxy, 0.99),
+                    added(nginx, 0.99)
+                ),
+                p99 <= 1.0,
+            ));
+        }
+        None => {
+            println!("ratios proxy/nginx: skipped (nginx not available)");
+            verdicts.push(Verdict {
+                target: "pass-through against nginx",
+                value: "nginx not available".into(),
+                met: None,
+            });
+        }
     }
     compare("bare hyper", &results[results.len() - 1], "");
     println!("proxy resident memory after the run: {} KiB", proxy.rss_kib());
@@ -443,6 +515,7 @@ async fn pass_through(mode: Mode) {
             assert!(result.paced.ok > 0, "{}: no answers at light load", target.name);
         }
     }
+    verdicts
 }
 
 struct CpuSnapshot {
@@ -462,7 +535,12 @@ impl CpuSnapshot {
 }
 
 /// Runs nginx as a plain keep-alive reverse proxy to `upstream`.
-fn start_nginx(nginx: &Path, dir: &Path, listen: SocketAddr, upstream: SocketAddr) -> Process {
+fn start_nginx(
+    nginx: &Path,
+    dir: &Path,
+    listen: SocketAddr,
+    upstream: SocketAddr,
+) -> Result<Process, String> {
     let prefix = dir.join("nginx");
     fs::create_dir_all(prefix.join("logs")).expect("nginx dir");
     let user = if running_as_root() { "user root;\n" } else { "" };
@@ -480,22 +558,24 @@ fn start_nginx(nginx: &Path, dir: &Path, listen: SocketAddr, upstream: SocketAdd
     );
     let conf_path = prefix.join("nginx.conf");
     fs::write(&conf_path, conf).expect("nginx.conf");
-    let mut process = Process::spawn(
-        "nginx",
-        nginx,
-        &[
-            "-p",
-            &prefix.display().to_string(),
-            "-c",
-            &conf_path.display().to_string(),
-            "-e",
-            &prefix.join("logs/error.log").display().to_string(),
-        ],
-        dir,
-    );
+    let prefix_arg = prefix.display().to_string();
+    let conf_arg = conf_path.display().to_string();
+    let log_arg = prefix.join("logs/error.log").display().to_string();
+    let args = ["-p", &prefix_arg, "-c", &conf_arg, "-e", &log_arg];
+    // An nginx that cannot run this config (too old for `-e`, no
+    // permission) is skipped like a missing one.
+    let test = Command::new(nginx).arg("-t").args(args).output();
+    match test {
+        Ok(output) if output.status.success() => {}
+        Ok(output) => {
+            return Err(String::from_utf8_lossy(&output.stderr).trim().to_owned());
+        }
+        Err(error) => return Err(error.to_string()),
+    }
+    let mut process = Process::spawn("nginx", nginx, &args, dir);
     // nginx's master forwards SIGTERM to its workers; SIGKILL would orphan them.
     process.terminate_gently = true;
-    process
+    Ok(process)
 }
 
 fn find_nginx() -> Option<PathBuf> {
@@ -573,7 +653,7 @@ struct Completed {
     latency: Duration,
 }
 
-async fn pacing(mode: Mode) {
+async fn pacing(mode: Mode) -> Vec<Verdict> {
     let plan = PacePlan::new(mode);
     let dir = tempfile::tempdir().expect("temp dir");
     println!(
@@ -670,7 +750,7 @@ async fn pacing(mode: Mode) {
     sim.check_alive();
 
     let report = PaceReport::new(&stats, &plan);
-    report.print(&plan, &completed, client_errors);
+    let verdicts = report.print(&plan, &completed, client_errors);
     if mode == Mode::Smoke {
         assert_eq!(client_errors, 0, "requests refused through the proxy");
         assert_eq!(stats.code("606"), 0, "{:?}", stats.codes);
@@ -691,6 +771,7 @@ async fn pacing(mode: Mode) {
             report.times.len()
         );
     }
+    verdicts
 }
 
 /// What the simulator saw during the pacing load.
@@ -741,12 +822,13 @@ impl PaceReport {
         }
     }
 
-    fn print(&self, plan: &PacePlan, completed: &[Completed], client_errors: u64) {
+    fn print(&self, plan: &PacePlan, completed: &[Completed], client_errors: u64) -> Vec<Verdict> {
         let limit = plan.window_calls as usize;
         let window = plan.window.as_secs_f64();
+        let mut verdicts = Vec::new();
         let Some(&t0) = self.times.first() else {
             println!("no calls reached the simulator");
-            return;
+            return verdicts;
         };
         let per_window: Vec<usize> = (0..plan.windows)
             .map(|k| {
@@ -780,13 +862,38 @@ impl PaceReport {
                 "turnover: call n+{limit} arrives {mean:.3} s after call n on average (shortest {shortest:.3} s, \
                  never below {window:.0} s or Marketo says 606)"
             );
+            let of_marketo = 100.0 * window / mean;
+            let of_design = 100.0 * ceiling / mean;
             println!(
-                "window utilisation: {:.2}% of Marketo's {limit}/{window:.0} s; {:.2}% of the design ceiling \
-                 {limit} per {ceiling:.2} s (window + safety margin + upstream latency)",
-                100.0 * window / mean,
-                100.0 * ceiling / mean
+                "window utilisation: {of_marketo:.2}% of Marketo's {limit}/{window:.0} s; {of_design:.2}% of the \
+                 design ceiling {limit} per {ceiling:.2} s (window + safety margin + upstream latency)"
             );
+            verdicts.push(Verdict::new(
+                "window utilisation >= 99% of the design ceiling (window + margin + latency)",
+                format!("{of_design:.2}%"),
+                of_design >= 99.0,
+            ));
+            verdicts.push(Verdict::new(
+                "window utilisation >= 99% of Marketo's raw window",
+                format!(
+                    "{of_marketo:.2}% (the {:?} safety margin and {:?} latency cost {:.2}%)",
+                    plan.safety_margin,
+                    plan.latency,
+                    100.0 * (1.0 - window / ceiling)
+                ),
+                of_marketo >= 99.0,
+            ));
         }
+        let rejected =
+            self.codes.get("606").copied().unwrap_or(0) + self.codes.get("615").copied().unwrap_or(0);
+        verdicts.push(Verdict::new(
+            "zero 606/615 at the simulator",
+            format!(
+                "{rejected} (most in any sliding window {} of {limit})",
+                self.max_sliding
+            ),
+            rejected == 0 && self.max_sliding <= limit,
+        ));
         println!(
             "simulator codes: 606 = {}, 615 = {}, others {:?}; requests refused by the proxy: {client_errors}",
             self.codes.get("606").copied().unwrap_or(0),
@@ -859,6 +966,7 @@ impl PaceReport {
                 secs(percentile(&waits, 0.99))
             );
         }
+        verdicts
     }
 }
 
@@ -868,7 +976,7 @@ impl PaceReport {
 /// Body of every queued request.
 const QUEUED_BODY: &[u8] = br#"{"action":"createOrUpdate","input":[{"email":"q@example.com"}]}"#;
 
-async fn memory(mode: Mode) {
+async fn memory(mode: Mode) -> Vec<Verdict> {
     let queued = match mode {
         Mode::Smoke => 200,
         Mode::Full => 10_000,
@@ -878,15 +986,16 @@ async fn memory(mode: Mode) {
          the one call in flight hung at the simulator",
         QUEUED_BODY.len()
     );
-    memory_variant(Transport::Http2, queued).await;
+    let mut verdicts = vec![memory_variant(Transport::Http2, queued).await];
     let needed = queued as u64 + 200;
     match open_files_limit("self") {
         Some(limit) if limit < needed => println!(
             "http1: skipped, {queued} connections need an open-files limit of {needed} (this process has {limit}); \
              raise it with `ulimit -n`"
         ),
-        _ => memory_variant(Transport::Http1, queued).await,
+        _ => verdicts.push(memory_variant(Transport::Http1, queued).await),
     }
+    verdicts
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -897,7 +1006,7 @@ enum Transport {
     Http1,
 }
 
-async fn memory_variant(transport: Transport, queued: usize) {
+async fn memory_variant(transport: Transport, queued: usize) -> Verdict {
     const STREAMS_PER_CONNECTION: usize = 100;
     let dir = tempfile::tempdir().expect("temp dir");
     let sim_addr = local_addr(free_port());
@@ -933,7 +1042,11 @@ async fn memory_variant(transport: Transport, queued: usize) {
         let limit = open_files_limit(&proxy.pid().to_string()).unwrap_or(u64::MAX);
         if limit < queued as u64 + 100 {
             println!("http1: skipped, the proxy's open-files limit is {limit}");
-            return;
+            return Verdict {
+                target: "memory per queued request, HTTP/1.1",
+                value: format!("skipped, the proxy's open-files limit is {limit}"),
+                met: None,
+            };
         }
     }
     let request = RequestSpec::post("/rest/v1/leads.json", Bytes::from_static(QUEUED_BODY))
@@ -1020,6 +1133,15 @@ async fn memory_variant(transport: Transport, queued: usize) {
     }
     assert_eq!(depth as usize, queued);
     assert!(loaded > 0);
+    let beyond_body = per_request - QUEUED_BODY.len() as f64;
+    Verdict::new(
+        match transport {
+            Transport::Http2 => "memory per queued request beyond its body <= 2048 B, HTTP/2 streams",
+            Transport::Http1 => "memory per queued request beyond its body <= 2048 B, HTTP/1.1 connections",
+        },
+        format!("{beyond_body:.0} B"),
+        beyond_body <= 2048.0,
+    )
 }
 
 /// Polls the proxy's `/metrics` until the sum of `name`'s series reaches
@@ -1413,7 +1535,7 @@ impl Drop for Process {
             let _ = Command::new("kill")
                 .args(["-TERM", &self.pid().to_string()])
                 .status();
-            for _ in 0..50 {
+            for _ in 0..300 {
                 if matches!(self.child.try_wait(), Ok(Some(_))) {
                     return;
                 }
@@ -1425,15 +1547,21 @@ impl Drop for Process {
     }
 }
 
+/// Starts `marketo-proxy serve` with `config`. With
+/// `MARKETO_BENCH_PROXY_WRAPPER` set (e.g. `valgrind --tool=dhat` or
+/// `perf record -g -o /tmp/proxy.perf --`), the proxy runs under that
+/// command, for profiling; its figures then include the wrapper's cost.
 async fn start_proxy(dir: &Path, name: &str, config: &str, admin: SocketAddr) -> Process {
     let path = dir.join(format!("{name}.yaml"));
     fs::write(&path, config).expect("proxy config");
-    let mut proxy = Process::spawn(
-        name,
-        Path::new(PROXY_EXE),
-        &["serve", "--config", &path.display().to_string()],
-        dir,
-    );
+    let config_path = path.display().to_string();
+    let wrapper = std::env::var("MARKETO_BENCH_PROXY_WRAPPER").unwrap_or_default();
+    let mut command: Vec<&str> = wrapper.split_whitespace().collect();
+    let wrapped = !command.is_empty();
+    command.extend([PROXY_EXE, "serve", "--config", &config_path]);
+    let mut proxy = Process::spawn(name, Path::new(command[0]), &command[1..], dir);
+    // A profiler writes its report when the proxy exits on SIGTERM.
+    proxy.terminate_gently = wrapped;
     wait_ready(&mut proxy, admin, "/readyz").await;
     proxy
 }
