@@ -480,3 +480,40 @@ async fn closing_answers_every_waiter_and_refuses_newcomers() {
     drop(first);
     assert_eq!(admission.snapshot().in_flight, 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_quota_forecast_follows_the_recent_rate() {
+    let config = config(
+        "  window_calls: 100000\n  daily_quota: 1000\n  max_queue_wait: 1h",
+        TWO_SERVICES,
+    );
+    // Noon in Chicago: the reset is twelve hours away.
+    let (_wall, clock) = wall_clock("2026-11-28T18:00:00Z");
+    let metrics = Metrics::new();
+    let admission = Admission::with_clock(&config, metrics.clone(), clock);
+    admission.spawn_timer();
+    let forecast = |metrics: &Metrics| {
+        metrics
+            .render()
+            .lines()
+            .find_map(|line| line.strip_prefix("marketo_proxy_quota_exhaustion_eta_seconds "))
+            .map(str::to_owned)
+    };
+    admission.refresh_metrics();
+    // The exposition writes `inf`, which Prometheus reads as +Inf.
+    let none: f64 = forecast(&metrics).unwrap().parse().unwrap();
+    assert!(none.is_infinite(), "no calls, no forecast");
+    for _ in 0..100 {
+        drop(
+            admission
+                .admit(0, Instant::now() + Duration::from_secs(1), false)
+                .await
+                .unwrap(),
+        );
+    }
+    tokio::time::advance(Duration::from_secs(100)).await;
+    admission.refresh_metrics();
+    // 100 calls in 100 s: the 900 left last 900 s.
+    let eta: f64 = forecast(&metrics).unwrap().parse().unwrap();
+    assert!((eta - 900.0).abs() < 10.0, "{eta}");
+}

@@ -129,9 +129,9 @@ struct State {
     next_id: u64,
     /// When the timer task should next pump the queue.
     wake_at: Option<Instant>,
-    /// Send times of the calls of the last [`RATE_HORIZON`], for the
-    /// quota forecast.
-    recent: VecDeque<Instant>,
+    /// Calls sent per second over the last [`RATE_HORIZON`] (second since
+    /// `started`, count), for the quota forecast.
+    recent: VecDeque<(u64, u32)>,
     started: Instant,
 }
 
@@ -622,10 +622,11 @@ impl Admission {
     /// When the day's quota runs out at the rate of the last
     /// [`RATE_HORIZON`]; `None` when it will not before the reset.
     fn exhaustion_eta(&self, state: &mut State, now: Instant) -> Option<Duration> {
+        let second = now.saturating_duration_since(state.started).as_secs();
         while state
             .recent
             .front()
-            .is_some_and(|sent| now.saturating_duration_since(*sent) > RATE_HORIZON)
+            .is_some_and(|(sent, _)| second.saturating_sub(*sent) > RATE_HORIZON.as_secs())
         {
             state.recent.pop_front();
         }
@@ -634,10 +635,11 @@ impl Admission {
             return Some(Duration::ZERO);
         }
         let observed = now.saturating_duration_since(state.started).min(RATE_HORIZON);
-        if state.recent.is_empty() || observed.is_zero() {
+        let calls: u64 = state.recent.iter().map(|(_, count)| u64::from(*count)).sum();
+        if calls == 0 || observed.is_zero() {
             return None;
         }
-        let per_second = state.recent.len() as f64 / observed.as_secs_f64();
+        let per_second = calls as f64 / observed.as_secs_f64();
         let eta = Duration::try_from_secs_f64(remaining as f64 / per_second).ok()?;
         let wall = (self.wall)();
         let until_reset = (state.quota.next_reset(wall) - wall).to_std().unwrap_or_default();
@@ -717,7 +719,11 @@ impl State {
     }
 
     fn dispatch(&mut self, service: usize, now: Instant) {
-        self.recent.push_back(now);
+        let second = now.saturating_duration_since(self.started).as_secs();
+        match self.recent.back_mut() {
+            Some((last, count)) if *last == second => *count += 1,
+            _ => self.recent.push_back((second, 1)),
+        }
         self.window.acquire();
         self.in_flight += 1;
         self.quota.consume(service);
@@ -735,7 +741,9 @@ impl State {
     ///
     /// [`dispatch`]: Self::dispatch
     fn undispatch(&mut self, service: usize) {
-        self.recent.pop_back();
+        if let Some((_, count)) = self.recent.back_mut() {
+            *count = count.saturating_sub(1);
+        }
         self.window.release_unsent();
         self.in_flight -= 1;
         self.quota.unconsume(service);

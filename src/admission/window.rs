@@ -38,7 +38,7 @@ impl SlidingWindow {
             limit,
             hold: window + margin,
             pending: 0,
-            frees_at: VecDeque::with_capacity(limit as usize),
+            frees_at: VecDeque::with_capacity((limit as usize).min(1024)),
         }
     }
 

@@ -436,7 +436,9 @@ impl Proxy {
         let cache = &shared.tokens[shared.service_tokens.get(service).copied().unwrap_or(0)];
         // The identity call costs no quota: get the token before a slot,
         // within the request's deadline.
-        let mut token = within(deadline, cache.get()).await?;
+        // Rare or large awaits are boxed, so that a request waiting in the
+        // queue does not carry their state.
+        let mut token = Box::pin(within(deadline, cache.get())).await?;
         let mut token_replaced = false;
         let mut front = false;
         let mut backoff = FIRST_BACKOFF;
@@ -453,7 +455,7 @@ impl Proxy {
                 Err(error) => return Err(error.into()),
             };
             // With replicas, the limits they share must agree too.
-            let lease = match self.shared_grant(service, deadline).await {
+            let lease = match Box::pin(self.shared_grant(service, deadline)).await {
                 Ok(SharedGrant::Go(lease)) => lease,
                 // Admitted under limits that no longer hold: once more
                 // under this replica's share.
@@ -474,7 +476,7 @@ impl Proxy {
                 }
             };
             let slot = Slot { permit, lease };
-            let (result, permit) = self.attempt(service, target, outgoing, &token, slot).await;
+            let (result, permit) = Box::pin(self.attempt(service, target, outgoing, &token, slot)).await;
             let answer = match result {
                 Ok(answer) => answer,
                 Err(error) => {
@@ -497,7 +499,7 @@ impl Proxy {
                         let code = code.to_owned();
                         self.replay(service, &code);
                         drop(permit);
-                        token = within(deadline, cache.replace(&token)).await?;
+                        token = Box::pin(within(deadline, cache.replace(&token))).await?;
                         token_replaced = true;
                         front = true;
                         last = Some(answer);
@@ -518,7 +520,7 @@ impl Proxy {
                         );
                         shared.admission.quota_spent();
                         if let Some(limits) = &shared.limits {
-                            limits.mark_spent(shared.admission.day()).await;
+                            Box::pin(limits.mark_spent(shared.admission.day())).await;
                         }
                         return Ok((answer, permit));
                     }
@@ -553,40 +555,32 @@ impl Proxy {
         }
     }
 
-    /// One call to Marketo, in a task of its own: a client that goes away
-    /// does not cancel a call Marketo may already be executing, so its
-    /// slots are given back only once Marketo has answered. A call that
-    /// timed out may still be running there: its concurrency slot is kept
-    /// a while longer.
+    /// One call to Marketo. A request that goes away while its call is out
+    /// (the client disconnected) does not free the call's slot at once:
+    /// Marketo may still be executing it, so the slot is kept for
+    /// [`TIMED_OUT_CALL_GRACE`], as for a call that timed out.
     async fn attempt(
         &self,
         service: ServiceId,
         target: &Target,
         outgoing: &Outgoing,
         token: &Token,
-        mut slot: Slot,
+        slot: Slot,
     ) -> (Result<Answer, ProxyError>, Option<Slot>) {
-        let proxy = self.clone();
-        let (target, outgoing, token) = (target.clone(), outgoing.clone(), token.clone());
-        let call = tokio::spawn(async move {
-            let result = proxy.send_once(service, &target, &outgoing, &token).await;
-            slot.permit.answered();
-            if let Some(lease) = slot.lease.as_mut() {
-                lease.answered().await;
-            }
-            if matches!(result, Err(ProxyError::Upstream(UpstreamError::Timeout(_)))) {
-                tokio::spawn(async move {
-                    tokio::time::sleep(TIMED_OUT_CALL_GRACE).await;
-                    drop(slot);
-                });
-                return (result, None);
-            }
-            (result, Some(slot))
-        });
-        match call.await {
-            Ok(done) => done,
-            Err(_) => (Err(ProxyError::Admission(AdmissionError::Closed)), None),
+        let mut unanswered = UnansweredCall(Some(slot));
+        let result = self.send_once(service, target, outgoing, token).await;
+        let Some(mut slot) = unanswered.0.take() else {
+            return (result, None);
+        };
+        if matches!(result, Err(ProxyError::Upstream(UpstreamError::Timeout(_)))) {
+            hold_for_grace(slot);
+            return (result, None);
         }
+        slot.permit.answered();
+        if let Some(lease) = slot.lease.as_mut() {
+            lease.answered().await;
+        }
+        (result, Some(slot))
     }
 
     /// A grant from the limits shared with other replicas, if any: waits
@@ -794,6 +788,31 @@ async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, ProxyError> {
             Ok(error) => Err(ProxyError::BodyUnreadable(*error)),
             Err(_) => Err(ProxyError::BodyTooLarge { limit }),
         },
+    }
+}
+
+/// The slot of a call sent and not yet answered. Dropped unanswered (the
+/// request went away mid-call), it keeps the slot a while: Marketo may
+/// still be executing the call.
+struct UnansweredCall(Option<Slot>);
+
+impl Drop for UnansweredCall {
+    fn drop(&mut self) {
+        if let Some(slot) = self.0.take() {
+            hold_for_grace(slot);
+        }
+    }
+}
+
+/// Keeps a call's slot for [`TIMED_OUT_CALL_GRACE`] after it got no answer.
+fn hold_for_grace(mut slot: Slot) {
+    // The call may have reached Marketo: its window slot counts from now.
+    slot.permit.answered();
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(async move {
+            tokio::time::sleep(TIMED_OUT_CALL_GRACE).await;
+            drop(slot);
+        });
     }
 }
 
