@@ -170,7 +170,9 @@ impl Answer {
                 error_code: None,
             });
         }
-        let error_code = is_json(&head)
+        // Only an answer that names `errors` can be an error envelope; the
+        // rest (most answers) is not parsed at all.
+        let error_code = (is_json(&head) && mentions_errors(&peeked))
             .then(|| serde_json::from_slice::<Outcome>(&peeked).ok())
             .flatten()
             .and_then(|outcome| outcome.first_code().map(str::to_owned));
@@ -180,6 +182,10 @@ impl Answer {
             error_code,
         })
     }
+}
+
+fn mentions_errors(body: &[u8]) -> bool {
+    body.windows(8).any(|window| window == b"\"errors\"")
 }
 
 fn is_json(head: &response::Parts) -> bool {
