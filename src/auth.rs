@@ -189,7 +189,7 @@ impl Callers {
             }
             self.tokens.remove(token);
         }
-        let token = new_token();
+        let token = crate::marketo::new_access_token("mp");
         self.tokens.insert(
             token.clone(),
             IssuedToken {
@@ -213,21 +213,6 @@ fn answer(token: String, left: Duration, service: &str) -> TokenAnswer {
         expires_in: left.as_secs(),
         scope: service.to_owned(),
     }
-}
-
-/// 128 random bits, in Marketo's token shape so clients that check the
-/// format are content.
-fn new_token() -> String {
-    let bytes: [u8; 16] = rand::random();
-    let hex: String = bytes.iter().map(|byte| format!("{byte:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}:mp",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    )
 }
 
 #[cfg(test)]

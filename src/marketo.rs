@@ -115,6 +115,21 @@ pub fn error_body(request_id: &str, code: &str, message: &str) -> Bytes {
     Bytes::from(serde_json::to_vec(&body).unwrap_or_default())
 }
 
+/// A fresh access token in Marketo's shape (a UUID and a suffix naming
+/// who issued it): 128 random bits.
+pub fn new_access_token(suffix: &str) -> String {
+    let bytes: [u8; 16] = rand::random();
+    let hex: String = bytes.iter().map(|byte| format!("{byte:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}:{suffix}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
 /// A request id in Marketo's style (`e42b#14272d07d78`).
 pub fn request_id() -> String {
     let prefix: u16 = rand::random();

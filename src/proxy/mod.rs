@@ -981,15 +981,19 @@ mod tests {
     use crate::config::Config;
     use http_body_util::StreamBody;
 
-    #[tokio::test]
-    async fn the_concurrency_slot_is_held_until_the_body_has_been_sent() {
+    fn one_service_admission() -> Arc<Admission> {
         let config = Config::from_yaml_with_env(
             "marketo: { base_url: 'http://127.0.0.1:1', client_id: a, client_secret: b }\n\
              services: [{ name: s, api_key: key-s-0123456789 }]\nstate: { file: ~ }",
             |_| None,
         )
         .unwrap();
-        let admission = Admission::new(&config, Metrics::new());
+        Admission::new(&config, Metrics::new())
+    }
+
+    #[tokio::test]
+    async fn the_concurrency_slot_is_held_until_the_body_has_been_sent() {
+        let admission = one_service_admission();
         let mut permit = admission
             .admit(0, Instant::now() + Duration::from_secs(1), false)
             .await
@@ -1025,13 +1029,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_client_that_stops_reading_a_streamed_answer_loses_its_slot() {
-        let config = Config::from_yaml_with_env(
-            "marketo: { base_url: 'http://127.0.0.1:1', client_id: a, client_secret: b }\n\
-             services: [{ name: s, api_key: key-s-0123456789 }]\nstate: { file: ~ }",
-            |_| None,
-        )
-        .unwrap();
-        let admission = Admission::new(&config, Metrics::new());
+        let admission = one_service_admission();
         let permit = admission
             .admit(0, Instant::now() + Duration::from_secs(1), false)
             .await

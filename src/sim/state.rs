@@ -219,7 +219,7 @@ impl State {
                 }
             }
         }
-        let token = new_token();
+        let token = crate::marketo::new_access_token("sim");
         inner.tokens.insert(
             token.clone(),
             IssuedToken {
@@ -353,18 +353,4 @@ impl State {
 
 fn today(config: &SimConfig) -> NaiveDate {
     chrono::Utc::now().with_timezone(&config.timezone).date_naive()
-}
-
-/// A token in Marketo's shape: a UUID and a pod suffix.
-fn new_token() -> String {
-    let bytes: [u8; 16] = rand::random();
-    let hex: String = bytes.iter().map(|byte| format!("{byte:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}:sim",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    )
 }
