@@ -317,8 +317,9 @@ impl TokenCache {
                 if !due {
                     continue;
                 }
+                // One attempt, not a full retry cycle: callers waiting
+                // meanwhile make their own rather than inherit its failure.
                 let fetched = this.fetch().await;
-                this.completed.fetch_add(1, Ordering::AcqRel);
                 match fetched {
                     Ok(mut token) => {
                         let same = before.as_ref().filter(|before| before.header == token.header);
