@@ -13,10 +13,16 @@
 //! 5. Body: buffered within Marketo's limits (413 otherwise), so that a
 //!    replay can resend it.
 //! 6. Credentials: every `access_token` and client header removed.
-//! 7. Token and send: the service's upstream token is injected; a 601/602
-//!    answer drops that token, fetches another (single-flight) and
-//!    replays the call once.
-//! 8. Answer: hop-by-hop headers dropped, the body streamed to the client.
+//! 7. Token: the service's upstream token, fetched before admission since
+//!    identity calls cost no quota.
+//! 8. Admission: the service's queue, fair between services; then, with
+//!    replicas, the limits shared through Redis. Refused with 606/607 and
+//!    `Retry-After` when the deadline cannot be met or the quota is spent.
+//! 9. Send: the token injected, the answer peeked and classified; 601/602
+//!    replaces the token and replays once, 606/615 pause admission and
+//!    replay, transient failures replay reads (see [`Proxy::send`]).
+//! 10. Answer: hop-by-hop headers dropped, the body streamed to the
+//!     client, holding the call's concurrency slot until it has been sent.
 //!
 //! The proxy's own `/identity/oauth/token` is answered before step 1's
 //! path check, for clients that only know how to talk to Marketo.
