@@ -230,3 +230,58 @@ async fn a_replica_that_loses_redis_falls_back_to_its_share() {
         .unwrap();
     assert_eq!(support::metric(&metrics, "marketo_proxy_backend_up"), Some(0.0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_replicas_leases_lapse_while_a_running_call_keeps_its_own() {
+    use marketo_proxy::admission::Admission;
+    use marketo_proxy::admission::shared::{Grant, SharedLimits};
+    use marketo_proxy::metrics::Metrics;
+    use std::sync::Arc;
+
+    let redis = RedisServer::start();
+    let mut config = replica_config("http://127.0.0.1:1", &redis.url(), "  concurrency: 2", "leases");
+    if let Some(redis) = config.state.redis.as_mut() {
+        redis.lease = Duration::from_secs(1);
+    }
+    let redis_config = config.state.redis.clone().unwrap();
+    let replica = |metrics: Metrics| {
+        let admission = Admission::new(&config, metrics.clone());
+        let shared = SharedLimits::new(&config, &redis_config, metrics).unwrap();
+        (admission, shared)
+    };
+    let (living_admission, living) = replica(Metrics::new());
+    let (crashed_admission, crashed) = replica(Metrics::new());
+    living.connect(&living_admission).await;
+    crashed.connect(&crashed_admission).await;
+    assert!(living.is_up() && crashed.is_up());
+    // Only the living replica renews its leases.
+    let _maintenance = living.spawn_maintenance(Arc::clone(&living_admission));
+    let day = living_admission.day();
+
+    // The crashed replica took a slot and will never give it back.
+    match crashed.acquire(0, day, &crashed_admission).await {
+        Grant::Granted(lease) => std::mem::forget(lease),
+        _ => panic!("the first slot is free"),
+    }
+    let running = match living.acquire(0, day, &living_admission).await {
+        Grant::Granted(lease) => lease,
+        _ => panic!("the second slot is free"),
+    };
+    assert!(matches!(
+        living.acquire(0, day, &living_admission).await,
+        Grant::Wait(_)
+    ));
+
+    // After the lease's lifetime the crashed replica's slot is free again;
+    // the running call renewed its own.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let third = match living.acquire(0, day, &living_admission).await {
+        Grant::Granted(lease) => lease,
+        _ => panic!("the crashed replica's lease should have lapsed"),
+    };
+    assert!(
+        matches!(living.acquire(0, day, &living_admission).await, Grant::Wait(_)),
+        "the running call kept its lease"
+    );
+    drop((running, third));
+}

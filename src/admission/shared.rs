@@ -35,8 +35,6 @@ use crate::metrics::Metrics;
 
 /// How long a Redis call may take before Redis counts as unreachable.
 const REDIS_TIMEOUT: Duration = Duration::from_millis(500);
-/// Lifetime of a concurrency lease; renewed every third of it.
-const LEASE: Duration = Duration::from_secs(30);
 /// How often an unreachable Redis is tried again.
 const RETRY_EVERY: Duration = Duration::from_secs(1);
 /// The longest a grant waits between two asks.
@@ -205,6 +203,8 @@ pub struct SharedLimits {
     daily_quota: u64,
     services: Vec<ServiceLimits>,
     fallback_replicas: u32,
+    /// Lifetime of a concurrency lease; renewed every third of it.
+    lease: Duration,
     up: AtomicBool,
     /// Leases of this replica's calls in flight.
     leases: Mutex<Leases>,
@@ -258,6 +258,7 @@ impl SharedLimits {
             unsynced: Mutex::new(vec![0; services.len()]),
             services,
             fallback_replicas: redis.fallback_replicas.get(),
+            lease: redis.lease,
             // Until Redis has answered once, this replica keeps to its
             // share: it never starts on the full limits.
             up: AtomicBool::new(false),
@@ -350,7 +351,7 @@ impl SharedLimits {
             .arg(self.window_calls)
             .arg(millis(self.pending))
             .arg(self.concurrency)
-            .arg(millis(LEASE))
+            .arg(millis(self.lease))
             .arg(limits.window_calls)
             .arg(limits.concurrency)
             .arg(self.daily_quota)
@@ -495,15 +496,16 @@ impl SharedLimits {
         let shared = Arc::clone(self);
         tokio::spawn(async move {
             let mut since_renewal = Duration::ZERO;
+            let tick = RETRY_EVERY.min(shared.lease / 3);
             loop {
                 if !shared.is_up() {
                     shared.try_recover(&admission).await;
                     tokio::time::sleep(RETRY_EVERY).await;
                     continue;
                 }
-                tokio::time::sleep(RETRY_EVERY).await;
-                since_renewal += RETRY_EVERY;
-                if since_renewal >= LEASE / 3 {
+                tokio::time::sleep(tick).await;
+                since_renewal += tick;
+                if since_renewal >= shared.lease / 3 {
                     since_renewal = Duration::ZERO;
                     if shared.renew_leases().await.is_err() {
                         shared.fall_back(&admission);
@@ -527,7 +529,7 @@ impl SharedLimits {
                 .key(self.key("inflight"))
                 .key(self.service_key("inflight", service))
                 .arg(&id)
-                .arg(millis(LEASE));
+                .arg(millis(self.lease));
             self.call::<u8>(&invocation).await?;
         }
         Ok(())
@@ -584,7 +586,7 @@ impl SharedLimits {
             .key(self.key("inflight"))
             .key(self.day_key(day))
             .arg(millis(self.pending))
-            .arg(millis(LEASE))
+            .arg(millis(self.lease))
             .arg(left.len());
         for remaining in &left {
             invocation.arg(millis(*remaining));

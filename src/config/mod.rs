@@ -308,6 +308,11 @@ pub struct RedisConfig {
     pub key_prefix: String,
     /// While Redis is unreachable, each replica uses the limits divided by this.
     pub fallback_replicas: NonZeroU32,
+    /// A call's concurrency lease lasts this long unless renewed (every
+    /// third of it while the call runs), so a crashed replica's calls stop
+    /// counting after at most this.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
 }
 
 // `const`: checked when the crate compiles, like the limits above.
@@ -317,6 +322,7 @@ impl Default for RedisConfig {
             url: Secret::default(),
             key_prefix: "marketo-proxy".to_owned(),
             fallback_replicas: const { NonZeroU32::new(2).expect("not zero") },
+            lease: Duration::from_secs(30),
         }
     }
 }

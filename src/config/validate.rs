@@ -251,7 +251,14 @@ fn check_redis(redis: &RedisConfig) -> Check {
         }
         _ => return invalid("state.redis.url", "must be a redis:// or unix:// URL"),
     }
-    check_non_empty("state.redis.key_prefix", &redis.key_prefix, REQUIRED)
+    check_non_empty("state.redis.key_prefix", &redis.key_prefix, REQUIRED)?;
+    if redis.lease < Duration::from_secs(1) {
+        return invalid(
+            "state.redis.lease",
+            "must be at least 1s (it is renewed every third of it)",
+        );
+    }
+    Ok(())
 }
 
 fn check_non_empty(key: &str, value: &str, reason_if_empty: &str) -> Check {
