@@ -147,7 +147,7 @@ async fn demo(listen: SocketAddr, admin_listen: SocketAddr) -> anyhow::Result<()
         "marketo-proxy demo: a simulated Marketo instance (100 calls / 20 s, 10 concurrent, 50,000 a day)\n\
          with the proxy in front of it.\n\n  \
          proxy:     {proxy_url}\n  \
-         admin:     {admin_url}  (/metrics /healthz /readyz)\n  \
+         admin:     {admin_url}  (/usage /metrics /healthz /readyz)\n  \
          simulator: {sim_url}\n  \
          API key:   {api_key}  (service crm-sync; demo only)\n\n\
          Try:\n  \
