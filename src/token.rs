@@ -245,7 +245,6 @@ impl TokenCache {
         let request = Request::builder()
             .method(Method::POST)
             .uri(uri)
-            .header(header::HOST, self.upstream.host())
             .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
             .header(header::ACCEPT, "application/json")
             .body(Full::new(Bytes::from(form)))

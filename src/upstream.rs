@@ -58,6 +58,8 @@ pub struct Upstream {
     client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     scheme: http::uri::Scheme,
     authority: http::uri::Authority,
+    /// `Host` of every call, built once.
+    host: http::HeaderValue,
     /// Path prefix of the base URL without a trailing slash (usually empty).
     prefix: String,
     request_timeout: Duration,
@@ -86,7 +88,9 @@ impl Upstream {
             .map_err(|_| UpstreamError::BaseUrl)?;
         let scheme = base.scheme().cloned().ok_or(UpstreamError::BaseUrl)?;
         let authority = base.authority().cloned().ok_or(UpstreamError::BaseUrl)?;
+        let host = http::HeaderValue::from_str(authority.as_str()).map_err(|_| UpstreamError::BaseUrl)?;
         Ok(Self {
+            host,
             client,
             scheme,
             authority,
@@ -110,14 +114,11 @@ impl Upstream {
         self.request_timeout
     }
 
-    /// The `Host` header value for the Marketo host.
-    pub fn host(&self) -> &str {
-        self.authority.as_str()
-    }
-
     /// Sends a request and waits for the answer's head and first
     /// [`PEEK_LIMIT`] bytes, within the request timeout.
-    pub async fn send(&self, request: Request<Full<Bytes>>) -> Result<Answer, UpstreamError> {
+    pub async fn send(&self, mut request: Request<Full<Bytes>>) -> Result<Answer, UpstreamError> {
+        // Whatever the caller set, the call names the configured host.
+        request.headers_mut().insert(header::HOST, self.host.clone());
         let exchange = async {
             let response = self
                 .client

@@ -104,6 +104,9 @@ pub struct Admission {
     timer: Arc<Notify>,
     metrics: Metrics,
     names: Vec<String>,
+    /// Longest queue wait per service (the proxy's own last); fixed, so
+    /// read without the lock.
+    max_waits: Vec<Duration>,
     wall: WallClock,
     max_queue_length: usize,
 }
@@ -147,7 +150,6 @@ struct Lane {
     window: Option<SlidingWindow>,
     concurrency: u32,
     in_flight: u32,
-    max_wait: Duration,
     queue: VecDeque<Waiter>,
     /// Finish tag of the service's last dispatched call.
     finish: f64,
@@ -217,7 +219,6 @@ impl Admission {
                     .map(|calls| SlidingWindow::new(calls.get(), limits.window, limits.safety_margin)),
                 concurrency: service.effective_concurrency(limits).get(),
                 in_flight: 0,
-                max_wait: service.effective_max_queue_wait(limits),
                 queue: VecDeque::new(),
                 finish: 0.0,
             })
@@ -230,7 +231,6 @@ impl Admission {
             window: None,
             concurrency: limits.concurrency.get(),
             in_flight: 0,
-            max_wait: limits.max_queue_wait,
             queue: VecDeque::new(),
             finish: 0.0,
         });
@@ -272,6 +272,12 @@ impl Admission {
                 .map(|service| service.name.clone())
                 .chain(std::iter::once(INTERNAL_SERVICE.to_owned()))
                 .collect(),
+            max_waits: config
+                .services
+                .iter()
+                .map(|service| service.effective_max_queue_wait(limits))
+                .chain(std::iter::once(limits.max_queue_wait))
+                .collect(),
             wall,
             max_queue_length: limits.max_queue_length.get(),
         });
@@ -285,10 +291,7 @@ impl Admission {
 
     /// The longest a request of `service` may wait to be admitted.
     pub fn max_wait(&self, service: usize) -> Duration {
-        self.lock()
-            .lanes
-            .get(service)
-            .map_or(Duration::ZERO, |lane| lane.max_wait)
+        self.max_waits.get(service).copied().unwrap_or_default()
     }
 
     /// Waits until a call of `service` may be sent, or says why it may
@@ -656,6 +659,11 @@ impl Admission {
         self.metrics
             .quota_exhaustion_eta_seconds
             .set(eta.map_or(f64::INFINITY, |eta| eta.as_secs_f64()));
+    }
+
+    /// Service names in admission order, the proxy's own last.
+    pub fn names(&self) -> &[String] {
+        &self.names
     }
 
     /// The index the proxy's own calls are admitted under.

@@ -255,13 +255,7 @@ impl Proxy {
 
     /// Service names in admission order, the proxy's own last.
     pub fn service_names(&self) -> Vec<String> {
-        self.shared
-            .admission
-            .snapshot()
-            .services
-            .into_iter()
-            .map(|service| service.name)
-            .collect()
+        self.shared.admission.names().to_vec()
     }
 
     /// The limits shared with other replicas, when configured.
@@ -645,8 +639,6 @@ impl Proxy {
             .body(Full::new(outgoing.body.clone()))
             .map_err(|error| ProxyError::Upstream(UpstreamError::Uri(error)))?;
         *request.headers_mut() = outgoing.headers.clone();
-        let host = HeaderValue::from_str(self.shared.upstream.host()).map_err(|_| UpstreamError::BaseUrl)?;
-        request.headers_mut().insert(header::HOST, host);
         request
             .headers_mut()
             .insert(header::AUTHORIZATION, token.header.clone());
