@@ -25,6 +25,15 @@ fn config(limits: &str, services: &str) -> Config {
 
 const TWO_SERVICES: &str = "  - { name: a, api_key: key-a-0123456789, weight: 3 }\n  - { name: b, api_key: key-b-0123456789, weight: 1 }";
 
+/// Asks admission for a call of `service` that may wait up to `wait`.
+async fn admit(
+    admission: &Arc<Admission>,
+    service: usize,
+    wait: Duration,
+) -> Result<marketo_proxy::admission::Permit, AdmissionError> {
+    admission.admit(service, Instant::now() + wait, false).await
+}
+
 fn admission(config: &Config) -> Arc<Admission> {
     let admission = Admission::new(config, Metrics::new());
     admission.spawn_timer();
@@ -150,30 +159,16 @@ async fn concurrency_is_capped_for_the_instance_and_each_service() {
     let admission = admission(&config);
     let mut permits = Vec::new();
     for _ in 0..3 {
-        permits.push(
-            admission
-                .admit(0, Instant::now() + Duration::from_secs(60), false)
-                .await
-                .unwrap(),
-        );
+        permits.push(admit(&admission, 0, Duration::from_secs(60)).await.unwrap());
     }
     // a is at its cap: its fourth call waits, b goes on.
     let waiting = {
         let admission = Arc::clone(&admission);
-        tokio::spawn(async move {
-            admission
-                .admit(0, Instant::now() + Duration::from_secs(60), false)
-                .await
-        })
+        tokio::spawn(async move { admit(&admission, 0, Duration::from_secs(60)).await })
     };
     tokio::task::yield_now().await;
     for _ in 0..7 {
-        permits.push(
-            admission
-                .admit(1, Instant::now() + Duration::from_secs(60), false)
-                .await
-                .unwrap(),
-        );
+        permits.push(admit(&admission, 1, Duration::from_secs(60)).await.unwrap());
     }
     assert_eq!(admission.snapshot().in_flight, 10);
     assert!(!waiting.is_finished());
@@ -196,10 +191,7 @@ async fn a_deadline_that_cannot_be_met_is_refused_at_once() {
     );
     let admission = admission(&config);
     for _ in 0..10 {
-        let mut permit = admission
-            .admit(0, Instant::now() + Duration::from_secs(1), false)
-            .await
-            .unwrap();
+        let mut permit = admit(&admission, 0, Duration::from_secs(1)).await.unwrap();
         permit.answered();
     }
     let asked = Instant::now();
@@ -233,10 +225,7 @@ async fn a_deadline_that_passes_in_the_queue_is_refused_then() {
     );
     let admission = admission(&config);
     // The one slot is taken by a call that never answers.
-    let _stuck = admission
-        .admit(0, Instant::now() + Duration::from_secs(1), false)
-        .await
-        .unwrap();
+    let _stuck = admit(&admission, 0, Duration::from_secs(1)).await.unwrap();
     let asked = Instant::now();
     let refused = admission.admit(0, asked + Duration::from_secs(25), false).await;
     assert!(
@@ -254,25 +243,17 @@ async fn the_queue_is_bounded() {
         TWO_SERVICES,
     );
     let admission = admission(&config);
-    let _first = admission
-        .admit(0, Instant::now() + Duration::from_secs(60), false)
-        .await
-        .unwrap();
+    let _first = admit(&admission, 0, Duration::from_secs(60)).await.unwrap();
     let mut waiting = Vec::new();
     for _ in 0..5 {
         let admission = Arc::clone(&admission);
         waiting.push(tokio::spawn(async move {
-            admission
-                .admit(1, Instant::now() + Duration::from_secs(3600), false)
-                .await
-                .map(drop)
+            admit(&admission, 1, Duration::from_secs(3600)).await.map(drop)
         }));
     }
     tokio::task::yield_now().await;
     assert_eq!(admission.snapshot().queued, 5);
-    let refused = admission
-        .admit(0, Instant::now() + Duration::from_secs(3600), false)
-        .await;
+    let refused = admit(&admission, 0, Duration::from_secs(3600)).await;
     assert!(
         matches!(refused, Err(AdmissionError::QueueFull { limit: 5, .. })),
         "{refused:?}"
@@ -286,18 +267,10 @@ async fn the_queue_is_bounded() {
 async fn a_client_that_goes_away_leaves_the_queue() {
     let config = config("  window_calls: 1\n  max_queue_wait: 1h", TWO_SERVICES);
     let admission = admission(&config);
-    let _first = admission
-        .admit(0, Instant::now() + Duration::from_secs(60), false)
-        .await
-        .unwrap();
+    let _first = admit(&admission, 0, Duration::from_secs(60)).await.unwrap();
     let waiter = {
         let admission = Arc::clone(&admission);
-        tokio::spawn(async move {
-            admission
-                .admit(1, Instant::now() + Duration::from_secs(3600), false)
-                .await
-                .map(drop)
-        })
+        tokio::spawn(async move { admit(&admission, 1, Duration::from_secs(3600)).await.map(drop) })
     };
     tokio::task::yield_now().await;
     assert_eq!(admission.snapshot().queued, 1);
@@ -314,10 +287,7 @@ async fn reserved_daily_calls_stay_free_for_their_service() {
     let admission = admission(&config);
     let mut b_calls = 0;
     let refusal = loop {
-        match admission
-            .admit(1, Instant::now() + Duration::from_secs(1), false)
-            .await
-        {
+        match admit(&admission, 1, Duration::from_secs(1)).await {
             Ok(permit) => {
                 drop(permit);
                 b_calls += 1;
@@ -337,16 +307,9 @@ async fn reserved_daily_calls_stay_free_for_their_service() {
         "{refusal:?}"
     );
     for _ in 0..20 {
-        drop(
-            admission
-                .admit(0, Instant::now() + Duration::from_secs(1), false)
-                .await
-                .unwrap(),
-        );
+        drop(admit(&admission, 0, Duration::from_secs(1)).await.unwrap());
     }
-    let refusal = admission
-        .admit(0, Instant::now() + Duration::from_secs(1), false)
-        .await;
+    let refusal = admit(&admission, 0, Duration::from_secs(1)).await;
     assert!(matches!(
         refusal,
         Err(AdmissionError::Quota {
@@ -367,17 +330,9 @@ async fn the_quota_resets_at_local_midnight_across_a_daylight_saving_change() {
     let admission = Admission::with_clock(&config, Metrics::new(), clock);
     admission.spawn_timer();
     for _ in 0..5 {
-        drop(
-            admission
-                .admit(0, Instant::now() + Duration::from_secs(1), false)
-                .await
-                .unwrap(),
-        );
+        drop(admit(&admission, 0, Duration::from_secs(1)).await.unwrap());
     }
-    match admission
-        .admit(0, Instant::now() + Duration::from_secs(1), false)
-        .await
-    {
+    match admit(&admission, 0, Duration::from_secs(1)).await {
         Err(AdmissionError::Quota {
             scope: QuotaScope::Instance,
             retry_after,
@@ -391,12 +346,7 @@ async fn the_quota_resets_at_local_midnight_across_a_daylight_saving_change() {
             .timestamp_millis(),
         Ordering::SeqCst,
     );
-    assert!(
-        admission
-            .admit(0, Instant::now() + Duration::from_secs(1), false)
-            .await
-            .is_err()
-    );
+    assert!(admit(&admission, 0, Duration::from_secs(1)).await.is_err());
     wall.store(
         "2026-03-09T05:00:00Z"
             .parse::<DateTime<Utc>>()
@@ -404,12 +354,7 @@ async fn the_quota_resets_at_local_midnight_across_a_daylight_saving_change() {
             .timestamp_millis(),
         Ordering::SeqCst,
     );
-    assert!(
-        admission
-            .admit(0, Instant::now() + Duration::from_secs(1), false)
-            .await
-            .is_ok()
-    );
+    assert!(admit(&admission, 0, Duration::from_secs(1)).await.is_ok());
     assert_eq!(admission.snapshot().daily_used, 1);
 }
 
@@ -417,16 +362,9 @@ async fn the_quota_resets_at_local_midnight_across_a_daylight_saving_change() {
 async fn marketo_saying_607_spends_the_day() {
     let config = config("  window_calls: 1000\n  daily_quota: 50000", TWO_SERVICES);
     let admission = admission(&config);
-    drop(
-        admission
-            .admit(0, Instant::now() + Duration::from_secs(1), false)
-            .await
-            .unwrap(),
-    );
+    drop(admit(&admission, 0, Duration::from_secs(1)).await.unwrap());
     admission.quota_spent();
-    let refused = admission
-        .admit(1, Instant::now() + Duration::from_secs(1), false)
-        .await;
+    let refused = admit(&admission, 1, Duration::from_secs(1)).await;
     assert!(matches!(
         refused,
         Err(AdmissionError::Quota {
@@ -456,25 +394,16 @@ async fn a_pause_holds_every_call_back() {
 async fn closing_answers_every_waiter_and_refuses_newcomers() {
     let config = config("  window_calls: 1\n  max_queue_wait: 1h", TWO_SERVICES);
     let admission = admission(&config);
-    let first = admission
-        .admit(0, Instant::now() + Duration::from_secs(60), false)
-        .await
-        .unwrap();
+    let first = admit(&admission, 0, Duration::from_secs(60)).await.unwrap();
     let waiter = {
         let admission = Arc::clone(&admission);
-        tokio::spawn(async move {
-            admission
-                .admit(1, Instant::now() + Duration::from_secs(3600), false)
-                .await
-        })
+        tokio::spawn(async move { admit(&admission, 1, Duration::from_secs(3600)).await })
     };
     tokio::task::yield_now().await;
     admission.close();
     let answered = waiter.await.unwrap();
     assert!(matches!(answered, Err(AdmissionError::Closed)), "{answered:?}");
-    let refused = admission
-        .admit(0, Instant::now() + Duration::from_secs(60), false)
-        .await;
+    let refused = admit(&admission, 0, Duration::from_secs(60)).await;
     assert!(matches!(refused, Err(AdmissionError::Closed)));
     // The call already admitted finishes normally.
     drop(first);
@@ -504,12 +433,7 @@ async fn the_quota_forecast_follows_the_recent_rate() {
     let none: f64 = forecast(&metrics).unwrap().parse().unwrap();
     assert!(none.is_infinite(), "no calls, no forecast");
     for _ in 0..100 {
-        drop(
-            admission
-                .admit(0, Instant::now() + Duration::from_secs(1), false)
-                .await
-                .unwrap(),
-        );
+        drop(admit(&admission, 0, Duration::from_secs(1)).await.unwrap());
     }
     tokio::time::advance(Duration::from_secs(100)).await;
     admission.refresh_metrics();

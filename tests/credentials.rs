@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use marketo_proxy::app::{self, RunningProxy};
 use marketo_proxy::config::Config;
-use marketo_proxy::sim::{Arrival, FailNext, Failure, Faults, SimConfig, Simulator};
+use marketo_proxy::sim::{Arrival, Faults, SimConfig, Simulator};
 use serde_json::Value;
 use support::{CRM_CLIENT_ID, CRM_CLIENT_SECRET, CRM_KEY, Stack, WAREHOUSE_KEY, metric};
 
@@ -552,31 +552,13 @@ async fn assert_token_failure_is_absorbed(faults: Faults, code: &str) {
 
 #[tokio::test]
 async fn injected_601_costs_the_client_nothing() {
-    let faults = Faults {
-        fail_next: Some(FailNext {
-            count: 1,
-            failure: Failure {
-                code: Some("601".into()),
-                http_status: None,
-            },
-        }),
-        ..Faults::default()
-    };
+    let faults = support::fail_next(1, "601");
     assert_token_failure_is_absorbed(faults, "601").await;
 }
 
 #[tokio::test]
 async fn injected_602_costs_the_client_nothing() {
-    let faults = Faults {
-        fail_next: Some(FailNext {
-            count: 1,
-            failure: Failure {
-                code: Some("602".into()),
-                http_status: None,
-            },
-        }),
-        ..Faults::default()
-    };
+    let faults = support::fail_next(1, "602");
     assert_token_failure_is_absorbed(faults, "602").await;
 }
 

@@ -421,14 +421,7 @@ async fn a_stalled_answer_is_cut_off_and_frees_its_slot() {
     );
     assert!(started.elapsed() < Duration::from_secs(5));
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let metrics = support::client()
-        .get(format!("{}/metrics", proxy.admin_url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = support::metrics_text(&proxy.admin_url()).await;
     assert_eq!(
         support::metric(&metrics, "marketo_proxy_inflight"),
         Some(0.0),

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use marketo_proxy::app;
 use marketo_proxy::config::Config;
-use marketo_proxy::sim::{FailNext, Failure, Faults, Simulator};
+use marketo_proxy::sim::Simulator;
 use serde_json::Value;
 use support::{CRM_KEY, Stack, WAREHOUSE_KEY, metric};
 
@@ -26,16 +26,7 @@ async fn metrics_match_what_clients_saw_and_marketo_recorded() {
             200
         );
     }
-    stack.sim.inject(Faults {
-        fail_next: Some(FailNext {
-            count: 2,
-            failure: Failure {
-                code: Some("1003".into()),
-                http_status: None,
-            },
-        }),
-        ..Faults::default()
-    });
+    stack.sim.inject(support::fail_next(2, "1003"));
     for _ in 0..2 {
         let body: Value = stack
             .get(CRM_KEY, "/rest/v1/lead/1.json")
@@ -132,15 +123,7 @@ async fn metrics_match_what_clients_saw_and_marketo_recorded() {
     assert_eq!(stats.calls, 13);
 
     // /usage says the same.
-    let usage: Value = stack
-        .http
-        .get(format!("{}/usage", stack.proxy.admin_url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let usage: Value = support::usage(&stack.proxy.admin_url()).await;
     assert_eq!(usage["used"], 13);
     assert_eq!(usage["remaining"], 50_000 - 13);
     assert_eq!(usage["services"][0]["name"], "crm-sync");
@@ -165,17 +148,6 @@ state:
         file.display()
     );
     Config::from_yaml_with_env(&yaml, |_| None).unwrap()
-}
-
-async fn usage(admin_url: &str) -> Value {
-    support::client()
-        .get(format!("{admin_url}/usage"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
 }
 
 #[tokio::test]
@@ -209,7 +181,7 @@ async fn a_restart_keeps_todays_usage() {
     // The ledger is restored as the proxy starts.
     let mut restored = Value::Null;
     for _ in 0..50 {
-        restored = usage(&proxy.admin_url()).await;
+        restored = support::usage(&proxy.admin_url()).await;
         if restored["used"] == 5 {
             break;
         }
@@ -235,7 +207,7 @@ async fn usage_saved_on_another_day_is_not_restored() {
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let today = usage(&proxy.admin_url()).await;
+    let today = support::usage(&proxy.admin_url()).await;
     assert_eq!(today["used"], 0, "{today}");
     assert_eq!(today["remaining"], 1000);
 }
@@ -254,7 +226,7 @@ async fn a_corrupt_ledger_is_moved_aside_not_lost() {
         std::fs::read_to_string(dir.path().join("usage.corrupt")).unwrap(),
         "not json"
     );
-    assert_eq!(usage(&proxy.admin_url()).await["used"], 0);
+    assert_eq!(support::usage(&proxy.admin_url()).await["used"], 0);
 }
 
 #[tokio::test]
@@ -269,7 +241,7 @@ async fn marketo_counting_more_calls_shrinks_the_remaining_quota() {
         .unwrap();
     let mut today = Value::Null;
     for _ in 0..100 {
-        today = usage(&proxy.admin_url()).await;
+        today = support::usage(&proxy.admin_url()).await;
         if !today["marketo_reported"].is_null() {
             break;
         }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use marketo_proxy::app;
 use marketo_proxy::config::Config;
-use marketo_proxy::sim::{FailNext, Failure, Faults, SimConfig, Simulator};
+use marketo_proxy::sim::{SimConfig, Simulator};
 use serde_json::Value;
 
 /// Three services against a simulator at `sim_url`, with `limits` (YAML).
@@ -114,16 +114,7 @@ async fn a_spent_daily_quota_is_answered_locally_with_607() {
 async fn marketo_606_and_615_are_absorbed_by_a_replay() {
     let stack = support::Stack::start(support::sim_config()).await;
     for code in ["606", "615"] {
-        stack.sim.inject(Faults {
-            fail_next: Some(FailNext {
-                count: 1,
-                failure: Failure {
-                    code: Some(code.into()),
-                    http_status: None,
-                },
-            }),
-            ..Faults::default()
-        });
+        stack.sim.inject(support::fail_next(1, code));
         let answer = stack.get(support::CRM_KEY, "/rest/v1/lead/1.json").await;
         let body: Value = answer.json().await.unwrap();
         assert_eq!(body["success"], true, "after {code}: {body}");
@@ -140,14 +131,7 @@ async fn marketo_606_and_615_are_absorbed_by_a_replay() {
 #[tokio::test]
 async fn transient_errors_are_replayed_only_for_reads() {
     let stack = support::Stack::start(support::sim_config()).await;
-    let fail = |failure: Failure| Faults {
-        fail_next: Some(FailNext { count: 1, failure }),
-        ..Faults::default()
-    };
-    stack.sim.inject(fail(Failure {
-        code: Some("611".into()),
-        http_status: None,
-    }));
+    stack.sim.inject(support::fail_next(1, "611"));
     let body: Value = stack
         .get(support::CRM_KEY, "/rest/v1/lead/1.json")
         .await
@@ -155,18 +139,12 @@ async fn transient_errors_are_replayed_only_for_reads() {
         .await
         .unwrap();
     assert_eq!(body["success"], true, "{body}");
-    stack.sim.inject(fail(Failure {
-        code: None,
-        http_status: Some(503),
-    }));
+    stack.sim.inject(support::fail_next_status(1, 503));
     let answer = stack.get(support::CRM_KEY, "/rest/v1/lead/1.json").await;
     assert_eq!(answer.status(), 200);
 
     // A write that meets a transient error is passed back, not repeated.
-    stack.sim.inject(fail(Failure {
-        code: Some("611".into()),
-        http_status: None,
-    }));
+    stack.sim.inject(support::fail_next(1, "611"));
     let body: Value = stack
         .http
         .post(format!("{}/rest/v1/leads.json", stack.proxy.url()))
@@ -186,16 +164,7 @@ async fn transient_errors_are_replayed_only_for_reads() {
 #[tokio::test]
 async fn marketo_607_spends_the_day_for_every_service() {
     let stack = support::Stack::start(support::sim_config()).await;
-    stack.sim.inject(Faults {
-        fail_next: Some(FailNext {
-            count: 1,
-            failure: Failure {
-                code: Some("607".into()),
-                http_status: None,
-            },
-        }),
-        ..Faults::default()
-    });
+    stack.sim.inject(support::fail_next(1, "607"));
     let body: Value = stack
         .get(support::CRM_KEY, "/rest/v1/lead/1.json")
         .await

@@ -159,14 +159,7 @@ async fn without_redis_a_replica_keeps_to_its_share_and_comes_back_when_it_retur
             .filter(|(_, ok, _)| !ok)
             .all(|(_, _, code)| code == "606")
     );
-    let metrics = support::client()
-        .get(format!("{}/metrics", proxy.admin_url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = support::metrics_text(&proxy.admin_url()).await;
     assert_eq!(support::metric(&metrics, "marketo_proxy_backend_up"), Some(0.0));
     assert_eq!(support::metric(&metrics, "marketo_proxy_window_limit"), Some(5.0));
 
@@ -174,14 +167,7 @@ async fn without_redis_a_replica_keeps_to_its_share_and_comes_back_when_it_retur
     let redis = RedisServer::start_on(port);
     let mut up = None;
     for _ in 0..50 {
-        let metrics = support::client()
-            .get(format!("{}/metrics", proxy.admin_url()))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = support::metrics_text(&proxy.admin_url()).await;
         up = support::metric(&metrics, "marketo_proxy_backend_up");
         if up == Some(1.0) {
             break;
@@ -220,14 +206,7 @@ async fn a_replica_that_loses_redis_falls_back_to_its_share() {
         "{answers:?}"
     );
     assert_eq!(sim.stats().max_in_window, 5);
-    let metrics = support::client()
-        .get(format!("{}/metrics", proxy.admin_url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = support::metrics_text(&proxy.admin_url()).await;
     assert_eq!(support::metric(&metrics, "marketo_proxy_backend_up"), Some(0.0));
 }
 

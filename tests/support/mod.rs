@@ -95,14 +95,54 @@ impl Stack {
 
     /// The admin `/metrics` text.
     pub async fn metrics(&self) -> String {
-        self.http
-            .get(format!("{}/metrics", self.proxy.admin_url()))
-            .send()
-            .await
-            .expect("admin answers")
-            .text()
-            .await
-            .expect("metrics text")
+        metrics_text(&self.proxy.admin_url()).await
+    }
+}
+
+/// The `/metrics` text of the admin listener at `admin_url`.
+pub async fn metrics_text(admin_url: &str) -> String {
+    client()
+        .get(format!("{admin_url}/metrics"))
+        .send()
+        .await
+        .expect("admin answers")
+        .text()
+        .await
+        .expect("metrics text")
+}
+
+/// The `/usage` JSON of the admin listener at `admin_url`.
+pub async fn usage(admin_url: &str) -> serde_json::Value {
+    client()
+        .get(format!("{admin_url}/usage"))
+        .send()
+        .await
+        .expect("admin answers")
+        .json()
+        .await
+        .expect("usage JSON")
+}
+
+/// Faults that answer the next `count` calls with Marketo `code`.
+pub fn fail_next(count: u32, code: &str) -> marketo_proxy::sim::Faults {
+    fail_with(count, Some(code), None)
+}
+
+/// Faults that answer the next `count` calls with a bare HTTP `status`.
+pub fn fail_next_status(count: u32, status: u16) -> marketo_proxy::sim::Faults {
+    fail_with(count, None, Some(status))
+}
+
+fn fail_with(count: u32, code: Option<&str>, http_status: Option<u16>) -> marketo_proxy::sim::Faults {
+    marketo_proxy::sim::Faults {
+        fail_next: Some(marketo_proxy::sim::FailNext {
+            count,
+            failure: marketo_proxy::sim::Failure {
+                code: code.map(str::to_owned),
+                http_status,
+            },
+        }),
+        ..Default::default()
     }
 }
 
