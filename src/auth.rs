@@ -82,12 +82,7 @@ impl Callers {
         Self {
             services,
             // The proxy's own calls come last, under a name no service has.
-            names: config
-                .services
-                .iter()
-                .map(|service| service.name.clone())
-                .chain(std::iter::once(crate::config::INTERNAL_SERVICE.to_owned()))
-                .collect(),
+            names: config.counted_names(),
             tokens: DashMap::new(),
             current: Mutex::new(HashMap::new()),
             failures: RateLimiter::keyed(Quota::per_minute(per_minute)),

@@ -266,12 +266,7 @@ impl Admission {
             state: Mutex::new(state),
             timer: Arc::new(Notify::new()),
             metrics,
-            names: config
-                .services
-                .iter()
-                .map(|service| service.name.clone())
-                .chain(std::iter::once(INTERNAL_SERVICE.to_owned()))
-                .collect(),
+            names: config.counted_names(),
             max_waits: config
                 .services
                 .iter()

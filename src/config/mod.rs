@@ -328,6 +328,16 @@ impl Default for RedisConfig {
 }
 
 impl Config {
+    /// Every name calls are counted under: the services in order, then the
+    /// proxy's own ([`INTERNAL_SERVICE`]).
+    pub fn counted_names(&self) -> Vec<String> {
+        self.services
+            .iter()
+            .map(|service| service.name.clone())
+            .chain(std::iter::once(INTERNAL_SERVICE.to_owned()))
+            .collect()
+    }
+
     /// Reads, interpolates from the process environment, parses and
     /// validates the file at `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {

@@ -278,8 +278,9 @@ impl Proxy {
             return self.identity(request, peer.ip()).await;
         }
         let started = Instant::now();
-        let method = request.method().clone();
-        let path = request.uri().path().to_owned();
+        // Copied for the per-request log line only when it is on.
+        let logged = tracing::enabled!(tracing::Level::DEBUG)
+            .then(|| (request.method().clone(), request.uri().path().to_owned()));
         let mut service = None;
         let result = self.forward(request, peer.ip(), &mut service).await;
         let service_name = service.map_or(NO_SERVICE, |id| self.shared.callers.name(id));
@@ -298,15 +299,17 @@ impl Proxy {
             }
         };
         self.count(service_name, outcome);
-        tracing::debug!(
-            service = service_name,
-            %method,
-            path,
-            status = response.status().as_u16(),
-            outcome,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "request"
-        );
+        if let Some((method, path)) = logged {
+            tracing::debug!(
+                service = service_name,
+                %method,
+                path,
+                status = response.status().as_u16(),
+                outcome,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "request"
+            );
+        }
         response
     }
 
