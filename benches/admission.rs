@@ -96,7 +96,7 @@ fn admission(c: &mut Criterion) {
             || {
                 // Setup runs inside the benchmark's runtime.
                 let admission = Admission::new(&contended, Metrics::new());
-                admission.spawn_timer();
+                tokio::spawn(admission.timer());
                 admission
             },
             |admission| async move {

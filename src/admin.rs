@@ -3,110 +3,142 @@
 //! had), `/metrics` (Prometheus text), `/usage` (today's usage as JSON).
 
 use std::convert::Infallible;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use http_body_util::Full;
 use serde_json::json;
+use tokio::time::Instant;
 
-use crate::proxy::{Proxy, ProxyBody};
+use crate::admission::Admission;
+use crate::metrics::Metrics;
+use crate::token::TokenCaches;
+use crate::usage_sync::ReportedUsage;
 
-/// Answers one admin request.
-pub async fn handle(proxy: &Proxy, request: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
-    if request.method() != Method::GET && request.method() != Method::HEAD {
-        return Ok(text(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "text/plain",
-            "use GET\n".into(),
-        ));
+/// What the admin endpoints read.
+#[derive(Clone)]
+pub struct Admin {
+    pub admission: Arc<Admission>,
+    pub tokens: Arc<TokenCaches>,
+    pub reported: Arc<ReportedUsage>,
+    pub metrics: Metrics,
+}
+
+impl Admin {
+    /// Answers one admin request.
+    pub fn handle<B>(&self, request: &Request<B>) -> Result<Response<Full<Bytes>>, Infallible> {
+        if request.method() != Method::GET && request.method() != Method::HEAD {
+            return Ok(text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain",
+                "use GET\n".into(),
+            ));
+        }
+        Ok(match request.uri().path() {
+            "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
+            "/readyz" => self.readiness(),
+            "/metrics" => {
+                self.refresh_metrics();
+                text(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    self.metrics.render(),
+                )
+            }
+            "/usage" => text(StatusCode::OK, "application/json", self.usage().to_string()),
+            _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+        })
     }
-    Ok(match request.uri().path() {
-        "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
-        "/readyz" => readiness(proxy),
-        "/metrics" => {
-            proxy.refresh_metrics();
+
+    /// Brings time-dependent gauges up to date before a scrape.
+    fn refresh_metrics(&self) {
+        self.admission.refresh_metrics();
+        let left = self
+            .tokens
+            .all()
+            .first()
+            .and_then(|cache| cache.cached())
+            .map_or(0.0, |token| {
+                token
+                    .expires_at
+                    .saturating_duration_since(Instant::now())
+                    .as_secs_f64()
+            });
+        self.metrics.token_expiry_seconds.set(left);
+    }
+
+    /// Ready once every upstream credential has a token; otherwise says why
+    /// (the error names no secret).
+    fn readiness(&self) -> Response<Full<Bytes>> {
+        let problems: Vec<String> = self
+            .tokens
+            .all()
+            .iter()
+            .filter(|cache| !cache.is_ready())
+            .map(|cache| match cache.last_error() {
+                Some(error) => error.to_string(),
+                None => "no access token yet".to_owned(),
+            })
+            .collect();
+        if problems.is_empty() {
             text(
                 StatusCode::OK,
-                "text/plain; version=0.0.4; charset=utf-8",
-                proxy.metrics().render(),
+                "application/json",
+                json!({"ready": true}).to_string(),
+            )
+        } else {
+            text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "application/json",
+                json!({"ready": false, "reasons": problems}).to_string(),
             )
         }
-        "/usage" => text(StatusCode::OK, "application/json", usage(proxy).to_string()),
-        _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
-    })
-}
-
-/// Ready once every upstream credential has a token; otherwise says why
-/// (the error names no secret).
-fn readiness(proxy: &Proxy) -> Response<ProxyBody> {
-    let problems: Vec<String> = proxy
-        .token_caches()
-        .iter()
-        .filter(|cache| !cache.is_ready())
-        .map(|cache| match cache.last_error() {
-            Some(error) => error.to_string(),
-            None => "no access token yet".to_owned(),
-        })
-        .collect();
-    if problems.is_empty() {
-        text(
-            StatusCode::OK,
-            "application/json",
-            json!({"ready": true}).to_string(),
-        )
-    } else {
-        text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "application/json",
-            json!({"ready": false, "reasons": problems}).to_string(),
-        )
     }
 }
 
-/// Today's usage: the quota, what the proxy and Marketo counted, each
-/// service's share, and the window and concurrency in use.
-fn usage(proxy: &Proxy) -> serde_json::Value {
-    let admission = proxy.admission();
-    let snapshot = admission.snapshot();
-    let services: Vec<serde_json::Value> = snapshot
-        .services
-        .iter()
-        .map(|service| {
-            json!({
-                "name": service.name,
-                "used": service.daily_used,
-                "reserved": service.reserved_daily,
-                "cap": service.daily_cap,
-                "window": {"used": service.window_used, "limit": service.window_limit},
-                "in_flight": service.in_flight,
-                "concurrency": service.concurrency,
-                "queued": service.queued,
+impl Admin {
+    /// Today's usage: the quota, what the proxy and Marketo counted, each
+    /// service's share, and the window and concurrency in use.
+    fn usage(&self) -> serde_json::Value {
+        let admission = &self.admission;
+        let snapshot = admission.snapshot();
+        let services: Vec<serde_json::Value> = snapshot
+            .services
+            .iter()
+            .map(|service| {
+                json!({
+                    "name": service.name,
+                    "used": service.daily_used,
+                    "reserved": service.reserved_daily,
+                    "cap": service.daily_cap,
+                    "window": {"used": service.window_used, "limit": service.window_limit},
+                    "in_flight": service.in_flight,
+                    "concurrency": service.concurrency,
+                    "queued": service.queued,
+                })
             })
+            .collect();
+        let proxy_used = snapshot.daily_used - snapshot.daily_foreign;
+        json!({
+            "day": snapshot.day,
+            "resets_at": admission.next_reset(),
+            "quota": snapshot.daily_quota,
+            "used": snapshot.daily_used,
+            "remaining": snapshot.daily_remaining,
+            "proxy_used": proxy_used,
+            "marketo_reported": self.reported.get(),
+            "outside_proxy": snapshot.daily_foreign,
+            "window": {"used": snapshot.window_used, "limit": snapshot.window_limit},
+            "concurrency": {"in_flight": snapshot.in_flight, "limit": snapshot.concurrency},
+            "queued": snapshot.queued,
+            "services": services,
         })
-        .collect();
-    let proxy_used = snapshot.daily_used - snapshot.daily_foreign;
-    json!({
-        "day": snapshot.day,
-        "resets_at": admission.next_reset(),
-        "quota": snapshot.daily_quota,
-        "used": snapshot.daily_used,
-        "remaining": snapshot.daily_remaining,
-        "proxy_used": proxy_used,
-        "marketo_reported": proxy.marketo_usage(),
-        "outside_proxy": snapshot.daily_foreign,
-        "window": {"used": snapshot.window_used, "limit": snapshot.window_limit},
-        "concurrency": {"in_flight": snapshot.in_flight, "limit": snapshot.concurrency},
-        "queued": snapshot.queued,
-        "services": services,
-    })
+    }
 }
 
-fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<ProxyBody> {
-    let body = Full::new(Bytes::from(body))
-        .map_err(|never| match never {})
-        .boxed_unsync();
-    let mut response = Response::new(body);
+fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
     response
         .headers_mut()

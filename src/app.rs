@@ -1,32 +1,46 @@
 //! Wires the proxy from a validated configuration and runs its listeners.
 //!
-//! [`run`] takes already-bound listeners and a shutdown future, so the
-//! binary binds the configured addresses while tests bind `127.0.0.1:0`
-//! and own the shutdown. [`spawn`] does the latter in one call.
+//! [`App::build`] makes each component once (callers, token caches,
+//! admission, the limits shared through Redis, the upstream client, the
+//! ledger) and hands each layer of the request stack, the admin listener
+//! and the background tasks what they need. [`run`] takes already-bound
+//! listeners and a shutdown future, so the binary binds the configured
+//! addresses while tests bind `127.0.0.1:0` and own the shutdown; [`spawn`]
+//! does the latter in one call.
+//!
+//! Background tasks (token refreshers, the admission timer, Redis
+//! maintenance, the ledger saver, the usage sync) run on one
+//! [`TaskTracker`] and stop together with the listeners.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use futures_util::FutureExt;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::util::BoxCloneSyncService;
 
-use std::sync::Arc;
-
-use crate::config::Config;
+use crate::admin::Admin;
+use crate::admission::Admission;
+use crate::admission::shared::{SharedError, SharedLimits};
+use crate::auth::Callers;
+use crate::config::{Backend, Config};
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
-use crate::proxy::BuildError;
-use crate::proxy::Proxy;
-use crate::usage_sync;
+use crate::proxy::{self, Components};
+use crate::token::TokenCaches;
+use crate::upstream::{Upstream, UpstreamError};
+use crate::usage_sync::{ReportedUsage, UsageSync};
 
 /// The sockets the proxy serves on.
 pub struct Listeners {
     /// Integrations call here.
     pub proxy: TcpListener,
-    /// `/metrics`, `/healthz`, `/readyz`.
+    /// `/metrics`, `/healthz`, `/readyz`, `/usage`.
     pub admin: TcpListener,
 }
 
@@ -43,90 +57,140 @@ impl Listeners {
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot set up the proxy")]
-    Build(#[from] BuildError),
+    #[error("cannot set up the upstream client")]
+    Upstream(#[from] UpstreamError),
+    #[error("cannot set up the shared limits")]
+    Shared(#[from] SharedError),
     #[error("cannot bind a listener")]
     Bind(#[from] std::io::Error),
 }
 
-/// Serves until `shutdown` completes, then drains open connections.
+/// The proxy's components, built once from the configuration.
+pub struct App {
+    config: Config,
+    components: Components,
+    reported: Arc<ReportedUsage>,
+    ledger: Option<Arc<Ledger>>,
+}
+
+impl App {
+    /// Builds every component. Fails on what can never work (a TLS client
+    /// that cannot be built, an unusable Redis URL); nothing is contacted.
+    pub fn build(config: Config, metrics: Metrics) -> Result<Self, StartError> {
+        let upstream = Upstream::new(&config.marketo)?;
+        let limits = match (&config.state.backend, &config.state.redis) {
+            (Backend::Redis, Some(redis)) => Some(SharedLimits::new(&config, redis, metrics.clone())?),
+            _ => None,
+        };
+        let admission = Admission::new(&config, metrics.clone());
+        if let Some(limits) = &limits {
+            // Until Redis has answered, this replica keeps to its share.
+            admission.set_share(limits.fallback_replicas());
+        }
+        let ledger = config
+            .state
+            .file
+            .as_ref()
+            .map(|path| Arc::new(Ledger::new(path, config.counted_names(), Arc::clone(&admission))));
+        let components = Components {
+            callers: Arc::new(Callers::new(&config)),
+            tokens: Arc::new(TokenCaches::new(&config, &upstream, &metrics)),
+            admission,
+            limits,
+            upstream,
+            metrics,
+        };
+        Ok(Self {
+            config,
+            components,
+            reported: Arc::default(),
+            ledger,
+        })
+    }
+
+    /// Serves until `shutdown` completes, then answers what is queued,
+    /// drains open connections and stops the background tasks.
+    pub async fn run(self, listeners: Listeners, shutdown: impl Future<Output = ()> + Send + 'static) {
+        let Self {
+            config,
+            components,
+            reported,
+            ledger,
+        } = self;
+        let tasks = TaskTracker::new();
+        let stop = CancellationToken::new();
+        let spawn = |task: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>| {
+            tasks.spawn(stop.clone().run_until_cancelled_owned(task));
+        };
+
+        for cache in components.tokens.all() {
+            spawn(Box::pin(cache.refresher()));
+        }
+        spawn(Box::pin(components.admission.timer()));
+        if let Some(limits) = &components.limits {
+            limits.connect(&components.admission).await;
+            spawn(Box::pin(limits.maintenance(Arc::clone(&components.admission))));
+        }
+        if let Some(ledger) = &ledger {
+            if let Err(error) = ledger.restore() {
+                tracing::warn!(error = %error, "starting without the saved usage");
+            }
+            spawn(Box::pin(ledger.saver()));
+        }
+        if !config.state.usage_sync_interval.is_zero() {
+            let sync = UsageSync::new(
+                BoxCloneSyncService::new(proxy::forward(&components)),
+                components.callers.internal(),
+                config.limits.max_queue_wait,
+                Arc::clone(&components.admission),
+                components.limits.clone(),
+                Arc::clone(&reported),
+            );
+            spawn(Box::pin(sync.run(config.state.usage_sync_interval)));
+        }
+
+        // When shutdown starts, waiting requests are answered at once (they
+        // could wait longer than the grace period) and nothing new is
+        // admitted.
+        let shutdown = {
+            let admission = Arc::clone(&components.admission);
+            async move {
+                shutdown.await;
+                admission.close();
+            }
+        }
+        .shared();
+        let admin = Admin {
+            admission: Arc::clone(&components.admission),
+            tokens: Arc::clone(&components.tokens),
+            reported,
+            metrics: components.metrics.clone(),
+        };
+        let admin = tower::service_fn(move |request| std::future::ready(admin.handle(&request)));
+        tokio::join!(
+            crate::server::serve(listeners.proxy, proxy::stack(&components), shutdown.clone()),
+            crate::server::serve(listeners.admin, admin, shutdown),
+        );
+
+        stop.cancel();
+        tasks.close();
+        tasks.wait().await;
+        if let Some(ledger) = ledger {
+            if let Err(error) = ledger.save() {
+                tracing::error!(error = %error, "cannot save the usage ledger at shutdown");
+            }
+        }
+    }
+}
+
+/// Builds the proxy and serves until `shutdown` completes.
 pub async fn run(
     config: Config,
     listeners: Listeners,
     metrics: Metrics,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
-    let proxy = Proxy::new(&config, metrics)?;
-    let mut background = proxy.spawn_token_refreshers();
-    background.push(proxy.admission().spawn_timer());
-    if let Some(limits) = proxy.shared_limits() {
-        limits.connect(proxy.admission()).await;
-        background.push(limits.spawn_maintenance(Arc::clone(proxy.admission())));
-    }
-    let ledger = config.state.file.as_ref().map(|path| {
-        Arc::new(Ledger::new(
-            path,
-            proxy.service_names(),
-            Arc::clone(proxy.admission()),
-        ))
-    });
-    if let Some(ledger) = &ledger {
-        if let Err(error) = ledger.restore() {
-            tracing::warn!(error = %error, "starting without the saved usage");
-        }
-        background.push(ledger.spawn_saver());
-    }
-    if !config.state.usage_sync_interval.is_zero() {
-        background.push(usage_sync::spawn(proxy.clone(), config.state.usage_sync_interval));
-    }
-    // When shutdown starts, waiting requests are answered at once (they
-    // could wait longer than the grace period) and nothing new is admitted.
-    let shutdown = {
-        let admission = Arc::clone(proxy.admission());
-        async move {
-            shutdown.await;
-            admission.close();
-        }
-    }
-    .shared();
-
-    let forwarding = {
-        let proxy = proxy.clone();
-        crate::server::serve(
-            listeners.proxy,
-            move |peer: SocketAddr| {
-                let proxy = proxy.clone();
-                hyper::service::service_fn(move |request| {
-                    let proxy = proxy.clone();
-                    async move { Ok::<_, Infallible>(proxy.handle(request, peer).await) }
-                })
-            },
-            shutdown.clone(),
-        )
-    };
-    let admin = {
-        let proxy = proxy.clone();
-        crate::server::serve(
-            listeners.admin,
-            move |_peer: SocketAddr| {
-                let proxy = proxy.clone();
-                hyper::service::service_fn(move |request| {
-                    let proxy = proxy.clone();
-                    async move { crate::admin::handle(&proxy, request).await }
-                })
-            },
-            shutdown,
-        )
-    };
-    tokio::join!(forwarding, admin);
-    for task in background {
-        task.abort();
-    }
-    if let Some(ledger) = ledger {
-        if let Err(error) = ledger.save() {
-            tracing::error!(error = %error, "cannot save the usage ledger at shutdown");
-        }
-    }
+    App::build(config, metrics)?.run(listeners, shutdown).await;
     Ok(())
 }
 
@@ -137,7 +201,7 @@ pub struct RunningProxy {
     pub admin_addr: SocketAddr,
     pub metrics: Metrics,
     stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<Result<(), StartError>>,
+    task: JoinHandle<()>,
 }
 
 impl RunningProxy {
@@ -155,10 +219,8 @@ impl RunningProxy {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        match (&mut self.task).await {
-            Ok(result) => result,
-            Err(_) => Ok(()),
-        }
+        let _ = (&mut self.task).await;
+        Ok(())
     }
 }
 
@@ -183,11 +245,11 @@ pub async fn spawn(config: Config) -> Result<RunningProxy, StartError> {
 pub async fn spawn_on(config: Config, listeners: Listeners) -> Result<RunningProxy, StartError> {
     let addr = listeners.proxy.local_addr()?;
     let admin_addr = listeners.admin.local_addr()?;
-    // Fail here, not inside the task, when the client cannot be built.
-    drop(Proxy::new(&config, Metrics::new())?);
     let metrics = Metrics::new();
+    // Fails here, not inside the task, when a component cannot be built.
+    let app = App::build(config, metrics.clone())?;
     let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(run(config, listeners, metrics.clone(), async move {
+    let task = tokio::spawn(app.run(listeners, async move {
         let _ = stopped.await;
     }));
     Ok(RunningProxy {

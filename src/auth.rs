@@ -15,10 +15,9 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dashmap::DashMap;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use tokio::time::Instant;
 
@@ -55,16 +54,35 @@ struct IssuedToken {
     expires_at: Instant,
 }
 
+/// Tokens this proxy issued.
+#[derive(Default)]
+struct Issued {
+    /// Token → whose it is.
+    by_token: HashMap<String, IssuedToken>,
+    /// Service → its current token, to hand back the same one.
+    current: HashMap<ServiceId, String>,
+}
+
+/// A service that proved who it is, as the request's extensions carry it
+/// from the caller layer down (and back up with the answer).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub id: ServiceId,
+    /// The service's name: its metrics label.
+    pub name: Arc<str>,
+}
+
 /// The credentials of every service and the tokens issued to them.
 pub struct Callers {
     services: Vec<ServiceCredentials>,
-    names: Vec<String>,
-    /// Proxy-issued token → whose it is.
-    tokens: DashMap<String, IssuedToken>,
-    /// Service → its current token, to hand back the same one.
-    current: Mutex<HashMap<ServiceId, String>>,
+    /// Every counted name, the proxy's own last.
+    names: Vec<Arc<str>>,
+    /// Longest a request may wait for admission, per service.
+    max_waits: Vec<Duration>,
+    issued: Mutex<Issued>,
     failures: DefaultKeyedRateLimiter<IpAddr>,
-    blocked: DashMap<IpAddr, Instant>,
+    /// Addresses refused until the given time.
+    blocked: Mutex<HashMap<IpAddr, Instant>>,
 }
 
 impl Callers {
@@ -82,29 +100,60 @@ impl Callers {
         Self {
             services,
             // The proxy's own calls come last, under a name no service has.
-            names: config.counted_names(),
-            tokens: DashMap::new(),
-            current: Mutex::new(HashMap::new()),
+            names: config.counted_names().into_iter().map(Arc::from).collect(),
+            max_waits: config
+                .services
+                .iter()
+                .map(|service| service.effective_max_queue_wait(&config.limits))
+                .chain(std::iter::once(config.limits.max_queue_wait))
+                .collect(),
+            issued: Mutex::new(Issued::default()),
             failures: RateLimiter::keyed(Quota::per_minute(per_minute)),
-            blocked: DashMap::new(),
+            blocked: Mutex::new(HashMap::new()),
         }
     }
 
     pub fn name(&self, service: ServiceId) -> &str {
-        self.names.get(service).map_or("unknown", String::as_str)
+        self.names.get(service).map_or("unknown", |name| name)
+    }
+
+    /// The caller `service`, as request extensions carry it.
+    pub fn caller(&self, service: ServiceId) -> Caller {
+        Caller {
+            id: service,
+            name: self
+                .names
+                .get(service)
+                .cloned()
+                .unwrap_or_else(|| Arc::from("unknown")),
+        }
+    }
+
+    /// The proxy's own calls (its usage report), as a caller.
+    pub fn internal(&self) -> Caller {
+        self.caller(self.names.len().saturating_sub(1))
+    }
+
+    /// The longest a request of `service` may wait to be admitted.
+    pub fn max_wait(&self, service: ServiceId) -> Duration {
+        self.max_waits.get(service).copied().unwrap_or_default()
     }
 
     /// Refuses an address that failed too often, before looking at what it
     /// presents.
     pub fn check_throttle(&self, peer: IpAddr) -> Result<(), AuthError> {
+        let mut blocked = lock(&self.blocked);
+        if blocked.is_empty() {
+            return Ok(());
+        }
         let now = Instant::now();
-        if let Some(until) = self.blocked.get(&peer).map(|entry| *entry) {
+        if let Some(until) = blocked.get(&peer).copied() {
             if until > now {
                 return Err(AuthError::Throttled {
                     retry_after: until - now,
                 });
             }
-            self.blocked.remove(&peer);
+            blocked.remove(&peer);
         }
         Ok(())
     }
@@ -116,7 +165,7 @@ impl Callers {
                 &governor::clock::DefaultClock::default(),
             ));
             let wait = wait.max(Duration::from_secs(1));
-            self.blocked.insert(peer, Instant::now() + wait);
+            lock(&self.blocked).insert(peer, Instant::now() + wait);
             tracing::info!(%peer, retry_after_s = wait.as_secs(), "caller throttled after repeated failed authentication");
         }
         // Keep memory bounded under a spray of addresses; sweeping is a
@@ -124,7 +173,7 @@ impl Callers {
         if self.failures.len() > 10_000 && rand::random::<u8>() == 0 {
             self.failures.retain_recent();
             let now = Instant::now();
-            self.blocked.retain(|_, until| *until > now);
+            lock(&self.blocked).retain(|_, until| *until > now);
         }
     }
 
@@ -149,13 +198,14 @@ impl Callers {
     }
 
     fn token_owner(&self, token: &str) -> Option<ServiceId> {
-        let entry = self.tokens.get(token)?;
+        let issued = lock(&self.issued);
+        let entry = issued.by_token.get(token)?;
         (entry.expires_at > Instant::now()).then_some(entry.service)
     }
 
     /// The proxy's `/identity/oauth/token`: a token for the service with
-    /// these client credentials, or `None`.
-    pub fn issue_token(&self, client_id: &str, client_secret: &str) -> Option<TokenAnswer> {
+    /// these client credentials, and whose it is; `None` for unknown ones.
+    pub fn issue_token(&self, client_id: &str, client_secret: &str) -> Option<(ServiceId, TokenAnswer)> {
         let mut matched = None;
         for (index, service) in self.services.iter().enumerate() {
             let id_matches = service
@@ -172,20 +222,21 @@ impl Callers {
         }
         let service = matched?;
         let now = Instant::now();
-        let mut current = self
-            .current
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut issued = lock(&self.issued);
+        let Issued { by_token, current } = &mut *issued;
         if let Some(token) = current.get(&service) {
-            if let Some(issued) = self.tokens.get(token) {
-                if issued.expires_at > now {
-                    return Some(answer(token.clone(), issued.expires_at - now, self.name(service)));
+            if let Some(entry) = by_token.get(token) {
+                if entry.expires_at > now {
+                    return Some((
+                        service,
+                        answer(token.clone(), entry.expires_at - now, self.name(service)),
+                    ));
                 }
             }
-            self.tokens.remove(token);
+            by_token.remove(token);
         }
         let token = crate::marketo::new_access_token("mp");
-        self.tokens.insert(
+        by_token.insert(
             token.clone(),
             IssuedToken {
                 service,
@@ -193,12 +244,19 @@ impl Callers {
             },
         );
         current.insert(service, token.clone());
-        Some(answer(
-            token,
-            PROXY_TOKEN_TTL - Duration::from_secs(1),
-            self.name(service),
+        Some((
+            service,
+            answer(
+                token,
+                PROXY_TOKEN_TTL - Duration::from_secs(1),
+                self.name(service),
+            ),
         ))
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn answer(token: String, left: Duration, service: &str) -> TokenAnswer {
@@ -242,11 +300,11 @@ services:
         let callers = callers();
         assert!(callers.issue_token("crm-id", "wrong").is_none());
         assert!(callers.issue_token("forms", "").is_none());
-        let first = callers.issue_token("crm-id", "crm-secret").unwrap();
+        let (_, first) = callers.issue_token("crm-id", "crm-secret").unwrap();
         assert_eq!(first.scope, "crm");
         assert_eq!(first.expires_in, 3599);
         assert_eq!(callers.authenticate(&first.access_token), Some(0));
-        let again = callers.issue_token("crm-id", "crm-secret").unwrap();
+        let (_, again) = callers.issue_token("crm-id", "crm-secret").unwrap();
         assert_eq!(again.access_token, first.access_token);
         assert!(again.expires_in <= first.expires_in);
     }
@@ -254,10 +312,10 @@ services:
     #[tokio::test(start_paused = true)]
     async fn expired_tokens_are_refused_and_replaced() {
         let callers = callers();
-        let first = callers.issue_token("crm-id", "crm-secret").unwrap();
+        let (_, first) = callers.issue_token("crm-id", "crm-secret").unwrap();
         tokio::time::advance(PROXY_TOKEN_TTL).await;
         assert_eq!(callers.authenticate(&first.access_token), None);
-        let second = callers.issue_token("crm-id", "crm-secret").unwrap();
+        let (_, second) = callers.issue_token("crm-id", "crm-secret").unwrap();
         assert_ne!(second.access_token, first.access_token);
         assert_eq!(callers.authenticate(&second.access_token), Some(0));
     }

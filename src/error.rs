@@ -8,17 +8,19 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
-use http_body_util::BodyExt;
 
 use crate::admission::AdmissionError;
 use crate::auth::AuthError;
-use crate::marketo::{self, code};
-use crate::proxy::ProxyBody;
-use crate::proxy::path::PathError;
+use crate::marketo::code;
+use crate::response::{Outcome, ResponseBody, marketo_error};
+use crate::target::PathError;
 use crate::token::TokenError;
 use crate::upstream::UpstreamError;
+
+/// The methods Marketo's REST API knows; anything else is answered with
+/// Marketo's 605 and never forwarded.
+pub const ALLOWED_METHODS: &str = "GET, POST, PUT, DELETE";
 
 /// Who made a request fail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,12 +47,14 @@ pub enum ProxyError {
     Auth(#[from] AuthError),
     #[error(transparent)]
     Path(#[from] PathError),
+    #[error("the method {0} is not supported; use {ALLOWED_METHODS}")]
+    Method(http::Method),
     #[error("the request URI is longer than {limit} bytes")]
     UriTooLong { limit: usize },
     #[error("the request body is larger than {limit} bytes")]
     BodyTooLarge { limit: usize },
     #[error("the request body could not be read")]
-    BodyUnreadable(#[source] hyper::Error),
+    BodyUnreadable(#[source] crate::response::BoxError),
     #[error("the request body did not arrive within {0:?}")]
     BodyTimeout(Duration),
     #[error("no access token: {0}")]
@@ -66,6 +70,7 @@ impl ProxyError {
         match self {
             Self::Auth(_)
             | Self::Path(_)
+            | Self::Method(_)
             | Self::UriTooLong { .. }
             | Self::BodyTooLarge { .. }
             | Self::BodyUnreadable(_)
@@ -82,7 +87,9 @@ impl ProxyError {
     pub fn outcome(&self) -> &'static str {
         match self {
             Self::Auth(_) => "rejected_auth",
-            Self::Path(_) | Self::BodyUnreadable(_) | Self::BodyTimeout(_) => "rejected_request",
+            Self::Path(_) | Self::Method(_) | Self::BodyUnreadable(_) | Self::BodyTimeout(_) => {
+                "rejected_request"
+            }
             Self::UriTooLong { .. } | Self::BodyTooLarge { .. } => "rejected_size",
             Self::Token(_) | Self::Upstream(_) | Self::Admission(AdmissionError::Closed) => "upstream_error",
             Self::Admission(AdmissionError::Quota { .. }) => "rejected_quota",
@@ -91,8 +98,10 @@ impl ProxyError {
         }
     }
 
-    /// The response the client gets.
-    pub fn into_response(self) -> Response<ProxyBody> {
+    /// The answer the client gets, with its [`Outcome`]. Logged here, in
+    /// the request's span (which names the service once it is known).
+    pub fn into_response(self) -> Response<ResponseBody> {
+        tracing::info!(cause = self.source_of_error().label(), error = %self, "request refused");
         let message = self.to_string();
         let (status, marketo_code, retry_after) = match &self {
             Self::Auth(AuthError::Unauthenticated) => (StatusCode::UNAUTHORIZED, code::TOKEN_INVALID, None),
@@ -102,6 +111,7 @@ impl ProxyError {
                 Some(*retry_after),
             ),
             Self::Path(PathError::NotForwarded) => (StatusCode::NOT_FOUND, code::NOT_FOUND, None),
+            Self::Method(_) => (StatusCode::METHOD_NOT_ALLOWED, code::METHOD_NOT_SUPPORTED, None),
             Self::Path(PathError::Invalid) | Self::BodyUnreadable(_) => {
                 (StatusCode::BAD_REQUEST, code::INVALID_VALUE, None)
             }
@@ -135,39 +145,33 @@ impl ProxyError {
             ),
             Self::Admission(error) => (StatusCode::OK, code::RATE_LIMITED, error.retry_after()),
         };
-        marketo_error(status, marketo_code, &message, retry_after)
-    }
-}
-
-/// A Marketo-shaped error response, with `Retry-After` when given.
-pub fn marketo_error(
-    status: StatusCode,
-    marketo_code: &str,
-    message: &str,
-    retry_after: Option<Duration>,
-) -> Response<ProxyBody> {
-    let body = marketo::error_body(&marketo::request_id(), marketo_code, message);
-    let mut response = json_response(status, body);
-    if let Some(wait) = retry_after {
-        // Whole seconds, rounded up: waiting less would be refused again.
-        let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        let mut response = marketo_error(status, marketo_code, &message, retry_after);
+        if matches!(self, Self::Method(_)) {
+            response
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static(ALLOWED_METHODS));
+        }
+        response.extensions_mut().insert(Outcome(self.outcome()));
         response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
     }
-    response
 }
 
-/// A JSON response built by the proxy itself.
-pub fn json_response(status: StatusCode, body: Bytes) -> Response<ProxyBody> {
-    let body = http_body_util::Full::new(body)
-        .map_err(|never| match never {})
-        .boxed_unsync();
-    let mut response = Response::new(body);
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json;charset=UTF-8"),
+/// The answer to a request during which a layer panicked: Marketo's 611
+/// (system error), so clients treat it as a transient failure. The server
+/// goes on serving.
+pub fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> Response<ResponseBody> {
+    let detail = panic
+        .downcast_ref::<&str>()
+        .map(|text| (*text).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_default();
+    tracing::error!(panic = %detail, "a request handler panicked");
+    let mut response = marketo_error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        code::SYSTEM_ERROR,
+        "internal error in the proxy",
+        Some(Duration::from_secs(1)),
     );
+    response.extensions_mut().insert(Outcome::INTERNAL_ERROR);
     response
 }

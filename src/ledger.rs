@@ -8,6 +8,7 @@
 //! quota has been reset since.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -148,11 +149,11 @@ impl Ledger {
         write_atomically(&self.path, saved)
     }
 
-    /// Saves every [`SAVE_INTERVAL`] while the counts change, until the
-    /// returned task is aborted; the caller saves once more at shutdown.
-    pub fn spawn_saver(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+    /// Saves every [`SAVE_INTERVAL`] while the counts change, for as long
+    /// as it is polled; the caller saves once more at shutdown.
+    pub fn saver(self: &Arc<Self>) -> impl Future<Output = ()> + Send + 'static {
         let ledger = Arc::clone(self);
-        tokio::spawn(async move {
+        async move {
             let mut last = ledger.current();
             let mut ticks = tokio::time::interval(SAVE_INTERVAL);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -174,7 +175,7 @@ impl Ledger {
                     Err(_) => {}
                 }
             }
-        })
+        }
     }
 }
 

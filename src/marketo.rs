@@ -2,8 +2,33 @@
 //! the identity answer. Shared by the proxy (which reads and imitates it)
 //! and the simulator (which speaks it).
 
+use std::time::Duration;
+
 use bytes::Bytes;
+use chrono::{DateTime, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
+
+/// Marketo's documented limits, per instance. The proxy's defaults and the
+/// simulator's both come from here.
+pub mod limits {
+    use super::Duration;
+
+    /// Calls in any rolling window of [`WINDOW`].
+    pub const WINDOW_CALLS: u32 = 100;
+    pub const WINDOW: Duration = Duration::from_secs(20);
+    /// Calls in flight at once.
+    pub const CONCURRENCY: u32 = 10;
+    /// Calls a day (some subscriptions have other numbers).
+    pub const DAILY_QUOTA: u64 = 50_000;
+    /// Lifetime of an access token.
+    pub const TOKEN_TTL: Duration = Duration::from_secs(3600);
+    /// Longest URI Marketo accepts (HTTP 414 beyond).
+    pub const MAX_URI_BYTES: usize = 8 * 1024;
+    /// Largest request body Marketo accepts (HTTP 413 beyond).
+    pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+    /// Largest body of a bulk import.
+    pub const MAX_IMPORT_BODY_BYTES: usize = 10 * 1024 * 1024;
+}
 
 /// Marketo error codes the proxy and the simulator act on. Marketo sends
 /// them as strings.
@@ -12,6 +37,7 @@ pub mod code {
     pub const TOKEN_INVALID: &str = "601";
     pub const TOKEN_EXPIRED: &str = "602";
     pub const ACCESS_DENIED: &str = "603";
+    pub const METHOD_NOT_SUPPORTED: &str = "605";
     pub const TIMED_OUT: &str = "604";
     pub const RATE_LIMITED: &str = "606";
     pub const QUOTA_REACHED: &str = "607";
@@ -61,14 +87,14 @@ pub fn code_label(code: &str) -> &str {
 /// The part of a REST answer that says whether it worked. Bodies are much
 /// larger than this; only these fields are read.
 #[derive(Debug, Clone, Default, Deserialize)]
-pub struct Outcome {
+pub struct Envelope {
     #[serde(default)]
     pub success: bool,
     #[serde(default)]
     pub errors: Vec<ApiError>,
 }
 
-impl Outcome {
+impl Envelope {
     /// The first error code, if the call failed.
     pub fn first_code(&self) -> Option<&str> {
         if self.success {
@@ -93,6 +119,15 @@ pub struct TokenAnswer {
 pub struct IdentityError {
     pub error: String,
     pub error_description: String,
+}
+
+/// Marketo's count of one day's calls (`/rest/v1/stats/usage.json`), and
+/// when it was read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MarketoUsage {
+    pub date: NaiveDate,
+    pub total: u64,
+    pub read_at: DateTime<Utc>,
 }
 
 /// A `success:false` body with one error, as Marketo writes it.
@@ -159,7 +194,7 @@ mod tests {
 
     #[test]
     fn outcome_accepts_numeric_codes_and_missing_messages() {
-        let outcome: Outcome = serde_json::from_str(r#"{"success":false,"errors":[{"code":606}]}"#).unwrap();
+        let outcome: Envelope = serde_json::from_str(r#"{"success":false,"errors":[{"code":606}]}"#).unwrap();
         assert_eq!(outcome.first_code(), Some("606"));
         assert_eq!(code_label("606"), "606");
         assert_eq!(code_label("<html>"), "other");
@@ -167,12 +202,12 @@ mod tests {
 
     #[test]
     fn outcome_reads_the_first_error_code() {
-        let outcome: Outcome = serde_json::from_str(
+        let outcome: Envelope = serde_json::from_str(
             r#"{"requestId":"x","success":false,"errors":[{"code":"601","message":"Access token invalid"}]}"#,
         )
         .unwrap();
         assert_eq!(outcome.first_code(), Some("601"));
-        let ok: Outcome = serde_json::from_str(r#"{"requestId":"x","result":[],"success":true}"#).unwrap();
+        let ok: Envelope = serde_json::from_str(r#"{"requestId":"x","result":[],"success":true}"#).unwrap();
         assert_eq!(ok.first_code(), None);
     }
 }

@@ -7,16 +7,18 @@
 
 use std::error::Error as StdError;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tower::Service;
+use tower_http::add_extension::AddExtension;
 
 /// How long a client may take to send a request's headers.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -26,11 +28,25 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 type BoxError = Box<dyn StdError + Send + Sync>;
 
-/// Serves connections from `listener` with a service built per connection
-/// by `make_service(peer_address)` until `shutdown` completes.
-pub async fn serve<M, S, B>(listener: TcpListener, make_service: M, shutdown: impl Future<Output = ()>)
+/// The address a request's connection came from, in its extensions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer(pub SocketAddr);
+
+impl Peer {
+    /// The client address of `request` (unspecified when it came from no
+    /// connection, as in unit tests).
+    pub fn ip_of<B>(request: &Request<B>) -> IpAddr {
+        request
+            .extensions()
+            .get::<Self>()
+            .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |peer| peer.0.ip())
+    }
+}
+
+/// Serves connections from `listener` with (a clone of) `service` until
+/// `shutdown` completes. Each request carries its connection's [`Peer`].
+pub async fn serve<S, B>(listener: TcpListener, service: S, shutdown: impl Future<Output = ()>)
 where
-    M: Fn(SocketAddr) -> S,
     S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
@@ -60,8 +76,9 @@ where
                     }
                 };
                 let _ = stream.set_nodelay(true);
+                let service = TowerToHyperService::new(AddExtension::new(service.clone(), Peer(peer)));
                 let connection = builder
-                    .serve_connection_with_upgrades(TokioIo::new(stream), make_service(peer))
+                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
                     .into_owned();
                 let connection = graceful.watch(connection);
                 tokio::spawn(async move {

@@ -4,9 +4,10 @@
 //! lifetime (which can be 0). The cache asks for a token once, keeps it
 //! with its expiry, refreshes it in the background before it runs out, and
 //! lets exactly one identity call run at a time however many requests are
-//! waiting (single-flight). After a 601/602 the caller invalidates the
-//! token it used, and only that one.
+//! waiting (single-flight). After a 601/602 the caller reports the token
+//! it used as refused, and only that one is dropped.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -17,7 +18,7 @@ use http_body_util::Full;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-use crate::config::UpstreamCredential;
+use crate::config::{Config, UpstreamCredential};
 use crate::marketo::TokenAnswer;
 use crate::metrics::Metrics;
 use crate::upstream::{AnswerBody, Upstream, UpstreamError};
@@ -68,6 +69,9 @@ pub struct TokenCache {
     credential: UpstreamCredential,
     refresh_before: Duration,
     current: RwLock<Option<Token>>,
+    /// The token Marketo last refused (601/602), if any: handed back again
+    /// with no life left, it is at the very end of its life.
+    refused: RwLock<Option<HeaderValue>>,
     last_error: RwLock<Option<TokenError>>,
     /// When Marketo last refused the credentials: asking again at once
     /// for every request would not change its mind.
@@ -80,6 +84,50 @@ pub struct TokenCache {
     /// A token was held at some point (for readiness across a refresh).
     ever_held: AtomicBool,
     metrics: Metrics,
+}
+
+/// Every upstream credential's token cache, the instance's own first, and
+/// which one each service calls with.
+pub struct TokenCaches {
+    caches: Vec<Arc<TokenCache>>,
+    /// Service → index into `caches`; services without a credential of
+    /// their own (and the proxy itself) use the instance's.
+    by_service: Vec<usize>,
+}
+
+impl TokenCaches {
+    pub fn new(config: &Config, upstream: &Upstream, metrics: &Metrics) -> Self {
+        let refresh_before = config.marketo.token_refresh_before;
+        let cache = |credential: UpstreamCredential| {
+            TokenCache::new(upstream.clone(), credential, refresh_before, metrics.clone())
+        };
+        let mut caches = vec![cache(UpstreamCredential {
+            client_id: config.marketo.client_id.clone(),
+            client_secret: config.marketo.client_secret.clone(),
+        })];
+        let mut by_service = Vec::with_capacity(config.services.len());
+        for service in &config.services {
+            match &service.marketo {
+                Some(credential) => {
+                    caches.push(cache(credential.clone()));
+                    by_service.push(caches.len() - 1);
+                }
+                None => by_service.push(0),
+            }
+        }
+        Self { caches, by_service }
+    }
+
+    /// The cache `service` calls with.
+    pub fn for_service(&self, service: usize) -> &Arc<TokenCache> {
+        let index = self.by_service.get(service).copied().unwrap_or(0);
+        &self.caches[index.min(self.caches.len() - 1)]
+    }
+
+    /// Every cache, the instance's own first.
+    pub fn all(&self) -> &[Arc<TokenCache>] {
+        &self.caches
+    }
 }
 
 /// How long a refusal of the credentials is remembered.
@@ -97,6 +145,7 @@ impl TokenCache {
             credential,
             refresh_before,
             current: RwLock::new(None),
+            refused: RwLock::new(None),
             last_error: RwLock::new(None),
             rejected_at: RwLock::new(None),
             refreshing: Mutex::new(()),
@@ -111,14 +160,26 @@ impl TokenCache {
         if let Some(token) = self.cached() {
             return Ok(token);
         }
-        self.refresh(None).await
+        self.refresh().await
     }
 
-    /// Drops `failed` if it is still the cached token (Marketo said 601/602
-    /// for it) and gets another, with one identity call however many
-    /// callers saw the same failure.
-    pub async fn replace(&self, failed: &Token) -> Result<Token, TokenError> {
-        self.refresh(Some(failed)).await
+    /// Marketo said 601/602 for `failed`: it is dropped if it is still the
+    /// cached token, and the next [`get`] asks for another, with one
+    /// identity call however many callers saw the same failure.
+    ///
+    /// [`get`]: Self::get
+    pub fn refused(&self, failed: &Token) {
+        let mut current = self
+            .current
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if current
+            .as_ref()
+            .is_some_and(|token| token.header == failed.header)
+        {
+            *current = None;
+        }
+        write(&self.refused, Some(failed.header.clone()));
     }
 
     /// The cached token if it has not expired.
@@ -140,15 +201,14 @@ impl TokenCache {
 
     /// Single-flight refresh. Whoever holds the lock fetches; everyone else
     /// waits for it and then uses what it stored.
-    async fn refresh(&self, failed: Option<&Token>) -> Result<Token, TokenError> {
+    async fn refresh(&self) -> Result<Token, TokenError> {
         let seen = self.completed.load(Ordering::Acquire);
         let _flight = self.refreshing.lock().await;
         if let Some(token) = self.cached() {
-            let same_as_failed = failed.is_some_and(|failed| failed.header == token.header);
-            if !same_as_failed {
-                return Ok(token);
-            }
+            return Ok(token);
         }
+        let failed = read(&self.refused);
+        let failed = failed.as_ref();
         // A refresh finished while we waited and left no usable token: its
         // failure is ours too, rather than one more identity call each.
         if self.completed.load(Ordering::Acquire) != seen {
@@ -166,9 +226,6 @@ impl TokenCache {
         match &result {
             Ok(token) => self.store(token.clone()),
             Err(error) => {
-                if failed.is_some() {
-                    write(&self.current, None);
-                }
                 if matches!(error, TokenError::Rejected(_)) {
                     write(&self.rejected_at, Some(Instant::now()));
                 }
@@ -190,14 +247,14 @@ impl TokenCache {
     /// very end of its life: wait a moment for Marketo to issue the next
     /// one. If it comes back with life left, Marketo still stands by it
     /// (the refusal was spurious): use it again.
-    async fn fetch_with_retries(&self, failed: Option<&Token>) -> Result<Token, TokenError> {
+    async fn fetch_with_retries(&self, failed: Option<&HeaderValue>) -> Result<Token, TokenError> {
         let mut backoff = FIRST_BACKOFF;
         let mut attempt = 1;
         loop {
             let result = self.fetch().await;
             match result {
                 Ok(token)
-                    if failed.is_some_and(|failed| failed.header == token.header)
+                    if failed.is_some_and(|failed| *failed == token.header)
                         && token.expires_at <= Instant::now() + END_OF_LIFE =>
                 {
                     if attempt >= MAX_ATTEMPTS * 2 {
@@ -286,10 +343,10 @@ impl TokenCache {
     /// again: a new token (revoked or reissued) replaces the old one at
     /// once; the same token (Marketo's rule) comes with its exact
     /// remaining life, and the next ask is made the moment it ends.
-    /// Runs until the cache is dropped.
-    pub fn spawn_refresher(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+    /// Runs while it is polled, or until the cache is dropped.
+    pub fn refresher(self: &Arc<Self>) -> impl Future<Output = ()> + Send + 'static {
         let cache = Arc::downgrade(self);
-        tokio::spawn(async move {
+        async move {
             let mut backoff = FIRST_BACKOFF;
             // The token whose remaining life was confirmed; it is not asked
             // about again before it ends.
@@ -341,7 +398,7 @@ impl TokenCache {
                     }
                 }
             }
-        })
+        }
     }
 }
 

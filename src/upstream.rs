@@ -24,7 +24,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 use crate::config::MarketoConfig;
-use crate::marketo::Outcome;
+use crate::marketo::Envelope;
 
 /// Answers up to this size are read whole and classified.
 pub const PEEK_LIMIT: usize = 64 * 1024;
@@ -174,7 +174,7 @@ impl Answer {
         // Only an answer that names `errors` can be an error envelope; the
         // rest (most answers) is not parsed at all.
         let error_code = (is_json(&head) && mentions_errors(&peeked))
-            .then(|| serde_json::from_slice::<Outcome>(&peeked).ok())
+            .then(|| serde_json::from_slice::<Envelope>(&peeked).ok())
             .flatten()
             .and_then(|outcome| outcome.first_code().map(str::to_owned));
         Ok(Self {

@@ -2,24 +2,33 @@
 //! (`/rest/v1/stats/usage.json`). Other integrations that do not go
 //! through the proxy use the same daily quota; when Marketo counts more
 //! calls today than the proxy made, the difference is taken off what is
-//! left. The call is admitted and counted like any other, under the
-//! proxy's own name.
+//! left. The call goes through the same replays, admission and token as
+//! any other ([`crate::proxy::forward`]), under the proxy's own name.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chrono::{DateTime, NaiveDate, Utc};
-use serde::{Deserialize, Serialize};
+use bytes::Bytes;
+use chrono::{NaiveDate, Utc};
+use http::{HeaderValue, Method, Request, header};
+use http_body_util::BodyExt;
+use serde::Deserialize;
+use tokio::time::Instant;
+use tower::ServiceExt;
+use tower::util::BoxCloneSyncService;
 
+use crate::admission::Admission;
+use crate::admission::shared::SharedLimits;
+use crate::auth::Caller;
 use crate::error::ProxyError;
-use crate::proxy::Proxy;
+use crate::marketo::MarketoUsage;
+use crate::proxy::admit::Admitted;
+use crate::proxy::caller::Deadline;
+use crate::target;
+use crate::upstream::UpstreamError;
 
-/// Marketo's count for one day, and when it was read.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct MarketoUsage {
-    pub date: NaiveDate,
-    pub total: u64,
-    pub read_at: DateTime<Utc>,
-}
+/// Where Marketo reports today's usage.
+const USAGE_PATH: &str = "/rest/v1/stats/usage.json";
 
 /// Why the usage report could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +37,38 @@ pub enum SyncError {
     Call(#[source] ProxyError),
     #[error("the usage API answered something unexpected")]
     Unexpected,
+}
+
+/// Marketo's count of today's calls, when last read, for `/usage`.
+#[derive(Debug, Default)]
+pub struct ReportedUsage(Mutex<Option<MarketoUsage>>);
+
+impl ReportedUsage {
+    pub fn get(&self) -> Option<MarketoUsage> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    fn set(&self, usage: MarketoUsage) {
+        *self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(usage);
+    }
+}
+
+/// The calls a request makes to Marketo, as [`crate::proxy::forward`]
+/// builds them.
+pub type Forward = BoxCloneSyncService<Request<Bytes>, Admitted, ProxyError>;
+
+/// Reads Marketo's usage report and applies it.
+pub struct UsageSync {
+    forward: Forward,
+    /// The proxy's own name and queue wait.
+    caller: Caller,
+    max_wait: Duration,
+    admission: Arc<Admission>,
+    limits: Option<Arc<SharedLimits>>,
+    reported: Arc<ReportedUsage>,
 }
 
 #[derive(Deserialize)]
@@ -43,45 +84,96 @@ struct UsageDay {
     total: u64,
 }
 
-/// Reads Marketo's count for today and applies it.
-pub async fn reconcile(proxy: &Proxy) -> Result<MarketoUsage, SyncError> {
-    let body = proxy
-        .internal_get("/rest/v1/stats/usage.json")
-        .await
-        .map_err(SyncError::Call)?;
-    let answer: UsageAnswer = serde_json::from_slice(&body).map_err(|_| SyncError::Unexpected)?;
-    if !answer.success {
-        return Err(SyncError::Unexpected);
+impl UsageSync {
+    pub fn new(
+        forward: Forward,
+        caller: Caller,
+        max_wait: Duration,
+        admission: Arc<Admission>,
+        limits: Option<Arc<SharedLimits>>,
+        reported: Arc<ReportedUsage>,
+    ) -> Self {
+        Self {
+            forward,
+            caller,
+            max_wait,
+            admission,
+            limits,
+            reported,
+        }
     }
-    let today = answer.result.first().ok_or(SyncError::Unexpected)?;
-    // Marketo writes a date, sometimes with a time after it.
-    let date: NaiveDate = today
-        .date
-        .get(..10)
-        .and_then(|date| date.parse().ok())
-        .ok_or(SyncError::Unexpected)?;
-    let usage = MarketoUsage {
-        date,
-        total: today.total,
-        read_at: Utc::now(),
-    };
-    proxy.apply_marketo_usage(&usage).await;
-    Ok(usage)
-}
 
-/// Reconciles at start and every `interval` after, until aborted.
-pub fn spawn(proxy: Proxy, interval: Duration) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
+    /// Reads Marketo's count for today and applies it.
+    pub async fn reconcile(&self) -> Result<MarketoUsage, SyncError> {
+        let body = self.get(USAGE_PATH).await.map_err(SyncError::Call)?;
+        let answer: UsageAnswer = serde_json::from_slice(&body).map_err(|_| SyncError::Unexpected)?;
+        if !answer.success {
+            return Err(SyncError::Unexpected);
+        }
+        let today = answer.result.first().ok_or(SyncError::Unexpected)?;
+        // Marketo writes a date, sometimes with a time after it.
+        let date: NaiveDate = today
+            .date
+            .get(..10)
+            .and_then(|date| date.parse().ok())
+            .ok_or(SyncError::Unexpected)?;
+        let usage = MarketoUsage {
+            date,
+            total: today.total,
+            read_at: Utc::now(),
+        };
+        self.apply(&usage).await;
+        Ok(usage)
+    }
+
+    /// Takes Marketo's count of today's calls into the quota.
+    async fn apply(&self, usage: &MarketoUsage) {
+        if self.admission.day() == usage.date {
+            self.admission.reconcile(usage.total);
+            if let Some(limits) = &self.limits {
+                limits.reconcile(usage.date, usage.total).await;
+            }
+        }
+        self.reported.set(usage.clone());
+    }
+
+    /// One GET as the proxy itself: admitted, counted and replayed like
+    /// any call. Returns the answer's body.
+    async fn get(&self, path: &str) -> Result<Bytes, ProxyError> {
+        let mut request = Request::new(Bytes::new());
+        *request.method_mut() = Method::GET;
+        request
+            .headers_mut()
+            .insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+        let extensions = request.extensions_mut();
+        extensions.insert(target::normalise(path, None)?);
+        extensions.insert(self.caller.clone());
+        extensions.insert(Deadline::after(Instant::now(), self.max_wait));
+        let admitted = self.forward.clone().oneshot(request).await?;
+        let body = admitted
+            .answer
+            .body
+            .into_body()
+            .collect()
+            .await
+            .map_err(|error| ProxyError::Upstream(UpstreamError::Stream(error)))?
+            .to_bytes();
+        Ok(body)
+    }
+
+    /// Reconciles at start and every `interval` after, for as long as it
+    /// is polled.
+    pub async fn run(self, interval: Duration) {
         let mut ticks = tokio::time::interval(interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticks.tick().await;
-            match reconcile(&proxy).await {
+            match self.reconcile().await {
                 Ok(usage) => {
                     tracing::info!(date = %usage.date, total = usage.total, "reconciled with Marketo's usage report")
                 }
                 Err(error) => tracing::warn!(%error, "cannot reconcile with Marketo's usage report"),
             }
         }
-    })
+    }
 }

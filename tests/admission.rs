@@ -36,7 +36,7 @@ async fn admit(
 
 fn admission(config: &Config) -> Arc<Admission> {
     let admission = Admission::new(config, Metrics::new());
-    admission.spawn_timer();
+    tokio::spawn(admission.timer());
     admission
 }
 
@@ -328,7 +328,7 @@ async fn the_quota_resets_at_local_midnight_across_a_daylight_saving_change() {
     // 2026-03-08 is 23 hours long in Chicago: the 9th begins at 05:00 UTC.
     let (wall, clock) = wall_clock("2026-03-09T04:00:00Z");
     let admission = Admission::with_clock(&config, Metrics::new(), clock);
-    admission.spawn_timer();
+    tokio::spawn(admission.timer());
     for _ in 0..5 {
         drop(admit(&admission, 0, Duration::from_secs(1)).await.unwrap());
     }
@@ -420,7 +420,7 @@ async fn the_quota_forecast_follows_the_recent_rate() {
     let (_wall, clock) = wall_clock("2026-11-28T18:00:00Z");
     let metrics = Metrics::new();
     let admission = Admission::with_clock(&config, metrics.clone(), clock);
-    admission.spawn_timer();
+    tokio::spawn(admission.timer());
     let forecast = |metrics: &Metrics| {
         metrics
             .render()

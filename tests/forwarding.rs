@@ -428,3 +428,33 @@ async fn a_stalled_answer_is_cut_off_and_frees_its_slot() {
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn http2_clients_are_forwarded_over_http1_to_marketo() {
+    let stack = Stack::start(support::sim_config()).await;
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let read = h2
+        .get(format!("{}/rest/v1/lead/1.json", stack.proxy.url()))
+        .header("X-Api-Key", CRM_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(read.version(), reqwest::Version::HTTP_2);
+    let body: Value = read.json().await.unwrap();
+    assert_eq!(body["success"], true, "{body}");
+    let write: Value = h2
+        .post(format!("{}/rest/v1/leads.json", stack.proxy.url()))
+        .header("X-Api-Key", CRM_KEY)
+        .json(&json!({"input": [{"email": "h2@example.com"}]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(write["success"], true, "{write}");
+    assert_eq!(stack.sim.stats().ok, 2);
+}

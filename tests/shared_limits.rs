@@ -237,7 +237,7 @@ async fn a_crashed_replicas_leases_lapse_while_a_running_call_keeps_its_own() {
     crashed.connect(&crashed_admission).await;
     assert!(living.is_up() && crashed.is_up());
     // Only the living replica renews its leases.
-    let _maintenance = living.spawn_maintenance(Arc::clone(&living_admission));
+    let _maintenance = tokio::spawn(living.maintenance(Arc::clone(&living_admission)));
     let day = living_admission.day();
 
     // The crashed replica took a slot and will never give it back.

@@ -104,9 +104,6 @@ pub struct Admission {
     timer: Arc<Notify>,
     metrics: Metrics,
     names: Vec<String>,
-    /// Longest queue wait per service (the proxy's own last); fixed, so
-    /// read without the lock.
-    max_waits: Vec<Duration>,
     wall: WallClock,
     max_queue_length: usize,
 }
@@ -267,12 +264,6 @@ impl Admission {
             timer: Arc::new(Notify::new()),
             metrics,
             names: config.counted_names(),
-            max_waits: config
-                .services
-                .iter()
-                .map(|service| service.effective_max_queue_wait(limits))
-                .chain(std::iter::once(limits.max_queue_wait))
-                .collect(),
             wall,
             max_queue_length: limits.max_queue_length.get(),
         });
@@ -282,11 +273,6 @@ impl Admission {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// The longest a request of `service` may wait to be admitted.
-    pub fn max_wait(&self, service: usize) -> Duration {
-        self.max_waits.get(service).copied().unwrap_or_default()
     }
 
     /// Waits until a call of `service` may be sent, or says why it may
@@ -478,10 +464,11 @@ impl Admission {
     }
 
     /// Wakes the queue whenever a window slot frees, a pause ends or a
-    /// deadline passes. Runs until the admission state is dropped.
-    pub fn spawn_timer(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+    /// deadline passes. Runs while it is polled, or until the admission
+    /// state is dropped.
+    pub fn timer(self: &Arc<Self>) -> impl std::future::Future<Output = ()> + Send + 'static {
         let admission: Weak<Self> = Arc::downgrade(self);
-        tokio::spawn(async move {
+        async move {
             loop {
                 let Some(this) = admission.upgrade() else { return };
                 let wake_at = this.lock().wake_at;
@@ -505,7 +492,7 @@ impl Admission {
                 let mut state = this.lock();
                 this.pump(&mut state);
             }
-        })
+        }
     }
 
     /// Sends every call that may go now, refuses waiters whose deadline
@@ -901,5 +888,54 @@ impl Drop for Permit {
         state.in_flight -= 1;
         state.lanes[self.service].in_flight -= 1;
         admission.pump(&mut state);
+    }
+}
+
+/// What one call to Marketo holds while it runs: its [`Permit`] in this
+/// replica's limits and, when replicas share the instance, its [`Lease`]
+/// on the shared ones. Dropping it gives both back.
+///
+/// [`Lease`]: shared::Lease
+#[derive(Debug)]
+pub struct Slot {
+    permit: Permit,
+    lease: Option<shared::Lease>,
+}
+
+impl Slot {
+    pub fn new(permit: Permit, lease: Option<shared::Lease>) -> Self {
+        Self { permit, lease }
+    }
+
+    /// A slot in this replica's limits only.
+    pub fn local(permit: Permit) -> Self {
+        Self { permit, lease: None }
+    }
+
+    /// Marketo's answer arrived: the window slots start their countdown.
+    pub async fn answered(&mut self) {
+        self.permit.answered();
+        if let Some(lease) = self.lease.as_mut() {
+            lease.answered().await;
+        }
+    }
+
+    /// The call was never sent: this replica's limits get back everything
+    /// it took. (A shared window slot is not taken back: another replica
+    /// may already have counted it.)
+    pub fn unsent(self) {
+        self.permit.unsent();
+    }
+
+    /// Keeps the slot for `grace` after a call that got no answer: Marketo
+    /// may still be executing it, and its window slot counts from now.
+    pub fn hold_for(mut self, grace: Duration) {
+        self.permit.answered();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                tokio::time::sleep(grace).await;
+                drop(self);
+            });
+        }
     }
 }

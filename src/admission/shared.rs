@@ -21,6 +21,7 @@
 //! day's calls) so the others see it.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -86,16 +87,10 @@ for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], tonumber(ARGV[3]) + 60000) end
 return {1, 'ok', 0}
 ";
 
-/// The answer arrived: the window slot frees `window + margin` from now.
-const STAMP: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-for i = 1, #KEYS do redis.call('ZADD', KEYS[i], 'XX', now + tonumber(ARGV[2]), ARGV[1]) end
-return 1
-";
-
-/// Extends a call's concurrency lease.
-const RENEW: &str = r"
+/// Moves a call's entries in sorted sets that hold it: its window slots
+/// when the answer arrives (they free `window + margin` from now), or its
+/// concurrency leases when they are renewed. ARGV: call id, ms from now.
+const RESCORE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 for i = 1, #KEYS do redis.call('ZADD', KEYS[i], 'XX', now + tonumber(ARGV[2]), ARGV[1]) end
@@ -211,8 +206,7 @@ pub struct SharedLimits {
     /// Calls per service made while Redis was unreachable.
     unsynced: Mutex<Vec<u64>>,
     acquire: redis::Script,
-    stamp: redis::Script,
-    renew: redis::Script,
+    rescore: redis::Script,
     catch_up: redis::Script,
     reconcile: redis::Script,
     metrics: Metrics,
@@ -264,8 +258,7 @@ impl SharedLimits {
             up: AtomicBool::new(false),
             leases: Mutex::new(Leases::default()),
             acquire: redis::Script::new(ACQUIRE),
-            stamp: redis::Script::new(STAMP),
-            renew: redis::Script::new(RENEW),
+            rescore: redis::Script::new(RESCORE),
             catch_up: redis::Script::new(CATCH_UP),
             reconcile: redis::Script::new(RECONCILE),
             metrics,
@@ -462,7 +455,7 @@ impl SharedLimits {
     }
 
     async fn stamp(&self, service: usize, id: &str) {
-        let mut invocation = self.stamp.prepare_invoke();
+        let mut invocation = self.rescore.prepare_invoke();
         invocation.key(self.key("window"));
         if self
             .services
@@ -491,10 +484,13 @@ impl SharedLimits {
 
     /// Renews this replica's leases and, while Redis is unreachable, tries
     /// it again; back in touch, writes what was done meanwhile and returns
-    /// to the shared limits. Runs until aborted.
-    pub fn spawn_maintenance(self: &Arc<Self>, admission: Arc<Admission>) -> tokio::task::JoinHandle<()> {
+    /// to the shared limits. Runs while it is polled.
+    pub fn maintenance(
+        self: &Arc<Self>,
+        admission: Arc<Admission>,
+    ) -> impl Future<Output = ()> + Send + 'static {
         let shared = Arc::clone(self);
-        tokio::spawn(async move {
+        async move {
             let mut since_renewal = Duration::ZERO;
             let tick = RETRY_EVERY.min(shared.lease / 3);
             loop {
@@ -512,7 +508,7 @@ impl SharedLimits {
                     }
                 }
             }
-        })
+        }
     }
 
     async fn renew_leases(&self) -> Result<(), SharedError> {
@@ -524,7 +520,7 @@ impl SharedLimits {
             .map(|(lease, _)| lease.clone())
             .collect();
         for (service, id) in leases {
-            let mut invocation = self.renew.prepare_invoke();
+            let mut invocation = self.rescore.prepare_invoke();
             invocation
                 .key(self.key("inflight"))
                 .key(self.service_key("inflight", service))
@@ -645,6 +641,15 @@ impl Lease {
             self.stamped = true;
             self.shared.stamp(self.service, &self.id).await;
         }
+    }
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease")
+            .field("service", &self.service)
+            .field("stamped", &self.stamped)
+            .finish_non_exhaustive()
     }
 }
 

@@ -71,15 +71,6 @@ impl BaseUrl {
     pub fn is_empty(&self) -> bool {
         self.text.is_empty()
     }
-
-    /// The upstream URI for `path_and_query` (which starts with `/`).
-    pub fn uri_for(&self, path_and_query: &str) -> Result<Uri, http::Error> {
-        Uri::builder()
-            .scheme(self.scheme())
-            .authority(self.authority())
-            .path_and_query(format!("{}{path_and_query}", self.path_prefix))
-            .build()
-    }
 }
 
 impl FromStr for BaseUrl {
@@ -172,10 +163,6 @@ mod tests {
         assert_eq!(url.path_prefix(), "/marketo");
         assert_eq!(url.as_str(), "http://127.0.0.1:9999/marketo");
         assert!(!url.is_https());
-        assert_eq!(
-            url.uri_for("/rest/v1/leads.json?id=1").unwrap(),
-            "http://127.0.0.1:9999/marketo/rest/v1/leads.json?id=1"
-        );
     }
 
     #[test]

@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::marketo::limits;
 use crate::secret::Secret;
 
 pub use base_url::{BaseUrl, BaseUrlError};
@@ -169,11 +170,11 @@ pub struct LimitsConfig {
 impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
-            window_calls: const { NonZeroU32::new(100).expect("not zero") },
-            window: Duration::from_secs(20),
+            window_calls: const { NonZeroU32::new(limits::WINDOW_CALLS).expect("not zero") },
+            window: limits::WINDOW,
             safety_margin: Duration::from_millis(250),
-            concurrency: const { NonZeroU32::new(10).expect("not zero") },
-            daily_quota: const { NonZeroU64::new(50_000).expect("not zero") },
+            concurrency: const { NonZeroU32::new(limits::CONCURRENCY).expect("not zero") },
+            daily_quota: const { NonZeroU64::new(limits::DAILY_QUOTA).expect("not zero") },
             timezone: chrono_tz::America::Chicago,
             max_queue_wait: Duration::from_secs(30),
             max_queue_length: const { NonZeroUsize::new(10_000).expect("not zero") },

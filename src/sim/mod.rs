@@ -38,12 +38,7 @@ pub use state::{Arrival, FailNext, Failure, Faults, Stats};
 use crate::marketo::{self, IdentityError, TokenAnswer, code};
 use state::{Admission, State};
 
-/// Longest URI Marketo accepts.
-pub const MAX_URI_BYTES: usize = 8 * 1024;
-/// Largest request body Marketo accepts.
-pub const MAX_BODY_BYTES: usize = 1024 * 1024;
-/// Largest body of a bulk import.
-pub const MAX_IMPORT_BODY_BYTES: usize = 10 * 1024 * 1024;
+use crate::marketo::limits::{self, MAX_BODY_BYTES, MAX_IMPORT_BODY_BYTES, MAX_URI_BYTES};
 
 /// How the simulated instance behaves. Defaults are Marketo's.
 #[derive(Debug, Clone)]
@@ -68,11 +63,11 @@ pub struct SimConfig {
 impl Default for SimConfig {
     fn default() -> Self {
         Self {
-            window_calls: 100,
-            window: Duration::from_secs(20),
-            concurrency: 10,
-            daily_quota: 50_000,
-            token_ttl: Duration::from_secs(3600),
+            window_calls: limits::WINDOW_CALLS,
+            window: limits::WINDOW,
+            concurrency: limits::CONCURRENCY,
+            daily_quota: limits::DAILY_QUOTA,
+            token_ttl: limits::TOKEN_TTL,
             latency: Duration::from_millis(50),
             export_time: Duration::from_secs(2),
             clients: vec![SimClient::demo()],
@@ -164,14 +159,11 @@ impl Simulator {
 
     /// Serves on `listener` until `shutdown` completes.
     pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
-        let make_service = |_peer: SocketAddr| {
+        let service = tower::service_fn(move |request| {
             let simulator = self.clone();
-            hyper::service::service_fn(move |request| {
-                let simulator = simulator.clone();
-                async move { simulator.handle(request).await }
-            })
-        };
-        crate::server::serve(listener, make_service, shutdown).await;
+            async move { simulator.handle(request).await }
+        });
+        crate::server::serve(listener, service, shutdown).await;
     }
 
     pub fn config(&self) -> &SimConfig {

@@ -1,0 +1,313 @@
+//! Admission: a call goes to Marketo only when this replica's limits and,
+//! with replicas, the limits they share through Redis all have room.
+//!
+//! The request first waits in its service's queue ([`Admission`]: fair
+//! between services by weight, FIFO within one, bounded by the request's
+//! [`Deadline`], replays at the head); then, with replicas, asks Redis
+//! ([`SharedLimits`]) and waits while another replica holds what it needs.
+//! The answer comes back with the call's [`Slot`], which the answer's body
+//! holds until the client has it.
+//!
+//! This is one service rather than tower's `poll_ready` back-pressure:
+//! readiness in tower belongs to a service instance and says nothing about
+//! which request will be sent next, while admission decides per request
+//! (whose queue, which deadline, a replay ahead of its service's queue,
+//! which service's turn it is). So `poll_ready` is always ready and the
+//! waiting happens in `call`'s future, which leaves the queue when dropped.
+//!
+//! A call that got no answer keeps its slot a while: Marketo may still be
+//! executing it. That holds when the upstream timed out and when the
+//! request went away mid-call (the client disconnected).
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use http::Request;
+use tokio::time::Instant;
+use tower::{Layer, Service, ServiceExt};
+
+use super::caller::Deadline;
+use crate::admission::shared::{Grant, Lease, SharedLimits};
+use crate::admission::{Admission, AdmissionError, Slot};
+use crate::auth::Caller;
+use crate::error::ProxyError;
+use crate::upstream::{Answer, UpstreamError};
+
+/// How long a call that got no answer keeps its slot: Marketo may still be
+/// executing it.
+pub const UNANSWERED_CALL_GRACE: Duration = Duration::from_secs(10);
+
+/// Marketo's answer to an admitted call, with the call's slot (none for an
+/// answer kept from an earlier attempt).
+pub struct Admitted {
+    pub answer: Answer,
+    pub slot: Option<Slot>,
+}
+
+/// Marks a request that is a replay: it goes to the head of its queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Replayed;
+
+/// Admits calls; see the module documentation.
+#[derive(Clone)]
+pub struct AdmitLayer {
+    gate: Gate,
+}
+
+impl AdmitLayer {
+    pub fn new(admission: Arc<Admission>, limits: Option<Arc<SharedLimits>>) -> Self {
+        Self {
+            gate: Gate { admission, limits },
+        }
+    }
+}
+
+impl<S> Layer<S> for AdmitLayer {
+    type Service = Admit<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Admit {
+            inner,
+            gate: self.gate.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Admit<S> {
+    inner: S,
+    gate: Gate,
+}
+
+/// The limits a call must get through: this replica's, then the shared.
+#[derive(Clone)]
+struct Gate {
+    admission: Arc<Admission>,
+    limits: Option<Arc<SharedLimits>>,
+}
+
+impl<S> Service<Request<Bytes>> for Admit<S>
+where
+    S: Service<Request<Bytes>, Response = Answer, Error = ProxyError> + Clone + Send + 'static,
+    S::Future: Send,
+{
+    type Response = Admitted;
+    type Error = ProxyError;
+    type Future = BoxFuture<'static, Result<Admitted, ProxyError>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Bytes>) -> Self::Future {
+        let gate = self.gate.clone();
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let service = request.extensions().get::<Caller>().map_or(0, |caller| caller.id);
+            let deadline = request
+                .extensions()
+                .get::<Deadline>()
+                .map_or_else(Instant::now, |deadline| deadline.0);
+            let front = request.extensions().get::<Replayed>().is_some();
+            let slot = gate.slot(service, deadline, front).await?;
+            call(inner, request, slot).await
+        })
+    }
+}
+
+impl Gate {
+    /// Waits for a slot in this replica's limits and then the shared ones.
+    async fn slot(&self, service: usize, deadline: Instant, mut front: bool) -> Result<Slot, ProxyError> {
+        let mut readmitted = false;
+        loop {
+            let permit = self.admission.admit(service, deadline, front).await?;
+            // Rare or large awaits are boxed, so that a request waiting in
+            // the queue does not carry their state.
+            match Box::pin(self.shared_grant(service, deadline)).await {
+                Ok(SharedGrant::Go(lease)) => return Ok(Slot::new(permit, lease)),
+                // Admitted under limits that no longer hold (Redis went
+                // away just now): once more under this replica's share.
+                Ok(SharedGrant::Readmit) if !readmitted => {
+                    permit.unsent();
+                    readmitted = true;
+                    front = true;
+                }
+                Ok(SharedGrant::Readmit) => return Ok(Slot::new(permit, None)),
+                Err(error) => {
+                    permit.unsent();
+                    return Err(error);
+                }
+            }
+        }
+    }
+
+    /// A grant from the limits shared with other replicas, if any: waits
+    /// while another replica holds what this call needs, within the
+    /// deadline.
+    async fn shared_grant(&self, service: usize, deadline: Instant) -> Result<SharedGrant, ProxyError> {
+        let Some(limits) = &self.limits else {
+            return Ok(SharedGrant::Go(None));
+        };
+        let admission = &self.admission;
+        let asked = Instant::now();
+        loop {
+            match limits.acquire(service, admission.day(), admission).await {
+                Grant::Granted(lease) => return Ok(SharedGrant::Go(Some(lease))),
+                Grant::Readmit => return Ok(SharedGrant::Readmit),
+                Grant::Refused(scope) => {
+                    let retry_after = (admission.next_reset() - chrono::Utc::now())
+                        .to_std()
+                        .unwrap_or_default();
+                    return Err(AdmissionError::Quota { scope, retry_after }.into());
+                }
+                Grant::Wait(wait) => {
+                    if Instant::now() + wait >= deadline {
+                        return Err(AdmissionError::DeadlineExpired {
+                            max_wait: deadline.saturating_duration_since(asked),
+                            retry_after: wait.max(Duration::from_secs(1)),
+                        }
+                        .into());
+                    }
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
+}
+
+/// What the shared limits said about a call already admitted here.
+enum SharedGrant {
+    /// Go, with the lease on the shared limits if there are any.
+    Go(Option<Lease>),
+    /// The limits here changed under the call: admit it again.
+    Readmit,
+}
+
+/// One call on its slot.
+async fn call<S>(inner: S, request: Request<Bytes>, slot: Slot) -> Result<Admitted, ProxyError>
+where
+    S: tower::Service<Request<Bytes>, Response = Answer, Error = ProxyError>,
+{
+    let mut unanswered = Unanswered(Some(slot));
+    let result = inner.oneshot(request).await;
+    let Some(mut slot) = unanswered.0.take() else {
+        return Err(AdmissionError::Closed.into());
+    };
+    match result {
+        Ok(answer) => {
+            slot.answered().await;
+            Ok(Admitted {
+                answer,
+                slot: Some(slot),
+            })
+        }
+        // Never sent: no token could be had.
+        Err(error @ ProxyError::Token(_)) => {
+            slot.unsent();
+            Err(error)
+        }
+        Err(error @ ProxyError::Upstream(UpstreamError::Timeout(_))) => {
+            slot.hold_for(UNANSWERED_CALL_GRACE);
+            Err(error)
+        }
+        Err(error) => {
+            slot.answered().await;
+            Err(error)
+        }
+    }
+}
+
+/// The slot of a call sent and not yet answered. Dropped unanswered (the
+/// request went away mid-call), it keeps the slot a while.
+struct Unanswered(Option<Slot>);
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if let Some(slot) = self.0.take() {
+            slot.hold_for(UNANSWERED_CALL_GRACE);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::proxy::testing::{self, Scripted, ScriptedMarketo};
+    use crate::token::TokenError;
+    use http::StatusCode;
+
+    fn admitting(script: Vec<Scripted>) -> (Admit<ScriptedMarketo>, Arc<Admission>) {
+        let admission = Admission::new(&testing::config(), Metrics::new());
+        let service = AdmitLayer::new(Arc::clone(&admission), None).layer(ScriptedMarketo::new(script));
+        (service, admission)
+    }
+
+    fn request(service: usize) -> Request<Bytes> {
+        let mut request = Request::get("/rest/v1/lead/1.json").body(Bytes::new()).unwrap();
+        let callers = testing::callers();
+        request.extensions_mut().insert(callers.caller(service));
+        request
+            .extensions_mut()
+            .insert(Deadline::after(Instant::now(), Duration::from_secs(30)));
+        request
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_holds_its_slot_until_it_is_dropped() {
+        let (service, admission) = admitting(vec![]);
+        let admitted = service.oneshot(request(1)).await.unwrap();
+        let snapshot = admission.snapshot();
+        assert_eq!((snapshot.in_flight, snapshot.window_used), (1, 1));
+        assert_eq!(snapshot.services[1].daily_used, 1, "counted to its service");
+        drop(admitted);
+        let snapshot = admission.snapshot();
+        assert_eq!((snapshot.in_flight, snapshot.window_used), (0, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_never_sent_gives_everything_back() {
+        let no_token = || ProxyError::Token(TokenError::Unreachable("down".into()));
+        let (service, admission) = admitting(vec![Scripted::Fail(no_token)]);
+        let result = service.oneshot(request(0)).await;
+        assert!(matches!(result, Err(ProxyError::Token(_))));
+        let snapshot = admission.snapshot();
+        assert_eq!(
+            (snapshot.in_flight, snapshot.window_used, snapshot.daily_used),
+            (0, 0, 0)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_without_an_answer_keeps_its_slot_for_the_grace_period() {
+        let timed_out = || ProxyError::Upstream(UpstreamError::Timeout(Duration::from_secs(60)));
+        let (service, admission) = admitting(vec![Scripted::Fail(timed_out)]);
+        assert!(service.oneshot(request(0)).await.is_err());
+        assert_eq!(
+            admission.snapshot().in_flight,
+            1,
+            "Marketo may still be executing it"
+        );
+        tokio::time::sleep(UNANSWERED_CALL_GRACE + Duration::from_millis(1)).await;
+        assert_eq!(admission.snapshot().in_flight, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_that_cannot_be_admitted_in_time_is_refused_without_a_call() {
+        let (mut service, admission) = admitting(vec![Scripted::Answer(StatusCode::OK, None)]);
+        admission.pause(Duration::from_secs(60));
+        let result = (&mut service).oneshot(request(0)).await;
+        assert!(
+            matches!(
+                result,
+                Err(ProxyError::Admission(AdmissionError::WouldWait { .. }))
+            ),
+            "{:?}",
+            result.err()
+        );
+        assert_eq!(admission.snapshot().daily_used, 0);
+    }
+}

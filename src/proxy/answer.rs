@@ -1,0 +1,173 @@
+//! The answer the client gets: Marketo's, without hop-by-hop headers and
+//! with a body that holds the call's slot until it has been passed on (see
+//! [`ResponseBody`]), or the proxy's own refusal when no call could be
+//! made or none answered.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use tower::{Layer, Service};
+
+use super::admit::Admitted;
+use super::rewrite;
+use crate::error::ProxyError;
+use crate::response::{Outcome, ResponseBody};
+
+/// Turns Marketo's answers and refusals into responses.
+#[derive(Debug, Clone, Copy)]
+pub struct AnswerLayer {
+    /// A streamed answer that its client reads nothing of for this long
+    /// gives its slot up.
+    idle: Duration,
+}
+
+impl AnswerLayer {
+    pub fn new(idle: Duration) -> Self {
+        Self { idle }
+    }
+}
+
+impl<S> Layer<S> for AnswerLayer {
+    type Service = ToResponse<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ToResponse {
+            inner,
+            idle: self.idle,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ToResponse<S> {
+    inner: S,
+    idle: Duration,
+}
+
+impl<S> Service<Request<Bytes>> for ToResponse<S>
+where
+    S: Service<Request<Bytes>, Response = Admitted, Error = ProxyError>,
+{
+    type Response = Response<ResponseBody>;
+    type Error = Infallible;
+    type Future = Answering<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // The services below are always ready; an error here would be one
+        // more refusal to answer.
+        match self.inner.poll_ready(cx) {
+            Poll::Ready(_) => Poll::Ready(Ok(())),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn call(&mut self, request: Request<Bytes>) -> Self::Future {
+        Answering {
+            future: self.inner.call(request),
+            idle: self.idle,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    pub struct Answering<F> {
+        #[pin]
+        future: F,
+        idle: Duration,
+    }
+}
+
+impl<F> Future for Answering<F>
+where
+    F: Future<Output = Result<Admitted, ProxyError>>,
+{
+    type Output = Result<Response<ResponseBody>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = match std::task::ready!(this.future.poll(cx)) {
+            Ok(admitted) => respond(admitted, *this.idle),
+            Err(error) => error.into_response(),
+        };
+        Poll::Ready(Ok(response))
+    }
+}
+
+/// Marketo's answer as the client gets it.
+fn respond(admitted: Admitted, idle: Duration) -> Response<ResponseBody> {
+    let Admitted { answer, slot } = admitted;
+    let mut head = answer.head;
+    rewrite::strip_hop_by_hop(&mut head.headers);
+    let outcome = if answer.error_code.is_some() || !head.status.is_success() {
+        Outcome::MARKETO_ERROR
+    } else {
+        Outcome::OK
+    };
+    head.extensions.insert(outcome);
+    Response::from_parts(head, ResponseBody::answer(answer.body, slot, idle))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::testing::{Scripted, ScriptedAdmitted, ScriptedMarketo, marketo_code};
+    use http::StatusCode;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    fn answering(script: Vec<Scripted>) -> ToResponse<ScriptedAdmitted> {
+        AnswerLayer::new(Duration::from_secs(60)).layer(ScriptedAdmitted(ScriptedMarketo::new(script)))
+    }
+
+    fn request() -> Request<Bytes> {
+        Request::get("/rest/v1/lead/1.json").body(Bytes::new()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn marketo_answers_pass_with_their_outcome_and_without_hop_by_hop_headers() {
+        let ok = answering(vec![]).oneshot(request()).await.unwrap();
+        assert_eq!(ok.extensions().get::<Outcome>(), Some(&Outcome::OK));
+        assert!(!ok.headers().contains_key("connection"));
+        assert_eq!(ok.headers()["content-type"], "application/json");
+        assert_eq!(
+            &ok.into_body().collect().await.unwrap().to_bytes()[..],
+            br#"{"requestId":"x#1","result":[],"success":true}"#
+        );
+        let refused = answering(vec![Scripted::Answer(StatusCode::OK, Some("603"))])
+            .oneshot(request())
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), StatusCode::OK);
+        assert_eq!(
+            refused.extensions().get::<Outcome>(),
+            Some(&Outcome::MARKETO_ERROR)
+        );
+        assert_eq!(marketo_code(refused).await, "603");
+    }
+
+    #[tokio::test]
+    async fn a_refusal_becomes_a_marketo_shaped_answer() {
+        let quota = || {
+            ProxyError::Admission(crate::admission::AdmissionError::Quota {
+                scope: crate::admission::quota::QuotaScope::Instance,
+                retry_after: Duration::from_secs(90),
+            })
+        };
+        let response = answering(vec![Scripted::Fail(quota)])
+            .oneshot(request())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()["retry-after"], "90");
+        assert_eq!(
+            response.extensions().get::<Outcome>(),
+            Some(&Outcome("rejected_quota"))
+        );
+        assert_eq!(marketo_code(response).await, "607");
+    }
+}

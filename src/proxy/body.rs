@@ -1,0 +1,205 @@
+//! The request body: read whole within Marketo's limits, so that a replay
+//! can send it again, and cleaned of the client's credentials.
+//!
+//! A body over Marketo's limit (1 MB, 10 MB for bulk imports) is refused
+//! with 413 while it arrives, without buffering the rest; one that does
+//! not arrive within [`BODY_READ_TIMEOUT`] gets 408. Every `access_token`
+//! (query, urlencoded body, multipart field), the client's credential
+//! headers and hop-by-hop headers are removed here, so nothing below ever
+//! sees them. The request leaves as `Request<Bytes>`, its query in the
+//! [`Target`] cleaned too.
+
+use std::convert::Infallible;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use http::{Request, Response};
+use http_body::Body;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use tower::{Layer, Service, ServiceExt};
+
+use super::rewrite::{self, BodyKind};
+use crate::error::ProxyError;
+use crate::marketo::limits::{MAX_BODY_BYTES, MAX_IMPORT_BODY_BYTES};
+use crate::response::{BoxError, ResponseBody};
+use crate::target::Target;
+
+/// How long a client may take to send a request body.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Reads request bodies whole and cleans requests of credentials.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BodyLayer;
+
+impl<S> Layer<S> for BodyLayer {
+    type Service = ReadBody<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ReadBody { inner }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ReadBody<S> {
+    inner: S,
+}
+
+impl<S, B> Service<Request<B>> for ReadBody<S>
+where
+    S: Service<Request<Bytes>, Response = Response<ResponseBody>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<ResponseBody>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            match clean(request).await {
+                Ok(request) => inner.oneshot(request).await,
+                Err(error) => Ok(error.into_response()),
+            }
+        })
+    }
+}
+
+/// The request read whole and without the client's credentials.
+async fn clean<B>(request: Request<B>) -> Result<Request<Bytes>, ProxyError>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    let (mut parts, body) = request.into_parts();
+    let limit = match parts.extensions.get::<Target>() {
+        Some(target) if target.is_bulk_import() => MAX_IMPORT_BODY_BYTES,
+        _ => MAX_BODY_BYTES,
+    };
+    let body = read(body, limit).await?;
+    let body = match rewrite::body_kind(&parts.headers) {
+        BodyKind::Form if rewrite::find_access_token(&body).is_some() => {
+            Bytes::from(rewrite::strip_access_token_bytes(&body))
+        }
+        BodyKind::Multipart { boundary } => rewrite::strip_access_token_multipart(&body, &boundary).0,
+        BodyKind::Form | BodyKind::Other => body,
+    };
+    rewrite::request_headers(&mut parts.headers);
+    if let Some(target) = parts.extensions.get_mut::<Target>() {
+        target.query = target
+            .query
+            .as_deref()
+            .map(rewrite::strip_access_token_pairs)
+            .filter(|query| !query.is_empty());
+    }
+    Ok(Request::from_parts(parts, body))
+}
+
+/// Reads a request body whole (a replay must be able to send it again),
+/// within `limit` bytes and [`BODY_READ_TIMEOUT`].
+pub async fn read<B>(body: B, limit: usize) -> Result<Bytes, ProxyError>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    match tokio::time::timeout(BODY_READ_TIMEOUT, Limited::new(body, limit).collect()).await {
+        Err(_) => Err(ProxyError::BodyTimeout(BODY_READ_TIMEOUT)),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(error)) if error.is::<LengthLimitError>() => Err(ProxyError::BodyTooLarge { limit }),
+        Ok(Err(error)) => Err(ProxyError::BodyUnreadable(error)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::testing::{StubAnswer, marketo_code};
+    use http::StatusCode;
+    use http_body_util::Full;
+
+    async fn cleaned(request: Request<Full<Bytes>>) -> (Response<ResponseBody>, StubAnswer) {
+        let stub = StubAnswer::default();
+        let (mut parts, body) = request.into_parts();
+        let target = crate::target::normalise(parts.uri.path(), parts.uri.query()).unwrap();
+        parts.extensions.insert(target);
+        let inner = stub
+            .clone()
+            .map_request(|request: Request<Bytes>| request.map(Full::new));
+        let response = BodyLayer
+            .layer(inner)
+            .oneshot(Request::from_parts(parts, body))
+            .await
+            .unwrap();
+        (response, stub)
+    }
+
+    #[tokio::test]
+    async fn removes_every_client_credential_and_keeps_the_rest() {
+        let request = Request::post("/rest/v1/leads.json?access_token=abc&_method=GET")
+            .header("x-api-key", "key")
+            .header("authorization", "Bearer key")
+            .header("connection", "keep-alive, x-hop")
+            .header("x-hop", "1")
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("x-kept", "yes")
+            .body(Full::new(Bytes::from_static(
+                b"filterType=id&access_token=abc&filterValues=1",
+            )))
+            .unwrap();
+        let (response, stub) = cleaned(request).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let (parts, body) = stub.last_request().unwrap();
+        assert_eq!(&body[..], b"filterType=id&filterValues=1");
+        for gone in ["x-api-key", "authorization", "connection", "x-hop"] {
+            assert!(!parts.headers.contains_key(gone), "{gone} was forwarded");
+        }
+        assert_eq!(parts.headers["x-kept"], "yes");
+        let target = parts.extensions.get::<Target>().unwrap();
+        assert_eq!(target.query.as_deref(), Some("_method=GET"));
+    }
+
+    #[tokio::test]
+    async fn a_query_of_only_the_token_leaves_none() {
+        let request = Request::get("/rest/v1/lead/1.json?access_token=abc")
+            .body(Full::default())
+            .unwrap();
+        let (_, stub) = cleaned(request).await;
+        assert_eq!(stub.last::<Target>().unwrap().query, None);
+    }
+
+    #[tokio::test]
+    async fn refuses_bodies_over_marketos_limit_with_413() {
+        let body = Bytes::from(vec![b'a'; MAX_BODY_BYTES + 1]);
+        let request = Request::post("/rest/v1/leads.json")
+            .body(Full::new(body.clone()))
+            .unwrap();
+        let (response, stub) = cleaned(request).await;
+        assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(marketo_code(response).await, "413");
+        assert_eq!(stub.calls(), 0);
+        // A bulk import may be ten times larger.
+        let request = Request::post("/bulk/v1/leads.json")
+            .body(Full::new(body))
+            .unwrap();
+        let (response, stub) = cleaned(request).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(stub.last_request().unwrap().1.len(), MAX_BODY_BYTES + 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_does_not_arrive_gets_408() {
+        let silent = futures_util::stream::pending::<Result<http_body::Frame<Bytes>, Infallible>>();
+        let result = read(http_body_util::StreamBody::new(silent), 10).await;
+        assert!(matches!(result, Err(ProxyError::BodyTimeout(_))), "{result:?}");
+    }
+}
