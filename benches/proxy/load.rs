@@ -2,11 +2,12 @@
 //! fast as answers come) or paced at a steady light rate, and the latencies
 //! and counts they collect.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::client::{RequestSpec, connect_h1, exchange};
+use crate::client::{BoxError, RequestSpec, connect_h1, exchange};
 
 /// Latencies and counts of answered requests.
 #[derive(Default)]
@@ -18,6 +19,23 @@ pub struct Samples {
 }
 
 impl Samples {
+    /// Counts the outcome of a request begun at `began`: an answer with
+    /// its latency, or an error, which is logged. False on an error.
+    fn count(&mut self, began: Instant, result: Result<(), BoxError>, addr: SocketAddr) -> bool {
+        match result {
+            Ok(()) => {
+                self.ok += 1;
+                self.latencies.push(began.elapsed());
+                true
+            }
+            Err(error) => {
+                eprintln!("request to {addr}: {error}");
+                self.errors += 1;
+                false
+            }
+        }
+    }
+
     pub fn merge(&mut self, mut other: Samples) {
         self.latencies.append(&mut other.latencies);
         self.ok += other.ok;
@@ -73,16 +91,8 @@ pub async fn closed_loop(request: &RequestSpec, connections: usize, start: Insta
                     if began < start {
                         continue;
                     }
-                    match result {
-                        Ok(()) => {
-                            samples.ok += 1;
-                            samples.latencies.push(began.elapsed());
-                        }
-                        Err(error) => {
-                            eprintln!("request to {}: {error}", request.addr);
-                            samples.errors += 1;
-                            sender = None;
-                        }
+                    if !samples.count(began, result, request.addr) {
+                        sender = None;
                     }
                 }
                 samples
@@ -134,18 +144,10 @@ pub async fn paced_loop(
                     if began < start {
                         continue;
                     }
-                    match result {
-                        Ok(()) => {
-                            samples.ok += 1;
-                            samples.latencies.push(began.elapsed());
-                        }
-                        Err(error) => {
-                            eprintln!("request to {}: {error}", request.addr);
-                            samples.errors += 1;
-                            match connect_h1(request.addr).await {
-                                Ok(fresh) => sender = fresh,
-                                Err(_) => return samples,
-                            }
+                    if !samples.count(began, result, request.addr) {
+                        match connect_h1(request.addr).await {
+                            Ok(fresh) => sender = fresh,
+                            Err(_) => return samples,
                         }
                     }
                 }
