@@ -1,0 +1,384 @@
+//! Pacing efficiency: Marketo's real limits at the simulator and three
+//! services with weights 3:2:1 saturating the proxy. From the simulator's
+//! log of arrivals: calls per window, the most in any sliding window,
+//! 606/615, how fully the window is used, and fairness against the
+//! weights; from the clients: queue wait per service.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use marketo_proxy::sim::Stats;
+use tokio::time::Instant;
+
+use crate::Mode;
+use crate::client::{RequestSpec, connect_h1, exchange, get};
+use crate::load::percentile;
+use crate::processes::{CLIENT_ID, CLIENT_SECRET, free_port, local_addr, start_proxy, start_sim};
+use crate::report::{Verdict, secs};
+
+/// How long the pacing scenario runs, and the limits it runs against.
+struct PacePlan {
+    window_calls: u32,
+    window: Duration,
+    safety_margin: Duration,
+    latency: Duration,
+    clients_per_service: usize,
+    run: Duration,
+    /// Whole windows counted from the first arrival.
+    windows: u32,
+}
+
+impl PacePlan {
+    fn new(mode: Mode) -> Self {
+        match mode {
+            Mode::Smoke => Self {
+                window_calls: 10,
+                window: Duration::from_secs(1),
+                safety_margin: Duration::from_millis(50),
+                latency: Duration::from_millis(5),
+                clients_per_service: 4,
+                run: Duration::from_millis(2200),
+                windows: 2,
+            },
+            Mode::Full => Self {
+                window_calls: 100,
+                window: Duration::from_secs(20),
+                safety_margin: Duration::from_millis(250),
+                latency: Duration::from_millis(50),
+                clients_per_service: 30,
+                run: Duration::from_secs(62),
+                windows: 3,
+            },
+        }
+    }
+}
+
+/// The services of the pacing scenario: name, weight, API key.
+const SERVICES: [(&str, u32, &str); 3] = [
+    ("crm-sync", 3, "bench-key-crm-0123456789"),
+    ("forms", 2, "bench-key-forms-0123456789"),
+    ("warehouse", 1, "bench-key-warehouse-0123456789"),
+];
+
+/// One answered request of the pacing load.
+struct Completed {
+    service: usize,
+    latency: Duration,
+}
+
+pub async fn run(mode: Mode) -> Vec<Verdict> {
+    let plan = PacePlan::new(mode);
+    let dir = tempfile::tempdir().expect("temp dir");
+    println!(
+        "== pacing: {} calls / {:?} (margin {:?}), 10 concurrent, simulator latency {:?}; \
+         3 services weights 3:2:1, {} clients each, {:?} of saturating load",
+        plan.window_calls, plan.window, plan.safety_margin, plan.latency, plan.clients_per_service, plan.run
+    );
+    let sim_addr = local_addr(free_port());
+    let mut sim = start_sim(
+        dir.path(),
+        sim_addr,
+        &[
+            "--window-calls",
+            &plan.window_calls.to_string(),
+            "--window-seconds",
+            &plan.window.as_secs().to_string(),
+            "--concurrency",
+            "10",
+            "--latency",
+            &format!("{}ms", plan.latency.as_millis()),
+        ],
+    )
+    .await;
+    let proxy_addr = local_addr(free_port());
+    let admin_addr = local_addr(free_port());
+    let services: String = SERVICES
+        .iter()
+        .map(|(name, weight, key)| format!("  - {{ name: {name}, api_key: {key}, weight: {weight} }}\n"))
+        .collect();
+    let config = format!(
+        "listen: {proxy_addr}\nadmin_listen: {admin_addr}\n\
+         marketo: {{ base_url: 'http://{sim_addr}', client_id: {CLIENT_ID}, client_secret: {CLIENT_SECRET} }}\n\
+         limits:\n  window_calls: {}\n  window: {}ms\n  safety_margin: {}ms\n  concurrency: 10\n  \
+         max_queue_wait: 120s\n\
+         services:\n{services}\
+         state: {{ file: ~, usage_sync_interval: 0s }}\n",
+        plan.window_calls,
+        plan.window.as_millis(),
+        plan.safety_margin.as_millis()
+    );
+    let mut proxy = start_proxy(dir.path(), "proxy", &config, admin_addr).await;
+
+    // Each service asks for its own lead id, so the simulator's log of
+    // arrivals tells the services apart.
+    let started = Instant::now();
+    let end = started + plan.run;
+    let mut clients = Vec::new();
+    for (service, (_, _, key)) in SERVICES.iter().enumerate() {
+        let request = RequestSpec::get(&format!("/rest/v1/lead/{}.json", service + 1))
+            .to(proxy_addr)
+            .with_key(key);
+        for _ in 0..plan.clients_per_service {
+            let request = request.clone();
+            clients.push(tokio::spawn(async move {
+                let mut completed = Vec::new();
+                let mut errors = 0u64;
+                let Ok(mut sender) = connect_h1(request.addr).await else {
+                    return (completed, 1);
+                };
+                loop {
+                    let began = Instant::now();
+                    match tokio::time::timeout_at(end, exchange(&mut sender, &request)).await {
+                        Err(_) => break,
+                        Ok(Ok(())) => completed.push(Completed {
+                            service,
+                            latency: began.elapsed(),
+                        }),
+                        Ok(Err(error)) => {
+                            eprintln!("pacing: {error}");
+                            errors += 1;
+                            match connect_h1(request.addr).await {
+                                Ok(fresh) => sender = fresh,
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                }
+                (completed, errors)
+            }));
+        }
+    }
+    let mut completed = Vec::new();
+    let mut client_errors = 0;
+    for client in clients {
+        let (done, errors) = client.await.expect("client task");
+        completed.extend(done);
+        client_errors += errors;
+    }
+    // Let calls cut off by the end of the load finish at the simulator.
+    tokio::time::sleep(plan.latency * 2 + Duration::from_millis(100)).await;
+    proxy.check_alive();
+    let stats: Stats =
+        serde_json::from_slice(&get(sim_addr, "/_sim/stats").await.expect("simulator stats")).expect("stats");
+    sim.check_alive();
+
+    let report = PaceReport::new(&stats, &plan);
+    let verdicts = report.print(&plan, &completed, client_errors);
+    if mode == Mode::Smoke {
+        assert_eq!(client_errors, 0, "requests refused through the proxy");
+        assert_eq!(stats.code("606"), 0, "{:?}", stats.codes);
+        assert_eq!(stats.code("615"), 0, "{:?}", stats.codes);
+        assert!(
+            stats.max_in_window <= plan.window_calls,
+            "{}",
+            stats.max_in_window
+        );
+        assert!(
+            report.max_sliding <= plan.window_calls as usize,
+            "{}",
+            report.max_sliding
+        );
+        assert!(
+            report.times.len() >= plan.window_calls as usize,
+            "only {} calls",
+            report.times.len()
+        );
+    }
+    verdicts
+}
+
+/// What the simulator saw during the pacing load.
+struct PaceReport {
+    /// Arrival times of executed calls, in seconds since the simulator started.
+    times: Vec<f64>,
+    /// Service index of each executed call.
+    services: Vec<usize>,
+    max_sliding: usize,
+    codes: BTreeMap<String, u64>,
+    max_in_flight: u32,
+}
+
+impl PaceReport {
+    fn new(stats: &Stats, plan: &PacePlan) -> Self {
+        let executed: Vec<_> = stats
+            .arrivals
+            .iter()
+            .filter(|arrival| arrival.code == "ok" || arrival.code == "cancelled")
+            .collect();
+        let times: Vec<f64> = executed.iter().map(|arrival| arrival.at).collect();
+        let services = executed
+            .iter()
+            .map(|arrival| {
+                arrival
+                    .target
+                    .trim_start_matches("/rest/v1/lead/")
+                    .trim_end_matches(".json")
+                    .parse::<usize>()
+                    .map_or(usize::MAX, |id| id - 1)
+            })
+            .collect();
+        let window = plan.window.as_secs_f64();
+        let mut max_sliding = 0;
+        let mut first = 0;
+        for (last, at) in times.iter().enumerate() {
+            while *at - times[first] >= window {
+                first += 1;
+            }
+            max_sliding = max_sliding.max(last + 1 - first);
+        }
+        Self {
+            times,
+            services,
+            max_sliding,
+            codes: stats.codes.clone(),
+            max_in_flight: stats.max_in_flight,
+        }
+    }
+
+    fn print(&self, plan: &PacePlan, completed: &[Completed], client_errors: u64) -> Vec<Verdict> {
+        let limit = plan.window_calls as usize;
+        let window = plan.window.as_secs_f64();
+        let mut verdicts = Vec::new();
+        let Some(&t0) = self.times.first() else {
+            println!("no calls reached the simulator");
+            return verdicts;
+        };
+        let per_window: Vec<usize> = (0..plan.windows)
+            .map(|k| {
+                let from = t0 + window * f64::from(k);
+                self.times
+                    .iter()
+                    .filter(|at| **at >= from && **at < from + window)
+                    .count()
+            })
+            .collect();
+        println!(
+            "calls per {:?} window from the first arrival: {per_window:?} of {limit} each",
+            plan.window
+        );
+        println!(
+            "most calls in any sliding {:?}: {} (limit {limit}); most in flight: {} (limit 10)",
+            plan.window, self.max_sliding, self.max_in_flight
+        );
+        // The span of `limit` consecutive calls is the period in which the
+        // window turns over once: exactly `window` when fully used.
+        let spans: Vec<f64> = self
+            .times
+            .windows(limit + 1)
+            .map(|calls| calls[limit] - calls[0])
+            .collect();
+        if !spans.is_empty() {
+            let mean = spans.iter().sum::<f64>() / spans.len() as f64;
+            let shortest = spans.iter().copied().fold(f64::INFINITY, f64::min);
+            let ceiling = window + plan.safety_margin.as_secs_f64() + plan.latency.as_secs_f64();
+            println!(
+                "turnover: call n+{limit} arrives {mean:.3} s after call n on average (shortest {shortest:.3} s, \
+                 never below {window:.0} s or Marketo says 606)"
+            );
+            let of_marketo = 100.0 * window / mean;
+            let of_design = 100.0 * ceiling / mean;
+            println!(
+                "window utilisation: {of_marketo:.2}% of Marketo's {limit}/{window:.0} s; {of_design:.2}% of the \
+                 design ceiling {limit} per {ceiling:.2} s (window + safety margin + upstream latency)"
+            );
+            verdicts.push(Verdict::new(
+                "window utilisation >= 99% of the design ceiling (window + margin + latency)",
+                format!("{of_design:.2}%"),
+                of_design >= 99.0,
+            ));
+            verdicts.push(Verdict::new(
+                "window utilisation >= 99% of Marketo's raw window",
+                format!(
+                    "{of_marketo:.2}% (the {:?} safety margin and {:?} latency cost {:.2}%)",
+                    plan.safety_margin,
+                    plan.latency,
+                    100.0 * (1.0 - window / ceiling)
+                ),
+                of_marketo >= 99.0,
+            ));
+        }
+        let rejected =
+            self.codes.get("606").copied().unwrap_or(0) + self.codes.get("615").copied().unwrap_or(0);
+        verdicts.push(Verdict::new(
+            "zero 606/615 at the simulator",
+            format!(
+                "{rejected} (most in any sliding window {} of {limit})",
+                self.max_sliding
+            ),
+            rejected == 0 && self.max_sliding <= limit,
+        ));
+        println!(
+            "simulator codes: 606 = {}, 615 = {}, others {:?}; requests refused by the proxy: {client_errors}",
+            self.codes.get("606").copied().unwrap_or(0),
+            self.codes.get("615").copied().unwrap_or(0),
+            self.codes
+                .iter()
+                .filter(|(code, _)| *code != "606" && *code != "615")
+                .collect::<BTreeMap<_, _>>()
+        );
+
+        // Bursts: the window turns over in bursts once saturated. The first
+        // burst is decided by how many clients each service has, the later
+        // ones by the weights.
+        let mut bursts: Vec<[usize; 3]> = Vec::new();
+        let mut previous = f64::NEG_INFINITY;
+        for (at, service) in self.times.iter().zip(&self.services) {
+            if *at - previous > window / 4.0 {
+                bursts.push([0; 3]);
+            }
+            previous = *at;
+            if let (Some(burst), true) = (bursts.last_mut(), *service < 3) {
+                burst[*service] += 1;
+            }
+        }
+        println!("calls per burst by service (crm-sync, forms, warehouse): {bursts:?}");
+        let steady: [usize; 3] = bursts.iter().skip(1).fold([0; 3], |mut sum, burst| {
+            for (total, count) in sum.iter_mut().zip(burst) {
+                *total += count;
+            }
+            sum
+        });
+        let total: usize = steady.iter().sum();
+        let weights: u32 = SERVICES.iter().map(|(_, weight, _)| weight).sum();
+        if total > 0 {
+            let ratios: Vec<f64> = SERVICES
+                .iter()
+                .zip(steady)
+                .map(|((_, weight, _), calls)| {
+                    (calls as f64 / total as f64) / (f64::from(*weight) / f64::from(weights))
+                })
+                .collect();
+            let worst = ratios.iter().map(|ratio| (ratio - 1.0).abs()).fold(0.0, f64::max);
+            println!(
+                "fairness after the first burst (share of calls / share of weight, 1.00 = exact): {} ; \
+                 worst deviation {:.1}%",
+                SERVICES
+                    .iter()
+                    .zip(&ratios)
+                    .map(|((name, weight, _), ratio)| format!("{name} (w{weight}) {ratio:.2}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                worst * 100.0
+            );
+        }
+        println!(
+            "queue wait per service (client latency - {:?} simulated latency), answered requests:",
+            plan.latency
+        );
+        for (index, (name, weight, _)) in SERVICES.iter().enumerate() {
+            let mut waits: Vec<Duration> = completed
+                .iter()
+                .filter(|done| done.service == index)
+                .map(|done| done.latency.saturating_sub(plan.latency))
+                .collect();
+            waits.sort_unstable();
+            println!(
+                "  {name:<10} w{weight}: n = {:>4}, p50 {:>9}, p99 {:>9}",
+                waits.len(),
+                secs(percentile(&waits, 0.50)),
+                secs(percentile(&waits, 0.99))
+            );
+        }
+        verdicts
+    }
+}
