@@ -171,3 +171,87 @@ pub fn forward(
             components.metrics.clone(),
         ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::response::ResponseBody;
+    use http::StatusCode;
+    use http_body_util::{BodyExt, Full};
+    use tower::ServiceExt;
+
+    fn components() -> Components {
+        let config = testing::config();
+        let metrics = Metrics::new();
+        let upstream = Upstream::new(&config.marketo).unwrap();
+        Components {
+            callers: Arc::new(Callers::new(&config)),
+            tokens: Arc::new(TokenCaches::new(&config, &upstream, &metrics)),
+            admission: Admission::new(&config, metrics.clone()),
+            limits: None,
+            upstream,
+            metrics,
+        }
+    }
+
+    async fn code_of<B: Body<Data = Bytes>>(body: B) -> String
+    where
+        B::Error: std::fmt::Debug,
+    {
+        let body = body.collect().await.unwrap().to_bytes();
+        let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        value["errors"][0]["code"].as_str().unwrap().to_owned()
+    }
+
+    #[tokio::test]
+    async fn refusals_from_every_layer_are_answered_and_counted_once() {
+        let components = components();
+        let stack = stack::<Full<Bytes>>(&components);
+        let cases = [
+            (Request::get("/rest/v1/lead/1.json"), StatusCode::UNAUTHORIZED, "601"),
+            (Request::get("/other"), StatusCode::NOT_FOUND, "610"),
+            (
+                Request::patch("/rest/v1/lead/1.json").header("x-api-key", "key-crm-1234567890"),
+                StatusCode::METHOD_NOT_ALLOWED,
+                "605",
+            ),
+        ];
+        for (request, status, code) in cases {
+            let response = stack
+                .clone()
+                .oneshot(request.body(Full::default()).unwrap())
+                .await
+                .unwrap();
+            assert_eq!(response.status(), status);
+            assert_eq!(code_of(response.into_body()).await, code);
+        }
+        let text = components.metrics.render();
+        for line in [
+            r#"marketo_proxy_requests_total{outcome="rejected_auth",service="unauthenticated"} 1"#,
+            r#"marketo_proxy_requests_total{outcome="rejected_request",service="unauthenticated"} 2"#,
+        ] {
+            assert!(text.lines().any(|metric| metric == line), "{line} missing in\n{text}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panic_becomes_marketos_611_and_is_counted() {
+        let metrics = Metrics::new();
+        let panicking = tower::service_fn(|_: Request<()>| async {
+            if true {
+                panic!("a layer broke");
+            }
+            Ok::<_, Infallible>(Response::new(ResponseBody::full(Bytes::new())))
+        });
+        let service = ServiceBuilder::new()
+            .layer(account::AccountLayer::new(metrics.requests.clone()))
+            .layer(CatchPanicLayer::custom(panic_response))
+            .service(panicking);
+        let response = service.oneshot(Request::new(())).await.unwrap();
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(response.headers()["retry-after"], "1");
+        assert_eq!(code_of(response.into_body()).await, "611");
+        let line = r#"marketo_proxy_requests_total{outcome="internal_error",service="unauthenticated"} 1"#;
+        assert!(metrics.render().lines().any(|metric| metric == line));
+    }
+}
