@@ -338,7 +338,8 @@ async fn call_beyond_window_limit_gets_606_until_the_window_passes() {
     }
 
     let stats = harness.sim.stats();
-    assert_eq!(stats.max_in_window, 100);
+    assert_eq!(stats.max_admitted_in_window, 100);
+    assert_eq!(stats.max_in_window, 101, "the refused call arrived too");
     assert_eq!(stats.code("606"), 1);
     assert_eq!(stats.ok, 103);
 }
@@ -371,7 +372,8 @@ async fn eleventh_concurrent_call_gets_615_while_ten_succeed() {
     expected.sort();
     assert_eq!(codes, expected);
     let stats = harness.sim.stats();
-    assert_eq!(stats.max_in_flight, 10);
+    assert_eq!(stats.max_admitted_in_flight, 10);
+    assert_eq!(stats.max_in_flight, 11, "the refused call was in flight too");
     assert_eq!(stats.code("615"), 1);
     assert!(
         stats.arrivals.windows(2).all(|pair| pair[0].at <= pair[1].at),
@@ -384,6 +386,54 @@ async fn eleventh_concurrent_call_gets_615_while_ten_succeed() {
     );
     // The slots come back when the calls end.
     assert_eq!(code(&harness.get(LEAD_ONE, &token).await), "ok");
+}
+
+/// What a proxy that overshoots looks like: the refused calls count in
+/// `max_in_flight` and `max_in_window`, so those go above the limits while
+/// the admitted figures stay at them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_overshoots_shows_above_the_limits_in_stats() {
+    let harness = Harness::start(SimConfig {
+        window_calls: 5,
+        concurrency: 2,
+        latency: Duration::from_millis(500),
+        ..quick_config()
+    })
+    .await;
+    let token = harness.token().await;
+
+    // Four at once against a concurrency of 2: two run, two get 615 while
+    // the first two are still running.
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let request = harness.http.get(harness.url(LEAD_ONE)).bearer_auth(&token);
+        calls.spawn(async move {
+            let body: Value = request.send().await.unwrap().json().await.unwrap();
+            code(&body).to_owned()
+        });
+    }
+    let mut codes = calls.join_all().await;
+    codes.sort();
+    assert_eq!(codes, ["615", "615", "ok", "ok"]);
+
+    // Five more, one at a time, against a window of 5 that holds two.
+    let mut codes = Vec::new();
+    for _ in 0..5 {
+        codes.push(code(&harness.get(LEAD_ONE, &token).await).to_owned());
+    }
+    assert_eq!(codes, ["ok", "ok", "ok", "606", "606"]);
+
+    let stats = harness.sim.stats();
+    assert_eq!(
+        (stats.max_admitted_in_flight, stats.max_in_flight),
+        (2, 3),
+        "each 615 arrived while two calls were running"
+    );
+    assert_eq!(
+        (stats.max_admitted_in_window, stats.max_in_window),
+        (5, 9),
+        "nine calls arrived in one window, five were admitted"
+    );
 }
 
 #[tokio::test]
@@ -989,6 +1039,8 @@ async fn sim_stats_endpoint_reports_counters_and_arrivals_as_json() {
     assert_eq!(raw["codes"], json!({"601": 1}));
     assert_eq!(raw["max_in_flight"], 1);
     assert_eq!(raw["max_in_window"], 1);
+    assert_eq!(raw["max_admitted_in_flight"], 1);
+    assert_eq!(raw["max_admitted_in_window"], 1);
     assert_eq!(raw["access_token_params"], 0);
     let stats: Stats = serde_json::from_value(raw).unwrap();
     let arrivals = &stats.arrivals;
