@@ -7,6 +7,8 @@
 //! starts its own simulator on an ephemeral port with short windows and
 //! TTLs, and talks to it with `reqwest`.
 
+mod support;
+
 use std::time::{Duration, Instant};
 
 use marketo_proxy::sim::{FailNext, Failure, Faults, SimClient, SimConfig, SimHandle, Simulator, Stats};
@@ -221,6 +223,8 @@ async fn identity_returns_same_token_with_shrinking_expires_in_then_a_new_one_af
     let (_, first) = harness.token_answer(&SimClient::demo()).await;
     assert_eq!(first["expires_in"], 1);
 
+    // The token's life passing is what is tested: into its last second,
+    // then past its end.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let (_, second) = harness.token_answer(&SimClient::demo()).await;
     assert_eq!(second["access_token"], first["access_token"]);
@@ -292,6 +296,7 @@ async fn expired_token_gets_602_in_http_200() {
     let token = harness.token().await;
     assert_eq!(code(&harness.get(LEAD_ONE, &token).await), "ok");
 
+    // Past the token's 1 s life.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let expired = harness.get(LEAD_ONE, &token).await;
 
@@ -456,8 +461,11 @@ async fn call_abandoned_by_its_client_is_recorded_as_cancelled_and_frees_its_slo
     assert!(abandoned.expect_err("the client gave up first").is_timeout());
 
     // The server notices the closed connection and drops the call.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let stats = harness.sim.stats();
+    let stats = support::eventually(Duration::from_secs(5), async || {
+        let stats = harness.sim.stats();
+        if stats.calls > 0 { Ok(stats) } else { Err(stats) }
+    })
+    .await;
     assert_eq!(
         (stats.calls, stats.code("cancelled"), stats.max_in_window),
         (1, 1, 1)
@@ -708,9 +716,14 @@ async fn bulk_export_goes_from_queued_to_completed_and_serves_one_csv_line_per_l
     let early = harness.get(&format!("{job}/file.json"), &token).await;
     assert_eq!(code(&early), "1003", "no file before the job completes");
 
-    tokio::time::sleep(Duration::from_millis(250)).await;
-    let status = harness.get(&format!("{job}/status.json"), &token).await;
-    assert_eq!(status["result"][0]["status"], "Completed");
+    let status = support::eventually(Duration::from_secs(5), async || {
+        let status = harness.get(&format!("{job}/status.json"), &token).await;
+        match status["result"][0]["status"].as_str() {
+            Some("Completed") => Ok(status),
+            _ => Err(status),
+        }
+    })
+    .await;
     assert_eq!(status["result"][0]["numberOfRecords"], 600);
 
     let file = harness
