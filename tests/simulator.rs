@@ -82,6 +82,23 @@ impl Harness {
 
     /// A GET with a bearer token; asserts Marketo's HTTP 200 and returns
     /// the JSON body.
+    /// Sends `count` GETs of `path` at once; their codes, sorted.
+    async fn codes_at_once(&self, count: usize, path: &str, token: &str) -> Vec<String> {
+        let mut calls = tokio::task::JoinSet::new();
+        for _ in 0..count {
+            let request = self.http.get(self.url(path)).bearer_auth(token);
+            calls.spawn(async move {
+                let response = request.send().await.unwrap();
+                assert_eq!(response.status(), StatusCode::OK);
+                let body: Value = response.json().await.unwrap();
+                code(&body).to_owned()
+            });
+        }
+        let mut codes = calls.join_all().await;
+        codes.sort();
+        codes
+    }
+
     async fn get(&self, path: &str, token: &str) -> Value {
         let response = self
             .http
@@ -359,18 +376,7 @@ async fn eleventh_concurrent_call_gets_615_while_ten_succeed() {
     .await;
     let token = harness.token().await;
 
-    let mut calls = tokio::task::JoinSet::new();
-    for _ in 0..11 {
-        let request = harness.http.get(harness.url(LEAD_ONE)).bearer_auth(&token);
-        calls.spawn(async move {
-            let response = request.send().await.unwrap();
-            assert_eq!(response.status(), StatusCode::OK);
-            let body: Value = response.json().await.unwrap();
-            code(&body).to_owned()
-        });
-    }
-    let mut codes = calls.join_all().await;
-    codes.sort();
+    let codes = harness.codes_at_once(11, LEAD_ONE, &token).await;
 
     let mut expected = vec!["615".to_owned()];
     expected.extend(std::iter::repeat_n("ok".to_owned(), 10));
@@ -409,16 +415,7 @@ async fn a_client_that_overshoots_shows_above_the_limits_in_stats() {
 
     // Four at once against a concurrency of 2: two run, two get 615 while
     // the first two are still running.
-    let mut calls = tokio::task::JoinSet::new();
-    for _ in 0..4 {
-        let request = harness.http.get(harness.url(LEAD_ONE)).bearer_auth(&token);
-        calls.spawn(async move {
-            let body: Value = request.send().await.unwrap().json().await.unwrap();
-            code(&body).to_owned()
-        });
-    }
-    let mut codes = calls.join_all().await;
-    codes.sort();
+    let codes = harness.codes_at_once(4, LEAD_ONE, &token).await;
     assert_eq!(codes, ["615", "615", "ok", "ok"]);
 
     // Five more, one at a time, against a window of 5 that holds two.
