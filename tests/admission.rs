@@ -75,6 +75,7 @@ fn load(
                     let deadline = Instant::now() + Duration::from_secs(3600);
                     let mut permit = admission.admit(service, deadline, false).await.unwrap();
                     admitted.push(Instant::now());
+                    // The call's time at Marketo, on the paused clock.
                     tokio::time::sleep(latency).await;
                     permit.answered();
                 }

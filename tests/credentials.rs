@@ -11,7 +11,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use marketo_proxy::app::{self, RunningProxy};
+use marketo_proxy::app;
 use marketo_proxy::config::Config;
 use marketo_proxy::sim::{Arrival, Faults, SimConfig, Simulator};
 use serde_json::Value;
@@ -89,24 +89,6 @@ async fn json(response: reqwest::Response) -> (u16, Value) {
     let (status, _, body) = read(response).await;
     let value = serde_json::from_str(&body).unwrap_or_else(|_| panic!("not JSON: {body}"));
     (status, value)
-}
-
-/// Waits until every upstream credential has a token, so that the boot
-/// refreshers' identity calls are done before a test counts them.
-async fn wait_ready(http: &reqwest::Client, proxy: &RunningProxy) {
-    for _ in 0..250 {
-        let status = http
-            .get(format!("{}/readyz", proxy.admin_url()))
-            .send()
-            .await
-            .unwrap()
-            .status();
-        if status == 200 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("proxy never became ready");
 }
 
 /// Marketo's identity call, as `marketorestpython` and `node-marketo-rest`
@@ -227,7 +209,7 @@ async fn requests_without_valid_credentials_get_401_and_never_reach_marketo() {
 #[tokio::test]
 async fn expired_proxy_token_gets_401_and_never_reaches_marketo() {
     let stack = Stack::start(support::sim_config()).await;
-    wait_ready(&stack.http, &stack.proxy).await;
+    support::wait_ready(&stack.proxy).await;
     let token = proxy_token(&stack).await;
     let (status, body) = json(get_bearer(&stack, &token, "/rest/v1/lead/1.json").await).await;
     assert_success(status, &body, "fresh token");
@@ -509,7 +491,7 @@ async fn cold_cache_burst_of_100_requests_makes_exactly_one_identity_call() {
 /// one identity call and one replay.
 async fn assert_token_failure_is_absorbed(faults: Faults, code: &str) {
     let stack = Stack::start(support::sim_config()).await;
-    wait_ready(&stack.http, &stack.proxy).await;
+    support::wait_ready(&stack.proxy).await;
     let (status, body) = json(stack.get(CRM_KEY, "/rest/v1/lead/1.json").await).await;
     assert_success(status, &body, "warm call");
     let before = stack.sim.stats();
@@ -583,7 +565,7 @@ async fn expired_token_costs_the_client_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoked_token_seen_by_many_requests_at_once_is_replaced_once() {
     let stack = Arc::new(start_single(roomy_sim(), "").await);
-    wait_ready(&stack.http, &stack.proxy).await;
+    support::wait_ready(&stack.proxy).await;
     let before = stack.sim.stats();
     stack.sim.inject(Faults {
         revoke_tokens: true,
@@ -815,7 +797,7 @@ async fn each_service_calls_marketo_as_its_own_api_user() {
 #[tokio::test]
 async fn identity_outage_is_retried_with_backoff_and_the_call_succeeds() {
     let stack = Stack::start(support::sim_config()).await;
-    wait_ready(&stack.http, &stack.proxy).await;
+    support::wait_ready(&stack.proxy).await;
     let (status, body) = json(stack.get(CRM_KEY, "/rest/v1/lead/1.json").await).await;
     assert_success(status, &body, "warm call");
     let before = stack.sim.stats();
@@ -967,7 +949,7 @@ async fn logs_never_contain_keys_secrets_or_tokens() {
     let guard = tracing::subscriber::set_default(subscriber);
 
     let stack = Stack::start(support::sim_config()).await;
-    wait_ready(&stack.http, &stack.proxy).await;
+    support::wait_ready(&stack.proxy).await;
     let base = stack.proxy.url();
     let http = &stack.http;
     json(stack.get(NEAR_MISS_KEY, "/rest/v1/lead/1.json").await).await;
@@ -1013,7 +995,14 @@ async fn logs_never_contain_keys_secrets_or_tokens() {
     .await;
     assert_eq!(status, 503);
     // Let the background refresher fail and log a couple of times.
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    support::eventually(Duration::from_secs(5), async || {
+        let logs = String::from_utf8_lossy(&buffer.0.lock().unwrap()).into_owned();
+        match logs.matches("background token refresh failed").count() {
+            failures if failures >= 2 => Ok(()),
+            failures => Err(format!("{failures} refresh failures logged")),
+        }
+    })
+    .await;
     drop(rejected);
 
     // The upstream tokens in use now: Marketo hands back the current ones.

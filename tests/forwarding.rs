@@ -131,7 +131,19 @@ async fn large_export_file_streams_through_unchanged() {
         .send()
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    support::eventually(Duration::from_secs(5), async || {
+        let status: Value = stack
+            .get(CRM_KEY, &format!("/bulk/v1/leads/export/{id}/status.json"))
+            .await
+            .json()
+            .await
+            .unwrap();
+        match status["result"][0]["status"].as_str() {
+            Some("Completed") => Ok(()),
+            _ => Err(status),
+        }
+    })
+    .await;
     let file = stack
         .get(CRM_KEY, &format!("/bulk/v1/leads/export/{id}/file.json"))
         .await;
@@ -328,23 +340,7 @@ async fn admin_endpoints_answer() {
         200
     );
     // Ready once a token has been fetched.
-    let mut ready = false;
-    for _ in 0..50 {
-        if stack
-            .http
-            .get(format!("{admin}/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status()
-            == 200
-        {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(ready);
+    support::wait_ready(&stack.proxy).await;
     stack.get(CRM_KEY, "/rest/v1/lead/1.json").await;
     let metrics = stack.metrics().await;
     assert_eq!(
@@ -420,13 +416,15 @@ async fn a_stalled_answer_is_cut_off_and_frees_its_slot() {
         "the body breaks off instead of hanging"
     );
     assert!(started.elapsed() < Duration::from_secs(5));
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let metrics = support::metrics_text(&proxy.admin_url()).await;
-    assert_eq!(
-        support::metric(&metrics, "marketo_proxy_inflight"),
-        Some(0.0),
-        "{metrics}"
-    );
+    // The slot is given back once the proxy has dropped the broken body.
+    support::eventually(Duration::from_secs(5), async || {
+        let metrics = support::metrics_text(&proxy.admin_url()).await;
+        match support::metric(&metrics, "marketo_proxy_inflight") {
+            Some(0.0) => Ok(()),
+            _ => Err(metrics),
+        }
+    })
+    .await;
 }
 
 #[tokio::test]

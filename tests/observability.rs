@@ -178,15 +178,10 @@ async fn a_restart_keeps_todays_usage() {
     let proxy = app::spawn(ledger_config(&sim.url(), &file, "usage_sync_interval: 0s"))
         .await
         .unwrap();
-    // The ledger is restored as the proxy starts.
-    let mut restored = Value::Null;
-    for _ in 0..50 {
-        restored = support::usage(&proxy.admin_url()).await;
-        if restored["used"] == 5 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // The ledger is read before the proxy answers anything, so no call can
+    // be admitted against a day that forgot its usage: the first answer
+    // already counts it.
+    let restored = support::usage(&proxy.admin_url()).await;
     assert_eq!(restored["used"], 5, "{restored}");
     assert_eq!(restored["services"][0]["used"], 3);
     assert_eq!(restored["services"][1]["used"], 2);
@@ -206,7 +201,7 @@ async fn usage_saved_on_another_day_is_not_restored() {
     let proxy = app::spawn(ledger_config(&sim.url(), &file, "usage_sync_interval: 0s"))
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Answered only once the ledger has been read (see the restart test).
     let today = support::usage(&proxy.admin_url()).await;
     assert_eq!(today["used"], 0, "{today}");
     assert_eq!(today["remaining"], 1000);
@@ -221,12 +216,12 @@ async fn a_corrupt_ledger_is_moved_aside_not_lost() {
     let proxy = app::spawn(ledger_config(&sim.url(), &file, "usage_sync_interval: 0s"))
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Answered only once the ledger has been read (see the restart test).
+    assert_eq!(support::usage(&proxy.admin_url()).await["used"], 0);
     assert_eq!(
         std::fs::read_to_string(dir.path().join("usage.corrupt")).unwrap(),
         "not json"
     );
-    assert_eq!(support::usage(&proxy.admin_url()).await["used"], 0);
 }
 
 #[tokio::test]
@@ -239,14 +234,16 @@ async fn marketo_counting_more_calls_shrinks_the_remaining_quota() {
     let proxy = app::spawn(ledger_config(&sim.url(), &file, "usage_sync_interval: 10m"))
         .await
         .unwrap();
-    let mut today = Value::Null;
-    for _ in 0..100 {
-        today = support::usage(&proxy.admin_url()).await;
-        if !today["marketo_reported"].is_null() {
-            break;
+    // The first reconciliation runs in the background right after start.
+    let today = support::eventually(Duration::from_secs(5), async || {
+        let today = support::usage(&proxy.admin_url()).await;
+        if today["marketo_reported"].is_null() {
+            Err(today)
+        } else {
+            Ok(today)
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
     // Marketo counted its 600 and the usage call itself (which the proxy
     // counted too, under its own name).
     assert_eq!(today["marketo_reported"]["total"], 601, "{today}");

@@ -166,16 +166,14 @@ async fn without_redis_a_replica_keeps_to_its_share_and_comes_back_when_it_retur
 
     // Redis starts: the replica writes what it did and shares again.
     let redis = RedisServer::start_on(port);
-    let mut up = None;
-    for _ in 0..50 {
+    support::eventually(Duration::from_secs(5), async || {
         let metrics = support::metrics_text(&proxy.admin_url()).await;
-        up = support::metric(&metrics, "marketo_proxy_backend_up");
-        if up == Some(1.0) {
-            break;
+        match support::metric(&metrics, "marketo_proxy_backend_up") {
+            Some(1.0) => Ok(()),
+            up => Err(format!("marketo_proxy_backend_up {up:?}")),
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(up, Some(1.0), "back on Redis");
+    })
+    .await;
     drop(redis);
 }
 
@@ -255,7 +253,9 @@ async fn a_crashed_replicas_leases_lapse_while_a_running_call_keeps_its_own() {
     ));
 
     // After the lease's lifetime the crashed replica's slot is free again;
-    // the running call renewed its own.
+    // the running call renewed its own. A fixed wait on purpose: polling
+    // for the first free slot would stop as soon as the crashed lease
+    // lapses, before an unrenewed running lease would lapse too.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let third = match living.acquire(0, day, &living_admission).await {
         Grant::Granted(lease) => lease,

@@ -7,6 +7,8 @@
 //! starts its own simulator on an ephemeral port with short windows and
 //! TTLs, and talks to it with `reqwest`.
 
+mod support;
+
 use std::time::{Duration, Instant};
 
 use marketo_proxy::sim::{FailNext, Failure, Faults, SimClient, SimConfig, SimHandle, Simulator, Stats};
@@ -80,6 +82,23 @@ impl Harness {
 
     /// A GET with a bearer token; asserts Marketo's HTTP 200 and returns
     /// the JSON body.
+    /// Sends `count` GETs of `path` at once; their codes, sorted.
+    async fn codes_at_once(&self, count: usize, path: &str, token: &str) -> Vec<String> {
+        let mut calls = tokio::task::JoinSet::new();
+        for _ in 0..count {
+            let request = self.http.get(self.url(path)).bearer_auth(token);
+            calls.spawn(async move {
+                let response = request.send().await.unwrap();
+                assert_eq!(response.status(), StatusCode::OK);
+                let body: Value = response.json().await.unwrap();
+                code(&body).to_owned()
+            });
+        }
+        let mut codes = calls.join_all().await;
+        codes.sort();
+        codes
+    }
+
     async fn get(&self, path: &str, token: &str) -> Value {
         let response = self
             .http
@@ -221,6 +240,8 @@ async fn identity_returns_same_token_with_shrinking_expires_in_then_a_new_one_af
     let (_, first) = harness.token_answer(&SimClient::demo()).await;
     assert_eq!(first["expires_in"], 1);
 
+    // The token's life passing is what is tested: into its last second,
+    // then past its end.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let (_, second) = harness.token_answer(&SimClient::demo()).await;
     assert_eq!(second["access_token"], first["access_token"]);
@@ -292,6 +313,7 @@ async fn expired_token_gets_602_in_http_200() {
     let token = harness.token().await;
     assert_eq!(code(&harness.get(LEAD_ONE, &token).await), "ok");
 
+    // Past the token's 1 s life.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let expired = harness.get(LEAD_ONE, &token).await;
 
@@ -338,7 +360,8 @@ async fn call_beyond_window_limit_gets_606_until_the_window_passes() {
     }
 
     let stats = harness.sim.stats();
-    assert_eq!(stats.max_in_window, 100);
+    assert_eq!(stats.max_admitted_in_window, 100);
+    assert_eq!(stats.max_in_window, 101, "the refused call arrived too");
     assert_eq!(stats.code("606"), 1);
     assert_eq!(stats.ok, 103);
 }
@@ -353,25 +376,15 @@ async fn eleventh_concurrent_call_gets_615_while_ten_succeed() {
     .await;
     let token = harness.token().await;
 
-    let mut calls = tokio::task::JoinSet::new();
-    for _ in 0..11 {
-        let request = harness.http.get(harness.url(LEAD_ONE)).bearer_auth(&token);
-        calls.spawn(async move {
-            let response = request.send().await.unwrap();
-            assert_eq!(response.status(), StatusCode::OK);
-            let body: Value = response.json().await.unwrap();
-            code(&body).to_owned()
-        });
-    }
-    let mut codes = calls.join_all().await;
-    codes.sort();
+    let codes = harness.codes_at_once(11, LEAD_ONE, &token).await;
 
     let mut expected = vec!["615".to_owned()];
     expected.extend(std::iter::repeat_n("ok".to_owned(), 10));
     expected.sort();
     assert_eq!(codes, expected);
     let stats = harness.sim.stats();
-    assert_eq!(stats.max_in_flight, 10);
+    assert_eq!(stats.max_admitted_in_flight, 10);
+    assert_eq!(stats.max_in_flight, 11, "the refused call was in flight too");
     assert_eq!(stats.code("615"), 1);
     assert!(
         stats.arrivals.windows(2).all(|pair| pair[0].at <= pair[1].at),
@@ -384,6 +397,45 @@ async fn eleventh_concurrent_call_gets_615_while_ten_succeed() {
     );
     // The slots come back when the calls end.
     assert_eq!(code(&harness.get(LEAD_ONE, &token).await), "ok");
+}
+
+/// What a proxy that overshoots looks like: the refused calls count in
+/// `max_in_flight` and `max_in_window`, so those go above the limits while
+/// the admitted figures stay at them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_overshoots_shows_above_the_limits_in_stats() {
+    let harness = Harness::start(SimConfig {
+        window_calls: 5,
+        concurrency: 2,
+        latency: Duration::from_millis(500),
+        ..quick_config()
+    })
+    .await;
+    let token = harness.token().await;
+
+    // Four at once against a concurrency of 2: two run, two get 615 while
+    // the first two are still running.
+    let codes = harness.codes_at_once(4, LEAD_ONE, &token).await;
+    assert_eq!(codes, ["615", "615", "ok", "ok"]);
+
+    // Five more, one at a time, against a window of 5 that holds two.
+    let mut codes = Vec::new();
+    for _ in 0..5 {
+        codes.push(code(&harness.get(LEAD_ONE, &token).await).to_owned());
+    }
+    assert_eq!(codes, ["ok", "ok", "ok", "606", "606"]);
+
+    let stats = harness.sim.stats();
+    assert_eq!(
+        (stats.max_admitted_in_flight, stats.max_in_flight),
+        (2, 3),
+        "each 615 arrived while two calls were running"
+    );
+    assert_eq!(
+        (stats.max_admitted_in_window, stats.max_in_window),
+        (5, 9),
+        "nine calls arrived in one window, five were admitted"
+    );
 }
 
 #[tokio::test]
@@ -406,8 +458,11 @@ async fn call_abandoned_by_its_client_is_recorded_as_cancelled_and_frees_its_slo
     assert!(abandoned.expect_err("the client gave up first").is_timeout());
 
     // The server notices the closed connection and drops the call.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let stats = harness.sim.stats();
+    let stats = support::eventually(Duration::from_secs(5), async || {
+        let stats = harness.sim.stats();
+        if stats.calls > 0 { Ok(stats) } else { Err(stats) }
+    })
+    .await;
     assert_eq!(
         (stats.calls, stats.code("cancelled"), stats.max_in_window),
         (1, 1, 1)
@@ -658,9 +713,14 @@ async fn bulk_export_goes_from_queued_to_completed_and_serves_one_csv_line_per_l
     let early = harness.get(&format!("{job}/file.json"), &token).await;
     assert_eq!(code(&early), "1003", "no file before the job completes");
 
-    tokio::time::sleep(Duration::from_millis(250)).await;
-    let status = harness.get(&format!("{job}/status.json"), &token).await;
-    assert_eq!(status["result"][0]["status"], "Completed");
+    let status = support::eventually(Duration::from_secs(5), async || {
+        let status = harness.get(&format!("{job}/status.json"), &token).await;
+        match status["result"][0]["status"].as_str() {
+            Some("Completed") => Ok(status),
+            _ => Err(status),
+        }
+    })
+    .await;
     assert_eq!(status["result"][0]["numberOfRecords"], 600);
 
     let file = harness
@@ -989,6 +1049,8 @@ async fn sim_stats_endpoint_reports_counters_and_arrivals_as_json() {
     assert_eq!(raw["codes"], json!({"601": 1}));
     assert_eq!(raw["max_in_flight"], 1);
     assert_eq!(raw["max_in_window"], 1);
+    assert_eq!(raw["max_admitted_in_flight"], 1);
+    assert_eq!(raw["max_admitted_in_window"], 1);
     assert_eq!(raw["access_token_params"], 0);
     let stats: Stats = serde_json::from_value(raw).unwrap();
     let arrivals = &stats.arrivals;

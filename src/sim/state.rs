@@ -28,8 +28,12 @@ pub(crate) struct Inner {
     tokens: HashMap<String, IssuedToken>,
     /// client id → the token it was last given.
     current: HashMap<String, String>,
-    /// Arrival times of executed calls inside the window.
+    /// Arrival times of executed calls inside the window: what the limit
+    /// is enforced on.
     window: VecDeque<Instant>,
+    /// Arrival times of every call that met the limits inside the window,
+    /// refused or not: what the client sent.
+    offered: VecDeque<Instant>,
     in_flight: u32,
     day: NaiveDate,
     used_today: u64,
@@ -119,10 +123,20 @@ pub struct Stats {
     pub ok: u64,
     /// Error answers by Marketo code (or `http_<status>`).
     pub codes: BTreeMap<String, u64>,
-    /// Most calls ever executing at once.
+    /// Most calls in flight at once as the client sent them: the calls
+    /// executing when one arrived, plus that one, whether it was admitted
+    /// or refused with 615. Above `concurrency` when a client overshoots.
     pub max_in_flight: u32,
-    /// Most executed calls ever counted inside one window.
+    /// Most calls that arrived inside one rolling window, whether admitted
+    /// or refused (606, 607, 615). Above `window_calls` when a client
+    /// overshoots.
     pub max_in_window: u32,
+    /// Most calls ever executing at once; the limit keeps it at or below
+    /// `concurrency`.
+    pub max_admitted_in_flight: u32,
+    /// Most executed calls ever counted inside one window; the limit keeps
+    /// it at or below `window_calls`.
+    pub max_admitted_in_window: u32,
     /// Calls that carried an `access_token` parameter (query or body).
     pub access_token_params: u64,
     /// Every arrival, in order.
@@ -181,6 +195,7 @@ impl State {
                 tokens: HashMap::new(),
                 current: HashMap::new(),
                 window: VecDeque::new(),
+                offered: VecDeque::new(),
                 in_flight: 0,
                 day,
                 used_today: 0,
@@ -250,18 +265,22 @@ impl State {
 
     /// Applies the concurrency limit, the rolling window and the daily
     /// quota to a call that arrives now, in that order.
+    ///
+    /// Only calls with a valid token get here: Marketo does not count
+    /// token errors against the limits. Every one that does is counted in
+    /// the client's figures (`max_in_window`, `max_in_flight`) before the
+    /// limits decide, so a client that overshoots shows above them.
     pub fn admit(self: &Arc<Self>, user: &str) -> Admission {
         let now = Instant::now();
         let config = &self.config;
         let mut inner = self.lock();
         inner.roll_day(today(config));
-        while inner
-            .window
-            .front()
-            .is_some_and(|arrived| now.duration_since(*arrived) >= config.window)
-        {
-            inner.window.pop_front();
-        }
+        forget_older_than(&mut inner.window, now, config.window);
+        forget_older_than(&mut inner.offered, now, config.window);
+        inner.offered.push_back(now);
+        let offered = count(inner.offered.len());
+        inner.stats.max_in_window = inner.stats.max_in_window.max(offered);
+        inner.stats.max_in_flight = inner.stats.max_in_flight.max(inner.in_flight + 1);
         if inner.in_flight >= config.concurrency {
             return Admission::Rejected(
                 code::CONCURRENCY_LIMITED,
@@ -285,9 +304,9 @@ impl State {
         inner.in_flight += 1;
         inner.used_today += 1;
         *inner.users_today.entry(user.to_owned()).or_default() += 1;
-        inner.stats.max_in_flight = inner.stats.max_in_flight.max(inner.in_flight);
-        let in_window = u32::try_from(inner.window.len()).unwrap_or(u32::MAX);
-        inner.stats.max_in_window = inner.stats.max_in_window.max(in_window);
+        inner.stats.max_admitted_in_flight = inner.stats.max_admitted_in_flight.max(inner.in_flight);
+        let admitted = count(inner.window.len());
+        inner.stats.max_admitted_in_window = inner.stats.max_admitted_in_window.max(admitted);
         Admission::Admitted(InFlight {
             state: Arc::clone(self),
         })
@@ -349,6 +368,20 @@ impl State {
         let position = arrivals.partition_point(|earlier| earlier.at <= arrival.at);
         arrivals.insert(position, arrival);
     }
+}
+
+/// Drops the arrival times that have left the rolling window by `now`.
+fn forget_older_than(arrivals: &mut VecDeque<Instant>, now: Instant, window: Duration) {
+    while arrivals
+        .front()
+        .is_some_and(|arrived| now.duration_since(*arrived) >= window)
+    {
+        arrivals.pop_front();
+    }
+}
+
+fn count(calls: usize) -> u32 {
+    u32::try_from(calls).unwrap_or(u32::MAX)
 }
 
 fn today(config: &SimConfig) -> NaiveDate {

@@ -4,6 +4,9 @@
 
 pub mod redis;
 
+use std::fmt::Debug;
+use std::time::Duration;
+
 use marketo_proxy::app::{self, RunningProxy};
 use marketo_proxy::config::Config;
 use marketo_proxy::sim::{SimClient, SimConfig, SimHandle, Simulator};
@@ -97,6 +100,41 @@ impl Stack {
     pub async fn metrics(&self) -> String {
         metrics_text(&self.proxy.admin_url()).await
     }
+}
+
+/// How often [`eventually`] looks again.
+const POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+/// Waits for background work without guessing how long it takes: runs
+/// `check` until it returns `Ok` and returns that value, or panics with the
+/// last `Err` (what was seen instead) once `within` has passed.
+pub async fn eventually<T, E: Debug>(within: Duration, mut check: impl AsyncFnMut() -> Result<T, E>) -> T {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match check().await {
+            Ok(value) => return value,
+            Err(seen) if tokio::time::Instant::now() >= deadline => {
+                panic!("still not there after {within:?}: {seen:?}")
+            }
+            Err(_) => tokio::time::sleep(POLL_INTERVAL).await,
+        }
+    }
+}
+
+/// Waits until `/readyz` answers 200: every upstream credential has a
+/// token, so the boot refreshers' identity calls are done.
+pub async fn wait_ready(proxy: &RunningProxy) {
+    let http = client();
+    let url = format!("{}/readyz", proxy.admin_url());
+    eventually(Duration::from_secs(5), async || {
+        let status = http.get(&url).send().await.expect("admin answers").status();
+        if status == 200 {
+            Ok(())
+        } else {
+            Err(format!("/readyz answered {status}"))
+        }
+    })
+    .await;
 }
 
 /// The `/metrics` text of the admin listener at `admin_url`.
