@@ -25,6 +25,7 @@ use hyper_util::rt::TokioExecutor;
 
 use crate::config::MarketoConfig;
 use crate::marketo::Envelope;
+use crate::target::Target;
 
 /// Answers up to this size are read whole and classified.
 pub const PEEK_LIMIT: usize = 64 * 1024;
@@ -107,6 +108,28 @@ impl Upstream {
             .path_and_query(format!("{}{}", self.prefix, path_and_query))
             .build()
             .map_err(UpstreamError::Uri)
+    }
+
+    /// The absolute URI of `target` on the Marketo host, built from its
+    /// path and query without copying them again.
+    pub fn uri_for(&self, target: Target) -> Result<Uri, UpstreamError> {
+        let mut path_and_query = if self.prefix.is_empty() {
+            target.path
+        } else {
+            format!("{}{}", self.prefix, target.path)
+        };
+        if let Some(query) = target.query {
+            path_and_query.push('?');
+            path_and_query.push_str(&query);
+        }
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(
+            http::uri::PathAndQuery::from_maybe_shared(Bytes::from(path_and_query))
+                .map_err(|error| UpstreamError::Uri(error.into()))?,
+        );
+        Uri::from_parts(parts).map_err(|error| UpstreamError::Uri(error.into()))
     }
 
     /// How long Marketo gets to answer a call.

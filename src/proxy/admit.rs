@@ -113,7 +113,9 @@ where
                 .map_or_else(Instant::now, |deadline| deadline.0);
             let front = request.extensions().get::<Replayed>().is_some();
             let slot = gate.slot(service, deadline, front).await?;
-            call(inner, request, slot).await
+            // Boxed: a request waiting in the queue does not carry the
+            // state of its call (Redis round trips included).
+            Box::pin(call(inner, request, slot)).await
         })
     }
 }

@@ -14,7 +14,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::future::BoxFuture;
+use futures_util::FutureExt;
+use futures_util::future::{BoxFuture, Either, ready};
 use http::{Request, Response};
 use http_body::Body;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
@@ -66,12 +67,12 @@ where
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let inner = self.inner.clone();
-        Box::pin(async move {
-            match clean(request).await {
-                Ok(request) => inner.oneshot(request).await,
-                Err(error) => Ok(error.into_response()),
-            }
-        })
+        // Reading is boxed apart, so that the request waiting below does
+        // not carry the reading's state (nor a copy of the request).
+        Box::pin(Box::pin(clean(request)).then(move |cleaned| match cleaned {
+            Ok(request) => Either::Left(inner.oneshot(request)),
+            Err(error) => Either::Right(ready(Ok(error.into_response()))),
+        }))
     }
 }
 

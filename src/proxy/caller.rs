@@ -13,6 +13,7 @@
 //! extensions; the caller also goes into the answer's, for the accounting
 //! above, and into the request's span.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::IpAddr;
@@ -183,9 +184,9 @@ fn admit<B>(callers: &Callers, mut request: Request<B>, caller: &Caller) -> Requ
 
 /// The credential a client presented in headers or query: `X-Api-Key`,
 /// `Authorization: Bearer`, or the deprecated `access_token` parameter.
-fn presented_credential(headers: &HeaderMap, query: Option<&str>) -> Option<String> {
+fn presented_credential<'a>(headers: &'a HeaderMap, query: Option<&str>) -> Option<Cow<'a, str>> {
     if let Some(key) = headers.get(API_KEY_HEADER).and_then(|value| value.to_str().ok()) {
-        return Some(key.trim().to_owned());
+        return Some(Cow::Borrowed(key.trim()));
     }
     if let Some(authorization) = headers
         .get(header::AUTHORIZATION)
@@ -196,10 +197,12 @@ fn presented_credential(headers: &HeaderMap, query: Option<&str>) -> Option<Stri
             .split_once(' ')
             .unwrap_or((authorization, ""));
         if scheme.eq_ignore_ascii_case("bearer") {
-            return Some(credential.trim().to_owned());
+            return Some(Cow::Borrowed(credential.trim()));
         }
     }
-    query.and_then(|query| rewrite::find_access_token(query.as_bytes()))
+    query
+        .and_then(|query| rewrite::find_access_token(query.as_bytes()))
+        .map(Cow::Owned)
 }
 
 /// The `access_token` of an urlencoded or multipart body.

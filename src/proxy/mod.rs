@@ -196,9 +196,9 @@ mod tests {
 
     async fn code_of<B: Body<Data = Bytes>>(body: B) -> String
     where
-        B::Error: std::fmt::Debug,
+        B::Error: Into<BoxError>,
     {
-        let body = body.collect().await.unwrap().to_bytes();
+        let body = body.collect().await.map_err(Into::into).unwrap().to_bytes();
         let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
         value["errors"][0]["code"].as_str().unwrap().to_owned()
     }
@@ -208,7 +208,11 @@ mod tests {
         let components = components();
         let stack = stack::<Full<Bytes>>(&components);
         let cases = [
-            (Request::get("/rest/v1/lead/1.json"), StatusCode::UNAUTHORIZED, "601"),
+            (
+                Request::get("/rest/v1/lead/1.json"),
+                StatusCode::UNAUTHORIZED,
+                "601",
+            ),
             (Request::get("/other"), StatusCode::NOT_FOUND, "610"),
             (
                 Request::patch("/rest/v1/lead/1.json").header("x-api-key", "key-crm-1234567890"),
@@ -230,7 +234,10 @@ mod tests {
             r#"marketo_proxy_requests_total{outcome="rejected_auth",service="unauthenticated"} 1"#,
             r#"marketo_proxy_requests_total{outcome="rejected_request",service="unauthenticated"} 2"#,
         ] {
-            assert!(text.lines().any(|metric| metric == line), "{line} missing in\n{text}");
+            assert!(
+                text.lines().any(|metric| metric == line),
+                "{line} missing in\n{text}"
+            );
         }
     }
 

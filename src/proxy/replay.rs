@@ -216,8 +216,7 @@ where
     }
 
     fn call(&mut self, request: Request<Bytes>) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move { this.run(request).await })
+        Box::pin(self.clone().run(request))
     }
 }
 
@@ -237,14 +236,22 @@ where
         };
         // What Marketo said last, passed on when a replay cannot be
         // admitted before the deadline.
-        let mut last: Option<Admitted> = None;
+        let mut last: Option<Box<Admitted>> = None;
         loop {
             attempt.number += 1;
-            let mut call = request.clone();
-            if attempt.number > 1 {
-                call.extensions_mut().insert(Replayed);
-            }
-            let result = self.inner.clone().oneshot(call).await;
+            // Only the call's own (boxed) future waits in the queue: the
+            // attempt's copy of the request is moved into it at once.
+            let mut inner = self.inner.clone();
+            inner.ready().await?;
+            let future = {
+                let mut call = request.clone();
+                if attempt.number > 1 {
+                    call.extensions_mut().insert(Replayed);
+                }
+                inner.call(call)
+            };
+            drop(inner);
+            let result = future.await;
             let reply = match &result {
                 Ok(admitted) => Reply::Answered {
                     status: admitted.answer.head.status,
@@ -253,7 +260,7 @@ where
                 Err(ProxyError::Upstream(_)) => Reply::NoAnswer,
                 // A replay that no longer fits its deadline: pass on what
                 // Marketo said last.
-                Err(ProxyError::Admission(_)) => return last.map_or(result, Ok),
+                Err(ProxyError::Admission(_)) => return last.map_or(result, |last| Ok(*last)),
                 Err(_) => return result,
             };
             let next = classify(reply, attempt);
@@ -261,7 +268,7 @@ where
             match next {
                 Next::Pass => return result,
                 Next::DaySpent => {
-                    self.policy.day_spent(&request).await;
+                    self.policy.day_spent(&request);
                     return result;
                 }
                 Next::ReplaceTokenAndReplay => attempt.token_replaced = true,
@@ -273,9 +280,11 @@ where
             // Kept without its slot: the next attempt needs one of its own.
             last = result
                 .ok()
-                .map(|admitted| Admitted {
-                    answer: admitted.answer,
-                    slot: None,
+                .map(|admitted| {
+                    Box::new(Admitted {
+                        answer: admitted.answer,
+                        slot: None,
+                    })
                 })
                 .or(last);
             if let Next::Replay(backoff) = next {
@@ -286,7 +295,9 @@ where
 }
 
 impl ReplayLayer {
-    async fn day_spent(&self, request: &Request<Bytes>) {
+    /// Marketo said 607: later calls are answered locally until the reset,
+    /// on every replica.
+    fn day_spent(&self, request: &Request<Bytes>) {
         let service = request
             .extensions()
             .get::<Caller>()
@@ -294,8 +305,9 @@ impl ReplayLayer {
         tracing::warn!(service, "Marketo says the daily quota is spent");
         let admission = &self.admission;
         admission.quota_spent();
-        if let Some(limits) = &self.limits {
-            limits.mark_spent(admission.day()).await;
+        if let Some(limits) = self.limits.clone() {
+            let day = admission.day();
+            tokio::spawn(async move { limits.mark_spent(day).await });
         }
     }
 

@@ -61,13 +61,14 @@ impl Shared {
             .ok_or(ProxyError::Path(PathError::Invalid))?;
         let caller = parts.extensions.remove::<Caller>();
         let service = caller.as_ref().map_or("unknown", |caller| &*caller.name);
-        parts.uri = self.upstream.uri(&target.path_and_query())?;
+        let api = target.api.label();
+        let path = tracing::enabled!(tracing::Level::DEBUG).then(|| target.path.clone());
+        parts.uri = self.upstream.uri_for(target)?;
         // The client's HTTP version is its own connection's business.
         parts.version = http::Version::HTTP_11;
         parts.extensions = http::Extensions::new();
         let request = Request::from_parts(parts, Full::new(body));
 
-        let api = target.api.label();
         let started = Instant::now();
         let result = self.upstream.send(request).await;
         self.metrics
@@ -87,7 +88,67 @@ impl Shared {
             .upstream_calls
             .with_label_values(&[service, api, code])
             .inc();
-        tracing::debug!(service, api, path = %target.path, code, "upstream call");
+        if let Some(path) = path {
+            tracing::debug!(service, api, path, code, "upstream call");
+        }
         Ok(result?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::proxy::testing;
+    use crate::sim::{SimConfig, Simulator};
+    use http::StatusCode;
+    use http_body_util::BodyExt;
+    use std::time::Duration;
+    use tower::ServiceExt;
+
+    #[tokio::test]
+    async fn calls_the_configured_host_at_the_target_and_counts_the_answer() {
+        let sim = Simulator::spawn(SimConfig {
+            latency: Duration::ZERO,
+            ..SimConfig::default()
+        })
+        .await
+        .unwrap();
+        let yaml = format!(
+            "marketo: {{ base_url: '{}', client_id: a, client_secret: b }}\n\
+             services: [{{ name: crm, api_key: key-crm-1234567890 }}]\nstate: {{ file: ~ }}",
+            sim.url()
+        );
+        let config = Config::from_yaml_with_env(&yaml, |_| None).unwrap();
+        let metrics = Metrics::new();
+        let send = SendToMarketo::new(Upstream::new(&config.marketo).unwrap(), metrics.clone());
+        // The request's own URI and Host say elsewhere; only the target counts.
+        let mut request = Request::get("http://elsewhere.example/other")
+            .header("host", "elsewhere.example")
+            .version(http::Version::HTTP_2)
+            .body(Bytes::new())
+            .unwrap();
+        let target = crate::target::normalise("/rest/v1/lead/1.json", Some("fields=email")).unwrap();
+        request.extensions_mut().insert(target);
+        request.extensions_mut().insert(testing::callers().caller(0));
+        let answer = send.oneshot(request).await.unwrap();
+        assert_eq!(answer.head.status, StatusCode::OK);
+        // No token: the simulator says 600, and the answer is classified.
+        assert_eq!(answer.error_code.as_deref(), Some("600"));
+        let body = answer.body.into_body().collect().await.unwrap().to_bytes();
+        assert!(String::from_utf8_lossy(&body).contains("\"600\""));
+        let arrivals = sim.stats().arrivals;
+        assert_eq!(arrivals.len(), 1);
+        assert!(
+            arrivals[0].target.starts_with("/rest/v1/lead/1.json"),
+            "{:?}",
+            arrivals[0]
+        );
+        let line = r#"marketo_proxy_upstream_calls_total{api="rest",code="600",service="crm"} 1"#;
+        let text = metrics.render();
+        assert!(
+            text.lines().any(|metric| metric == line),
+            "{line} missing in\n{text}"
+        );
     }
 }
