@@ -23,6 +23,7 @@ use crate::auth::Caller;
 use crate::error::ProxyError;
 use crate::marketo::MarketoUsage;
 use crate::proxy::admit::Admitted;
+use crate::proxy::call::Call;
 use crate::proxy::caller::Deadline;
 use crate::target;
 use crate::upstream::UpstreamError;
@@ -58,7 +59,7 @@ impl ReportedUsage {
 
 /// The calls a request makes to Marketo, as [`crate::proxy::forward`]
 /// builds them.
-pub type Forward = BoxCloneSyncService<Request<Bytes>, Admitted, ProxyError>;
+pub type Forward = BoxCloneSyncService<Call, Admitted, ProxyError>;
 
 /// Reads Marketo's usage report and applies it.
 pub struct UsageSync {
@@ -149,7 +150,7 @@ impl UsageSync {
         extensions.insert(target::normalise(path, None)?);
         extensions.insert(self.caller.clone());
         extensions.insert(Deadline::after(Instant::now(), self.max_wait));
-        let admitted = self.forward.clone().oneshot(request).await?;
+        let admitted = self.forward.clone().oneshot(Call::from_request(request)?).await?;
         let body = admitted
             .answer
             .body

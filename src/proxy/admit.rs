@@ -1,9 +1,9 @@
 //! Admission: a call goes to Marketo only when this replica's limits and,
 //! with replicas, the limits they share through Redis all have room.
 //!
-//! The request first waits in its service's queue ([`Admission`]: fair
-//! between services by weight, FIFO within one, bounded by the request's
-//! [`Deadline`], replays at the head); then, with replicas, asks Redis
+//! The call first waits in its service's queue ([`Admission`]: fair
+//! between services by weight, FIFO within one, bounded by the call's
+//! deadline, replays at the head); then, with replicas, asks Redis
 //! ([`SharedLimits`]) and waits while another replica holds what it needs.
 //! The answer comes back with the call's [`Slot`], which the answer's body
 //! holds until the client has it.
@@ -23,16 +23,13 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use http::Request;
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 
-use super::caller::Deadline;
+use super::call::Call;
 use crate::admission::shared::{Grant, Lease, SharedLimits};
 use crate::admission::{Admission, AdmissionError, Slot};
-use crate::auth::Caller;
 use crate::error::ProxyError;
 use crate::upstream::{Answer, UpstreamError};
 
@@ -46,10 +43,6 @@ pub struct Admitted {
     pub answer: Answer,
     pub slot: Option<Slot>,
 }
-
-/// Marks a request that is a replay: it goes to the head of its queue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Replayed;
 
 /// Admits calls; see the module documentation.
 #[derive(Clone)]
@@ -70,16 +63,22 @@ impl<S> Layer<S> for AdmitLayer {
 
     fn layer(&self, inner: S) -> Self::Service {
         Admit {
-            inner,
-            gate: self.gate.clone(),
+            shared: Arc::new((self.gate.clone(), inner)),
         }
     }
 }
 
-#[derive(Clone)]
+/// One `Arc` for everything, so that the per-call copy is one count.
 pub struct Admit<S> {
-    inner: S,
-    gate: Gate,
+    shared: Arc<(Gate, S)>,
+}
+
+impl<S> Clone for Admit<S> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: Arc::clone(&self.shared),
+        }
+    }
 }
 
 /// The limits a call must get through: this replica's, then the shared.
@@ -89,9 +88,9 @@ struct Gate {
     limits: Option<Arc<SharedLimits>>,
 }
 
-impl<S> Service<Request<Bytes>> for Admit<S>
+impl<S> Service<Call> for Admit<S>
 where
-    S: Service<Request<Bytes>, Response = Answer, Error = ProxyError> + Clone + Send + 'static,
+    S: Service<Call, Response = Answer, Error = ProxyError> + Clone + Send + Sync + 'static,
     S::Future: Send,
 {
     type Response = Admitted;
@@ -102,20 +101,14 @@ where
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request<Bytes>) -> Self::Future {
-        let gate = self.gate.clone();
-        let inner = self.inner.clone();
+    fn call(&mut self, call: Call) -> Self::Future {
+        let shared = Arc::clone(&self.shared);
         Box::pin(async move {
-            let service = request.extensions().get::<Caller>().map_or(0, |caller| caller.id);
-            let deadline = request
-                .extensions()
-                .get::<Deadline>()
-                .map_or_else(Instant::now, |deadline| deadline.0);
-            let front = request.extensions().get::<Replayed>().is_some();
-            let slot = gate.slot(service, deadline, front).await?;
+            let (gate, inner) = &*shared;
+            let slot = gate.slot(call.caller.id, call.deadline, call.replay).await?;
             // Boxed: a request waiting in the queue does not carry the
             // state of its call (Redis round trips included).
-            Box::pin(call(inner, request, slot)).await
+            Box::pin(send(inner.clone(), call, slot)).await
         })
     }
 }
@@ -189,12 +182,12 @@ enum SharedGrant {
 }
 
 /// One call on its slot.
-async fn call<S>(inner: S, request: Request<Bytes>, slot: Slot) -> Result<Admitted, ProxyError>
+async fn send<S>(inner: S, call: Call, slot: Slot) -> Result<Admitted, ProxyError>
 where
-    S: tower::Service<Request<Bytes>, Response = Answer, Error = ProxyError>,
+    S: tower::Service<Call, Response = Answer, Error = ProxyError>,
 {
     let mut unanswered = Unanswered(Some(slot));
-    let result = inner.oneshot(request).await;
+    let result = inner.oneshot(call).await;
     let Some(mut slot) = unanswered.0.take() else {
         return Err(AdmissionError::Closed.into());
     };
@@ -248,14 +241,8 @@ mod tests {
         (service, admission)
     }
 
-    fn request(service: usize) -> Request<Bytes> {
-        let mut request = Request::get("/rest/v1/lead/1.json").body(Bytes::new()).unwrap();
-        let callers = testing::callers();
-        request.extensions_mut().insert(callers.caller(service));
-        request
-            .extensions_mut()
-            .insert(Deadline::after(Instant::now(), Duration::from_secs(30)));
-        request
+    fn request(service: usize) -> Call {
+        testing::call(service, Duration::from_secs(30))
     }
 
     #[tokio::test(start_paused = true)]

@@ -14,6 +14,7 @@ use http::{Request, Response};
 use tower::{Layer, Service};
 
 use super::admit::Admitted;
+use super::call::Call;
 use super::rewrite;
 use crate::error::ProxyError;
 use crate::response::{Outcome, ResponseBody};
@@ -51,7 +52,7 @@ pub struct ToResponse<S> {
 
 impl<S> Service<Request<Bytes>> for ToResponse<S>
 where
-    S: Service<Request<Bytes>, Response = Admitted, Error = ProxyError>,
+    S: Service<Call, Response = Admitted, Error = ProxyError>,
 {
     type Response = Response<ResponseBody>;
     type Error = Infallible;
@@ -67,18 +68,29 @@ where
     }
 
     fn call(&mut self, request: Request<Bytes>) -> Self::Future {
-        Answering {
-            future: self.inner.call(request),
-            idle: self.idle,
+        match Call::from_request(request) {
+            Ok(call) => Answering::Calling {
+                future: self.inner.call(call),
+                idle: self.idle,
+            },
+            Err(error) => Answering::Refused {
+                response: Some(error.into_response()),
+            },
         }
     }
 }
 
 pin_project_lite::pin_project! {
-    pub struct Answering<F> {
-        #[pin]
-        future: F,
-        idle: Duration,
+    #[project = AnsweringProjection]
+    pub enum Answering<F> {
+        Calling {
+            #[pin]
+            future: F,
+            idle: Duration,
+        },
+        Refused {
+            response: Option<Response<ResponseBody>>,
+        },
     }
 }
 
@@ -89,10 +101,15 @@ where
     type Output = Result<Response<ResponseBody>, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let response = match std::task::ready!(this.future.poll(cx)) {
-            Ok(admitted) => respond(admitted, *this.idle),
-            Err(error) => error.into_response(),
+        let response = match self.project() {
+            AnsweringProjection::Calling { future, idle } => match std::task::ready!(future.poll(cx)) {
+                Ok(admitted) => respond(admitted, *idle),
+                Err(error) => error.into_response(),
+            },
+            AnsweringProjection::Refused { response } => match response.take() {
+                Some(response) => response,
+                None => ProxyError::Admission(crate::admission::AdmissionError::Closed).into_response(),
+            },
         };
         Poll::Ready(Ok(response))
     }
@@ -125,7 +142,11 @@ mod tests {
     }
 
     fn request() -> Request<Bytes> {
-        Request::get("/rest/v1/lead/1.json").body(Bytes::new()).unwrap()
+        let call = crate::proxy::testing::call(0, Duration::from_secs(5));
+        let mut request = Request::get("/rest/v1/lead/1.json").body(Bytes::new()).unwrap();
+        request.extensions_mut().insert(call.target);
+        request.extensions_mut().insert(call.caller);
+        request
     }
 
     #[tokio::test]

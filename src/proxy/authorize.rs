@@ -13,13 +13,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
 use futures_util::future::{BoxFuture, Either};
-use http::{Request, header};
+use http::header;
 use tower::{Layer, Service, ServiceExt};
 
-use super::caller::Deadline;
-use crate::auth::Caller;
+use super::call::Call;
 use crate::error::ProxyError;
 use crate::marketo::code;
 use crate::token::{Token, TokenCache, TokenCaches, TokenError};
@@ -54,9 +52,9 @@ pub struct Authorize<S> {
     tokens: Arc<TokenCaches>,
 }
 
-impl<S> Service<Request<Bytes>> for Authorize<S>
+impl<S> Service<Call> for Authorize<S>
 where
-    S: Service<Request<Bytes>, Response = Answer, Error = ProxyError> + Clone + Send + 'static,
+    S: Service<Call, Response = Answer, Error = ProxyError> + Clone + Send + 'static,
     S::Future: Send,
 {
     type Response = Answer;
@@ -67,39 +65,34 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: Request<Bytes>) -> Self::Future {
-        let service = request.extensions().get::<Caller>().map_or(0, |caller| caller.id);
-        let cache = Arc::clone(self.tokens.for_service(service));
+    fn call(&mut self, mut call: Call) -> Self::Future {
+        let cache = Arc::clone(self.tokens.for_service(call.caller.id));
         if let Some(token) = cache.cached() {
-            request
+            call.request
                 .headers_mut()
                 .insert(header::AUTHORIZATION, token.header.clone());
             return Either::Left(Checked {
-                future: self.inner.call(request),
+                future: self.inner.call(call),
                 cache,
                 token,
             });
         }
         // No token yet, or it was just refused: wait for the one identity
-        // call in flight, within the request's deadline.
+        // call in flight, within the call's deadline.
         let inner = self.inner.clone();
         Either::Right(Box::pin(async move {
-            let deadline = request.extensions().get::<Deadline>().copied();
-            let token = match deadline {
-                Some(Deadline(deadline)) => tokio::time::timeout_at(deadline, cache.get())
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(TokenError::Unreachable(
-                            "no token before the request's deadline".into(),
-                        ))
-                    }),
-                None => cache.get().await,
-            }?;
-            request
+            let token = tokio::time::timeout_at(call.deadline, cache.get())
+                .await
+                .unwrap_or_else(|_| {
+                    Err(TokenError::Unreachable(
+                        "no token before the request's deadline".into(),
+                    ))
+                })?;
+            call.request
                 .headers_mut()
                 .insert(header::AUTHORIZATION, token.header.clone());
             Checked {
-                future: inner.oneshot(request),
+                future: inner.oneshot(call),
                 cache,
                 token,
             }
@@ -147,7 +140,6 @@ mod tests {
     use crate::upstream::Upstream;
     use http::StatusCode;
     use std::time::Duration;
-    use tokio::time::Instant;
 
     /// Token caches that ask a simulated Marketo for their tokens.
     async fn tokens() -> (Arc<TokenCaches>, crate::sim::SimHandle) {
@@ -170,17 +162,12 @@ mod tests {
         )
     }
 
-    fn request() -> Request<Bytes> {
-        let mut request = Request::get("/rest/v1/lead/1.json").body(Bytes::new()).unwrap();
-        request.extensions_mut().insert(testing::callers().caller(0));
-        request
-            .extensions_mut()
-            .insert(Deadline::after(Instant::now(), Duration::from_secs(5)));
-        request
+    fn request() -> Call {
+        testing::call(0, Duration::from_secs(5))
     }
 
-    fn bearer(request: &Request<Bytes>) -> http::HeaderValue {
-        request.headers()[header::AUTHORIZATION].clone()
+    fn bearer(call: &Call) -> http::HeaderValue {
+        call.request.headers()[header::AUTHORIZATION].clone()
     }
 
     #[tokio::test]

@@ -107,11 +107,10 @@ where
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let peer = Peer::ip_of(&request);
-        let callers = Arc::clone(&self.callers);
-        match identify(&callers, &request, peer) {
+        match identify(&self.callers, &request, peer) {
             Ok(Some(service)) => {
-                let caller = callers.caller(service);
-                let request = admit(&callers, request.map(EitherBody::Left), &caller);
+                let caller = self.callers.caller(service);
+                let request = admit(&self.callers, request.map(EitherBody::Left), &caller);
                 Either::Left(Tagged {
                     future: self.inner.call(request),
                     caller: Some(caller),
@@ -121,6 +120,7 @@ where
                 // The credential may be in the body: read it (no more than
                 // an ordinary body's worth) and look there.
                 let inner = self.inner.clone();
+                let callers = Arc::clone(&self.callers);
                 Either::Right(Box::pin(async move {
                     let (parts, body) = request.into_parts();
                     let body = match body::read(body, MAX_BODY_BYTES).await {

@@ -34,7 +34,8 @@
 //! Marketo's usage report) go through them too. Per-request facts travel
 //! in the request's extensions: the guard puts the [`Target`] there, the
 //! caller layer the [`Caller`] and the [`Deadline`]; answers carry their
-//! [`Outcome`] and caller back up.
+//! [`Outcome`] and caller back up. Below the answer layer they travel
+//! typed, in a [`Call`](call::Call), which a replay copies cheaply.
 //!
 //! [`Target`]: crate::target::Target
 //! [`Caller`]: crate::auth::Caller
@@ -46,6 +47,7 @@ pub mod admit;
 pub mod answer;
 pub mod authorize;
 pub mod body;
+pub mod call;
 pub mod caller;
 pub mod guard;
 pub mod identity;
@@ -142,18 +144,14 @@ where
         .service(forward(components))
 }
 
-/// One call to Marketo for a request already authenticated and read:
-/// replays, admission, token, send. Requests carry a [`Target`], a
-/// [`Caller`] and a [`Deadline`] in their extensions.
-///
-/// [`Target`]: crate::target::Target
-/// [`Caller`]: crate::auth::Caller
-/// [`Deadline`]: caller::Deadline
+/// One [`Call`](call::Call) to Marketo for a request already
+/// authenticated and read: replays, admission, token, send.
 pub fn forward(
     components: &Components,
-) -> impl Service<Request<Bytes>, Response = Admitted, Error = ProxyError, Future: Send + 'static>
+) -> impl Service<call::Call, Response = Admitted, Error = ProxyError, Future: Send + 'static>
 + Clone
 + Send
++ Sync
 + 'static {
     ServiceBuilder::new()
         .layer(ReplayLayer::new(

@@ -19,22 +19,19 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use http::{Method, Request, StatusCode};
+use http::{Method, StatusCode};
 use prometheus::IntCounterVec;
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 
-use super::admit::{Admitted, Replayed};
-use super::caller::Deadline;
+use super::admit::Admitted;
+use super::call::Call;
 use super::rewrite::{self, BodyKind};
 use crate::admission::Admission;
 use crate::admission::shared::SharedLimits;
-use crate::auth::Caller;
 use crate::error::ProxyError;
 use crate::marketo::{self, code};
-use crate::target::Target;
 
 /// Attempts per request, replays included.
 pub const MAX_ATTEMPTS: u32 = 5;
@@ -144,9 +141,10 @@ impl Reply<'_> {
     }
 }
 
-/// Is this request a read (GET, or POST with `_method=GET` in the query
-/// or the form body)?
-pub fn is_read(request: &Request<Bytes>) -> bool {
+/// Is this call a read (GET, or POST with `_method=GET` in the query or
+/// the form body)?
+pub fn is_read(call: &Call) -> bool {
+    let request = &call.request;
     let method = request.method();
     if method == Method::GET {
         return true;
@@ -158,11 +156,10 @@ pub fn is_read(request: &Request<Bytes>) -> bool {
         form_urlencoded::parse(pairs)
             .any(|(key, value)| key == "_method" && value.eq_ignore_ascii_case("GET"))
     };
-    let query = request
-        .extensions()
-        .get::<Target>()
-        .and_then(|target| target.query.as_deref());
-    query.is_some_and(|query| says_get(query.as_bytes()))
+    call.target
+        .query
+        .as_deref()
+        .is_some_and(|query| says_get(query.as_bytes()))
         || (matches!(rewrite::body_kind(request.headers()), BodyKind::Form) && says_get(request.body()))
 }
 
@@ -190,106 +187,106 @@ impl<S> Layer<S> for ReplayLayer {
 
     fn layer(&self, inner: S) -> Self::Service {
         Replay {
-            inner,
-            policy: self.clone(),
+            shared: Arc::new((self.clone(), inner)),
         }
     }
 }
 
-#[derive(Clone)]
+/// One `Arc` for everything, so that the per-request copy is one count.
 pub struct Replay<S> {
-    inner: S,
-    policy: ReplayLayer,
+    shared: Arc<(ReplayLayer, S)>,
 }
 
-impl<S> Service<Request<Bytes>> for Replay<S>
+impl<S> Clone for Replay<S> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl<S> Service<Call> for Replay<S>
 where
-    S: Service<Request<Bytes>, Response = Admitted, Error = ProxyError> + Clone + Send + 'static,
+    S: Service<Call, Response = Admitted, Error = ProxyError> + Clone + Send + Sync + 'static,
     S::Future: Send,
 {
     type Response = Admitted;
     type Error = ProxyError;
     type Future = BoxFuture<'static, Result<Admitted, ProxyError>>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        self.inner.poll_ready(cx)
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request<Bytes>) -> Self::Future {
-        Box::pin(self.clone().run(request))
+    fn call(&mut self, call: Call) -> Self::Future {
+        Box::pin(run(Arc::clone(&self.shared), call))
     }
 }
 
-impl<S> Replay<S>
+/// Calls until an answer passes, as [`classify`] says.
+async fn run<S>(shared: Arc<(ReplayLayer, S)>, call: Call) -> Result<Admitted, ProxyError>
 where
-    S: Service<Request<Bytes>, Response = Admitted, Error = ProxyError> + Clone,
+    S: Service<Call, Response = Admitted, Error = ProxyError> + Clone,
 {
-    async fn run(self, request: Request<Bytes>) -> Result<Admitted, ProxyError> {
-        let deadline = request
-            .extensions()
-            .get::<Deadline>()
-            .map_or_else(Instant::now, |deadline| deadline.0);
-        let mut attempt = Attempt {
-            number: 0,
-            read: is_read(&request),
-            token_replaced: false,
+    let (policy, inner) = &*shared;
+    let mut attempt = Attempt {
+        number: 0,
+        read: is_read(&call),
+        token_replaced: false,
+    };
+    // What Marketo said last, passed on when a replay cannot be admitted
+    // before the deadline.
+    let mut last: Option<Box<Admitted>> = None;
+    loop {
+        attempt.number += 1;
+        // Only the attempt's own (boxed) future waits in the queue: its
+        // copy of the call is moved into it at once.
+        let mut inner = inner.clone();
+        inner.ready().await?;
+        let future = {
+            let mut copy = call.clone();
+            copy.replay = attempt.number > 1;
+            inner.call(copy)
         };
-        // What Marketo said last, passed on when a replay cannot be
-        // admitted before the deadline.
-        let mut last: Option<Box<Admitted>> = None;
-        loop {
-            attempt.number += 1;
-            // Only the call's own (boxed) future waits in the queue: the
-            // attempt's copy of the request is moved into it at once.
-            let mut inner = self.inner.clone();
-            inner.ready().await?;
-            let future = {
-                let mut call = request.clone();
-                if attempt.number > 1 {
-                    call.extensions_mut().insert(Replayed);
-                }
-                inner.call(call)
-            };
-            drop(inner);
-            let result = future.await;
-            let reply = match &result {
-                Ok(admitted) => Reply::Answered {
-                    status: admitted.answer.head.status,
-                    code: admitted.answer.error_code.as_deref(),
-                },
-                Err(ProxyError::Upstream(_)) => Reply::NoAnswer,
-                // A replay that no longer fits its deadline: pass on what
-                // Marketo said last.
-                Err(ProxyError::Admission(_)) => return last.map_or(result, |last| Ok(*last)),
-                Err(_) => return result,
-            };
-            let next = classify(reply, attempt);
-            let reason = reply.label().to_owned();
-            match next {
-                Next::Pass => return result,
-                Next::DaySpent => {
-                    self.policy.day_spent(&request);
-                    return result;
-                }
-                Next::ReplaceTokenAndReplay => attempt.token_replaced = true,
-                Next::Pause(pause) => self.policy.admission.pause(pause),
-                Next::Replay(backoff) if Instant::now() + backoff >= deadline => return result,
-                Next::Replay(_) => {}
+        drop(inner);
+        let result = future.await;
+        let reply = match &result {
+            Ok(admitted) => Reply::Answered {
+                status: admitted.answer.head.status,
+                code: admitted.answer.error_code.as_deref(),
+            },
+            Err(ProxyError::Upstream(_)) => Reply::NoAnswer,
+            // A replay that no longer fits its deadline: pass on what
+            // Marketo said last.
+            Err(ProxyError::Admission(_)) => return last.map_or(result, |last| Ok(*last)),
+            Err(_) => return result,
+        };
+        let next = classify(reply, attempt);
+        let reason = reply.label().to_owned();
+        match next {
+            Next::Pass => return result,
+            Next::DaySpent => {
+                policy.day_spent(&call);
+                return result;
             }
-            self.policy.count(&request, &reason);
-            // Kept without its slot: the next attempt needs one of its own.
-            last = result
-                .ok()
-                .map(|admitted| {
-                    Box::new(Admitted {
-                        answer: admitted.answer,
-                        slot: None,
-                    })
+            Next::ReplaceTokenAndReplay => attempt.token_replaced = true,
+            Next::Pause(pause) => policy.admission.pause(pause),
+            Next::Replay(backoff) if Instant::now() + backoff >= call.deadline => return result,
+            Next::Replay(_) => {}
+        }
+        policy.count(&call, &reason);
+        // Kept without its slot: the next attempt needs one of its own.
+        last = result
+            .ok()
+            .map(|admitted| {
+                Box::new(Admitted {
+                    answer: admitted.answer,
+                    slot: None,
                 })
-                .or(last);
-            if let Next::Replay(backoff) = next {
-                tokio::time::sleep(backoff).await;
-            }
+            })
+            .or(last);
+        if let Next::Replay(backoff) = next {
+            tokio::time::sleep(backoff).await;
         }
     }
 }
@@ -297,12 +294,11 @@ where
 impl ReplayLayer {
     /// Marketo said 607: later calls are answered locally until the reset,
     /// on every replica.
-    fn day_spent(&self, request: &Request<Bytes>) {
-        let service = request
-            .extensions()
-            .get::<Caller>()
-            .map_or("unknown", |caller| &*caller.name);
-        tracing::warn!(service, "Marketo says the daily quota is spent");
+    fn day_spent(&self, call: &Call) {
+        tracing::warn!(
+            service = &*call.caller.name,
+            "Marketo says the daily quota is spent"
+        );
         let admission = &self.admission;
         admission.quota_spent();
         if let Some(limits) = self.limits.clone() {
@@ -311,12 +307,8 @@ impl ReplayLayer {
         }
     }
 
-    fn count(&self, request: &Request<Bytes>, reason: &str) {
-        let service = request
-            .extensions()
-            .get::<Caller>()
-            .map_or("unknown", |caller| &*caller.name);
-        tracing::info!(service, reason, "replaying a call");
+    fn count(&self, call: &Call, reason: &str) {
+        tracing::info!(service = &*call.caller.name, reason, "replaying a call");
         self.replays.with_label_values(&[reason]).inc();
     }
 }
@@ -328,6 +320,8 @@ mod tests {
     use crate::metrics::Metrics;
     use crate::proxy::testing::{self, Scripted, ScriptedAdmitted, ScriptedMarketo};
     use crate::target;
+    use bytes::Bytes;
+    use http::Request;
 
     const OK: StatusCode = StatusCode::OK;
 
@@ -403,10 +397,11 @@ mod tests {
             if let Some(content_type) = content_type {
                 request = request.header("content-type", content_type);
             }
-            let mut request = request.body(Bytes::from_static(body.as_bytes())).unwrap();
-            let target = target::normalise(request.uri().path(), request.uri().query()).unwrap();
-            request.extensions_mut().insert(target);
-            request
+            let request = request.body(Bytes::from_static(body.as_bytes())).unwrap();
+            let mut call = testing::call(0, Duration::from_secs(1));
+            call.target = target::normalise(request.uri().path(), request.uri().query()).unwrap();
+            call.request = request;
+            call
         };
         let form = Some("application/x-www-form-urlencoded");
         assert!(is_read(&request(Method::GET, "/rest/v1/lead/1.json", None, "")));
@@ -446,26 +441,14 @@ mod tests {
     fn replaying(
         script: Vec<Scripted>,
         wait: Duration,
-    ) -> (
-        Replay<ScriptedAdmitted>,
-        ScriptedMarketo,
-        Arc<Admission>,
-        Request<Bytes>,
-    ) {
+    ) -> (Replay<ScriptedAdmitted>, ScriptedMarketo, Arc<Admission>, Call) {
         let config = Config::from_yaml_with_env(testing::CONFIG, |_| None).unwrap();
         let metrics = Metrics::new();
         let admission = Admission::new(&config, metrics.clone());
         let marketo = ScriptedMarketo::new(script);
         let layer = ReplayLayer::new(Arc::clone(&admission), None, metrics.replays.clone());
         let service = layer.layer(ScriptedAdmitted(marketo.clone()));
-        let mut request = Request::get("/rest/v1/lead/1.json").body(Bytes::new()).unwrap();
-        request
-            .extensions_mut()
-            .insert(target::normalise("/rest/v1/lead/1.json", None).unwrap());
-        request
-            .extensions_mut()
-            .insert(Deadline::after(Instant::now(), wait));
-        (service, marketo, admission, request)
+        (service, marketo, admission, testing::call(0, wait))
     }
 
     #[tokio::test(start_paused = true)]
@@ -482,12 +465,8 @@ mod tests {
         assert_eq!(admitted.answer.error_code, None);
         let requests = marketo.requests();
         assert_eq!(requests.len(), 4);
-        assert!(requests[0].extensions().get::<Replayed>().is_none());
-        assert!(
-            requests[1..]
-                .iter()
-                .all(|request| request.extensions().get::<Replayed>().is_some())
-        );
+        assert!(!requests[0].replay);
+        assert!(requests[1..].iter().all(|call| call.replay));
         drop(admission);
     }
 

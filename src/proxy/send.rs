@@ -1,21 +1,19 @@
 //! The bottom of the stack: one call to Marketo through the pooled
-//! [`Upstream`] client, to the configured host and the request's
-//! [`Target`], counted by service, API and the code Marketo answered.
+//! [`Upstream`] client, to the configured host and the call's target,
+//! counted by service, API and the code Marketo answered.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http::Request;
 use http_body_util::Full;
 use tokio::time::Instant;
 use tower::Service;
 
-use crate::auth::Caller;
+use super::call::Call;
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
-use crate::target::{PathError, Target};
 use crate::upstream::{Answer, Upstream, UpstreamError};
 
 /// Sends requests to Marketo.
@@ -37,7 +35,7 @@ impl SendToMarketo {
     }
 }
 
-impl Service<Request<Bytes>> for SendToMarketo {
+impl Service<Call> for SendToMarketo {
     type Response = Answer;
     type Error = ProxyError;
     type Future = BoxFuture<'static, Result<Answer, ProxyError>>;
@@ -46,21 +44,22 @@ impl Service<Request<Bytes>> for SendToMarketo {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request<Bytes>) -> Self::Future {
+    fn call(&mut self, call: Call) -> Self::Future {
         let shared = Arc::clone(&self.shared);
-        Box::pin(async move { shared.send(request).await })
+        Box::pin(async move { shared.send(call).await })
     }
 }
 
 impl Shared {
-    async fn send(&self, request: Request<Bytes>) -> Result<Answer, ProxyError> {
+    async fn send(&self, call: Call) -> Result<Answer, ProxyError> {
+        let Call {
+            request,
+            target,
+            caller,
+            ..
+        } = call;
         let (mut parts, body) = request.into_parts();
-        let target = parts
-            .extensions
-            .remove::<Target>()
-            .ok_or(ProxyError::Path(PathError::Invalid))?;
-        let caller = parts.extensions.remove::<Caller>();
-        let service = caller.as_ref().map_or("unknown", |caller| &*caller.name);
+        let service = &*caller.name;
         let api = target.api.label();
         let path = tracing::enabled!(tracing::Level::DEBUG).then(|| target.path.clone());
         parts.uri = self.upstream.uri_for(target)?;
@@ -101,6 +100,7 @@ mod tests {
     use crate::config::Config;
     use crate::proxy::testing;
     use crate::sim::{SimConfig, Simulator};
+    use bytes::Bytes;
     use http::StatusCode;
     use http_body_util::BodyExt;
     use std::time::Duration;
@@ -123,15 +123,14 @@ mod tests {
         let metrics = Metrics::new();
         let send = SendToMarketo::new(Upstream::new(&config.marketo).unwrap(), metrics.clone());
         // The request's own URI and Host say elsewhere; only the target counts.
-        let mut request = Request::get("http://elsewhere.example/other")
+        let mut call = testing::call(0, Duration::from_secs(5));
+        call.request = Request::get("http://elsewhere.example/other")
             .header("host", "elsewhere.example")
             .version(http::Version::HTTP_2)
             .body(Bytes::new())
             .unwrap();
-        let target = crate::target::normalise("/rest/v1/lead/1.json", Some("fields=email")).unwrap();
-        request.extensions_mut().insert(target);
-        request.extensions_mut().insert(testing::callers().caller(0));
-        let answer = send.oneshot(request).await.unwrap();
+        call.target = crate::target::normalise("/rest/v1/lead/1.json", Some("fields=email")).unwrap();
+        let answer = send.oneshot(call).await.unwrap();
         assert_eq!(answer.head.status, StatusCode::OK);
         // No token: the simulator says 600, and the answer is classified.
         assert_eq!(answer.error_code.as_deref(), Some("600"));

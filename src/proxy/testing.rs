@@ -15,6 +15,7 @@ use http_body_util::BodyExt;
 use tower::Service;
 
 use super::admit::Admitted;
+use super::call::Call;
 use crate::auth::Callers;
 use crate::config::Config;
 use crate::error::ProxyError;
@@ -96,6 +97,16 @@ where
     }
 }
 
+/// A call of `service` that must be admitted within `wait`.
+pub fn call(service: usize, wait: std::time::Duration) -> Call {
+    let mut request = Request::get("/rest/v1/lead/1.json").body(Bytes::new()).unwrap();
+    let extensions = request.extensions_mut();
+    extensions.insert(crate::target::normalise("/rest/v1/lead/1.json", None).unwrap());
+    extensions.insert(callers().caller(service));
+    extensions.insert(super::caller::Deadline::after(tokio::time::Instant::now(), wait));
+    Call::from_request(request).unwrap()
+}
+
 /// What a scripted Marketo says to one call.
 pub enum Scripted {
     /// An answer with this status and, if given, this error code.
@@ -131,7 +142,7 @@ pub fn answer(status: StatusCode, code: Option<&str>) -> Answer {
 #[derive(Clone, Default)]
 pub struct ScriptedMarketo {
     script: Arc<Mutex<VecDeque<Scripted>>>,
-    seen: Arc<Mutex<Vec<Request<Bytes>>>>,
+    seen: Arc<Mutex<Vec<Call>>>,
 }
 
 impl ScriptedMarketo {
@@ -142,12 +153,12 @@ impl ScriptedMarketo {
         }
     }
 
-    pub fn requests(&self) -> Vec<Request<Bytes>> {
+    pub fn requests(&self) -> Vec<Call> {
         self.seen.lock().unwrap().clone()
     }
 
-    fn next(&self, request: Request<Bytes>) -> Result<Answer, ProxyError> {
-        self.seen.lock().unwrap().push(request);
+    fn next(&self, call: Call) -> Result<Answer, ProxyError> {
+        self.seen.lock().unwrap().push(call);
         match self.script.lock().unwrap().pop_front() {
             Some(Scripted::Answer(status, code)) => Ok(answer(status, code)),
             Some(Scripted::Fail(error)) => Err(error()),
@@ -156,7 +167,7 @@ impl ScriptedMarketo {
     }
 }
 
-impl Service<Request<Bytes>> for ScriptedMarketo {
+impl Service<Call> for ScriptedMarketo {
     type Response = Answer;
     type Error = ProxyError;
     type Future = std::future::Ready<Result<Answer, ProxyError>>;
@@ -165,8 +176,8 @@ impl Service<Request<Bytes>> for ScriptedMarketo {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request<Bytes>) -> Self::Future {
-        std::future::ready(self.next(request))
+    fn call(&mut self, call: Call) -> Self::Future {
+        std::future::ready(self.next(call))
     }
 }
 
@@ -175,7 +186,7 @@ impl Service<Request<Bytes>> for ScriptedMarketo {
 #[derive(Clone, Default)]
 pub struct ScriptedAdmitted(pub ScriptedMarketo);
 
-impl Service<Request<Bytes>> for ScriptedAdmitted {
+impl Service<Call> for ScriptedAdmitted {
     type Response = Admitted;
     type Error = ProxyError;
     type Future = std::future::Ready<Result<Admitted, ProxyError>>;
@@ -184,7 +195,7 @@ impl Service<Request<Bytes>> for ScriptedAdmitted {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request<Bytes>) -> Self::Future {
-        std::future::ready(self.0.next(request).map(|answer| Admitted { answer, slot: None }))
+    fn call(&mut self, call: Call) -> Self::Future {
+        std::future::ready(self.0.next(call).map(|answer| Admitted { answer, slot: None }))
     }
 }

@@ -1,0 +1,54 @@
+//! One call to Marketo, as the layers of [`forward`](super::forward) handle
+//! it: the cleaned request and the facts that decide its fate, typed.
+//!
+//! Above `forward`, facts travel in the request's extensions as each layer
+//! learns them; the answer layer gathers them into a [`Call`]. A replay
+//! sends a copy of it again, which costs a copy of the headers and the
+//! target, and nothing else.
+
+use bytes::Bytes;
+use http::Request;
+use tokio::time::Instant;
+
+use super::caller::Deadline;
+use crate::auth::Caller;
+use crate::error::ProxyError;
+use crate::target::{PathError, Target};
+
+/// A call to Marketo and what is known about it.
+#[derive(Debug, Clone)]
+pub struct Call {
+    /// Method, headers and body as they go to Marketo; its extensions are
+    /// empty and its URI is not used (the [`Target`] is).
+    pub request: Request<Bytes>,
+    pub target: Target,
+    pub caller: Caller,
+    /// When it must have been admitted.
+    pub deadline: Instant,
+    /// A replay: it goes to the head of its service's queue.
+    pub replay: bool,
+}
+
+impl Call {
+    /// The call for a request whose guard and caller layers put a
+    /// [`Target`], a [`Caller`] and a [`Deadline`] in its extensions.
+    pub fn from_request(mut request: Request<Bytes>) -> Result<Self, ProxyError> {
+        let mut extensions = std::mem::take(request.extensions_mut());
+        let target = extensions
+            .remove::<Target>()
+            .ok_or(ProxyError::Path(PathError::Invalid))?;
+        let caller = extensions
+            .remove::<Caller>()
+            .ok_or(ProxyError::Auth(crate::auth::AuthError::Unauthenticated))?;
+        let deadline = extensions
+            .remove::<Deadline>()
+            .map_or_else(Instant::now, |deadline| deadline.0);
+        Ok(Self {
+            request,
+            target,
+            caller,
+            deadline,
+            replay: false,
+        })
+    }
+}
