@@ -267,3 +267,50 @@ async fn a_crashed_replicas_leases_lapse_while_a_running_call_keeps_its_own() {
     );
     drop((running, third));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_named_like_the_day_hashs_own_fields_do_not_touch_them() {
+    let redis = RedisServer::start();
+    let sim = Simulator::spawn(support::sim_config()).await.unwrap();
+    let yaml = format!(
+        r#"
+marketo: {{ base_url: "{}", client_id: demo-client, client_secret: demo-secret }}
+limits: {{ daily_quota: 8 }}
+services:
+  - {{ name: spent, api_key: key-spent-0123456789 }}
+  - {{ name: total, api_key: key-total-0123456789 }}
+  - {{ name: foreign, api_key: key-foreign-0123456789 }}
+state:
+  backend: redis
+  file: ~
+  usage_sync_interval: 0s
+  redis: {{ url: "{}", key_prefix: "names", fallback_replicas: 2 }}
+"#,
+        sim.url(),
+        redis.url()
+    );
+    let proxy = app::spawn(Config::from_yaml_with_env(&yaml, |_| None).unwrap())
+        .await
+        .unwrap();
+    support::wait_ready(&proxy).await;
+    let http = support::client();
+    // Each service calls twice: a field written by the first call must not
+    // spend the day, swell the total or count as calls from outside.
+    for _ in 0..2 {
+        for name in ["spent", "total", "foreign"] {
+            let answer: Value = http
+                .get(format!("{}/rest/v1/lead/1.json", proxy.url()))
+                .header("X-Api-Key", format!("key-{name}-0123456789"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            assert_eq!(answer["success"], true, "{name}: {answer}");
+        }
+    }
+    assert_eq!(sim.stats().ok, 6);
+    let usage = support::usage(&proxy.admin_url()).await;
+    assert_eq!(usage["remaining"], 2, "{usage}");
+}

@@ -178,6 +178,9 @@ struct Leases {
 
 /// A service's limits, as the acquire script needs them.
 struct ServiceLimits {
+    /// The service's name, in its own keys.
+    name: String,
+    /// Its field in the day hash.
     field: String,
     window_calls: u32,
     concurrency: u32,
@@ -225,14 +228,16 @@ impl SharedLimits {
             .services
             .iter()
             .map(|service| ServiceLimits {
-                field: service.name.clone(),
+                name: service.name.clone(),
+                field: day_field(&service.name),
                 window_calls: service.window_calls.map_or(0, |calls| calls.get()),
                 concurrency: service.effective_concurrency(limits).get(),
                 cap: service.effective_daily_quota(limits).get(),
                 reserved: service.reserved_daily,
             })
             .chain(std::iter::once(ServiceLimits {
-                field: INTERNAL_SERVICE.to_owned(),
+                name: INTERNAL_SERVICE.to_owned(),
+                field: day_field(INTERNAL_SERVICE),
                 window_calls: 0,
                 concurrency: limits.concurrency.get(),
                 cap: limits.daily_quota.get(),
@@ -285,7 +290,7 @@ impl SharedLimits {
         let field = self
             .services
             .get(service)
-            .map_or("unknown", |limits| limits.field.as_str());
+            .map_or("unknown", |limits| limits.name.as_str());
         format!("{}:{name}:{field}", self.prefix)
     }
 
@@ -673,6 +678,13 @@ impl Drop for Lease {
             });
         }
     }
+}
+
+/// A service's field in the day hash. Service names hold no `:`, so no
+/// service's field can be one of the hash's own (`total`, `foreign`,
+/// `spent`).
+fn day_field(service: &str) -> String {
+    format!("service:{service}")
 }
 
 fn call_id() -> String {

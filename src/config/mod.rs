@@ -33,6 +33,12 @@ pub use base_url::{BaseUrl, BaseUrlError};
 /// reconciles with) are counted under. No configured service may take it.
 pub const INTERNAL_SERVICE: &str = "marketo-proxy";
 
+/// The service label of requests whose caller is not known.
+pub const UNAUTHENTICATED: &str = "unauthenticated";
+
+/// Names the proxy labels things with itself; no service may take one.
+pub const RESERVED_NAMES: [&str; 3] = [INTERNAL_SERVICE, UNAUTHENTICATED, "unknown"];
+
 /// The configuration `marketo-proxy demo` runs with; the demo replaces
 /// `marketo.base_url` with the address of its bundled simulator.
 pub const DEMO_CONFIG: &str = include_str!("../../config/demo.yaml");

@@ -170,6 +170,12 @@ fn check_name(key: &str, name: &str) -> Check {
             format!("'{name}' is the name the proxy's own calls are counted under"),
         );
     }
+    if super::RESERVED_NAMES.contains(&name) {
+        return invalid(
+            key,
+            format!("'{name}' is a name the proxy labels metrics with itself"),
+        );
+    }
     Ok(())
 }
 
@@ -398,6 +404,11 @@ services:
         assert_invalid(config.clone(), "services[1].name", "same as services[0].name");
         config.services[1].name = "marketo-proxy".to_owned();
         assert_invalid(config, "services[1].name", "proxy's own calls");
+        for reserved in ["unauthenticated", "unknown"] {
+            let mut config = valid();
+            config.services[0].name = reserved.to_owned();
+            assert_invalid(config, "services[0].name", "labels metrics with itself");
+        }
     }
 
     #[test]

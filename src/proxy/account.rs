@@ -17,7 +17,7 @@ use crate::auth::Caller;
 use crate::response::Outcome;
 
 /// The service label of requests whose caller is not known.
-pub const NO_SERVICE: &str = "unauthenticated";
+pub const NO_SERVICE: &str = crate::config::UNAUTHENTICATED;
 
 /// Counts answers by service and outcome.
 #[derive(Clone)]
