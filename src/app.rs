@@ -32,6 +32,7 @@ use crate::config::{Backend, Config};
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::proxy::{self, Components};
+use crate::server::{self, ConnectionLimits};
 use crate::token::TokenCaches;
 use crate::upstream::{Upstream, UpstreamError};
 use crate::usage_sync::{ReportedUsage, UsageSync};
@@ -168,8 +169,18 @@ impl App {
         };
         let admin = tower::service_fn(move |request| std::future::ready(admin.handle(&request)));
         tokio::join!(
-            crate::server::serve(listeners.proxy, proxy::stack(&components), shutdown.clone()),
-            crate::server::serve(listeners.admin, admin, shutdown),
+            server::serve(
+                listeners.proxy,
+                proxy::stack(&components),
+                ConnectionLimits::proxy(&config.server),
+                shutdown.clone(),
+            ),
+            server::serve(
+                listeners.admin,
+                admin,
+                ConnectionLimits::admin(&config.server),
+                shutdown,
+            ),
         );
 
         stop.cancel();

@@ -96,6 +96,8 @@ pub struct Config {
     pub services: Vec<ServiceConfig>,
     /// Where the proxy keeps its counters.
     pub state: StateConfig,
+    /// Client connections: caps and timeouts.
+    pub server: ServerConfig,
 }
 
 impl Default for Config {
@@ -107,6 +109,42 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             services: Vec::new(),
             state: StateConfig::default(),
+            server: ServerConfig::default(),
+        }
+    }
+}
+
+/// How client connections are held: no client, however it behaves, may
+/// take the proxy's descriptors or memory from the others.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Open client connections on `listen`; past it, new connections wait
+    /// in the kernel's accept queue until one closes.
+    pub max_connections: NonZeroUsize,
+    /// Open connections on `admin_listen`, kept apart so probes and
+    /// scrapes always get through.
+    pub admin_max_connections: NonZeroUsize,
+    /// A connection with no request in flight and no byte moving for this
+    /// long is closed (HTTP/1.1 keep-alive and HTTP/2 alike).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// From accept (and on HTTP/1.1 from the end of the last answer) to a
+    /// request's complete headers.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Requests in flight on one HTTP/2 connection.
+    pub http2_max_concurrent_streams: u32,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: const { NonZeroUsize::new(10_000).expect("not zero") },
+            admin_max_connections: const { NonZeroUsize::new(64).expect("not zero") },
+            idle_timeout: Duration::from_secs(60),
+            header_read_timeout: Duration::from_secs(30),
+            http2_max_concurrent_streams: 256,
         }
     }
 }

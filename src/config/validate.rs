@@ -20,6 +20,11 @@ const NOT_EMPTY: &str = "must not be empty";
 
 pub(super) fn check(config: &Config) -> Check {
     check_listeners(config)?;
+    check_positive("server.idle_timeout", config.server.idle_timeout)?;
+    check_positive("server.header_read_timeout", config.server.header_read_timeout)?;
+    if config.server.http2_max_concurrent_streams == 0 {
+        return invalid("server.http2_max_concurrent_streams", "must be at least 1");
+    }
     check_marketo(&config.marketo)?;
     check_limits(&config.limits)?;
     check_services(&config.services, &config.limits)?;

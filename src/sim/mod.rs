@@ -163,7 +163,13 @@ impl Simulator {
             let simulator = self.clone();
             async move { simulator.handle(request).await }
         });
-        crate::server::serve(listener, service, shutdown).await;
+        crate::server::serve(
+            listener,
+            service,
+            crate::server::ConnectionLimits::default(),
+            shutdown,
+        )
+        .await;
     }
 
     pub fn config(&self) -> &SimConfig {

@@ -1,0 +1,142 @@
+//! End-to-end: how the proxy holds client connections. Idle and silent
+//! connections are closed, the connection cap holds new ones back, and the
+//! admin port answers while the proxy's connections are used up. Raw
+//! sockets, so nothing a client library does hides what the server did.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use marketo_proxy::app::{self, RunningProxy};
+use marketo_proxy::sim::{SimHandle, Simulator};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+const GET_LEAD: &str =
+    "GET /rest/v1/lead/1.json HTTP/1.1\r\nHost: proxy\r\nX-Api-Key: test-key-crm-0123456789\r\n\r\n";
+
+/// A simulator and a proxy whose connection settings are `server`.
+async fn proxy_with(server: &str) -> (SimHandle, RunningProxy) {
+    let sim = Simulator::spawn(support::sim_config()).await.unwrap();
+    let mut config = support::proxy_config(&sim.url(), "");
+    let server: marketo_proxy::config::ServerConfig = serde_yaml_ng::from_str(server).unwrap();
+    config.server = server;
+    let proxy = app::spawn(config).await.unwrap();
+    support::wait_ready(&proxy).await;
+    (sim, proxy)
+}
+
+/// Waits until the server closes `stream` (a read returns end of file or
+/// a reset), and says how long that took; panics after `within`.
+async fn closed_within(stream: &mut TcpStream, within: Duration) -> Duration {
+    let started = Instant::now();
+    let mut buffer = [0_u8; 4096];
+    loop {
+        match tokio::time::timeout_at(started + within, stream.read(&mut buffer)).await {
+            Err(_) => panic!("still open after {within:?}"),
+            Ok(Ok(0) | Err(_)) => return started.elapsed(),
+            // An answer: keep reading until the close.
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// Sends one request and reads its answer's status line.
+async fn status_line(stream: &mut TcpStream) -> String {
+    stream.write_all(GET_LEAD.as_bytes()).await.unwrap();
+    let mut buffer = vec![0_u8; 8192];
+    let read = stream.read(&mut buffer).await.unwrap();
+    let text = String::from_utf8_lossy(&buffer[..read]).into_owned();
+    text.lines().next().unwrap_or_default().to_owned()
+}
+
+fn addr(proxy: &RunningProxy) -> SocketAddr {
+    proxy.addr
+}
+
+#[tokio::test]
+async fn connections_that_send_nothing_are_closed_after_the_header_read_timeout() {
+    let (_sim, proxy) = proxy_with("{ header_read_timeout: 500ms, idle_timeout: 10s }").await;
+    let mut silent = Vec::new();
+    for _ in 0..20 {
+        silent.push(TcpStream::connect(addr(&proxy)).await.unwrap());
+    }
+    for stream in &mut silent {
+        let took = closed_within(stream, Duration::from_secs(5)).await;
+        assert!(took < Duration::from_secs(3), "closed after {took:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_trickles_its_headers_is_cut_off() {
+    let (sim, proxy) = proxy_with("{ header_read_timeout: 500ms, idle_timeout: 10s }").await;
+    let mut stream = TcpStream::connect(addr(&proxy)).await.unwrap();
+    let started = Instant::now();
+    // One byte every 100 ms: the whole head would take seconds.
+    for byte in GET_LEAD.bytes() {
+        if stream.write_all(&[byte]).await.is_err() || started.elapsed() > Duration::from_secs(5) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let took = started.elapsed() + closed_within(&mut stream, Duration::from_secs(5)).await;
+    assert!(took < Duration::from_secs(4), "closed after {took:?}");
+    assert_eq!(sim.stats().arrivals.len(), 0, "nothing was forwarded");
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
+    let (_sim, proxy) = proxy_with("{ header_read_timeout: 10s, idle_timeout: 500ms }").await;
+    let mut stream = TcpStream::connect(addr(&proxy)).await.unwrap();
+    assert_eq!(status_line(&mut stream).await, "HTTP/1.1 200 OK");
+    let took = closed_within(&mut stream, Duration::from_secs(5)).await;
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_secs(3),
+        "closed after {took:?}"
+    );
+}
+
+#[tokio::test]
+async fn past_the_cap_a_connection_waits_until_another_closes() {
+    let (_sim, proxy) =
+        proxy_with("{ max_connections: 2, header_read_timeout: 30s, idle_timeout: 30s }").await;
+    // Two connections, each with a request answered, stay open.
+    let mut first = TcpStream::connect(addr(&proxy)).await.unwrap();
+    assert_eq!(status_line(&mut first).await, "HTTP/1.1 200 OK");
+    let mut second = TcpStream::connect(addr(&proxy)).await.unwrap();
+    assert_eq!(status_line(&mut second).await, "HTTP/1.1 200 OK");
+    // A third is not served while they are open...
+    let mut third = TcpStream::connect(addr(&proxy)).await.unwrap();
+    third.write_all(GET_LEAD.as_bytes()).await.unwrap();
+    let mut buffer = vec![0_u8; 8192];
+    let early = tokio::time::timeout(Duration::from_millis(300), third.read(&mut buffer)).await;
+    assert!(early.is_err(), "the third connection was served past the cap");
+    // ...and is, as soon as one of them goes away.
+    drop(first);
+    let read = tokio::time::timeout(Duration::from_secs(5), third.read(&mut buffer))
+        .await
+        .expect("served once a connection closed")
+        .unwrap();
+    assert!(String::from_utf8_lossy(&buffer[..read]).starts_with("HTTP/1.1 200 OK"));
+    drop(second);
+}
+
+#[tokio::test]
+async fn the_admin_port_answers_while_the_proxy_port_is_full() {
+    let (_sim, proxy) =
+        proxy_with("{ max_connections: 1, header_read_timeout: 30s, idle_timeout: 30s }").await;
+    let mut only = TcpStream::connect(addr(&proxy)).await.unwrap();
+    assert_eq!(status_line(&mut only).await, "HTTP/1.1 200 OK");
+    for path in ["/healthz", "/metrics"] {
+        let answer = support::client()
+            .get(format!("{}{path}", proxy.admin_url()))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200, "{path}");
+    }
+}
