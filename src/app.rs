@@ -31,6 +31,7 @@ use crate::auth::Callers;
 use crate::config::{Backend, Config};
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
+use crate::proxy::body::BodyBudget;
 use crate::proxy::{self, Components};
 use crate::server::{self, ConnectionLimits};
 use crate::token::TokenCaches;
@@ -100,6 +101,7 @@ impl App {
             limits,
             upstream,
             metrics,
+            body_budget: BodyBudget::new(config.server.max_buffered_body_bytes.get()),
         };
         Ok(Self {
             config,

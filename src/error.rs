@@ -57,6 +57,11 @@ pub enum ProxyError {
     BodyUnreadable(#[source] crate::response::BoxError),
     #[error("the request body did not arrive within {0:?}")]
     BodyTimeout(Duration),
+    #[error("the proxy holds as many {what} as it may; try again shortly")]
+    Busy {
+        what: &'static str,
+        retry_after: Duration,
+    },
     #[error("no access token: {0}")]
     Token(#[from] TokenError),
     #[error(transparent)]
@@ -75,9 +80,9 @@ impl ProxyError {
             | Self::BodyTooLarge { .. }
             | Self::BodyUnreadable(_)
             | Self::BodyTimeout(_) => ErrorSource::Client,
-            Self::Token(TokenError::Rejected(_)) | Self::Admission(AdmissionError::Closed) => {
-                ErrorSource::Proxy
-            }
+            Self::Token(TokenError::Rejected(_))
+            | Self::Admission(AdmissionError::Closed)
+            | Self::Busy { .. } => ErrorSource::Proxy,
             Self::Admission(_) => ErrorSource::Client,
             Self::Token(_) | Self::Upstream(_) => ErrorSource::Upstream,
         }
@@ -94,6 +99,7 @@ impl ProxyError {
             Self::Token(_) | Self::Upstream(_) | Self::Admission(AdmissionError::Closed) => "upstream_error",
             Self::Admission(AdmissionError::Quota { .. }) => "rejected_quota",
             Self::Admission(AdmissionError::QueueFull { .. }) => "rejected_queue",
+            Self::Busy { .. } => "rejected_busy",
             Self::Admission(_) => "rejected_rate",
         }
     }
@@ -116,6 +122,11 @@ impl ProxyError {
                 (StatusCode::BAD_REQUEST, code::INVALID_VALUE, None)
             }
             Self::BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "408", None),
+            Self::Busy { retry_after, .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                code::UNAVAILABLE,
+                Some(*retry_after),
+            ),
             Self::UriTooLong { .. } => (StatusCode::URI_TOO_LONG, "414", None),
             Self::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "413", None),
             Self::Token(TokenError::Rejected(_)) => (

@@ -140,3 +140,80 @@ async fn the_admin_port_answers_while_the_proxy_port_is_full() {
         assert_eq!(answer.status(), 200, "{path}");
     }
 }
+
+#[tokio::test]
+async fn past_the_body_budget_a_request_is_refused_with_608_until_bytes_free() {
+    let (sim, proxy) = proxy_with("{ max_buffered_body_bytes: 2000 }").await;
+    let post = |length: usize| {
+        format!(
+            "POST /rest/v1/leads.json HTTP/1.1\r\nHost: proxy\r\nX-Api-Key: test-key-crm-0123456789\r\n\
+             Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+        )
+    };
+    let body = |length: usize| {
+        let filler = "x".repeat(length - 24);
+        let body = format!(r#"{{"input":[{{"email":"{filler}"}}]}}"#);
+        assert_eq!(body.len(), length);
+        body
+    };
+    // A slow upload holds 1,500 of the 2,000 bytes while it trickles in.
+    let mut slow = TcpStream::connect(addr(&proxy)).await.unwrap();
+    let slow_body = body(1600);
+    slow.write_all(post(1600).as_bytes()).await.unwrap();
+    slow.write_all(&slow_body.as_bytes()[..1500]).await.unwrap();
+    // Another body does not fit beside it: refused, not buffered.
+    let answer = support::eventually(Duration::from_secs(5), async || {
+        let answer = support::client()
+            .post(format!("{}/rest/v1/leads.json", proxy.url()))
+            .header("X-Api-Key", support::CRM_KEY)
+            .header("Content-Type", "application/json")
+            .body(body(1000))
+            .send()
+            .await
+            .unwrap();
+        if answer.status() == 503 {
+            Ok(answer)
+        } else {
+            Err(answer.status())
+        }
+    })
+    .await;
+    assert_eq!(answer.headers()["retry-after"], "1");
+    let refused: serde_json::Value = answer.json().await.unwrap();
+    assert_eq!(refused["errors"][0]["code"], "608", "{refused}");
+    // The slow upload completes and is answered; its bytes are free again.
+    slow.write_all(&slow_body.as_bytes()[1500..]).await.unwrap();
+    let mut buffer = vec![0_u8; 8192];
+    let read = slow.read(&mut buffer).await.unwrap();
+    let text = String::from_utf8_lossy(&buffer[..read]);
+    assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+    let answer = support::client()
+        .post(format!("{}/rest/v1/leads.json", proxy.url()))
+        .header("X-Api-Key", support::CRM_KEY)
+        .header("Content-Type", "application/json")
+        .body(body(1000))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    assert_eq!(sim.stats().ok, 2, "the refused request never reached Marketo");
+    let metrics = support::metrics_text(&proxy.admin_url()).await;
+    let line = r#"marketo_proxy_requests_total{outcome="rejected_busy",service="crm-sync"} 1"#;
+    assert!(metrics.lines().any(|metric| metric == line), "{metrics}");
+}
+
+#[tokio::test]
+async fn a_token_request_gets_no_more_than_a_small_body() {
+    let (_sim, proxy) = proxy_with("{}").await;
+    let answer = support::client()
+        .post(format!("{}/identity/oauth/token", proxy.url()))
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body(format!(
+            "grant_type=client_credentials&padding={}",
+            "a".repeat(9000)
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 413);
+}

@@ -135,6 +135,10 @@ pub struct ServerConfig {
     pub header_read_timeout: Duration,
     /// Requests in flight on one HTTP/2 connection.
     pub http2_max_concurrent_streams: u32,
+    /// Request-body bytes held across the proxy at once (bodies are kept
+    /// whole so that a call can be replayed); past it a request gets 503
+    /// (Marketo's 608) with `Retry-After` instead of being buffered.
+    pub max_buffered_body_bytes: NonZeroUsize,
 }
 
 impl Default for ServerConfig {
@@ -145,6 +149,7 @@ impl Default for ServerConfig {
             idle_timeout: Duration::from_secs(60),
             header_read_timeout: Duration::from_secs(30),
             http2_max_concurrent_streams: 256,
+            max_buffered_body_bytes: const { NonZeroUsize::new(256 * 1024 * 1024).expect("not zero") },
         }
     }
 }

@@ -13,12 +13,15 @@ use std::convert::Infallible;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Buf;
 use bytes::Bytes;
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Either, ready};
 use http::{Request, Response};
 use http_body::Body;
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http_body_util::BodyExt;
+use std::sync::Arc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::{Layer, Service, ServiceExt};
 
 use super::rewrite::{self, BodyKind};
@@ -30,21 +33,55 @@ use crate::target::Target;
 /// How long a client may take to send a request body.
 pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// One bound on the request-body bytes held across the proxy, so that
+/// slow or large uploads cannot take its memory: a request whose body
+/// would pass it is refused (503, Marketo's 608) instead of buffered. A
+/// request holds its bytes ([`HeldBytes`]) until it has been answered.
+#[derive(Debug, Clone)]
+pub struct BodyBudget(Arc<Semaphore>);
+
+impl BodyBudget {
+    pub fn new(bytes: usize) -> Self {
+        Self(Arc::new(Semaphore::new(bytes.min(Semaphore::MAX_PERMITS))))
+    }
+
+    /// Bytes not held by any request.
+    pub fn available(&self) -> usize {
+        self.0.available_permits()
+    }
+}
+
+/// The part of the [`BodyBudget`] a request's body holds.
+#[derive(Debug, Clone)]
+pub struct HeldBytes(#[allow(dead_code)] Arc<OwnedSemaphorePermit>);
+
 /// Reads request bodies whole and cleans requests of credentials.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct BodyLayer;
+#[derive(Debug, Clone)]
+pub struct BodyLayer {
+    budget: BodyBudget,
+}
+
+impl BodyLayer {
+    pub fn new(budget: BodyBudget) -> Self {
+        Self { budget }
+    }
+}
 
 impl<S> Layer<S> for BodyLayer {
     type Service = ReadBody<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        ReadBody { inner }
+        ReadBody {
+            inner,
+            budget: self.budget.clone(),
+        }
     }
 }
 
 #[derive(Debug, Clone)]
 pub struct ReadBody<S> {
     inner: S,
+    budget: BodyBudget,
 }
 
 impl<S, B> Service<Request<B>> for ReadBody<S>
@@ -69,15 +106,17 @@ where
         let inner = self.inner.clone();
         // Reading is boxed apart, so that the request waiting below does
         // not carry the reading's state (nor a copy of the request).
-        Box::pin(Box::pin(clean(request)).then(move |cleaned| match cleaned {
-            Ok(request) => Either::Left(inner.oneshot(request)),
-            Err(error) => Either::Right(ready(Ok(error.into_response()))),
-        }))
+        Box::pin(
+            Box::pin(clean(request, self.budget.clone())).then(move |cleaned| match cleaned {
+                Ok(request) => Either::Left(inner.oneshot(request)),
+                Err(error) => Either::Right(ready(Ok(error.into_response()))),
+            }),
+        )
     }
 }
 
 /// The request read whole and without the client's credentials.
-async fn clean<B>(request: Request<B>) -> Result<Request<Bytes>, ProxyError>
+async fn clean<B>(request: Request<B>, budget: BodyBudget) -> Result<Request<Bytes>, ProxyError>
 where
     B: Body,
     B::Error: Into<BoxError>,
@@ -87,7 +126,10 @@ where
         Some(target) if target.is_bulk_import() => MAX_IMPORT_BODY_BYTES,
         _ => MAX_BODY_BYTES,
     };
-    let body = read(body, limit).await?;
+    let (body, held) = read_within(body, limit, &budget).await?;
+    if let Some(held) = held {
+        parts.extensions.insert(held);
+    }
     let body = match rewrite::body_kind(&parts.headers) {
         BodyKind::Form if rewrite::find_access_token(&body).is_some() => {
             Bytes::from(rewrite::strip_access_token_bytes(&body))
@@ -107,19 +149,66 @@ where
 }
 
 /// Reads a request body whole (a replay must be able to send it again),
-/// within `limit` bytes and [`BODY_READ_TIMEOUT`].
-pub async fn read<B>(body: B, limit: usize) -> Result<Bytes, ProxyError>
+/// within `limit` bytes, [`BODY_READ_TIMEOUT`] and what is left of the
+/// proxy's `budget`; returns the bytes and the part of the budget they
+/// hold (none for an empty body).
+pub async fn read_within<B>(
+    body: B,
+    limit: usize,
+    budget: &BodyBudget,
+) -> Result<(Bytes, Option<HeldBytes>), ProxyError>
 where
     B: Body,
     B::Error: Into<BoxError>,
 {
-    match tokio::time::timeout(BODY_READ_TIMEOUT, Limited::new(body, limit).collect()).await {
-        Err(_) => Err(ProxyError::BodyTimeout(BODY_READ_TIMEOUT)),
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(error)) if error.is::<LengthLimitError>() => Err(ProxyError::BodyTooLarge { limit }),
-        Ok(Err(error)) => Err(ProxyError::BodyUnreadable(error)),
-    }
+    let reading = async {
+        let mut body = std::pin::pin!(body);
+        let mut parts: Vec<Bytes> = Vec::new();
+        let mut length = 0;
+        let mut held: Option<OwnedSemaphorePermit> = None;
+        while let Some(frame) = body.frame().await {
+            let Ok(mut data) = frame
+                .map_err(|error| ProxyError::BodyUnreadable(error.into()))?
+                .into_data()
+            else {
+                continue;
+            };
+            let data = data.copy_to_bytes(data.remaining());
+            length += data.len();
+            if length > limit {
+                return Err(ProxyError::BodyTooLarge { limit });
+            }
+            if data.is_empty() {
+                continue;
+            }
+            let bytes = u32::try_from(data.len()).map_err(|_| ProxyError::BodyTooLarge { limit })?;
+            let permit =
+                Arc::clone(&budget.0)
+                    .try_acquire_many_owned(bytes)
+                    .map_err(|_| ProxyError::Busy {
+                        what: "request bodies",
+                        retry_after: BUSY_RETRY_AFTER,
+                    })?;
+            match held.as_mut() {
+                Some(held) => held.merge(permit),
+                None => held = Some(permit),
+            }
+            parts.push(data);
+        }
+        let body = match parts.len() {
+            0 => Bytes::new(),
+            1 => parts.swap_remove(0),
+            _ => Bytes::from(parts.concat()),
+        };
+        Ok((body, held.map(|held| HeldBytes(Arc::new(held)))))
+    };
+    tokio::time::timeout(BODY_READ_TIMEOUT, reading)
+        .await
+        .map_err(|_| ProxyError::BodyTimeout(BODY_READ_TIMEOUT))?
 }
+
+/// How long a client refused for want of buffer space is asked to wait.
+const BUSY_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 #[cfg(test)]
 mod tests {
@@ -136,7 +225,7 @@ mod tests {
         let inner = stub
             .clone()
             .map_request(|request: Request<Bytes>| request.map(Full::new));
-        let response = BodyLayer
+        let response = BodyLayer::new(BodyBudget::new(32 << 20))
             .layer(inner)
             .oneshot(Request::from_parts(parts, body))
             .await
@@ -197,10 +286,29 @@ mod tests {
         assert_eq!(stub.last_request().unwrap().1.len(), MAX_BODY_BYTES + 1);
     }
 
+    #[tokio::test]
+    async fn bodies_hold_their_bytes_of_the_budget_until_dropped() {
+        let budget = BodyBudget::new(100);
+        let body = || Full::new(Bytes::from(vec![b'a'; 60]));
+        let (_, first) = read_within(body(), 1000, &budget).await.unwrap();
+        assert_eq!(budget.available(), 40);
+        let refused = read_within(body(), 1000, &budget).await;
+        assert!(matches!(refused, Err(ProxyError::Busy { .. })), "{refused:?}");
+        let response = refused.unwrap_err().into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()["retry-after"], "1");
+        assert_eq!(marketo_code(response).await, "608");
+        assert_eq!(budget.available(), 40, "a refused body holds nothing");
+        drop(first);
+        assert_eq!(budget.available(), 100);
+        let (_, again) = read_within(body(), 1000, &budget).await.unwrap();
+        assert!(again.is_some());
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_body_that_does_not_arrive_gets_408() {
         let silent = futures_util::stream::pending::<Result<http_body::Frame<Bytes>, Infallible>>();
-        let result = read(http_body_util::StreamBody::new(silent), 10).await;
+        let result = read_within(http_body_util::StreamBody::new(silent), 10, &BodyBudget::new(10)).await;
         assert!(matches!(result, Err(ProxyError::BodyTimeout(_))), "{result:?}");
     }
 }

@@ -10,6 +10,7 @@ use bytes::Bytes;
 use http::Request;
 use tokio::time::Instant;
 
+use super::body::HeldBytes;
 use super::caller::Deadline;
 use crate::auth::Caller;
 use crate::error::ProxyError;
@@ -27,6 +28,9 @@ pub struct Call {
     pub deadline: Instant,
     /// A replay: it goes to the head of its service's queue.
     pub replay: bool,
+    /// The request body's share of the proxy's body budget, held until
+    /// the call is answered.
+    pub held: Option<HeldBytes>,
 }
 
 impl Call {
@@ -43,12 +47,14 @@ impl Call {
         let deadline = extensions
             .remove::<Deadline>()
             .map_or_else(Instant::now, |deadline| deadline.0);
+        let held = extensions.remove::<HeldBytes>();
         Ok(Self {
             request,
             target,
             caller,
             deadline,
             replay: false,
+            held,
         })
     }
 }

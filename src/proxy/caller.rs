@@ -30,7 +30,7 @@ use http_body_util::{Either as EitherBody, Full};
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 
-use super::body;
+use super::body::{self, BodyBudget};
 use super::rewrite::{self, API_KEY_HEADER, BodyKind};
 use crate::auth::{AuthError, Caller, Callers, ServiceId};
 use crate::error::ProxyError;
@@ -62,11 +62,12 @@ pub type CallerBody<B> = EitherBody<B, Full<Bytes>>;
 #[derive(Clone)]
 pub struct CallerLayer {
     callers: Arc<Callers>,
+    budget: BodyBudget,
 }
 
 impl CallerLayer {
-    pub fn new(callers: Arc<Callers>) -> Self {
-        Self { callers }
+    pub fn new(callers: Arc<Callers>, budget: BodyBudget) -> Self {
+        Self { callers, budget }
     }
 }
 
@@ -77,6 +78,7 @@ impl<S> Layer<S> for CallerLayer {
         Authenticate {
             inner,
             callers: Arc::clone(&self.callers),
+            budget: self.budget.clone(),
         }
     }
 }
@@ -85,6 +87,8 @@ impl<S> Layer<S> for CallerLayer {
 pub struct Authenticate<S> {
     inner: S,
     callers: Arc<Callers>,
+    /// For the bodies read here, of callers not known yet.
+    budget: BodyBudget,
 }
 
 impl<S, B> Service<Request<B>> for Authenticate<S>
@@ -121,10 +125,12 @@ where
                 // an ordinary body's worth) and look there.
                 let inner = self.inner.clone();
                 let callers = Arc::clone(&self.callers);
+                let budget = self.budget.clone();
                 Either::Right(Box::pin(async move {
                     let (parts, body) = request.into_parts();
-                    let body = match body::read(body, MAX_BODY_BYTES).await {
-                        Ok(body) => body,
+                    // The body layer below accounts for these bytes again.
+                    let body = match body::read_within(body, MAX_BODY_BYTES, &budget).await {
+                        Ok((body, _)) => body,
                         Err(error) => return Ok(error.into_response()),
                     };
                     let service = credential_in_body(&parts.headers, &body)
@@ -252,7 +258,7 @@ mod tests {
         request: Request<Full<Bytes>>,
     ) -> (Response<ResponseBody>, StubAnswer) {
         let stub = StubAnswer::default();
-        let response = CallerLayer::new(Arc::clone(callers))
+        let response = CallerLayer::new(Arc::clone(callers), BodyBudget::new(1 << 24))
             .layer(stub.clone())
             .oneshot(request)
             .await

@@ -14,26 +14,31 @@ use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
 use tower::{Layer, Service};
 
-use super::body;
+use super::body::{self, BodyBudget};
 use crate::auth::Callers;
 use crate::error::ProxyError;
 use crate::marketo::IdentityError;
-use crate::marketo::limits::MAX_BODY_BYTES;
 use crate::response::{BoxError, Outcome, ResponseBody, json_response};
 use crate::server::Peer;
 
 /// Where Marketo's clients ask for a token.
 pub const IDENTITY_PATH: &str = "/identity/oauth/token";
 
+/// The most a token request's body may hold: a grant type, a client id
+/// and a secret take a few hundred bytes, and whoever sends it is not
+/// known yet.
+pub const IDENTITY_BODY_BYTES: usize = 8 * 1024;
+
 /// Answers `/identity/oauth/token`; see the module documentation.
 #[derive(Clone)]
 pub struct IdentityLayer {
     callers: Arc<Callers>,
+    budget: BodyBudget,
 }
 
 impl IdentityLayer {
-    pub fn new(callers: Arc<Callers>) -> Self {
-        Self { callers }
+    pub fn new(callers: Arc<Callers>, budget: BodyBudget) -> Self {
+        Self { callers, budget }
     }
 }
 
@@ -44,6 +49,7 @@ impl<S> Layer<S> for IdentityLayer {
         Identity {
             inner,
             callers: Arc::clone(&self.callers),
+            budget: self.budget.clone(),
         }
     }
 }
@@ -52,6 +58,7 @@ impl<S> Layer<S> for IdentityLayer {
 pub struct Identity<S> {
     inner: S,
     callers: Arc<Callers>,
+    budget: BodyBudget,
 }
 
 impl<S, B> Service<Request<B>> for Identity<S>
@@ -73,12 +80,15 @@ where
             return Either::Left(self.inner.call(request));
         }
         let callers = Arc::clone(&self.callers);
-        Either::Right(Box::pin(async move { Ok(issue(&callers, request).await) }))
+        let budget = self.budget.clone();
+        Either::Right(Box::pin(
+            async move { Ok(issue(&callers, &budget, request).await) },
+        ))
     }
 }
 
 /// A token for the service whose client credentials came with `request`.
-async fn issue<B>(callers: &Callers, request: Request<B>) -> Response<ResponseBody>
+async fn issue<B>(callers: &Callers, budget: &BodyBudget, request: Request<B>) -> Response<ResponseBody>
 where
     B: Body,
     B::Error: Into<BoxError>,
@@ -94,8 +104,8 @@ where
         .map(|query| form_urlencoded::parse(query.as_bytes()).into_owned().collect())
         .unwrap_or_default();
     if parts.method == Method::POST {
-        match body::read(body, MAX_BODY_BYTES).await {
-            Ok(body) => params.extend(form_urlencoded::parse(&body).into_owned()),
+        match body::read_within(body, IDENTITY_BODY_BYTES, budget).await {
+            Ok((body, _held)) => params.extend(form_urlencoded::parse(&body).into_owned()),
             Err(error) => return error.into_response(),
         }
     } else if parts.method != Method::GET {
@@ -171,7 +181,7 @@ mod tests {
         request: Request<Full<Bytes>>,
     ) -> (Response<ResponseBody>, StubAnswer) {
         let stub = StubAnswer::default();
-        let response = IdentityLayer::new(Arc::clone(callers))
+        let response = IdentityLayer::new(Arc::clone(callers), BodyBudget::new(1 << 20))
             .layer(stub.clone())
             .oneshot(request)
             .await

@@ -96,6 +96,8 @@ pub struct Components {
     pub limits: Option<Arc<SharedLimits>>,
     pub upstream: Upstream,
     pub metrics: Metrics,
+    /// The bound on request-body bytes held across the proxy.
+    pub body_budget: body::BodyBudget,
 }
 
 /// The whole request path, for the proxy listener.
@@ -136,10 +138,16 @@ where
             rewrite::API_KEY_HEADER,
             header::COOKIE,
         ]))
-        .layer(IdentityLayer::new(Arc::clone(&components.callers)))
+        .layer(IdentityLayer::new(
+            Arc::clone(&components.callers),
+            components.body_budget.clone(),
+        ))
         .layer(GuardLayer)
-        .layer(CallerLayer::new(Arc::clone(&components.callers)))
-        .layer(BodyLayer)
+        .layer(CallerLayer::new(
+            Arc::clone(&components.callers),
+            components.body_budget.clone(),
+        ))
+        .layer(BodyLayer::new(components.body_budget.clone()))
         .layer(AnswerLayer::new(components.upstream.request_timeout()))
         .service(forward(components))
 }
@@ -189,6 +197,7 @@ mod tests {
             limits: None,
             upstream,
             metrics,
+            body_budget: body::BodyBudget::new(1 << 26),
         }
     }
 
