@@ -2,6 +2,10 @@
 //! answer before it goes back: hop-by-hop headers, the client's own
 //! credentials, and every `access_token` parameter (query string,
 //! urlencoded body, multipart field). The proxy adds its own token.
+//!
+//! Bodies are read before the caller is known: a multipart boundary RFC
+//! 2046 does not allow (empty or over 70 characters) is refused before the
+//! body is looked at.
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, header};
@@ -80,49 +84,82 @@ pub fn strip_access_token_bytes(pairs: &[u8]) -> Vec<u8> {
 }
 
 /// The kind of body, from its `Content-Type`.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BodyKind {
     Form,
-    Multipart { boundary: String },
+    Multipart { boundary: Boundary },
     Other,
 }
 
-pub fn body_kind(headers: &HeaderMap) -> BodyKind {
+/// The longest multipart boundary RFC 2046 allows.
+pub const MAX_BOUNDARY_CHARS: usize = 70;
+
+/// A multipart boundary of 1 to [`MAX_BOUNDARY_CHARS`] characters, as RFC
+/// 2046 requires. Only such a boundary is ever searched for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Boundary(String);
+
+impl Boundary {
+    pub fn new(boundary: &str) -> Result<Self, InvalidBoundary> {
+        if (1..=MAX_BOUNDARY_CHARS).contains(&boundary.len()) {
+            Ok(Self(boundary.to_owned()))
+        } else {
+            Err(InvalidBoundary)
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A `multipart/form-data` body whose boundary RFC 2046 does not allow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the multipart boundary must be 1 to {MAX_BOUNDARY_CHARS} characters long (RFC 2046)")]
+pub struct InvalidBoundary;
+
+/// The kind of body its `Content-Type` announces; a multipart body with a
+/// boundary RFC 2046 does not allow is an error, so it is refused as it is
+/// rather than scanned.
+pub fn body_kind(headers: &HeaderMap) -> Result<BodyKind, InvalidBoundary> {
     let Some(content_type) = headers
         .get(header::CONTENT_TYPE)
         .and_then(|value| value.to_str().ok())
     else {
-        return BodyKind::Other;
+        return Ok(BodyKind::Other);
     };
     let mut params = content_type.split(';').map(str::trim);
     let essence = params.next().unwrap_or_default().to_ascii_lowercase();
     match essence.as_str() {
-        "application/x-www-form-urlencoded" => BodyKind::Form,
-        "multipart/form-data" => params
+        "application/x-www-form-urlencoded" => Ok(BodyKind::Form),
+        "multipart/form-data" => match params
             .filter_map(|param| param.split_once('='))
             .find(|(name, _)| name.trim().eq_ignore_ascii_case("boundary"))
-            .map(|(_, value)| BodyKind::Multipart {
-                boundary: value.trim().trim_matches('"').to_owned(),
-            })
-            .unwrap_or(BodyKind::Other),
-        _ => BodyKind::Other,
+        {
+            Some((_, value)) => Ok(BodyKind::Multipart {
+                boundary: Boundary::new(value.trim().trim_matches('"'))?,
+            }),
+            None => Ok(BodyKind::Other),
+        },
+        _ => Ok(BodyKind::Other),
     }
 }
 
 /// Removes `access_token` form fields from a multipart body. Other parts
 /// are kept byte for byte. Returns the body and the token found, if any.
-pub fn strip_access_token_multipart(body: &Bytes, boundary: &str) -> (Bytes, Option<String>) {
-    let delimiter = format!("--{boundary}");
-    let delimiter = delimiter.as_bytes();
-    let starts = find_all(body, delimiter);
+pub fn strip_access_token_multipart(body: &Bytes, boundary: &Boundary) -> (Bytes, Option<String>) {
+    let delimiter = format!("--{}", boundary.as_str());
+    let starts = find_all(body, delimiter.as_bytes());
     if starts.len() < 2 {
         return (body.clone(), None);
     }
+    let dash_boundary = 2 + boundary.as_str().len();
     let mut out = BytesMut::with_capacity(body.len());
     let mut token = None;
     out.extend_from_slice(&body[..starts[0]]);
     for window in starts.windows(2) {
         let part = &body[window[0]..window[1]];
-        match access_token_part(&part[delimiter.len()..]) {
+        match access_token_part(&part[dash_boundary..]) {
             Some(value) => token = token.or(Some(value)),
             None => out.extend_from_slice(part),
         }
@@ -232,7 +269,7 @@ mod tests {
 --XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"leads.csv\"\r\nContent-Type: text/csv\r\n\r\nemail\r\na@b.c\r\n\
 --XyZ--\r\n",
         );
-        let (stripped, token) = strip_access_token_multipart(&body, "XyZ");
+        let (stripped, token) = strip_access_token_multipart(&body, &Boundary::new("XyZ").unwrap());
         assert_eq!(token.as_deref(), Some("secret-token"));
         let expected = b"--XyZ\r\nContent-Disposition: form-data; name=\"format\"\r\n\r\ncsv\r\n\
 --XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"leads.csv\"\r\nContent-Type: text/csv\r\n\r\nemail\r\na@b.c\r\n\
@@ -247,11 +284,68 @@ mod tests {
             header::CONTENT_TYPE,
             HeaderValue::from_static("multipart/form-data; boundary=\"abc def\""),
         );
-        assert!(matches!(body_kind(&headers), BodyKind::Multipart { boundary } if boundary == "abc def"));
+        assert_eq!(
+            body_kind(&headers),
+            Ok(BodyKind::Multipart {
+                boundary: Boundary::new("abc def").unwrap()
+            })
+        );
         headers.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/x-www-form-urlencoded; charset=UTF-8"),
         );
-        assert!(matches!(body_kind(&headers), BodyKind::Form));
+        assert_eq!(body_kind(&headers), Ok(BodyKind::Form));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("multipart/form-data"),
+        );
+        assert_eq!(
+            body_kind(&headers),
+            Ok(BodyKind::Other),
+            "no boundary, nothing to search"
+        );
+    }
+
+    fn multipart_content_type(boundary: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        let value = format!("multipart/form-data; boundary=\"{boundary}\"");
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_str(&value).unwrap());
+        headers
+    }
+
+    #[test]
+    fn a_boundary_of_70_characters_is_used_and_one_of_71_is_refused() {
+        let longest = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ'()+_,-.";
+        assert_eq!(longest.len(), MAX_BOUNDARY_CHARS);
+        let Ok(BodyKind::Multipart { boundary }) = body_kind(&multipart_content_type(longest)) else {
+            panic!("a 70-character boundary is allowed");
+        };
+        let body = Bytes::from(format!(
+            "--{longest}\r\nContent-Disposition: form-data; name=\"access_token\"\r\n\r\nt\r\n\
+             --{longest}\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\n1\r\n--{longest}--\r\n"
+        ));
+        let (stripped, token) = strip_access_token_multipart(&body, &boundary);
+        assert_eq!(token.as_deref(), Some("t"));
+        assert_eq!(
+            stripped,
+            format!(
+                "--{longest}\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\n1\r\n--{longest}--\r\n"
+            )
+        );
+
+        for refused in [&format!("{longest}/"), "", &"b".repeat(20 * 1024)] {
+            assert_eq!(
+                body_kind(&multipart_content_type(refused)),
+                Err(InvalidBoundary),
+                "a boundary of {} characters",
+                refused.len()
+            );
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("multipart/form-data; boundary="),
+        );
+        assert_eq!(body_kind(&headers), Err(InvalidBoundary));
     }
 }
