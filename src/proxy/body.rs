@@ -6,9 +6,9 @@
 //! not arrive within [`BODY_READ_TIMEOUT`] gets 408; a multipart body whose
 //! boundary RFC 2046 does not allow gets 400 before it is read. Every
 //! `access_token` (query, urlencoded body, multipart field), the client's
-//! credential headers and hop-by-hop headers are removed here, so nothing
-//! below ever sees them. The request leaves as `Request<Bytes>`, its query
-//! in the [`Target`] cleaned too.
+//! credential headers and hop-by-hop headers are removed here, in one
+//! linear pass, so nothing below ever sees them. The request leaves as
+//! `Request<Bytes>`, its query in the [`Target`] cleaned too.
 
 use std::convert::Infallible;
 use std::task::{Context, Poll};

@@ -3,12 +3,14 @@
 //! credentials, and every `access_token` parameter (query string,
 //! urlencoded body, multipart field). The proxy adds its own token.
 //!
-//! Bodies are read before the caller is known: a multipart boundary RFC
-//! 2046 does not allow (empty or over 70 characters) is refused before the
-//! body is looked at.
+//! Bodies are read before the caller is known, so every parse here is
+//! linear in its input, whatever the client sends: multipart delimiters
+//! are found with `memchr::memmem`, and a boundary RFC 2046 does not allow
+//! (empty or over 70 characters) is refused before the body is looked at.
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, header};
+use memchr::memmem;
 
 /// Headers that describe one connection, not the message (RFC 9110 7.6.1).
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -148,8 +150,7 @@ pub fn body_kind(headers: &HeaderMap) -> Result<BodyKind, InvalidBoundary> {
 /// Removes `access_token` form fields from a multipart body. Other parts
 /// are kept byte for byte. Returns the body and the token found, if any.
 pub fn strip_access_token_multipart(body: &Bytes, boundary: &Boundary) -> (Bytes, Option<String>) {
-    let delimiter = format!("--{}", boundary.as_str());
-    let starts = find_all(body, delimiter.as_bytes());
+    let starts = delimiter_starts(body, boundary);
     if starts.len() < 2 {
         return (body.clone(), None);
     }
@@ -170,10 +171,29 @@ pub fn strip_access_token_multipart(body: &Bytes, boundary: &Boundary) -> (Bytes
     (out.freeze(), token)
 }
 
+/// Where each `--boundary` delimiter starts, in one pass: the first
+/// anywhere (a preamble may come before it), then only those that begin a
+/// line. RFC 2046 attaches the CRLF before a delimiter to it, so
+/// `--boundary` mid-line, inside a header or a value, splits nothing here
+/// either, and a field is seen whole as the server will see it.
+fn delimiter_starts(body: &[u8], boundary: &Boundary) -> Vec<usize> {
+    let delimiter = format!("\r\n--{}", boundary.as_str());
+    let delimiter = delimiter.as_bytes();
+    let dash_boundary = &delimiter[2..];
+    let Some(first) = memmem::find(body, dash_boundary) else {
+        return Vec::new();
+    };
+    let rest = first + dash_boundary.len();
+    let mut starts = vec![first];
+    starts.extend(memmem::find_iter(&body[rest..], delimiter).map(|at| rest + at + 2));
+    starts
+}
+
 /// If this part (after its delimiter) is the `access_token` field, its value.
 fn access_token_part(part: &[u8]) -> Option<String> {
-    let headers_end = find_all(part, b"\r\n\r\n").first().copied()?;
-    let headers = std::str::from_utf8(&part[..headers_end]).ok()?;
+    let headers_end = memmem::find(part, b"\r\n\r\n")?;
+    // Lossy: a stray byte that is not UTF-8 must not hide the field's name.
+    let headers = String::from_utf8_lossy(&part[..headers_end]);
     let is_token = headers.lines().any(|line| {
         let line = line.to_ascii_lowercase();
         line.starts_with("content-disposition:")
@@ -188,18 +208,6 @@ fn access_token_part(part: &[u8]) -> Option<String> {
     let value = &part[headers_end + 4..];
     let value = value.strip_suffix(b"\r\n").unwrap_or(value);
     Some(String::from_utf8_lossy(value).into_owned())
-}
-
-fn find_all(haystack: &[u8], needle: &[u8]) -> Vec<usize> {
-    if needle.is_empty() || haystack.len() < needle.len() {
-        return Vec::new();
-    }
-    haystack
-        .windows(needle.len())
-        .enumerate()
-        .filter(|(_, window)| *window == needle)
-        .map(|(index, _)| index)
-        .collect()
 }
 
 #[cfg(test)]
@@ -347,5 +355,22 @@ mod tests {
             HeaderValue::from_static("multipart/form-data; boundary="),
         );
         assert_eq!(body_kind(&headers), Err(InvalidBoundary));
+    }
+
+    #[test]
+    fn a_delimiter_counts_only_at_the_start_of_a_line() {
+        // `--XyZ` inside the token field's header and mid-line in another
+        // field's value: neither splits a field, so the token is still seen.
+        let body = Bytes::from_static(
+            b"--XyZ\r\nContent-Disposition: form-data; name=\"access_token\"; x=\"--XyZ\"\r\n\r\nsecret\r\n\
+--XyZ\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\na --XyZ b\r\n\
+--XyZ--\r\n",
+        );
+        let (stripped, token) = strip_access_token_multipart(&body, &Boundary::new("XyZ").unwrap());
+        assert_eq!(token.as_deref(), Some("secret"));
+        assert_eq!(
+            &stripped[..],
+            b"--XyZ\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\na --XyZ b\r\n--XyZ--\r\n"
+        );
     }
 }
