@@ -214,6 +214,7 @@ fn access_token_part(part: &[u8]) -> Option<String> {
 mod tests {
     use super::*;
     use http::HeaderValue;
+    use proptest::prelude::*;
 
     #[test]
     fn hop_by_hop_headers_and_those_named_in_connection_go() {
@@ -372,5 +373,224 @@ mod tests {
             &stripped[..],
             b"--XyZ\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\na --XyZ b\r\n--XyZ--\r\n"
         );
+    }
+
+    /// The characters RFC 2046 allows in a boundary (space aside, which
+    /// may not end one).
+    const BCHARS: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ'()+_,-./:=?";
+
+    /// Bytes that make parsing hard: line ends, dashes, the field name and
+    /// header words, raw bytes, and (`None`) the boundary itself mid-line.
+    fn tricky_bytes() -> impl Strategy<Value = Vec<Option<Vec<u8>>>> {
+        let piece = prop_oneof![
+            Just(Some(b"\r\n".to_vec())),
+            Just(Some(b"\r".to_vec())),
+            Just(Some(b"\n".to_vec())),
+            Just(Some(b"\r\n\r\n".to_vec())),
+            Just(Some(b"--".to_vec())),
+            Just(Some(b"access_token".to_vec())),
+            Just(Some(
+                b"\r\nContent-Disposition: form-data; name=\"access_token\"\r\n".to_vec()
+            )),
+            Just(None),
+            prop::collection::vec(any::<u8>(), 0..12).prop_map(Some),
+        ];
+        prop::collection::vec(piece, 0..8)
+    }
+
+    /// The pieces joined, each `None` written as ` --{boundary}`.
+    fn render(pieces: &[Option<Vec<u8>>], boundary: &str) -> Vec<u8> {
+        let mid_line = format!(" --{boundary}").into_bytes();
+        pieces
+            .iter()
+            .flat_map(|piece| piece.as_deref().unwrap_or(&mid_line).iter().copied())
+            .collect()
+    }
+
+    /// The headers of an `access_token` field, as clients spell them.
+    const TOKEN_HEADERS: [&[u8]; 5] = [
+        b"Content-Disposition: form-data; name=\"access_token\"",
+        b"content-disposition: form-data; name=access_token",
+        b"Content-Disposition: form-data; name=\"access_token\"; filename=\"t.txt\"\r\nContent-Type: text/plain",
+        b"Content-Type: text/plain\r\nContent-Disposition: form-data;name=\"access_token\"",
+        b"Content-Disposition: form-data; name=\"access_token\"\r\nX-Note: \xff\xfe",
+    ];
+
+    /// A field's headers, and whether they name it `access_token`.
+    fn field_headers() -> impl Strategy<Value = (bool, Vec<u8>)> {
+        let near_misses = prop::sample::select(vec![
+            "access_tokens",
+            "access_token_",
+            "my_access_token",
+            "access token",
+            "",
+        ]);
+        let other_name = prop_oneof![near_misses.prop_map(str::to_owned), "[a-zA-Z0-9_ .-]{1,16}"]
+            .prop_filter("another field", |name| !name.eq_ignore_ascii_case("access_token"));
+        prop_oneof![
+            (0..TOKEN_HEADERS.len()).prop_map(|index| (true, TOKEN_HEADERS[index].to_vec())),
+            (other_name, any::<bool>()).prop_map(|(name, comment)| {
+                let mut headers = format!("Content-Disposition: form-data; name=\"{name}\"").into_bytes();
+                if comment {
+                    // Named in another header: still not the field.
+                    headers.extend_from_slice(b"\r\nX-Comment: name=\"access_token\"");
+                }
+                (false, headers)
+            }),
+        ]
+    }
+
+    /// A multipart body from its pieces, kept apart so the expected results
+    /// can be written down without parsing.
+    #[derive(Debug)]
+    struct MultipartCase {
+        boundary: String,
+        preamble: Vec<u8>,
+        /// Each field: is it an `access_token`, its bytes from its
+        /// delimiter to the next, its value.
+        fields: Vec<(bool, Vec<u8>, Vec<u8>)>,
+        epilogue: Vec<u8>,
+    }
+
+    impl MultipartCase {
+        fn body(&self, keep_tokens: bool) -> Vec<u8> {
+            let mut body = self.preamble.clone();
+            for (token, bytes, _) in &self.fields {
+                if keep_tokens || !token {
+                    body.extend_from_slice(bytes);
+                }
+            }
+            body.extend_from_slice(format!("--{}--", self.boundary).as_bytes());
+            body.extend_from_slice(&self.epilogue);
+            body
+        }
+
+        /// A line starting with the boundary ends a field for every parser,
+        /// so a field's content never holds one (RFC 2046 5.1.1).
+        fn is_well_formed(&self) -> bool {
+            let delimiter = format!("\r\n--{}", self.boundary).into_bytes();
+            let holds = |bytes: &[u8]| bytes.windows(delimiter.len()).any(|window| window == delimiter);
+            !self.fields.iter().any(|(_, _, value)| holds(value)) && !holds(&self.epilogue)
+        }
+    }
+
+    fn multipart_case() -> impl Strategy<Value = MultipartCase> {
+        let boundary = prop::collection::vec(prop::sample::select(BCHARS), 1..=MAX_BOUNDARY_CHARS)
+            .prop_map(|bytes| String::from_utf8(bytes).unwrap());
+        let field = (field_headers(), "[ \t]{0,2}", tricky_bytes());
+        // No dash in the preamble, so the first delimiter is where it ends.
+        let preamble = "([a-zA-Z0-9 ]{0,10}\r\n){0,2}";
+        (
+            boundary,
+            preamble,
+            prop::collection::vec(field, 0..6),
+            tricky_bytes(),
+        )
+            .prop_map(|(boundary, preamble, fields, epilogue)| {
+                let fields = fields
+                    .into_iter()
+                    .map(|((token, headers), padding, value)| {
+                        let value = render(&value, &boundary);
+                        let mut bytes = format!("--{boundary}{padding}\r\n").into_bytes();
+                        bytes.extend_from_slice(&headers);
+                        bytes.extend_from_slice(b"\r\n\r\n");
+                        bytes.extend_from_slice(&value);
+                        bytes.extend_from_slice(b"\r\n");
+                        (token, bytes, value)
+                    })
+                    .collect();
+                let epilogue = render(&epilogue, &boundary);
+                MultipartCase {
+                    boundary,
+                    preamble: preamble.into_bytes(),
+                    fields,
+                    epilogue,
+                }
+            })
+            .prop_filter("well-formed", MultipartCase::is_well_formed)
+    }
+
+    /// One urlencoded pair and whether it is an `access_token`; no `&` in
+    /// either (it separates pairs).
+    fn pair() -> impl Strategy<Value = (bool, Vec<u8>)> {
+        let token_key = prop::sample::select(vec![
+            "access_token",
+            "access%5Ftoken",
+            "access%5ftoken",
+            "%61ccess_token",
+            "access_toke%6E",
+        ]);
+        let other_key = prop_oneof![
+            prop::sample::select(vec![
+                "access_tokens",
+                "access+token",
+                "Access_Token",
+                "access%20token",
+                "_method"
+            ])
+            .prop_map(str::to_owned),
+            "[a-zA-Z0-9_%+.]{0,12}",
+        ]
+        .prop_filter("another key", |key| {
+            form_urlencoded::parse(key.as_bytes())
+                .next()
+                .is_none_or(|(key, _)| key != "access_token")
+        });
+        let value = prop::collection::vec(
+            any::<u8>().prop_filter("not a separator", |byte| *byte != b'&'),
+            0..12,
+        );
+        prop_oneof![
+            (token_key, prop::option::of(value.clone())).prop_map(|(key, value)| (
+                true,
+                key.to_owned(),
+                value
+            )),
+            (other_key, prop::option::of(value)).prop_map(|(key, value)| (false, key, value)),
+        ]
+        .prop_map(|(token, key, value)| {
+            let mut pair = key.into_bytes();
+            if let Some(value) = value {
+                pair.push(b'=');
+                pair.extend_from_slice(&value);
+            }
+            (token, pair)
+        })
+    }
+
+    proptest! {
+        /// Every `access_token` field goes, the first one's value is the
+        /// token, and every other byte stays where it was.
+        #[test]
+        fn multipart_stripping_removes_exactly_the_access_token_fields(case in multipart_case()) {
+            let boundary = Boundary::new(&case.boundary).unwrap();
+            let (stripped, token) = strip_access_token_multipart(&Bytes::from(case.body(true)), &boundary);
+            prop_assert_eq!(&stripped[..], &case.body(false)[..]);
+            let first = case.fields.iter().find(|(token, ..)| *token);
+            prop_assert_eq!(token, first.map(|(_, _, value)| String::from_utf8_lossy(value).into_owned()));
+            prop_assert_eq!(strip_access_token_multipart(&stripped, &boundary).1, None);
+        }
+
+        /// Every `access_token` pair goes, however its name is escaped, and
+        /// every other byte stays where it was; the pair is found exactly
+        /// when there is one (the body is only rewritten then).
+        #[test]
+        fn urlencoded_stripping_removes_exactly_the_access_token_pairs(
+            pairs in prop::collection::vec(pair(), 0..8),
+        ) {
+            let join = |keep_tokens: bool| {
+                let kept: Vec<&[u8]> = pairs
+                    .iter()
+                    .filter(|(token, _)| keep_tokens || !token)
+                    .map(|(_, pair)| pair.as_slice())
+                    .collect();
+                kept.join(&b'&')
+            };
+            let body = join(true);
+            let stripped = strip_access_token_bytes(&body);
+            prop_assert_eq!(&stripped, &join(false));
+            prop_assert_eq!(find_access_token(&body).is_some(), pairs.iter().any(|(token, _)| *token));
+            prop_assert_eq!(find_access_token(&stripped), None);
+        }
     }
 }
