@@ -13,6 +13,7 @@ use http::{HeaderValue, Response, StatusCode, header};
 use crate::admission::AdmissionError;
 use crate::auth::AuthError;
 use crate::marketo::code;
+use crate::proxy::rewrite::InvalidBoundary;
 use crate::response::{Outcome, ResponseBody, marketo_error};
 use crate::target::PathError;
 use crate::token::TokenError;
@@ -62,6 +63,8 @@ pub enum ProxyError {
         what: &'static str,
         retry_after: Duration,
     },
+    #[error(transparent)]
+    Boundary(#[from] InvalidBoundary),
     #[error("no access token: {0}")]
     Token(#[from] TokenError),
     #[error(transparent)]
@@ -79,7 +82,8 @@ impl ProxyError {
             | Self::UriTooLong { .. }
             | Self::BodyTooLarge { .. }
             | Self::BodyUnreadable(_)
-            | Self::BodyTimeout(_) => ErrorSource::Client,
+            | Self::BodyTimeout(_)
+            | Self::Boundary(_) => ErrorSource::Client,
             Self::Token(TokenError::Rejected(_))
             | Self::Admission(AdmissionError::Closed)
             | Self::Busy { .. } => ErrorSource::Proxy,
@@ -92,9 +96,11 @@ impl ProxyError {
     pub fn outcome(&self) -> &'static str {
         match self {
             Self::Auth(_) => "rejected_auth",
-            Self::Path(_) | Self::Method(_) | Self::BodyUnreadable(_) | Self::BodyTimeout(_) => {
-                "rejected_request"
-            }
+            Self::Path(_)
+            | Self::Method(_)
+            | Self::BodyUnreadable(_)
+            | Self::BodyTimeout(_)
+            | Self::Boundary(_) => "rejected_request",
             Self::UriTooLong { .. } | Self::BodyTooLarge { .. } => "rejected_size",
             Self::Token(_) | Self::Upstream(_) | Self::Admission(AdmissionError::Closed) => "upstream_error",
             Self::Admission(AdmissionError::Quota { .. }) => "rejected_quota",
@@ -118,7 +124,7 @@ impl ProxyError {
             ),
             Self::Path(PathError::NotForwarded) => (StatusCode::NOT_FOUND, code::NOT_FOUND, None),
             Self::Method(_) => (StatusCode::METHOD_NOT_ALLOWED, code::METHOD_NOT_SUPPORTED, None),
-            Self::Path(PathError::Invalid) | Self::BodyUnreadable(_) => {
+            Self::Path(PathError::Invalid) | Self::BodyUnreadable(_) | Self::Boundary(_) => {
                 (StatusCode::BAD_REQUEST, code::INVALID_VALUE, None)
             }
             Self::BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "408", None),

@@ -5,6 +5,13 @@
 //! resolved (`node-marketo-rest` sends bulk calls as `/rest/../bulk/v1/..`)
 //! on a fixed placeholder host, so no spelling of a path can leave it, and
 //! the result must lie under `/rest/` or `/bulk/`.
+//!
+//! Spellings that servers read in different ways are refused rather than
+//! resolved: a `;` (Java servers take `/rest/..;/identity` as `..` plus a
+//! path parameter, so it escapes where we saw none), an encoded `/` or `\`
+//! and a raw `\` (one server splits there, another does not), and a
+//! dot-segment written with `%2e` (resolved by some, not by others).
+//! Marketo serves none of them; plain dot-segments are still resolved.
 
 use url::Url;
 
@@ -73,7 +80,7 @@ const PLACEHOLDER: &str = "http://upstream.invalid";
 /// Resolves `path` (as received, percent-encoded) and checks it may be
 /// forwarded. `query` is kept byte for byte.
 pub fn normalise(path: &str, query: Option<&str>) -> Result<Target, PathError> {
-    if !path.starts_with('/') {
+    if !path.starts_with('/') || path.split('/').any(is_ambiguous_segment) {
         return Err(PathError::Invalid);
     }
     let path = if is_plain(path) {
@@ -101,6 +108,19 @@ pub fn normalise(path: &str, query: Option<&str>) -> Result<Target, PathError> {
         query: query.filter(|query| !query.is_empty()).map(str::to_owned),
         api,
     })
+}
+
+/// A segment that servers may read differently: one with a `;` path
+/// parameter, an encoded `/` or `\`, a raw `\`, or a dot-segment spelled
+/// with `%2e`.
+fn is_ambiguous_segment(segment: &str) -> bool {
+    const ENCODED_SEPARATORS: [&str; 4] = ["%2f", "%2F", "%5c", "%5C"];
+    const ENCODED_DOT_SEGMENTS: [&str; 4] = ["%2e", ".%2e", "%2e.", "%2e%2e"];
+    segment.contains([';', '\\'])
+        || ENCODED_SEPARATORS.iter().any(|encoded| segment.contains(encoded))
+        || ENCODED_DOT_SEGMENTS
+            .iter()
+            .any(|dots| segment.eq_ignore_ascii_case(dots))
 }
 
 /// A path with nothing to resolve: no dot-segment, no percent-escape, no
@@ -137,8 +157,6 @@ mod tests {
                 "/rest/v1/x/../../v1/leads.json",
                 Ok(("/rest/v1/leads.json", Api::Rest)),
             ),
-            ("/rest/%2e%2e/bulk/v1/x", Ok(("/bulk/v1/x", Api::Bulk))),
-            ("/rest/%2E%2E/%2e%2E/bulk/v1/x", Ok(("/bulk/v1/x", Api::Bulk))),
             ("/rest/../../../../rest/v1/a", Ok(("/rest/v1/a", Api::Rest))),
             ("/rest/..", Err(PathError::NotForwarded)),
             ("/rest", Err(PathError::NotForwarded)),
@@ -149,6 +167,29 @@ mod tests {
             ("/restless/v1", Err(PathError::NotForwarded)),
             ("/bulkhead/v1", Err(PathError::NotForwarded)),
             ("rest/v1/lead/1.json", Err(PathError::Invalid)),
+            // Escapes a server could read where we saw none: refused, not resolved.
+            ("/rest/..;/identity/oauth/token", Err(PathError::Invalid)),
+            ("/rest/v1;jsessionid=1/leads.json", Err(PathError::Invalid)),
+            ("/rest/v1/leads.json;", Err(PathError::Invalid)),
+            ("/rest/;/../bulk/v1/x", Err(PathError::Invalid)),
+            (
+                "/rest/v1%2f..%2f..%2fidentity/oauth/token",
+                Err(PathError::Invalid),
+            ),
+            ("/rest/v1%2F..%2Fidentity", Err(PathError::Invalid)),
+            ("/rest/v1%5c..%5cidentity", Err(PathError::Invalid)),
+            ("/rest/v1%5C..%5Cidentity", Err(PathError::Invalid)),
+            ("/rest/v1\\..\\identity", Err(PathError::Invalid)),
+            ("/rest/%2e%2e/identity/oauth/token", Err(PathError::Invalid)),
+            ("/rest/%2e%2e/bulk/v1/x", Err(PathError::Invalid)),
+            ("/rest/%2E%2E/%2e%2E/bulk/v1/x", Err(PathError::Invalid)),
+            ("/rest/.%2e/x", Err(PathError::Invalid)),
+            ("/rest/%2E./x", Err(PathError::Invalid)),
+            ("/rest/%2e/v1/leads.json", Err(PathError::Invalid)),
+            ("/rest/v1/leads.json/%2E", Err(PathError::Invalid)),
+            // An escaped dot inside a name is an ordinary character.
+            ("/rest/v1/lead%2ejson", Ok(("/rest/v1/lead%2ejson", Api::Rest))),
+            ("/rest/v1/%2e%2e%2e", Ok(("/rest/v1/%2e%2e%2e", Api::Rest))),
         ];
         for (input, expected) in cases {
             let got = normalise(input, None).map(|target| (target.path, target.api));

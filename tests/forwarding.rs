@@ -200,12 +200,7 @@ async fn dot_segments_are_resolved_before_forwarding() {
     let arrivals = stack.sim.stats().arrivals;
     assert_eq!(arrivals[0].target, "/bulk/v1/leads/export/none/status.json");
 
-    for escape in [
-        "/rest/../_sim/stats",
-        "/rest/%2e%2e/identity/oauth/token",
-        "/_sim/stats",
-        "//evil.invalid/rest/v1/x",
-    ] {
+    for escape in ["/rest/../_sim/stats", "/_sim/stats", "//evil.invalid/rest/v1/x"] {
         let answer = raw(
             stack.proxy.addr,
             &format!("GET {escape} HTTP/1.1\r\nHost: x\r\nX-Api-Key: {CRM_KEY}\r\nConnection: close\r\n\r\n"),
@@ -225,6 +220,35 @@ async fn dot_segments_are_resolved_before_forwarding() {
             .iter()
             .all(|arrival| !arrival.target.contains("_sim"))
     );
+}
+
+#[tokio::test]
+async fn paths_servers_read_differently_are_refused_with_400_before_marketo() {
+    let stack = Stack::start(support::sim_config()).await;
+    for path in [
+        "/rest/..;/identity/oauth/token",
+        "/rest/v1;jsessionid=1/lead/1.json",
+        "/rest/v1%2f..%2f..%2fidentity/oauth/token",
+        "/rest/v1%2F..%2Fidentity/oauth/token",
+        "/rest/v1%5c..%5cidentity/oauth/token",
+        "/rest/v1%5C..%5Cidentity/oauth/token",
+        "/rest/v1\\..\\identity/oauth/token",
+        "/rest/%2e%2e/identity/oauth/token",
+        "/rest/%2E%2E/bulk/v1/leads/export/x/status.json",
+        "/rest/.%2e/v1/lead/1.json",
+        "/rest/%2e/v1/lead/1.json",
+    ] {
+        let answer = raw(
+            stack.proxy.addr,
+            &format!("GET {path} HTTP/1.1\r\nHost: x\r\nX-Api-Key: {CRM_KEY}\r\nConnection: close\r\n\r\n"),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{path}: {answer}");
+        assert!(answer.contains(r#""code":"1003""#), "{path}: {answer}");
+    }
+    let stats = stack.sim.stats();
+    assert!(stats.arrivals.is_empty(), "{:?}", stats.arrivals);
+    assert_eq!(stats.calls, 0);
 }
 
 #[tokio::test]

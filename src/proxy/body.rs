@@ -3,11 +3,12 @@
 //!
 //! A body over Marketo's limit (1 MB, 10 MB for bulk imports) is refused
 //! with 413 while it arrives, without buffering the rest; one that does
-//! not arrive within [`BODY_READ_TIMEOUT`] gets 408. Every `access_token`
-//! (query, urlencoded body, multipart field), the client's credential
-//! headers and hop-by-hop headers are removed here, so nothing below ever
-//! sees them. The request leaves as `Request<Bytes>`, its query in the
-//! [`Target`] cleaned too.
+//! not arrive within [`BODY_READ_TIMEOUT`] gets 408; a multipart body whose
+//! boundary RFC 2046 does not allow gets 400 before it is read. Every
+//! `access_token` (query, urlencoded body, multipart field), the client's
+//! credential headers and hop-by-hop headers are removed here, in one
+//! linear pass, so nothing below ever sees them. The request leaves as
+//! `Request<Bytes>`, its query in the [`Target`] cleaned too.
 
 use std::convert::Infallible;
 use std::task::{Context, Poll};
@@ -126,11 +127,13 @@ where
         Some(target) if target.is_bulk_import() => MAX_IMPORT_BODY_BYTES,
         _ => MAX_BODY_BYTES,
     };
+    // Before the body is read: a boundary we refuse costs nothing.
+    let kind = rewrite::body_kind(&parts.headers)?;
     let (body, held) = read_within(body, limit, &budget).await?;
     if let Some(held) = held {
         parts.extensions.insert(held);
     }
-    let body = match rewrite::body_kind(&parts.headers) {
+    let body = match kind {
         BodyKind::Form if rewrite::find_access_token(&body).is_some() => {
             Bytes::from(rewrite::strip_access_token_bytes(&body))
         }
@@ -214,10 +217,15 @@ const BUSY_RETRY_AFTER: Duration = Duration::from_secs(1);
 mod tests {
     use super::*;
     use crate::proxy::testing::{StubAnswer, marketo_code};
+    use crate::response::Outcome;
     use http::StatusCode;
     use http_body_util::Full;
 
-    async fn cleaned(request: Request<Full<Bytes>>) -> (Response<ResponseBody>, StubAnswer) {
+    async fn cleaned<B>(request: Request<B>) -> (Response<ResponseBody>, StubAnswer)
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
         let stub = StubAnswer::default();
         let (mut parts, body) = request.into_parts();
         let target = crate::target::normalise(parts.uri.path(), parts.uri.query()).unwrap();
@@ -306,9 +314,35 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_body_that_does_not_arrive_gets_408() {
+    async fn a_20_kb_multipart_boundary_is_refused_with_400_before_the_body_is_read() {
+        // The body never arrives: reading it would end in 408, so a 400
+        // shows it was neither read nor scanned.
+        let boundary = "b".repeat(20 * 1024);
+        let request = Request::post("/rest/v1/leads.json")
+            .header(
+                "content-type",
+                format!("multipart/form-data; boundary={boundary}"),
+            )
+            .body(never_arrives())
+            .unwrap();
+        let (response, stub) = cleaned(request).await;
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            response.extensions().get::<Outcome>(),
+            Some(&Outcome("rejected_request"))
+        );
+        assert_eq!(marketo_code(response).await, "1003");
+        assert_eq!(stub.calls(), 0);
+    }
+
+    fn never_arrives() -> impl Body<Data = Bytes, Error = Infallible> + Send + 'static {
         let silent = futures_util::stream::pending::<Result<http_body::Frame<Bytes>, Infallible>>();
-        let result = read_within(http_body_util::StreamBody::new(silent), 10, &BodyBudget::new(10)).await;
+        http_body_util::StreamBody::new(silent)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_does_not_arrive_gets_408() {
+        let result = read_within(never_arrives(), 10, &BodyBudget::new(10)).await;
         assert!(matches!(result, Err(ProxyError::BodyTimeout(_))), "{result:?}");
     }
 }

@@ -6,7 +6,8 @@
 //! the deprecated `access_token` query parameter. Old clients may send the
 //! token in an urlencoded or multipart body instead; only then is the body
 //! read here, and no more than an ordinary body's worth of it, since the
-//! caller is not known yet. An address with too many failed attempts is
+//! caller is not known yet (a multipart boundary RFC 2046 does not allow
+//! gets 400 before anything is read). An address with too many failed attempts is
 //! refused before anything it presents is looked at.
 //!
 //! The [`Caller`] and the request's [`Deadline`] go into the request's
@@ -170,7 +171,8 @@ fn identify<B>(
             }
         };
     }
-    match rewrite::body_kind(request.headers()) {
+    // A multipart boundary we refuse is answered before the body is read.
+    match rewrite::body_kind(request.headers())? {
         BodyKind::Form | BodyKind::Multipart { .. } => Ok(None),
         BodyKind::Other => {
             callers.record_failure(peer);
@@ -213,7 +215,7 @@ fn presented_credential<'a>(headers: &'a HeaderMap, query: Option<&str>) -> Opti
 
 /// The `access_token` of an urlencoded or multipart body.
 fn credential_in_body(headers: &HeaderMap, body: &Bytes) -> Option<String> {
-    match rewrite::body_kind(headers) {
+    match rewrite::body_kind(headers).ok()? {
         BodyKind::Form => rewrite::find_access_token(body),
         BodyKind::Multipart { boundary } => rewrite::strip_access_token_multipart(body, &boundary).1,
         BodyKind::Other => None,
@@ -253,10 +255,11 @@ mod tests {
 
     const CRM_KEY: &str = "key-crm-1234567890";
 
-    async fn call(
-        callers: &Arc<Callers>,
-        request: Request<Full<Bytes>>,
-    ) -> (Response<ResponseBody>, StubAnswer) {
+    async fn call<B>(callers: &Arc<Callers>, request: Request<B>) -> (Response<ResponseBody>, StubAnswer)
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
         let stub = StubAnswer::default();
         let response = CallerLayer::new(Arc::clone(callers), BodyBudget::new(1 << 24))
             .layer(stub.clone())
@@ -314,6 +317,26 @@ mod tests {
             assert_eq!(marketo_code(response).await, "601");
             assert_eq!(stub.calls(), 0, "way {index} went through");
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_20_kb_multipart_boundary_without_a_header_credential_gets_400_before_the_body_is_read() {
+        // The body never arrives: reading it would end in 408, so a 400
+        // shows it was neither read nor scanned for a token.
+        let silent = futures_util::stream::pending::<Result<http_body::Frame<Bytes>, Infallible>>();
+        let boundary = "b".repeat(20 * 1024);
+        let request = Request::post("/rest/v1/leads.json")
+            .extension(Peer(([192, 0, 2, 1], 4000).into()))
+            .header(
+                "content-type",
+                format!("multipart/form-data; boundary={boundary}"),
+            )
+            .body(http_body_util::StreamBody::new(silent))
+            .unwrap();
+        let (response, stub) = call(&callers(), request).await;
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(marketo_code(response).await, "1003");
+        assert_eq!(stub.calls(), 0);
     }
 
     #[tokio::test]

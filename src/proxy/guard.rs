@@ -2,9 +2,11 @@
 //! request line alone, before anything is spent on the request.
 //!
 //! Only the methods Marketo's REST API knows (others get Marketo's 605),
-//! only `/rest/...` and `/bulk/...` with dot-segments resolved (see
-//! [`crate::target`]), and no URI longer than Marketo takes (414). The
-//! [`Target`] goes into the request's extensions for the layers below.
+//! only `/rest/...` and `/bulk/...` with dot-segments resolved (610
+//! otherwise), no `;` path parameter, encoded `/` or `\`, or `%2e`
+//! dot-segment (400 with 1003; see [`crate::target`]), and no URI longer
+//! than Marketo takes (414). The [`Target`] goes into the request's
+//! extensions for the layers below.
 
 use std::convert::Infallible;
 use std::task::{Context, Poll};

@@ -160,7 +160,7 @@ pub fn is_read(call: &Call) -> bool {
         .query
         .as_deref()
         .is_some_and(|query| says_get(query.as_bytes()))
-        || (matches!(rewrite::body_kind(request.headers()), BodyKind::Form) && says_get(request.body()))
+        || (matches!(rewrite::body_kind(request.headers()), Ok(BodyKind::Form)) && says_get(request.body()))
 }
 
 /// Applies the replay policy; see the module documentation.
