@@ -148,6 +148,7 @@ impl App {
                 Arc::clone(&components.admission),
                 components.limits.clone(),
                 Arc::clone(&reported),
+                config.limits.quota_probe_interval,
             );
             spawn(Box::pin(sync.run(config.state.usage_sync_interval)));
         }

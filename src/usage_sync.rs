@@ -70,6 +70,8 @@ pub struct UsageSync {
     admission: Arc<Admission>,
     limits: Option<Arc<SharedLimits>>,
     reported: Arc<ReportedUsage>,
+    /// How long Marketo's 607 holds before a call probes.
+    probe_after: Duration,
 }
 
 #[derive(Deserialize)]
@@ -93,6 +95,7 @@ impl UsageSync {
         admission: Arc<Admission>,
         limits: Option<Arc<SharedLimits>>,
         reported: Arc<ReportedUsage>,
+        probe_after: Duration,
     ) -> Self {
         Self {
             forward,
@@ -101,6 +104,7 @@ impl UsageSync {
             admission,
             limits,
             reported,
+            probe_after,
         }
     }
 
@@ -168,7 +172,14 @@ impl UsageSync {
         let mut ticks = tokio::time::interval(interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            ticks.tick().await;
+            // On schedule, and when Marketo says the day is spent: then at
+            // the probe time, as the call that probes whether it is.
+            tokio::select! {
+                _ = ticks.tick() => {}
+                () = self.admission.spent_reported().notified() => {
+                    tokio::time::sleep(self.probe_after).await;
+                }
+            }
             match self.reconcile().await {
                 Ok(usage) => {
                     tracing::info!(date = %usage.date, total = usage.total, "reconciled with Marketo's usage report")

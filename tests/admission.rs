@@ -337,7 +337,10 @@ async fn the_quota_resets_at_local_midnight_across_a_daylight_saving_change() {
         Err(AdmissionError::Quota {
             scope: QuotaScope::Instance,
             retry_after,
-        }) => assert_eq!(retry_after, Duration::from_secs(3600), "until 05:00 UTC"),
+        }) => assert!(
+            retry_after >= Duration::from_secs(3600) && retry_after <= Duration::from_secs(3600 + 300),
+            "until 05:00 UTC, spread over five minutes after it: {retry_after:?}"
+        ),
         other => panic!("expected the quota to be spent, got {other:?}"),
     }
     wall.store(
@@ -360,20 +363,34 @@ async fn the_quota_resets_at_local_midnight_across_a_daylight_saving_change() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn marketo_saying_607_spends_the_day() {
-    let config = config("  window_calls: 1000\n  daily_quota: 50000", TWO_SERVICES);
-    let admission = admission(&config);
+async fn marketo_saying_607_holds_until_a_probe_goes_through() {
+    let config = config(
+        "  window_calls: 1000\n  daily_quota: 50000\n  quota_probe_interval: 5m",
+        TWO_SERVICES,
+    );
+    let (wall, clock) = wall_clock("2026-11-28T12:00:00Z");
+    let admission = Admission::with_clock(&config, Metrics::new(), clock);
+    tokio::spawn(admission.timer());
     drop(admit(&admission, 0, Duration::from_secs(1)).await.unwrap());
     admission.quota_spent();
-    let refused = admit(&admission, 1, Duration::from_secs(1)).await;
-    assert!(matches!(
-        refused,
+    match admit(&admission, 1, Duration::from_secs(1)).await {
         Err(AdmissionError::Quota {
             scope: QuotaScope::Instance,
-            ..
-        })
-    ));
+            retry_after,
+        }) => assert_eq!(retry_after, Duration::from_secs(300), "until the probe"),
+        other => panic!("expected the day spent, got {other:?}"),
+    }
     assert_eq!(admission.snapshot().daily_remaining, 0);
+    // Five minutes on, one call probes; the others wait for its answer.
+    wall.fetch_add(300_000, Ordering::SeqCst);
+    let probe = admit(&admission, 1, Duration::from_secs(1)).await.unwrap();
+    assert!(admit(&admission, 0, Duration::from_secs(1)).await.is_err());
+    // It went through: the day is not spent after all.
+    assert!(admission.quota_confirmed());
+    drop(probe);
+    assert!(admit(&admission, 0, Duration::from_secs(1)).await.is_ok());
+    assert_eq!(admission.snapshot().daily_remaining, 50000 - 3);
+    assert!(!admission.quota_confirmed(), "nothing left to confirm");
 }
 
 #[tokio::test(start_paused = true)]

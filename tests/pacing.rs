@@ -277,8 +277,15 @@ async fn transient_errors_are_replayed_only_for_reads() {
 }
 
 #[tokio::test]
-async fn marketo_607_spends_the_day_for_every_service() {
-    let stack = support::Stack::start(support::sim_config()).await;
+async fn marketo_607_holds_for_every_service_until_a_probe_goes_through() {
+    let sim = Simulator::spawn(support::sim_config()).await.unwrap();
+    let mut config = support::proxy_config(&sim.url(), "");
+    config.limits.quota_probe_interval = Duration::from_secs(1);
+    let stack = support::Stack {
+        proxy: app::spawn(config).await.unwrap(),
+        sim,
+        http: support::client(),
+    };
     stack.sim.inject(support::fail_next(1, "607"));
     let body: Value = stack
         .get(support::CRM_KEY, "/rest/v1/lead/1.json")
@@ -296,6 +303,31 @@ async fn marketo_607_spends_the_day_for_every_service() {
         1,
         "the second call never reached Marketo"
     );
+    // A second later one call probes; Marketo's day was not spent after
+    // all, and every service calls again.
+    let body: Value = support::eventually(Duration::from_secs(5), async || {
+        let body: Value = stack
+            .get(support::WAREHOUSE_KEY, "/rest/v1/lead/1.json")
+            .await
+            .json()
+            .await
+            .unwrap();
+        if body["success"] == true {
+            Ok(body)
+        } else {
+            Err(body)
+        }
+    })
+    .await;
+    assert_eq!(body["success"], true);
+    let body: Value = stack
+        .get(support::CRM_KEY, "/rest/v1/lead/1.json")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body["success"], true, "{body}");
+    assert_eq!(stack.sim.stats().calls, 3, "the probe and the call after it");
 }
 
 #[tokio::test]

@@ -314,3 +314,52 @@ state:
     let usage = support::usage(&proxy.admin_url()).await;
     assert_eq!(usage["remaining"], 2, "{usage}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn marketo_607_on_one_replica_holds_every_replica_until_a_probe() {
+    let redis = RedisServer::start();
+    let sim = Simulator::spawn(support::sim_config()).await.unwrap();
+    let (first, second) = two_replicas(&sim.url(), &redis, "  quota_probe_interval: 2s", "probe").await;
+    support::wait_ready(&first).await;
+    support::wait_ready(&second).await;
+    sim.inject(support::fail_next(1, "607"));
+    let answers = fire(&[&first], 1).await;
+    assert_eq!(answers[0].2, "607");
+    // The other replica learns it through Redis: refused without a call.
+    let answers = fire(&[&second], 1).await;
+    assert_eq!(answers[0].2, "607", "{answers:?}");
+    assert_eq!(sim.stats().calls, 1);
+    // After the probe time a call goes through, and then every replica.
+    support::eventually(Duration::from_secs(5), async || {
+        let answers = fire(&[&second], 1).await;
+        if answers[0].1 { Ok(()) } else { Err(answers) }
+    })
+    .await;
+    // Its probe cleared the day for every replica: well before another
+    // probe interval, calls flow again.
+    support::eventually(Duration::from_secs(1), async || {
+        let answers = fire(&[&second], 4).await;
+        if answers.iter().all(|(_, success, _)| *success) {
+            Ok(())
+        } else {
+            Err(answers)
+        }
+    })
+    .await;
+    // The replica that met the 607 probes once more on its own.
+    support::eventually(Duration::from_secs(5), async || {
+        let answers = fire(&[&first, &second], 4).await;
+        if answers.iter().all(|(_, success, _)| *success) {
+            Ok(())
+        } else {
+            Err(answers)
+        }
+    })
+    .await;
+    let stats = sim.stats();
+    assert_eq!(
+        stats.code("607"),
+        1,
+        "Marketo was asked nothing while the day was held"
+    );
+}

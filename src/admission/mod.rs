@@ -106,6 +106,9 @@ pub struct Admission {
     names: Vec<String>,
     wall: WallClock,
     max_queue_length: usize,
+    /// Marketo said 607 and no call has gone through since.
+    marked_spent: std::sync::atomic::AtomicBool,
+    spent_reported: Notify,
 }
 
 struct State {
@@ -243,7 +246,13 @@ impl Admission {
             full_concurrency: limits.concurrency.get(),
             concurrency: limits.concurrency.get(),
             in_flight: 0,
-            quota: DailyQuota::new(limits.timezone, limits.daily_quota.get(), quota_services, now),
+            quota: DailyQuota::new(
+                limits.timezone,
+                limits.daily_quota.get(),
+                quota_services,
+                limits.quota_probe_interval,
+                now,
+            ),
             lanes,
             queued: 0,
             paused_until: None,
@@ -266,6 +275,8 @@ impl Admission {
             names: config.counted_names(),
             wall,
             max_queue_length: limits.max_queue_length.get(),
+            marked_spent: std::sync::atomic::AtomicBool::new(false),
+            spent_reported: Notify::new(),
         });
         admission.publish(&mut admission.lock());
         admission
@@ -291,8 +302,8 @@ impl Admission {
             if service >= state.lanes.len() || state.closed {
                 return Err(AdmissionError::Closed);
             }
-            if let Err(scope) = state.quota.check(service) {
-                let retry_after = (state.quota.next_reset(wall) - wall).to_std().unwrap_or_default();
+            if let Err(scope) = state.quota.check(service, wall) {
+                let retry_after = state.quota.retry_after(scope, wall);
                 return Err(AdmissionError::Quota { scope, retry_after });
             }
             let (start, scope) = state.estimate_start(service, now, front);
@@ -383,11 +394,45 @@ impl Admission {
         self.pump(&mut state);
     }
 
-    /// Marketo said 607: nothing more today.
+    /// Marketo said 607: nothing more until the probe time (see
+    /// [`quota`]), and whoever reconciles with Marketo's usage report is
+    /// told to read it again.
     pub fn quota_spent(self: &Arc<Self>) {
         let mut state = self.lock();
-        state.quota.mark_spent();
+        state.quota.mark_spent((self.wall)());
+        self.marked_spent
+            .store(true, std::sync::atomic::Ordering::Release);
         self.pump(&mut state);
+        drop(state);
+        self.spent_reported.notify_waiters();
+    }
+
+    /// A call was answered without 607: if the day was marked spent, it is
+    /// not after all. Says whether it was. Cheap when it was not.
+    pub fn quota_confirmed(self: &Arc<Self>) -> bool {
+        if !self.marked_spent.load(std::sync::atomic::Ordering::Acquire) {
+            return false;
+        }
+        let mut state = self.lock();
+        self.marked_spent
+            .store(false, std::sync::atomic::Ordering::Release);
+        let was_spent = state.quota.confirm_available();
+        if was_spent {
+            tracing::info!("a call went through after Marketo's 607: the day is not spent");
+            self.pump(&mut state);
+        }
+        was_spent
+    }
+
+    /// How long a call refused for `scope` of the daily quota should wait.
+    pub fn quota_retry_after(&self, scope: QuotaScope) -> Duration {
+        let state = self.lock();
+        state.quota.retry_after(scope, (self.wall)())
+    }
+
+    /// Wakes when Marketo reports the day spent.
+    pub fn spent_reported(&self) -> &Notify {
+        &self.spent_reported
     }
 
     /// Marketo's own count of today's calls (its usage report).
@@ -500,7 +545,8 @@ impl Admission {
     /// every change.
     fn pump(self: &Arc<Self>, state: &mut State) {
         let now = Instant::now();
-        state.quota.roll((self.wall)());
+        let wall = (self.wall)();
+        state.quota.roll(wall);
         self.expire_deadlines(state, now);
         if state.paused_until.is_some_and(|until| until <= now) {
             state.paused_until = None;
@@ -531,15 +577,14 @@ impl Admission {
                 }));
                 continue;
             }
-            if let Err(scope) = state.quota.check(service) {
-                let wall = (self.wall)();
-                let retry_after = (state.quota.next_reset(wall) - wall).to_std().unwrap_or_default();
+            if let Err(scope) = state.quota.check(service, wall) {
+                let retry_after = state.quota.retry_after(scope, wall);
                 let _ = waiter
                     .reply
                     .send(Err(AdmissionError::Quota { scope, retry_after }));
                 continue;
             }
-            state.dispatch(service, now);
+            state.dispatch(service, now, wall);
             self.metrics
                 .queue_wait
                 .with_label_values(&[self.name(service)])
@@ -708,7 +753,7 @@ impl State {
         best.map(|(index, _)| index)
     }
 
-    fn dispatch(&mut self, service: usize, now: Instant) {
+    fn dispatch(&mut self, service: usize, now: Instant, wall: DateTime<Utc>) {
         let second = now.saturating_duration_since(self.started).as_secs();
         match self.recent.back_mut() {
             Some((last, count)) if *last == second => *count += 1,
@@ -716,7 +761,7 @@ impl State {
         }
         self.window.acquire();
         self.in_flight += 1;
-        self.quota.consume(service);
+        self.quota.consume(service, wall);
         let lane = &mut self.lanes[service];
         if let Some(window) = lane.window.as_mut() {
             window.acquire();
@@ -910,6 +955,12 @@ impl Slot {
     /// A slot in this replica's limits only.
     pub fn local(permit: Permit) -> Self {
         Self { permit, lease: None }
+    }
+
+    /// Whether this call probes, for every replica, whether Marketo's day
+    /// is spent after its 607.
+    pub fn is_shared_probe(&self) -> bool {
+        self.lease.as_ref().is_some_and(shared::Lease::is_probe)
     }
 
     /// Marketo's answer arrived: the window slots start their countdown.

@@ -5,9 +5,22 @@
 //! as a local date in the configured zone; midnight is found with
 //! `chrono-tz`, so the 23- and 25-hour days of a daylight-saving change
 //! are counted as they fall. Wall-clock time is passed in.
+//!
+//! Marketo's own word that the day is spent (607) holds only until a probe
+//! time: its reset may come a little after ours (clock skew, or a
+//! "midnight" that does not follow daylight saving), so a 607 just after
+//! midnight must not refuse every service for the whole new day. When the
+//! probe time comes, one call goes through; until its answer is known the
+//! others still wait.
+
+use std::time::Duration;
 
 use chrono::{DateTime, Days, NaiveDate, TimeZone, Utc};
 use chrono_tz::Tz;
+
+/// Retry-After for a refusal until the reset is spread over this long
+/// after it, so that every client does not come back at the same instant.
+pub const RESET_JITTER: Duration = Duration::from_secs(5 * 60);
 
 /// Which daily limit a call ran into.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,15 +50,25 @@ pub struct DailyQuota {
     used: Vec<u64>,
     /// Calls Marketo counted today that did not go through this proxy.
     foreign: u64,
-    /// Marketo answered 607: nothing more today, whatever the counts say.
-    spent: bool,
+    /// Marketo answered 607: no call before this instant, whatever the
+    /// counts say; then one probe, which moves it on again until its
+    /// answer clears it.
+    spent_until: Option<DateTime<Utc>>,
+    /// How long a 607 holds before a probe.
+    probe_after: Duration,
     /// The quota is shared by this many replicas that cannot see each
     /// other's counts (shared state unreachable): each takes its part.
     share: u64,
 }
 
 impl DailyQuota {
-    pub fn new(tz: Tz, limit: u64, services: Vec<ServiceQuota>, now: DateTime<Utc>) -> Self {
+    pub fn new(
+        tz: Tz,
+        limit: u64,
+        services: Vec<ServiceQuota>,
+        probe_after: Duration,
+        now: DateTime<Utc>,
+    ) -> Self {
         let used = vec![0; services.len()];
         Self {
             tz,
@@ -54,7 +77,8 @@ impl DailyQuota {
             day: local_day(tz, now),
             used,
             foreign: 0,
-            spent: false,
+            spent_until: None,
+            probe_after,
             share: 1,
         }
     }
@@ -72,7 +96,7 @@ impl DailyQuota {
             self.day = today;
             self.used.iter_mut().for_each(|used| *used = 0);
             self.foreign = 0;
-            self.spent = false;
+            self.spent_until = None;
         }
     }
 
@@ -93,17 +117,23 @@ impl DailyQuota {
         self.used.get(service).copied().unwrap_or(0)
     }
 
+    /// Calls left today; none while Marketo's 607 holds.
     pub fn remaining(&self) -> u64 {
-        if self.spent {
+        if self.spent_until.is_some() {
             0
         } else {
-            (self.limit / self.share).saturating_sub(self.used_total())
+            self.counted_remaining()
         }
     }
 
-    /// Whether `service` may make one more call today.
-    pub fn check(&self, service: usize) -> Result<(), QuotaScope> {
-        if self.remaining() == 0 {
+    /// Calls left today by the counts alone.
+    fn counted_remaining(&self) -> u64 {
+        (self.limit / self.share).saturating_sub(self.used_total())
+    }
+
+    /// Whether `service` may make one more call today, at `now`.
+    pub fn check(&self, service: usize, now: DateTime<Utc>) -> Result<(), QuotaScope> {
+        if self.spent_until.is_some_and(|until| now < until) || self.counted_remaining() == 0 {
             return Err(QuotaScope::Instance);
         }
         let own = self.services.get(service).copied().unwrap_or_default();
@@ -118,16 +148,34 @@ impl DailyQuota {
             .filter(|(other, _)| *other != service)
             .map(|(other, quota)| quota.reserved.saturating_sub(self.used_by(other)))
             .sum();
-        if self.remaining() <= held_for_others {
+        if self.counted_remaining() <= held_for_others {
             return Err(QuotaScope::Reserved);
         }
         Ok(())
     }
 
-    /// Counts one call sent by `service`.
-    pub fn consume(&mut self, service: usize) {
+    /// How long a call refused for `scope` at `now` should wait: until the
+    /// probe time after a 607, else until the reset, spread over
+    /// [`RESET_JITTER`] after it.
+    pub fn retry_after(&self, scope: QuotaScope, now: DateTime<Utc>) -> Duration {
+        if let (QuotaScope::Instance, Some(until)) = (scope, self.spent_until) {
+            if now < until {
+                return (until - now).to_std().unwrap_or_default();
+            }
+        }
+        let until_reset = (self.next_reset(now) - now).to_std().unwrap_or_default();
+        let jitter = RESET_JITTER.mul_f64(rand::random::<f64>());
+        until_reset + jitter
+    }
+
+    /// Counts one call sent by `service` at `now`. After a 607 this call is
+    /// the probe: the others wait for its answer.
+    pub fn consume(&mut self, service: usize, now: DateTime<Utc>) {
         if let Some(used) = self.used.get_mut(service) {
             *used += 1;
+        }
+        if self.spent_until.is_some() {
+            self.spent_until = Some(now + self.probe_after);
         }
     }
 
@@ -143,9 +191,15 @@ impl DailyQuota {
         self.services.get(service).copied().unwrap_or_default()
     }
 
-    /// Marketo answered 607: the day is spent until the reset.
-    pub fn mark_spent(&mut self) {
-        self.spent = true;
+    /// Marketo answered 607 at `now`: nothing more until the probe time.
+    pub fn mark_spent(&mut self, now: DateTime<Utc>) {
+        self.spent_until = Some(now + self.probe_after);
+    }
+
+    /// A call went through after a 607: Marketo's day is not spent after
+    /// all. Says whether it was marked spent.
+    pub fn confirm_available(&mut self) -> bool {
+        self.spent_until.take().is_some()
     }
 
     /// Sets today's count of calls Marketo saw from outside this proxy,
@@ -203,6 +257,13 @@ mod tests {
         text.parse().unwrap()
     }
 
+    /// Any instant, for checks that do not depend on Marketo's 607.
+    fn whenever() -> DateTime<Utc> {
+        at("2026-11-28T12:00:00Z")
+    }
+
+    const PROBE_AFTER: Duration = Duration::from_secs(300);
+
     fn quota(limit: u64, services: &[(u64, u64)], now: DateTime<Utc>) -> DailyQuota {
         let services = services
             .iter()
@@ -211,24 +272,24 @@ mod tests {
                 reserved: *reserved,
             })
             .collect();
-        DailyQuota::new(chrono_tz::America::Chicago, limit, services, now)
+        DailyQuota::new(chrono_tz::America::Chicago, limit, services, PROBE_AFTER, now)
     }
 
     #[test]
     fn resets_at_midnight_central_time() {
         // 2026-11-28 is CST (UTC-6): local midnight is 06:00 UTC.
         let mut quota = quota(2, &[(2, 0)], at("2026-11-28T05:00:00Z"));
-        quota.consume(0);
-        quota.consume(0);
-        assert_eq!(quota.check(0), Err(QuotaScope::Instance));
+        quota.consume(0, whenever());
+        quota.consume(0, whenever());
+        assert_eq!(quota.check(0, whenever()), Err(QuotaScope::Instance));
         assert_eq!(
             quota.next_reset(at("2026-11-28T05:00:00Z")),
             at("2026-11-28T06:00:00Z")
         );
         quota.roll(at("2026-11-28T05:59:59Z"));
-        assert_eq!(quota.check(0), Err(QuotaScope::Instance));
+        assert_eq!(quota.check(0, whenever()), Err(QuotaScope::Instance));
         quota.roll(at("2026-11-28T06:00:00Z"));
-        assert_eq!(quota.check(0), Ok(()));
+        assert_eq!(quota.check(0, whenever()), Ok(()));
         assert_eq!(quota.used_total(), 0);
     }
 
@@ -247,15 +308,19 @@ mod tests {
             at("2026-11-02T06:00:00Z")
         );
         let mut quota = quota(1, &[(1, 0)], at("2026-03-08T06:00:00Z"));
-        quota.consume(0);
+        quota.consume(0, whenever());
         quota.roll(at("2026-03-09T04:59:59Z"));
         assert_eq!(
-            quota.check(0),
+            quota.check(0, whenever()),
             Err(QuotaScope::Instance),
             "still the 8th, local time"
         );
         quota.roll(at("2026-03-09T05:00:00Z"));
-        assert_eq!(quota.check(0), Ok(()), "the 9th begins at 05:00 UTC in CDT");
+        assert_eq!(
+            quota.check(0, whenever()),
+            Ok(()),
+            "the 9th begins at 05:00 UTC in CDT"
+        );
     }
 
     #[test]
@@ -273,19 +338,19 @@ mod tests {
         // Instance 100 a day; service 1 keeps 20 for itself.
         let mut quota = quota(100, &[(100, 0), (100, 20)], now);
         let mut service_0 = 0;
-        while quota.check(0).is_ok() {
-            quota.consume(0);
+        while quota.check(0, whenever()).is_ok() {
+            quota.consume(0, whenever());
             service_0 += 1;
         }
         assert_eq!(service_0, 80);
-        assert_eq!(quota.check(0), Err(QuotaScope::Reserved));
+        assert_eq!(quota.check(0, whenever()), Err(QuotaScope::Reserved));
         let mut service_1 = 0;
-        while quota.check(1).is_ok() {
-            quota.consume(1);
+        while quota.check(1, whenever()).is_ok() {
+            quota.consume(1, whenever());
             service_1 += 1;
         }
         assert_eq!(service_1, 20);
-        assert_eq!(quota.check(1), Err(QuotaScope::Instance));
+        assert_eq!(quota.check(1, whenever()), Err(QuotaScope::Instance));
     }
 
     #[test]
@@ -293,11 +358,11 @@ mod tests {
         let now = at("2026-11-28T12:00:00Z");
         let mut quota = quota(10, &[(10, 0), (10, 4)], now);
         for _ in 0..4 {
-            quota.consume(1);
+            quota.consume(1, whenever());
         }
         let mut service_0 = 0;
-        while quota.check(0).is_ok() {
-            quota.consume(0);
+        while quota.check(0, whenever()).is_ok() {
+            quota.consume(0, whenever());
             service_0 += 1;
         }
         assert_eq!(service_0, 6);
@@ -307,23 +372,84 @@ mod tests {
     fn service_cap_applies_before_the_instance_quota() {
         let mut quota = quota(100, &[(3, 0)], at("2026-11-28T12:00:00Z"));
         for _ in 0..3 {
-            quota.consume(0);
+            quota.consume(0, whenever());
         }
-        assert_eq!(quota.check(0), Err(QuotaScope::ServiceCap));
+        assert_eq!(quota.check(0, whenever()), Err(QuotaScope::ServiceCap));
     }
 
     #[test]
-    fn marketo_607_spends_the_day_and_reconciliation_shrinks_it() {
+    fn reconciliation_shrinks_the_day() {
         let now = at("2026-11-28T12:00:00Z");
         let mut quota = quota(100, &[(100, 0)], now);
-        quota.consume(0);
+        quota.consume(0, now);
         quota.reconcile(91);
         assert_eq!(quota.foreign(), 90);
         assert_eq!(quota.remaining(), 9);
-        quota.mark_spent();
+    }
+
+    #[test]
+    fn a_607_holds_until_the_probe_time_then_one_call_probes() {
+        let now = at("2026-11-28T12:00:00Z");
+        let seconds = |n: i64| now + chrono::Duration::seconds(n);
+        let mut quota = quota(100, &[(100, 0)], now);
+        quota.mark_spent(now);
         assert_eq!(quota.remaining(), 0);
-        assert_eq!(quota.check(0), Err(QuotaScope::Instance));
-        quota.roll(at("2026-11-29T06:00:00Z"));
-        assert_eq!(quota.remaining(), 100);
+        assert_eq!(quota.check(0, seconds(299)), Err(QuotaScope::Instance));
+        let wait = quota.retry_after(QuotaScope::Instance, seconds(200));
+        assert_eq!(
+            wait,
+            Duration::from_secs(100),
+            "told to come back at the probe time"
+        );
+        // The probe time: one call goes, the others wait for its answer.
+        assert_eq!(quota.check(0, seconds(300)), Ok(()));
+        quota.consume(0, seconds(300));
+        assert_eq!(quota.check(0, seconds(301)), Err(QuotaScope::Instance));
+        // Marketo answers it: the day was not spent after all.
+        assert!(quota.confirm_available());
+        assert_eq!(quota.check(0, seconds(302)), Ok(()));
+        assert_eq!(quota.remaining(), 99);
+        assert!(!quota.confirm_available(), "nothing to confirm any more");
+    }
+
+    #[test]
+    fn a_607_again_on_the_probe_holds_for_another_interval() {
+        let now = at("2026-11-28T12:00:00Z");
+        let seconds = |n: i64| now + chrono::Duration::seconds(n);
+        let mut quota = quota(100, &[(100, 0)], now);
+        quota.mark_spent(now);
+        quota.consume(0, seconds(300));
+        quota.mark_spent(seconds(301));
+        assert_eq!(quota.check(0, seconds(600)), Err(QuotaScope::Instance));
+        assert_eq!(quota.check(0, seconds(601)), Ok(()));
+    }
+
+    #[test]
+    fn a_607_just_after_midnight_does_not_spend_the_new_day() {
+        // Marketo resets a little after us: its 607 at 00:00:30 local time.
+        let after_reset = at("2026-11-28T06:00:30Z");
+        let mut quota = quota(100, &[(100, 0)], at("2026-11-28T05:00:00Z"));
+        quota.roll(after_reset);
+        quota.mark_spent(after_reset);
+        let later = after_reset + chrono::Duration::seconds(301);
+        assert_eq!(quota.check(0, later), Ok(()), "a probe five minutes later");
+    }
+
+    #[test]
+    fn a_refusal_until_the_reset_is_spread_over_minutes_after_it() {
+        let now = at("2026-11-28T05:00:00Z");
+        let mut quota = quota(1, &[(1, 0)], now);
+        quota.consume(0, now);
+        let waits: Vec<Duration> = (0..50)
+            .map(|_| quota.retry_after(QuotaScope::Instance, now))
+            .collect();
+        let hour = Duration::from_secs(3600);
+        assert!(
+            waits
+                .iter()
+                .all(|wait| *wait >= hour && *wait <= hour + RESET_JITTER)
+        );
+        let distinct: std::collections::BTreeSet<_> = waits.iter().map(Duration::as_secs).collect();
+        assert!(distinct.len() > 10, "not spread: {distinct:?}");
     }
 }

@@ -62,7 +62,8 @@ local service_window = tonumber(ARGV[6])
 if service_window > 0 and redis.call('ZCARD', KEYS[3]) >= service_window then
   return {0, 'service_window', wait(KEYS[3])}
 end
-if redis.call('HGET', KEYS[5], 'spent') then return {0, 'quota', 0} end
+local spent = tonumber(redis.call('HGET', KEYS[5], 'spent') or '0')
+if spent > 0 and now < spent then return {0, 'spent', spent - now} end
 local total = tonumber(redis.call('HGET', KEYS[5], 'total') or '0')
 local foreign = tonumber(redis.call('HGET', KEYS[5], 'foreign') or '0')
 local remaining = tonumber(ARGV[8]) - total - foreign
@@ -71,11 +72,13 @@ if tonumber(redis.call('HGET', KEYS[5], ARGV[9]) or '0') >= tonumber(ARGV[10]) t
   return {0, 'service_cap', 0}
 end
 local held = 0
-for i = 12, #ARGV, 2 do
+for i = 13, #ARGV, 2 do
   local used = tonumber(redis.call('HGET', KEYS[5], ARGV[i]) or '0')
   held = held + math.max(0, tonumber(ARGV[i + 1]) - used)
 end
 if remaining <= held then return {0, 'reserved', 0} end
+-- After Marketo's 607 this call is the probe: the others wait for it.
+if spent > 0 then redis.call('HSET', KEYS[5], 'spent', now + tonumber(ARGV[12])) end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), id)
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[5]), id)
 if service_window > 0 then redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), id) end
@@ -84,6 +87,7 @@ redis.call('HINCRBY', KEYS[5], 'total', 1)
 redis.call('HINCRBY', KEYS[5], ARGV[9], 1)
 redis.call('EXPIRE', KEYS[5], tonumber(ARGV[11]))
 for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], tonumber(ARGV[3]) + 60000) end
+if spent > 0 then return {1, 'probe', 0} end
 return {1, 'ok', 0}
 ";
 
@@ -130,6 +134,16 @@ redis.call('PEXPIRE', KEYS[2], lease + 60000)
 return 1
 ";
 
+/// Marketo said 607: no replica calls before the probe time (Redis time
+/// plus ARGV[1] ms). ARGV[2]: the day hash's lifetime.
+const MARK_SPENT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HSET', KEYS[1], 'spent', now + tonumber(ARGV[1]))
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
+return 1
+";
+
 /// Takes Marketo's count of today's calls: what it counted beyond all
 /// replicas' calls came from outside.
 const RECONCILE: &str = r"
@@ -158,8 +172,9 @@ pub enum Grant {
     Granted(Lease),
     /// A limit shared with other replicas is in the way for about this long.
     Wait(Duration),
-    /// The day's quota (or this service's part) is spent.
-    Refused(QuotaScope),
+    /// The day's quota (or this service's part) is spent; after Marketo's
+    /// 607, for about this long.
+    Refused(QuotaScope, Option<Duration>),
     /// Redis was lost just now and this replica dropped to its share of
     /// the limits: the call must be admitted again under the share.
     Readmit,
@@ -212,6 +227,9 @@ pub struct SharedLimits {
     rescore: redis::Script,
     catch_up: redis::Script,
     reconcile: redis::Script,
+    mark_spent: redis::Script,
+    /// How long a 607 holds before a probe.
+    probe_after: Duration,
     metrics: Metrics,
 }
 
@@ -266,6 +284,8 @@ impl SharedLimits {
             rescore: redis::Script::new(RESCORE),
             catch_up: redis::Script::new(CATCH_UP),
             reconcile: redis::Script::new(RECONCILE),
+            mark_spent: redis::Script::new(MARK_SPENT),
+            probe_after: limits.quota_probe_interval,
             metrics,
         });
         shared.metrics.backend_up.set(0);
@@ -335,7 +355,7 @@ impl SharedLimits {
             return self.local_lease(service);
         }
         let Some(limits) = self.services.get(service) else {
-            return Grant::Refused(QuotaScope::Instance);
+            return Grant::Refused(QuotaScope::Instance, None);
         };
         let id = call_id();
         let mut invocation = self.acquire.prepare_invoke();
@@ -355,26 +375,29 @@ impl SharedLimits {
             .arg(self.daily_quota)
             .arg(&limits.field)
             .arg(limits.cap)
-            .arg(DAY_TTL.as_secs());
+            .arg(DAY_TTL.as_secs())
+            .arg(millis(self.probe_after));
         for (other, other_limits) in self.services.iter().enumerate() {
             if other != service && other_limits.reserved > 0 {
                 invocation.arg(&other_limits.field).arg(other_limits.reserved);
             }
         }
         match self.call::<(u8, String, u64)>(&invocation).await {
-            Ok((1, _, _)) => {
+            Ok((1, kind, _)) => {
                 self.leases_mut().synced.insert((service, id.clone()), true);
                 Grant::Granted(Lease {
                     shared: Arc::clone(self),
                     service,
                     id,
                     stamped: false,
+                    probe: kind == "probe",
                 })
             }
             Ok((_, limit, wait_ms)) => match limit.as_str() {
-                "quota" => Grant::Refused(QuotaScope::Instance),
-                "service_cap" => Grant::Refused(QuotaScope::ServiceCap),
-                "reserved" => Grant::Refused(QuotaScope::Reserved),
+                "quota" => Grant::Refused(QuotaScope::Instance, None),
+                "spent" => Grant::Refused(QuotaScope::Instance, Some(Duration::from_millis(wait_ms))),
+                "service_cap" => Grant::Refused(QuotaScope::ServiceCap, None),
+                "reserved" => Grant::Refused(QuotaScope::Reserved, None),
                 _ => Grant::Wait(Duration::from_millis(wait_ms).min(MAX_ASK_INTERVAL)),
             },
             Err(_) => {
@@ -400,6 +423,7 @@ impl SharedLimits {
             service,
             id,
             stamped: false,
+            probe: false,
         })
     }
 
@@ -432,18 +456,26 @@ impl SharedLimits {
         }
     }
 
-    /// Marketo said 607: the day is spent for every replica.
+    /// Marketo said 607: no replica calls before the probe time.
     pub async fn mark_spent(&self, day: NaiveDate) {
-        let mut connection = match self.connection().await {
-            Ok(connection) => connection,
-            Err(_) => return,
+        let mut invocation = self.mark_spent.prepare_invoke();
+        invocation
+            .key(self.day_key(day))
+            .arg(millis(self.probe_after))
+            .arg(DAY_TTL.as_secs());
+        let _ = self.call::<u8>(&invocation).await;
+    }
+
+    /// A call went through after Marketo's 607: the day is not spent.
+    pub async fn confirm_available(&self, day: NaiveDate) {
+        let Ok(mut connection) = self.connection().await else {
+            return;
         };
-        let day_key = self.day_key(day);
         let _ = tokio::time::timeout(
             REDIS_TIMEOUT,
-            redis::pipe()
-                .hset(&day_key, "spent", 1)
-                .expire(&day_key, DAY_TTL.as_secs() as i64)
+            redis::cmd("HDEL")
+                .arg(self.day_key(day))
+                .arg("spent")
                 .query_async::<()>(&mut connection),
         )
         .await;
@@ -637,9 +669,17 @@ pub struct Lease {
     service: usize,
     id: String,
     stamped: bool,
+    /// The call that probes, for every replica, whether Marketo's day is
+    /// spent after its 607.
+    probe: bool,
 }
 
 impl Lease {
+    /// Whether this call probes Marketo's day for every replica.
+    pub fn is_probe(&self) -> bool {
+        self.probe
+    }
+
     /// Marketo answered: the shared window slot starts its countdown.
     pub async fn answered(&mut self) {
         if !self.stamped {

@@ -212,6 +212,11 @@ pub struct LimitsConfig {
     pub max_queue_wait: Duration,
     /// Most requests waiting for admission at once, over all services.
     pub max_queue_length: NonZeroUsize,
+    /// After Marketo says the day's quota is spent (607), how long before
+    /// one call probes whether it really is (its reset may come a little
+    /// after ours).
+    #[serde(with = "humantime_serde")]
+    pub quota_probe_interval: Duration,
 }
 
 // The `const` blocks below are evaluated when the crate compiles, so the
@@ -227,6 +232,7 @@ impl Default for LimitsConfig {
             timezone: chrono_tz::America::Chicago,
             max_queue_wait: Duration::from_secs(30),
             max_queue_length: const { NonZeroUsize::new(10_000).expect("not zero") },
+            quota_probe_interval: Duration::from_secs(5 * 60),
         }
     }
 }

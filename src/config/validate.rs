@@ -73,6 +73,7 @@ fn check_marketo(marketo: &MarketoConfig) -> Check {
 }
 
 fn check_limits(limits: &LimitsConfig) -> Check {
+    check_positive("limits.quota_probe_interval", limits.quota_probe_interval)?;
     check_positive("limits.window", limits.window)
 }
 

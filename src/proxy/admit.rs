@@ -152,10 +152,8 @@ impl Gate {
             match limits.acquire(service, admission.day(), admission).await {
                 Grant::Granted(lease) => return Ok(SharedGrant::Go(Some(lease))),
                 Grant::Readmit => return Ok(SharedGrant::Readmit),
-                Grant::Refused(scope) => {
-                    let retry_after = (admission.next_reset() - chrono::Utc::now())
-                        .to_std()
-                        .unwrap_or_default();
+                Grant::Refused(scope, wait) => {
+                    let retry_after = wait.unwrap_or_else(|| admission.quota_retry_after(scope));
                     return Err(AdmissionError::Quota { scope, retry_after }.into());
                 }
                 Grant::Wait(wait) => {

@@ -11,7 +11,7 @@
 //! | 601/602, token not yet replaced | the token was dropped below; call again with the next one |
 //! | 606 | calls we cannot see used the window: pause admission 2 s, call again |
 //! | 615 | calls we cannot see are in flight: pause admission 250 ms, call again |
-//! | 607 | the day is spent: pass it on, answer later calls locally |
+//! | 607 | the day is spent: pass it on, answer later calls locally until the probe time |
 //! | 604/608/611/713, HTTP 502/503, no answer | reads only: back off, call again |
 //! | anything else, or the last attempt | pass it on |
 
@@ -28,8 +28,8 @@ use tower::{Layer, Service, ServiceExt};
 use super::admit::Admitted;
 use super::call::Call;
 use super::rewrite::{self, BodyKind};
-use crate::admission::Admission;
 use crate::admission::shared::SharedLimits;
+use crate::admission::{Admission, Slot};
 use crate::error::ProxyError;
 use crate::marketo::{self, code};
 
@@ -262,6 +262,12 @@ where
             Err(_) => return result,
         };
         let next = classify(reply, attempt);
+        if next != Next::DaySpent {
+            if let Ok(admitted) = &result {
+                let probe = admitted.slot.as_ref().is_some_and(Slot::is_shared_probe);
+                policy.confirm_available(probe);
+            }
+        }
         let reason = reply.label().to_owned();
         match next {
             Next::Pass => return result,
@@ -304,6 +310,17 @@ impl ReplayLayer {
         if let Some(limits) = self.limits.clone() {
             let day = admission.day();
             tokio::spawn(async move { limits.mark_spent(day).await });
+        }
+    }
+
+    /// A call was answered without 607: a day marked spent (here, or for
+    /// every replica when the call was their probe) is not.
+    fn confirm_available(&self, shared_probe: bool) {
+        if self.admission.quota_confirmed() || shared_probe {
+            if let Some(limits) = self.limits.clone() {
+                let day = self.admission.day();
+                tokio::spawn(async move { limits.confirm_available(day).await });
+            }
         }
     }
 
