@@ -19,6 +19,7 @@ pub mod response;
 pub mod secret;
 pub mod server;
 pub mod sim;
+pub mod spool;
 pub mod target;
 pub mod token;
 pub mod upstream;
