@@ -9,9 +9,8 @@
 //! open connections (past it, new ones wait in the kernel's accept queue),
 //! and a connection is closed when it has sent no complete request within
 //! the header-read timeout of being accepted (whatever protocol it has yet
-//! to announce), or when it has had no request in flight and moved no byte
-//! for the idle timeout. HTTP/2 connections have a stream limit and
-//! keep-alive pings.
+//! to announce), or when it has had no request in flight for the idle
+//! timeout. HTTP/2 connections have a stream limit and keep-alive pings.
 
 use std::error::Error as StdError;
 use std::future::Future;
@@ -70,10 +69,10 @@ impl Peer {
 pub struct ConnectionLimits {
     /// Open connections at once.
     pub max_connections: usize,
-    /// No request in flight and no byte moving for this long: closed.
+    /// No request in flight for this long: closed. On HTTP/1.1 the next
+    /// request's headers must also be complete within it.
     pub idle_timeout: Duration,
-    /// From accept to the first request's complete headers (and, on
-    /// HTTP/1.1, from the end of an answer to the next request's).
+    /// From accept to the first request's complete headers.
     pub header_read_timeout: Duration,
     /// Requests in flight on one HTTP/2 connection.
     pub http2_max_concurrent_streams: u32,
@@ -124,7 +123,9 @@ pub async fn serve<S, B>(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        // Hyper's timer also runs while a keep-alive connection waits for
+        // its next request: that wait is the idle timeout's to bound.
+        .header_read_timeout(limits.header_read_timeout.max(limits.idle_timeout))
         .max_buf_size(MAX_HEAD_BYTES);
     builder
         .http2()

@@ -125,12 +125,13 @@ pub struct ServerConfig {
     /// Open connections on `admin_listen`, kept apart so probes and
     /// scrapes always get through.
     pub admin_max_connections: NonZeroUsize,
-    /// A connection with no request in flight and no byte moving for this
-    /// long is closed (HTTP/1.1 keep-alive and HTTP/2 alike).
+    /// A connection with no request in flight for this long is closed
+    /// (HTTP/1.1 keep-alive and HTTP/2 alike); on HTTP/1.1 the next
+    /// request's headers must be complete within it.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
-    /// From accept (and on HTTP/1.1 from the end of the last answer) to a
-    /// request's complete headers.
+    /// From accept to the first request's complete headers, whatever the
+    /// client sends meanwhile.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
     /// Requests in flight on one HTTP/2 connection.
@@ -147,7 +148,7 @@ impl Default for ServerConfig {
             max_connections: const { NonZeroUsize::new(10_000).expect("not zero") },
             admin_max_connections: const { NonZeroUsize::new(64).expect("not zero") },
             idle_timeout: Duration::from_secs(60),
-            header_read_timeout: Duration::from_secs(30),
+            header_read_timeout: Duration::from_secs(10),
             http2_max_concurrent_streams: 256,
             max_buffered_body_bytes: const { NonZeroUsize::new(256 * 1024 * 1024).expect("not zero") },
         }
