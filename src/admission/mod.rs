@@ -133,7 +133,9 @@ struct State {
     /// When the timer task should next pump the queue.
     wake_at: Option<Instant>,
     /// Calls sent per second over the last [`RATE_HORIZON`] (second since
-    /// `started`, count), for the quota forecast.
+    /// `started`, count), for the quota forecast. Pruned whenever a new
+    /// second starts, so it stays bounded whether or not anyone reads the
+    /// forecast.
     recent: VecDeque<(u64, u32)>,
     started: Instant,
 }
@@ -653,13 +655,7 @@ impl Admission {
     /// [`RATE_HORIZON`]; `None` when it will not before the reset.
     fn exhaustion_eta(&self, state: &mut State, now: Instant) -> Option<Duration> {
         let second = now.saturating_duration_since(state.started).as_secs();
-        while state
-            .recent
-            .front()
-            .is_some_and(|(sent, _)| second.saturating_sub(*sent) > RATE_HORIZON.as_secs())
-        {
-            state.recent.pop_front();
-        }
+        state.prune_rate_history(second);
         let remaining = state.quota.remaining();
         if remaining == 0 {
             return Some(Duration::ZERO);
@@ -757,7 +753,10 @@ impl State {
         let second = now.saturating_duration_since(self.started).as_secs();
         match self.recent.back_mut() {
             Some((last, count)) if *last == second => *count += 1,
-            _ => self.recent.push_back((second, 1)),
+            _ => {
+                self.prune_rate_history(second);
+                self.recent.push_back((second, 1));
+            }
         }
         self.window.acquire();
         self.in_flight += 1;
@@ -770,6 +769,18 @@ impl State {
         let start = lane.finish.max(self.virtual_time);
         lane.finish = start + 1.0 / lane.weight;
         self.virtual_time = start;
+    }
+
+    /// Drops the per-second counts more than [`RATE_HORIZON`] older than
+    /// `second`: the forecast no longer looks at them.
+    fn prune_rate_history(&mut self, second: u64) {
+        while self
+            .recent
+            .front()
+            .is_some_and(|(sent, _)| second.saturating_sub(*sent) > RATE_HORIZON.as_secs())
+        {
+            self.recent.pop_front();
+        }
     }
 
     /// Undoes [`dispatch`] for a call that was never sent.
@@ -988,5 +999,53 @@ impl Slot {
                 drop(self);
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sends `per_second` calls each second for `seconds`, each answered
+    /// at once; returns the most seconds the rate history held meanwhile.
+    async fn send_every_second(admission: &Arc<Admission>, seconds: u64, per_second: u32) -> usize {
+        let mut longest = 0;
+        for _ in 0..seconds {
+            for _ in 0..per_second {
+                let deadline = Instant::now() + Duration::from_secs(1);
+                drop(admission.admit(0, deadline, false).await.unwrap());
+            }
+            longest = longest.max(admission.lock().recent.len());
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        longest
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_rate_history_stays_within_the_horizon_without_scrapes() {
+        let yaml = "marketo: { base_url: 'http://127.0.0.1:1', client_id: id, client_secret: secret }\n\
+                    limits: { window_calls: 100000, daily_quota: 15300, max_queue_wait: 1h }\n\
+                    services:\n  - { name: a, api_key: key-a-0123456789 }\n\
+                    state: { file: ~ }\n";
+        let config = Config::from_yaml_with_env(yaml, |_| None).unwrap();
+        // Noon in Chicago throughout: the reset stays twelve hours away.
+        let noon: DateTime<Utc> = "2026-11-28T18:00:00Z".parse().unwrap();
+        let metrics = Metrics::new();
+        let admission = Admission::with_clock(&config, metrics.clone(), Arc::new(move || noon));
+
+        // Two hours without a scrape: 105 minutes at two calls a second,
+        // then 15 at one (13,500 calls, 1,800 of the quota left).
+        let busy = send_every_second(&admission, 105 * 60, 2).await;
+        let calm = send_every_second(&admission, 15 * 60, 1).await;
+
+        // A count for each second of the horizon and the one it began in.
+        let horizon = usize::try_from(RATE_HORIZON.as_secs()).unwrap();
+        assert!(busy.max(calm) <= horizon + 1, "kept {busy} and {calm} seconds");
+        assert!(admission.lock().recent.len() >= horizon);
+        // The forecast still sees the last 15 minutes, and only them: one
+        // call a second leaves 1,800 s.
+        admission.refresh_metrics();
+        let eta = metrics.quota_exhaustion_eta_seconds.get();
+        assert!((eta - 1800.0).abs() < 1.0, "{eta}");
     }
 }
