@@ -6,11 +6,20 @@
 //! is written at most every [`SAVE_INTERVAL`] when something changed, and
 //! once more on shutdown. Counts saved on another day are ignored: the
 //! quota has been reset since.
+//!
+//! The temporary file has a name no other writer uses (the process id and
+//! a count) and is created only where nothing is, readable by its owner
+//! alone and never through a symbolic link, so whoever can write to the
+//! ledger's directory cannot make the proxy write somewhere else. What a
+//! save interrupted by a crash left behind is removed at start.
 
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
 use std::future::Future;
+use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use chrono::NaiveDate;
@@ -57,8 +66,8 @@ pub struct Ledger {
     path: PathBuf,
     names: Vec<String>,
     admission: Arc<Admission>,
-    /// One writer at a time: the periodic save and the one at shutdown
-    /// share the temporary file.
+    /// One writer at a time: a periodic save still running in the
+    /// blocking pool and the one at shutdown do not interleave.
     writing: std::sync::Mutex<()>,
 }
 
@@ -78,9 +87,10 @@ impl Ledger {
     /// missing file is a first start; an unreadable one is moved aside,
     /// not overwritten.
     pub fn restore(&self) -> Result<(), LedgerError> {
+        remove_leftover_temporaries(&self.path);
         let text = match std::fs::read(&self.path) {
             Ok(text) => text,
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(error) if error.kind() == ErrorKind::NotFound => return Ok(()),
             Err(source) => {
                 return Err(LedgerError::Read {
                     path: self.path.clone(),
@@ -146,7 +156,7 @@ impl Ledger {
             .writing
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        write_atomically(&self.path, saved)
+        write_atomically(&self.path, &temporary_path(&self.path), saved)
     }
 
     /// Saves every [`SAVE_INTERVAL`] while the counts change, for as long
@@ -179,26 +189,235 @@ impl Ledger {
     }
 }
 
-fn write_atomically(path: &Path, saved: &Saved) -> std::io::Result<()> {
-    let text = serde_json::to_vec_pretty(saved).map_err(std::io::Error::other)?;
-    let mut temporary = path.as_os_str().to_owned();
-    temporary.push(".tmp");
-    let temporary = PathBuf::from(temporary);
-    if let Some(parent) = path.parent().filter(|parent| !parent.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)?;
+/// Temporary files this process has written, for their names.
+static TEMPORARIES: AtomicU64 = AtomicU64::new(0);
+
+/// A name beside `path` that no other writer uses: this process's id and
+/// a count (`usage.json.4242.7.tmp`).
+fn temporary_path(path: &Path) -> PathBuf {
+    let count = TEMPORARIES.fetch_add(1, Ordering::Relaxed);
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".{}.{count}.tmp", std::process::id()));
+    PathBuf::from(name)
+}
+
+/// Whether `candidate` names a temporary file of the ledger named
+/// `ledger`: `<ledger>.<pid>.<count>.tmp`, or `<ledger>.tmp` as earlier
+/// versions wrote it.
+fn is_temporary_of(ledger: &OsStr, candidate: &OsStr) -> bool {
+    let Some(rest) = candidate
+        .as_encoded_bytes()
+        .strip_prefix(ledger.as_encoded_bytes())
+    else {
+        return false;
+    };
+    if rest == b".tmp" {
+        return true;
     }
-    {
-        use std::io::Write;
-        let mut file = std::fs::File::create(&temporary)?;
-        file.write_all(&text)?;
-        file.sync_all()?;
-    }
-    std::fs::rename(&temporary, path)?;
-    // Make the rename itself durable.
-    if let Some(parent) = path.parent().filter(|parent| !parent.as_os_str().is_empty()) {
-        if let Ok(directory) = std::fs::File::open(parent) {
-            let _ = directory.sync_all();
+    let Some(numbers) = rest
+        .strip_prefix(b".")
+        .and_then(|rest| rest.strip_suffix(b".tmp"))
+    else {
+        return false;
+    };
+    let parts: Vec<&[u8]> = numbers.split(|byte| *byte == b'.').collect();
+    parts.len() == 2
+        && parts
+            .iter()
+            .all(|part| !part.is_empty() && part.iter().all(u8::is_ascii_digit))
+}
+
+/// The directory `path` is in.
+fn directory_of(path: &Path) -> &Path {
+    path.parent()
+        .filter(|parent| !parent.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+/// Removes the temporary files that saves interrupted by a crash left
+/// beside the ledger. Called at start, before this process saves.
+fn remove_leftover_temporaries(path: &Path) {
+    let Some(name) = path.file_name() else {
+        return;
+    };
+    let Ok(entries) = std::fs::read_dir(directory_of(path)) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if !is_temporary_of(name, &entry.file_name()) {
+            continue;
+        }
+        let leftover = entry.path();
+        if let Err(error) = remove_leftover(&leftover) {
+            tracing::warn!(file = %leftover.display(), %error, "cannot remove a temporary file of the usage ledger");
         }
     }
+}
+
+/// Removes whatever is at a temporary path no save of ours is using. A
+/// symbolic link is removed itself, never followed.
+fn remove_leftover(temporary: &Path) -> std::io::Result<()> {
+    let metadata = match std::fs::symlink_metadata(temporary) {
+        Ok(metadata) => metadata,
+        Err(error) if error.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(error) => return Err(error),
+    };
+    std::fs::remove_file(temporary)?;
+    if metadata.file_type().is_symlink() {
+        tracing::warn!(
+            file = %temporary.display(),
+            "removed a symbolic link at a temporary path of the usage ledger (not what it pointed to)"
+        );
+    } else {
+        tracing::info!(file = %temporary.display(), "removed a temporary file left by an interrupted save of the usage ledger");
+    }
     Ok(())
+}
+
+/// Creates `temporary` for writing: only where nothing is (not even a
+/// dangling link), readable and writable by its owner alone, and never
+/// through a symbolic link.
+fn create_private(temporary: &Path) -> std::io::Result<std::fs::File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600).custom_flags(libc::O_NOFOLLOW);
+    }
+    options.open(temporary)
+}
+
+/// Writes `saved` to `temporary`, makes it durable and renames it over
+/// `path`.
+fn write_atomically(path: &Path, temporary: &Path, saved: &Saved) -> std::io::Result<()> {
+    let text = serde_json::to_vec_pretty(saved).map_err(std::io::Error::other)?;
+    let directory = directory_of(path);
+    std::fs::create_dir_all(directory)?;
+    remove_leftover(temporary)?;
+    let mut file = create_private(temporary)?;
+    let written = file.write_all(&text).and_then(|()| file.sync_all());
+    drop(file);
+    if let Err(error) = written.and_then(|()| std::fs::rename(temporary, path)) {
+        // Leave nothing behind for later saves to trip over.
+        let _ = std::fs::remove_file(temporary);
+        return Err(error);
+    }
+    // Make the rename itself durable.
+    if let Ok(directory) = std::fs::File::open(directory) {
+        let _ = directory.sync_all();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::metrics::Metrics;
+
+    fn ledger(path: &Path) -> Ledger {
+        let yaml = "marketo: { base_url: 'http://127.0.0.1:1', client_id: id, client_secret: secret }\n\
+                    services:\n  - { name: crm-sync, api_key: key-crm-0123456789 }\n\
+                    state: { file: ~ }\n";
+        let config = Config::from_yaml_with_env(yaml, |_| None).unwrap();
+        let admission = Admission::new(&config, Metrics::new());
+        Ledger::new(path, config.counted_names(), admission)
+    }
+
+    /// The names in `directory`, sorted.
+    fn names_in(directory: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(directory)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_saved_ledger_is_readable_by_its_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let directory = tempfile::tempdir().unwrap();
+        let file = directory.path().join("usage.json");
+        ledger(&file).save().unwrap();
+        // The ledger is the temporary file renamed: it kept its mode.
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+        assert_eq!(names_in(directory.path()), ["usage.json"]);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_symlink_at_the_temporary_path_is_removed_not_followed() {
+        let directory = tempfile::tempdir().unwrap();
+        let file = directory.path().join("usage.json");
+        let victim = directory.path().join("victim");
+        std::fs::write(&victim, "not the proxy's").unwrap();
+        // A link to a file, and one to where a file could be created.
+        let nowhere = directory.path().join("nowhere");
+        for target in [&victim, &nowhere] {
+            let temporary = temporary_path(&file);
+            std::os::unix::fs::symlink(target, &temporary).unwrap();
+
+            let saved = ledger(&file).current();
+            write_atomically(&file, &temporary, &saved).unwrap();
+
+            let written: Saved = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+            assert_eq!(written, saved);
+            assert_eq!(std::fs::read_to_string(&victim).unwrap(), "not the proxy's");
+            assert_eq!(names_in(directory.path()), ["usage.json", "victim"]);
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn leftovers_of_interrupted_saves_are_removed_at_start() {
+        let directory = tempfile::tempdir().unwrap();
+        let file = directory.path().join("usage.json");
+        let victim = directory.path().join("victim");
+        std::fs::write(&victim, "not the proxy's").unwrap();
+        // What a crash between create and rename leaves: this version's
+        // name and the one earlier versions used (here a planted link).
+        std::fs::write(directory.path().join("usage.json.4242.3.tmp"), "{").unwrap();
+        std::os::unix::fs::symlink(&victim, directory.path().join("usage.json.tmp")).unwrap();
+        // Not the ledger's.
+        for other in ["usage.json.bak", "usage.json.1.tmp", "other.json.4242.3.tmp"] {
+            std::fs::write(directory.path().join(other), "keep").unwrap();
+        }
+
+        ledger(&file).restore().unwrap();
+
+        assert_eq!(
+            names_in(directory.path()),
+            [
+                "other.json.4242.3.tmp",
+                "usage.json.1.tmp",
+                "usage.json.bak",
+                "victim"
+            ]
+        );
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "not the proxy's");
+    }
+
+    #[test]
+    fn temporary_names_are_told_apart_from_other_files() {
+        let ledger = OsStr::new("usage.json");
+        for name in ["usage.json.tmp", "usage.json.1.0.tmp", "usage.json.4242.17.tmp"] {
+            assert!(is_temporary_of(ledger, OsStr::new(name)), "{name}");
+        }
+        for name in [
+            "usage.json",
+            "usage.json.1.tmp",
+            "usage.json..0.tmp",
+            "usage.json.1.2.3.tmp",
+            "usage.json.a.0.tmp",
+            "usage.json.1.0.tmp.bak",
+            "usage.jsonx.1.0.tmp",
+            "other.json.1.0.tmp",
+        ] {
+            assert!(!is_temporary_of(ledger, OsStr::new(name)), "{name}");
+        }
+    }
 }
