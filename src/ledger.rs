@@ -11,7 +11,9 @@
 //! a count) and is created only where nothing is, readable by its owner
 //! alone and never through a symbolic link, so whoever can write to the
 //! ledger's directory cannot make the proxy write somewhere else. What a
-//! save interrupted by a crash left behind is removed at start.
+//! save interrupted by a crash left behind is removed at start. A file
+//! that is not a ledger is kept under a name with the time it was found,
+//! never overwritten.
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
@@ -39,8 +41,14 @@ pub enum LedgerError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{} is not a usage ledger (moved aside to {})", path.display(), moved_to.display())]
-    Corrupt { path: PathBuf, moved_to: PathBuf },
+    #[error("{} is not a usage ledger; kept as {}", path.display(), kept_as.display())]
+    Corrupt { path: PathBuf, kept_as: PathBuf },
+    #[error("{} is not a usage ledger and cannot be moved aside; the next save replaces it", path.display())]
+    CannotSetAside {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot write {}", path.display())]
     Write {
         path: PathBuf,
@@ -84,8 +92,9 @@ impl Ledger {
     }
 
     /// Restores today's counts from the file, if it holds today's. A
-    /// missing file is a first start; an unreadable one is moved aside,
-    /// not overwritten.
+    /// missing file is a first start. An error says that today's usage is
+    /// unknown: the file could not be read, or held something else and
+    /// was moved aside (not overwritten).
     pub fn restore(&self) -> Result<(), LedgerError> {
         remove_leftover_temporaries(&self.path);
         let text = match std::fs::read(&self.path) {
@@ -101,11 +110,10 @@ impl Ledger {
         let saved: Saved = match serde_json::from_slice(&text) {
             Ok(saved) => saved,
             Err(_) => {
-                let moved_to = self.path.with_extension("corrupt");
-                let _ = std::fs::rename(&self.path, &moved_to);
-                return Err(LedgerError::Corrupt {
-                    path: self.path.clone(),
-                    moved_to,
+                let path = self.path.clone();
+                return Err(match set_aside(&self.path) {
+                    Ok(kept_as) => LedgerError::Corrupt { path, kept_as },
+                    Err(source) => LedgerError::CannotSetAside { path, source },
                 });
             }
         };
@@ -310,6 +318,33 @@ fn write_atomically(path: &Path, temporary: &Path, saved: &Saved) -> std::io::Re
     Ok(())
 }
 
+/// Moves a file that is not a ledger out of the way, to a name with the
+/// time it was found (`usage.json.corrupt-20261128T180000.123Z`), so that
+/// it can be looked at and no copy set aside earlier is overwritten.
+fn set_aside(path: &Path) -> std::io::Result<PathBuf> {
+    let found = chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ").to_string();
+    for attempt in 0..100u32 {
+        let mut name = path.as_os_str().to_owned();
+        name.push(format!(".corrupt-{found}"));
+        if attempt > 0 {
+            name.push(format!("-{attempt}"));
+        }
+        let kept_as = PathBuf::from(name);
+        match std::fs::symlink_metadata(&kept_as) {
+            Ok(_) => continue,
+            Err(error) if error.kind() == ErrorKind::NotFound => {
+                std::fs::rename(path, &kept_as)?;
+                return Ok(kept_as);
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    Err(std::io::Error::new(
+        ErrorKind::AlreadyExists,
+        "every name tried for the corrupt ledger is taken",
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -419,5 +454,27 @@ mod tests {
         ] {
             assert!(!is_temporary_of(ledger, OsStr::new(name)), "{name}");
         }
+    }
+
+    #[test]
+    fn a_corrupt_ledger_is_kept_and_a_later_one_does_not_replace_it() {
+        let directory = tempfile::tempdir().unwrap();
+        let file = directory.path().join("usage.json");
+        let ledger = ledger(&file);
+        let mut kept = Vec::new();
+        for text in ["not json", "not json either"] {
+            std::fs::write(&file, text).unwrap();
+            match ledger.restore() {
+                Err(LedgerError::Corrupt { kept_as, .. }) => kept.push((kept_as, text)),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_ne!(kept[0].0, kept[1].0);
+        for (kept_as, text) in &kept {
+            assert_eq!(std::fs::read_to_string(kept_as).unwrap(), *text);
+            let name = kept_as.file_name().unwrap().to_string_lossy().into_owned();
+            assert!(name.starts_with("usage.json.corrupt-"), "{name}");
+        }
+        assert!(!file.exists());
     }
 }

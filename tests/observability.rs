@@ -207,20 +207,41 @@ async fn usage_saved_on_another_day_is_not_restored() {
     assert_eq!(today["remaining"], 1000);
 }
 
+/// The contents of the files in `directory` whose names start with
+/// `prefix`, in the order of their names.
+fn contents_of_files_named(directory: &std::path::Path, prefix: &str) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(directory)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with(prefix))
+        .collect();
+    names.sort();
+    names
+        .iter()
+        .map(|name| std::fs::read_to_string(directory.join(name)).unwrap())
+        .collect()
+}
+
 #[tokio::test]
 async fn a_corrupt_ledger_is_moved_aside_not_lost() {
     let sim = Simulator::spawn(support::sim_config()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("usage.json");
-    std::fs::write(&file, "not json").unwrap();
-    let proxy = app::spawn(ledger_config(&sim.url(), &file, "usage_sync_interval: 0s"))
-        .await
-        .unwrap();
-    // Answered only once the ledger has been read (see the restart test).
-    assert_eq!(support::usage(&proxy.admin_url()).await["used"], 0);
+    // Two starts that each find a corrupt ledger: the second copy set
+    // aside does not replace the first.
+    for text in ["not json", "not json either"] {
+        std::fs::write(&file, text).unwrap();
+        let proxy = app::spawn(ledger_config(&sim.url(), &file, "usage_sync_interval: 0s"))
+            .await
+            .unwrap();
+        // Answered only once the ledger has been read (see the restart test).
+        assert_eq!(support::usage(&proxy.admin_url()).await["used"], 0);
+        proxy.shutdown().await.unwrap();
+    }
+    // Named by the time each was found.
     assert_eq!(
-        std::fs::read_to_string(dir.path().join("usage.corrupt")).unwrap(),
-        "not json"
+        contents_of_files_named(dir.path(), "usage.json.corrupt-"),
+        ["not json", "not json either"]
     );
 }
 
