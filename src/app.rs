@@ -11,10 +11,16 @@
 //! Background tasks (token refreshers, the admission timer, Redis
 //! maintenance, the ledger saver, the usage sync) run on one
 //! [`TaskTracker`] and stop together with the listeners.
+//!
+//! Nothing is served before today's usage is known: the ledger is read
+//! first, and when it was there but could not be used, the first
+//! reconciliation with Marketo's usage report is awaited (for at most
+//! `marketo.request_timeout`).
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::FutureExt;
 use tokio::net::TcpListener;
@@ -134,13 +140,15 @@ impl App {
             limits.connect(&components.admission).await;
             spawn(Box::pin(limits.maintenance(Arc::clone(&components.admission))));
         }
+        let mut ledger_lost = false;
         if let Some(ledger) = &ledger {
             if let Err(error) = ledger.restore() {
                 tracing::warn!(error = %error, "starting without the saved usage");
+                ledger_lost = true;
             }
             spawn(Box::pin(ledger.saver()));
         }
-        if !config.state.usage_sync_interval.is_zero() {
+        let first_sync = (!config.state.usage_sync_interval.is_zero()).then(|| {
             let sync = UsageSync::new(
                 BoxCloneSyncService::new(proxy::forward(&components)),
                 components.callers.internal(),
@@ -150,7 +158,12 @@ impl App {
                 Arc::clone(&reported),
                 config.limits.quota_probe_interval,
             );
-            spawn(Box::pin(sync.run(config.state.usage_sync_interval)));
+            let (reconciled, first_sync) = oneshot::channel();
+            spawn(Box::pin(sync.run(config.state.usage_sync_interval, reconciled)));
+            first_sync
+        });
+        if ledger_lost {
+            wait_for_usage_report(first_sync, config.marketo.request_timeout).await;
         }
 
         // When shutdown starts, waiting requests are answered at once (they
@@ -194,6 +207,28 @@ impl App {
                 tracing::error!(error = %error, "cannot save the usage ledger at shutdown");
             }
         }
+    }
+}
+
+/// With the saved usage lost, counting today's quota from zero could admit
+/// calls the day no longer has room for: waits, at most `timeout`, for
+/// the first reconciliation with Marketo's usage report. One that comes
+/// later is applied when it comes.
+async fn wait_for_usage_report(first_sync: Option<oneshot::Receiver<bool>>, timeout: Duration) {
+    let Some(first_sync) = first_sync else {
+        tracing::warn!("usage sync is off (state.usage_sync_interval: 0s): today's quota counts from zero");
+        return;
+    };
+    tracing::info!("waiting for Marketo's usage report before serving");
+    match tokio::time::timeout(timeout, first_sync).await {
+        Ok(Ok(true)) => tracing::info!("today's usage taken from Marketo's usage report"),
+        Ok(_) => tracing::warn!(
+            "serving without Marketo's usage report: today's quota counts from zero until a reconciliation succeeds"
+        ),
+        Err(_) => tracing::warn!(
+            timeout = %humantime::format_duration(timeout),
+            "serving before Marketo's usage report came: today's quota counts from zero until it does"
+        ),
     }
 }
 

@@ -13,6 +13,7 @@ use chrono::{NaiveDate, Utc};
 use http::{HeaderValue, Method, Request, header};
 use http_body_util::BodyExt;
 use serde::Deserialize;
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tower::ServiceExt;
 use tower::util::BoxCloneSyncService;
@@ -167,8 +168,10 @@ impl UsageSync {
     }
 
     /// Reconciles at start and every `interval` after, for as long as it
-    /// is polled.
-    pub async fn run(self, interval: Duration) {
+    /// is polled. `first` hears whether the reconciliation at start
+    /// succeeded, for a start that waits for it.
+    pub async fn run(self, interval: Duration, first: oneshot::Sender<bool>) {
+        let mut first = Some(first);
         let mut ticks = tokio::time::interval(interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -180,11 +183,18 @@ impl UsageSync {
                     tokio::time::sleep(self.probe_after).await;
                 }
             }
-            match self.reconcile().await {
+            let reconciled = match self.reconcile().await {
                 Ok(usage) => {
-                    tracing::info!(date = %usage.date, total = usage.total, "reconciled with Marketo's usage report")
+                    tracing::info!(date = %usage.date, total = usage.total, "reconciled with Marketo's usage report");
+                    true
                 }
-                Err(error) => tracing::warn!(%error, "cannot reconcile with Marketo's usage report"),
+                Err(error) => {
+                    tracing::warn!(%error, "cannot reconcile with Marketo's usage report");
+                    false
+                }
+            };
+            if let Some(first) = first.take() {
+                let _ = first.send(reconciled);
             }
         }
     }

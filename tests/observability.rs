@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use marketo_proxy::app;
 use marketo_proxy::config::Config;
-use marketo_proxy::sim::Simulator;
+use marketo_proxy::sim::{SimConfig, Simulator};
 use serde_json::Value;
 use support::{CRM_KEY, Stack, WAREHOUSE_KEY, metric};
 
@@ -243,6 +243,49 @@ async fn a_corrupt_ledger_is_moved_aside_not_lost() {
         contents_of_files_named(dir.path(), "usage.json.corrupt-"),
         ["not json", "not json either"]
     );
+}
+
+#[tokio::test]
+async fn with_the_ledger_lost_the_first_call_waits_for_marketos_usage_report() {
+    // Marketo answers slowly: a proxy that served before its usage report
+    // came would admit the first call.
+    let sim = Simulator::spawn(SimConfig {
+        latency: Duration::from_millis(300),
+        ..support::sim_config()
+    })
+    .await
+    .unwrap();
+    // Integrations outside the proxy spent 999 of today's 1000 calls; the
+    // usage call itself is the last one.
+    sim.simulator().add_foreign_usage("other@example.com", 999);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("usage.json");
+    std::fs::write(&file, "not json").unwrap();
+    let proxy = app::spawn(ledger_config(&sim.url(), &file, "usage_sync_interval: 10m"))
+        .await
+        .unwrap();
+
+    let answer = support::client()
+        .get(format!("{}/rest/v1/lead/1.json", proxy.url()))
+        .header("X-Api-Key", CRM_KEY)
+        .send()
+        .await
+        .unwrap();
+    let retry_after = answer.headers().get("retry-after").cloned();
+    let body: Value = answer.json().await.unwrap();
+    assert_eq!(body["errors"][0]["code"], "607", "{body}");
+    assert!(retry_after.is_some());
+    // Refused by the proxy: Marketo saw the usage call and nothing else.
+    let targets: Vec<String> = sim
+        .stats()
+        .arrivals
+        .into_iter()
+        .map(|arrival| arrival.target)
+        .collect();
+    assert_eq!(targets, ["/rest/v1/stats/usage.json"]);
+    let usage = support::usage(&proxy.admin_url()).await;
+    assert_eq!(usage["marketo_reported"]["total"], 1000, "{usage}");
+    assert_eq!(usage["remaining"], 0);
 }
 
 #[tokio::test]
