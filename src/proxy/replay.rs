@@ -272,7 +272,8 @@ where
         match next {
             Next::Pass => return result,
             Next::DaySpent => {
-                policy.day_spent(&call);
+                // Boxed: rare, and Redis' round trip is large.
+                Box::pin(policy.day_spent(&call)).await;
                 return result;
             }
             Next::ReplaceTokenAndReplay => attempt.token_replaced = true,
@@ -298,18 +299,17 @@ where
 }
 
 impl ReplayLayer {
-    /// Marketo said 607: later calls are answered locally until the reset,
-    /// on every replica.
-    fn day_spent(&self, call: &Call) {
+    /// Marketo said 607: later calls are answered locally until the probe
+    /// time, on every replica (Redis knows before the 607 is passed on).
+    async fn day_spent(&self, call: &Call) {
         tracing::warn!(
             service = &*call.caller.name,
             "Marketo says the daily quota is spent"
         );
         let admission = &self.admission;
         admission.quota_spent();
-        if let Some(limits) = self.limits.clone() {
-            let day = admission.day();
-            tokio::spawn(async move { limits.mark_spent(day).await });
+        if let Some(limits) = &self.limits {
+            limits.mark_spent(admission.day()).await;
         }
     }
 
