@@ -178,6 +178,7 @@ fn fail_with(count: u32, code: Option<&str>, http_status: Option<u16>) -> market
             failure: marketo_proxy::sim::Failure {
                 code: code.map(str::to_owned),
                 http_status,
+                ..Default::default()
             },
         }),
         ..Default::default()
