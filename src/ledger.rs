@@ -1,5 +1,7 @@
 //! The usage ledger: today's per-service counts, saved to `state.file` so
-//! that a restart does not forget how much of the day's quota is spent.
+//! that a restart does not forget how much of the day's quota is spent,
+//! and when the window slots its calls still hold free, so that the next
+//! run does not send into a window they filled.
 //!
 //! The file is small JSON, written to a temporary file beside it and
 //! renamed over it, so a crash mid-write leaves the previous version. It
@@ -24,7 +26,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use chrono::NaiveDate;
+use chrono::{DateTime, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::admission::Admission;
@@ -67,6 +69,17 @@ struct Saved {
     /// Calls Marketo counted that did not go through the proxy.
     #[serde(default)]
     foreign: u64,
+    /// When each slot of the instance's window taken by the proxy's calls
+    /// frees.
+    #[serde(default)]
+    window: Vec<DateTime<Utc>>,
+}
+
+impl Saved {
+    /// The same calls counted: the window only changes with them.
+    fn same_counts(&self, other: &Self) -> bool {
+        (self.day, &self.services, self.foreign) == (other.day, &other.services, other.foreign)
+    }
 }
 
 /// Reads and writes one ledger file for one admission state.
@@ -131,6 +144,7 @@ impl Ledger {
             .map(|(_, calls)| calls)
             .sum();
         self.admission.restore(saved.day, &used, saved.foreign + departed);
+        self.admission.restore_window(&saved.window);
         tracing::info!(
             day = %saved.day,
             calls = used.iter().sum::<u64>(),
@@ -146,6 +160,7 @@ impl Ledger {
             day,
             services: self.names.iter().cloned().zip(used).collect(),
             foreign,
+            window: self.admission.window_frees_at(),
         }
     }
 
@@ -178,7 +193,7 @@ impl Ledger {
             loop {
                 ticks.tick().await;
                 let now = ledger.current();
-                if now == last {
+                if now.same_counts(&last) {
                     continue;
                 }
                 let to_write = now.clone();

@@ -843,7 +843,7 @@ async fn fail_next_answers_the_injected_code_in_http_200_then_recovers() {
         2,
         Failure {
             code: Some("606".into()),
-            http_status: None,
+            ..Failure::default()
         },
     ));
 
@@ -882,6 +882,32 @@ async fn fail_next_posted_as_json_answers_a_bare_http_status_or_a_code() {
     assert_eq!(code(&harness.get(LEAD_ONE, &token).await), "ok");
     let stats = harness.sim.stats();
     assert_eq!((stats.code("http_503"), stats.code("615")), (1, 1));
+}
+
+#[tokio::test]
+async fn fail_next_answers_a_given_body_or_pads_the_answer_with_a_large_header() {
+    let harness = Harness::start(quick_config()).await;
+    let token = harness.token().await;
+    for faults in [
+        json!({"fail_next": {"count": 1, "body": "{\"success\":"}}),
+        json!({"fail_next": {"count": 1, "http_status": 502, "body": "{\"success\":false}"}}),
+        json!({"fail_next": {"count": 1, "header_bytes": 61440}}),
+    ] {
+        assert_eq!(harness.post_faults(faults).await, StatusCode::OK);
+    }
+    let send = || harness.http.get(harness.url(LEAD_ONE)).bearer_auth(&token).send();
+
+    let invalid = send().await.unwrap();
+    assert_eq!(invalid.status(), StatusCode::OK);
+    assert_eq!(invalid.text().await.unwrap(), "{\"success\":", "as it was given");
+    let without_errors = send().await.unwrap();
+    assert_eq!(without_errors.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(without_errors.text().await.unwrap(), "{\"success\":false}");
+    let padded = send().await.unwrap();
+    assert_eq!(padded.headers()["x-sim-padding"].len(), 61440);
+    assert_eq!(code(&padded.json().await.unwrap()), "ok", "the call's own answer");
+    let stats = harness.sim.stats();
+    assert_eq!((stats.code("body"), stats.code("http_502"), stats.ok), (1, 1, 1));
 }
 
 #[tokio::test]

@@ -373,6 +373,40 @@ impl Admission {
         self.lock().window.taken(Instant::now())
     }
 
+    /// When each taken slot of the instance's window frees, in wall-clock
+    /// time; a call in flight holds its slot a whole window and margin
+    /// from now. Saved with the day's counts, so a restart keeps to the
+    /// window its calls still hold.
+    pub fn window_frees_at(&self) -> Vec<DateTime<Utc>> {
+        let wall = (self.wall)();
+        let mut state = self.lock();
+        let (left, in_flight) = state.window.taken(Instant::now());
+        let hold = state.window.hold();
+        left.into_iter()
+            .chain(std::iter::repeat_n(hold, in_flight as usize))
+            .filter_map(|left| chrono::TimeDelta::from_std(left).ok())
+            .map(|left| wall + left)
+            .collect()
+    }
+
+    /// Takes the window slots a previous run saved ([`window_frees_at`]);
+    /// the ones already free are passed over.
+    ///
+    /// [`window_frees_at`]: Self::window_frees_at
+    pub fn restore_window(self: &Arc<Self>, frees_at: &[DateTime<Utc>]) {
+        let now = Instant::now();
+        let wall = (self.wall)();
+        let mut state = self.lock();
+        state.window.restore(
+            frees_at
+                .iter()
+                .filter_map(|at| (*at - wall).to_std().ok())
+                .filter(|left| !left.is_zero())
+                .map(|left| now + left),
+        );
+        self.pump(&mut state);
+    }
+
     /// Stops admitting: every waiting request is answered at once, and
     /// later ones too. Calls already admitted finish normally.
     pub fn close(&self) {

@@ -108,6 +108,13 @@ impl SlidingWindow {
         self.frees_at.push_back(frees);
     }
 
+    /// Takes slots that free at `frees_at`: calls a previous run of the
+    /// proxy made, restored after a restart.
+    pub fn restore(&mut self, frees_at: impl IntoIterator<Item = Instant>) {
+        self.frees_at.extend(frees_at);
+        self.frees_at.make_contiguous().sort_unstable();
+    }
+
     /// When a slot will next be free: `now` if one is, the oldest answered
     /// call's expiry otherwise, or `None` while every slot is in flight
     /// (the next answer decides).
@@ -185,6 +192,19 @@ mod tests {
             window.stamp(now);
         }
         assert_eq!(window.estimate_start(now, 0, Duration::ZERO), now + WINDOW);
+    }
+
+    #[test]
+    fn restored_slots_are_taken_until_they_free() {
+        let now = Instant::now();
+        let mut window = SlidingWindow::new(2, WINDOW, MARGIN);
+        window.acquire();
+        window.stamp(now);
+        window.restore([now + Duration::from_secs(3), now + Duration::from_secs(1)]);
+        assert_eq!(window.used(now), 3, "more than the limit: nothing starts");
+        assert_eq!(window.next_free(now), Some(now + Duration::from_secs(1)));
+        assert!(window.has_room(now + Duration::from_secs(3)));
+        assert_eq!(window.used(now + WINDOW + MARGIN), 0);
     }
 
     /// One simulated call: when it is wanted (ms after the previous one)

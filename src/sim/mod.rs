@@ -394,43 +394,47 @@ impl Simulator {
             tokio::time::sleep(latency).await;
             abandoned.arrival = None;
         }
-        if let Some(failure) = failure {
-            let response = match (failure.http_status, failure.code) {
-                (Some(status), _) => {
-                    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-                    arrival.code = format!("http_{}", status.as_u16());
-                    error_response(status, &status.as_u16().to_string(), "Injected failure")
-                }
-                (None, error_code) => {
-                    let error_code = error_code.unwrap_or_else(|| code::SYSTEM_ERROR.into());
-                    arrival.code = error_code.clone();
-                    envelope_error(&error_code, "Injected failure")
-                }
-            };
-            self.state.record(arrival);
-            return Ok(response);
-        }
-
-        let method =
-            if parts.method == Method::POST && params.get("_method").map(String::as_str) == Some("GET") {
-                Method::GET
-            } else {
-                parts.method.clone()
-            };
-        let response = self.route(&method, &path, &params, &body);
-        arrival.code = match &response {
-            Routed::Json(Ok(_)) | Routed::File(_) => "ok".into(),
-            Routed::Json(Err((error_code, _))) => (*error_code).into(),
+        let padding = failure.as_ref().and_then(|failure| failure.header_bytes);
+        let (mut response, recorded) = match failure.and_then(injected_answer) {
+            Some(injected) => injected,
+            None => self.answer(&parts.method, &path, &params, &body),
         };
+        arrival.code = recorded;
         self.state.record(arrival);
-        Ok(match response {
-            Routed::Json(Ok(result)) => json_response(
-                StatusCode::OK,
-                &json!({"requestId": marketo::request_id(), "result": result, "success": true}),
+        if let Some(bytes) = padding {
+            let padding =
+                HeaderValue::from_bytes(&vec![b'a'; bytes]).unwrap_or(HeaderValue::from_static("a"));
+            response.headers_mut().insert(PADDING_HEADER, padding);
+        }
+        Ok(response)
+    }
+
+    /// The call's own answer, and the code it is recorded under.
+    fn answer(
+        &self,
+        method: &Method,
+        path: &str,
+        params: &BTreeMap<String, String>,
+        body: &Bytes,
+    ) -> (Response<SimBody>, String) {
+        let method = if method == Method::POST && params.get("_method").map(String::as_str) == Some("GET") {
+            Method::GET
+        } else {
+            method.clone()
+        };
+        match self.route(&method, path, params, body) {
+            Routed::Json(Ok(result)) => (
+                json_response(
+                    StatusCode::OK,
+                    &json!({"requestId": marketo::request_id(), "result": result, "success": true}),
+                ),
+                "ok".into(),
             ),
-            Routed::Json(Err((error_code, message))) => envelope_error(error_code, &message),
-            Routed::File(rows) => csv_response(rows),
-        })
+            Routed::Json(Err((error_code, message))) => {
+                (envelope_error(error_code, &message), error_code.into())
+            }
+            Routed::File(rows) => (csv_response(rows), "ok".into()),
+        }
     }
 
     fn route(&self, method: &Method, path: &str, params: &BTreeMap<String, String>, body: &Bytes) -> Routed {
@@ -590,6 +594,50 @@ impl Drop for SimHandle {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+    }
+}
+
+/// The header a [`Failure`] with `header_bytes` adds to an answer.
+pub const PADDING_HEADER: &str = "x-sim-padding";
+
+/// The answer an injected [`Failure`] gives instead of the call's own, and
+/// the code the arrival is recorded under; `None` when it only pads the
+/// call's own answer with a large header.
+fn injected_answer(failure: Failure) -> Option<(Response<SimBody>, String)> {
+    let Failure {
+        code: error_code,
+        http_status,
+        body,
+        header_bytes,
+    } = failure;
+    let status =
+        http_status.map(|status| StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE));
+    if let Some(body) = body {
+        let mut response = Response::new(full(body));
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json;charset=UTF-8"),
+        );
+        let recorded = match status {
+            Some(status) => {
+                *response.status_mut() = status;
+                format!("http_{}", status.as_u16())
+            }
+            None => "body".into(),
+        };
+        return Some((response, recorded));
+    }
+    match (status, error_code) {
+        (Some(status), _) => Some((
+            error_response(status, status.as_str(), "Injected failure"),
+            format!("http_{}", status.as_u16()),
+        )),
+        (None, Some(error_code)) => Some((envelope_error(&error_code, "Injected failure"), error_code)),
+        (None, None) if header_bytes.is_some() => None,
+        (None, None) => Some((
+            envelope_error(code::SYSTEM_ERROR, "Injected failure"),
+            code::SYSTEM_ERROR.into(),
+        )),
     }
 }
 

@@ -72,7 +72,7 @@ pub(crate) struct FaultState {
 }
 
 /// How to fail one call.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 pub struct Failure {
     /// Marketo error code to answer inside HTTP 200, e.g. "606".
     #[serde(default)]
@@ -80,6 +80,14 @@ pub struct Failure {
     /// Or a bare HTTP status (502, 503, ...).
     #[serde(default)]
     pub http_status: Option<u16>,
+    /// Or this body as it is, as JSON, in HTTP 200 or `http_status`: JSON
+    /// that does not parse, an envelope without `errors`, ...
+    #[serde(default)]
+    pub body: Option<String>,
+    /// A header of this many bytes on the answer; alone, on the answer
+    /// the call would have had.
+    #[serde(default)]
+    pub header_bytes: Option<usize>,
 }
 
 /// Faults to inject, posted as JSON to `/_sim/faults`. Every field is
@@ -121,7 +129,8 @@ pub struct Stats {
     pub calls: u64,
     /// Calls answered with `success:true` (or a file).
     pub ok: u64,
-    /// Error answers by Marketo code (or `http_<status>`).
+    /// Error answers by Marketo code (or `http_<status>`; `body` for a
+    /// body injected in HTTP 200).
     pub codes: BTreeMap<String, u64>,
     /// Most calls in flight at once as the client sent them: the calls
     /// executing when one arrived, plus that one, whether it was admitted
@@ -160,7 +169,8 @@ pub struct Arrival {
     pub method: String,
     /// Path and query.
     pub target: String,
-    /// `ok` or the error code answered.
+    /// `ok` or the error code answered (`http_<status>`, `body`,
+    /// `hung`, `dropped`, `cancelled` for injected faults).
     pub code: String,
     /// Names of the request headers, one per value, as they arrived.
     #[serde(default)]

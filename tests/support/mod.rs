@@ -38,6 +38,17 @@ pub fn sim_config() -> SimConfig {
 /// `crm-sync` (API key and client credentials) and `warehouse` (API key,
 /// own Marketo API user). `extra_marketo` is added under `marketo:`.
 pub fn proxy_config(sim_url: &str, extra_marketo: &str) -> Config {
+    proxy_config_with(
+        sim_url,
+        extra_marketo,
+        "{}",
+        "{ file: ~, usage_sync_interval: 0s }",
+    )
+}
+
+/// [`proxy_config`] with `limits:` and `state:` given as YAML flow
+/// mappings, e.g. `{ window_calls: 10, window: 2s }`.
+pub fn proxy_config_with(sim_url: &str, extra_marketo: &str, limits: &str, state: &str) -> Config {
     let yaml = format!(
         r#"
 marketo:
@@ -45,6 +56,7 @@ marketo:
   client_id: demo-client
   client_secret: demo-secret
   {extra_marketo}
+limits: {limits}
 services:
   - name: crm-sync
     api_key: {CRM_KEY}
@@ -55,9 +67,7 @@ services:
     marketo:
       client_id: warehouse-user
       client_secret: warehouse-user-secret
-state:
-  file: ~
-  usage_sync_interval: 0s
+state: {state}
 "#
     );
     Config::from_yaml_with_env(&yaml, |_| None).expect("test config is valid")
@@ -76,8 +86,14 @@ impl Stack {
     }
 
     pub async fn start_with(sim: SimConfig, extra_marketo: &str) -> Self {
+        Self::start_configured(sim, |sim_url| proxy_config(sim_url, extra_marketo)).await
+    }
+
+    /// A simulator, and a proxy with the config `config` makes for the
+    /// simulator's URL.
+    pub async fn start_configured(sim: SimConfig, config: impl FnOnce(&str) -> Config) -> Self {
         let sim = Simulator::spawn(sim).await.expect("simulator starts");
-        let config = proxy_config(&sim.url(), extra_marketo);
+        let config = config(&sim.url());
         let proxy = app::spawn(config).await.expect("proxy starts");
         Self {
             sim,
@@ -178,6 +194,7 @@ fn fail_with(count: u32, code: Option<&str>, http_status: Option<u16>) -> market
             failure: marketo_proxy::sim::Failure {
                 code: code.map(str::to_owned),
                 http_status,
+                ..Default::default()
             },
         }),
         ..Default::default()
