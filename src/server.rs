@@ -175,6 +175,10 @@ pub async fn serve<S, B>(
         // Drives the connection until it ends, is idle or too slow, or the
         // server shuts down; the last two close it gracefully.
         connections.spawn(async move {
+            // Declared before the connection, so dropped after it: the
+            // slot frees once the socket is closed, and the cap holds for
+            // descriptors, not just for connection tasks.
+            let _permit = permit;
             tokio::pin!(connection);
             let why = loop {
                 tokio::select! {
@@ -182,7 +186,6 @@ pub async fn serve<S, B>(
                         if let Err(error) = result {
                             tracing::debug!(%peer, %error, "connection ended with an error");
                         }
-                        drop(permit);
                         return;
                     }
                     () = tokio::time::sleep(check_every) => {
@@ -201,7 +204,6 @@ pub async fn serve<S, B>(
                 CLOSE_GRACE
             };
             let _ = tokio::time::timeout(grace, connection).await;
-            drop(permit);
         });
     }
     drop(listener);
