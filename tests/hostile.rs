@@ -11,7 +11,6 @@
 
 mod support;
 
-use std::fs;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -71,25 +70,9 @@ fn requests(service: &str, outcome: &str) -> String {
     format!(r#"marketo_proxy_requests_total{{outcome="{outcome}",service="{service}"}}"#)
 }
 
-/// Connections the proxy holds open on `addr`, from the kernel's table:
-/// sockets on the listener's port that have been accepted and not closed
-/// by the proxy. Connections still waiting in the accept queue, or
-/// already closed by the proxy, have no inode.
+/// Connections the proxy holds open on `addr`'s port.
 fn held_connections(addr: SocketAddr) -> usize {
-    let table = fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
-    table
-        .lines()
-        .skip(1)
-        .filter(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let local_port = fields[1]
-                .rsplit(':')
-                .next()
-                .and_then(|port| u16::from_str_radix(port, 16).ok());
-            let listening = fields[3] == "0A";
-            local_port == Some(addr.port()) && !listening && fields[9] != "0"
-        })
-        .count()
+    support::kernel::held_connections(addr.port())
 }
 
 /// What a client that sends `bytes` one at a time saw.

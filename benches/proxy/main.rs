@@ -13,6 +13,11 @@
 //!   fairness against the weights.
 //! - `memory`: resident memory of the proxy with 10,000 requests waiting
 //!   in the queue, over HTTP/2 streams and over HTTP/1.1 connections.
+//! - `hostile`: a well-behaved service's light-load latency on a quiet
+//!   proxy and while hostile clients attack the same process (slowloris
+//!   heads and bodies, silent connections, an HTTP/2 stream flood, long
+//!   multipart boundaries, endless heads); the proxy's memory and
+//!   descriptors before, during and after.
 //!
 //! `cargo bench --bench proxy` runs the full measurement (BENCHMARKS.md
 //! holds the figures). Without `--bench`, as `cargo test --all-targets`
@@ -23,14 +28,19 @@
 
 mod bare_proxy;
 mod client;
+#[path = "../../tests/support/kernel.rs"]
+mod kernel;
 mod load;
 mod nginx;
 mod processes;
+#[path = "../../tests/support/raw_h2.rs"]
+#[allow(dead_code)]
+mod raw_h2;
 mod report;
 mod scenarios;
 mod static_upstream;
 
-use scenarios::{memory, pacing, pass_through};
+use scenarios::{hostile, memory, pacing, pass_through};
 
 /// How long the scenarios run and whether they assert.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,7 +70,7 @@ fn main() {
         bare_proxy::serve(addr(1), addr(2));
         return;
     }
-    let scenarios = ["pass-through", "pacing", "memory"];
+    let scenarios = ["pass-through", "pacing", "memory", "hostile"];
     if args.iter().any(|arg| arg == "--list") {
         for name in scenarios {
             println!("{name}: bench");
@@ -103,7 +113,8 @@ fn main() {
             match name {
                 "pass-through" => pass_through::run(mode).await,
                 "pacing" => pacing::run(mode).await,
-                _ => memory::run(mode).await,
+                "memory" => memory::run(mode).await,
+                _ => hostile::run(mode).await,
             }
         }));
     }

@@ -2,6 +2,7 @@
 //! front of it, both in process on ephemeral ports, and a real HTTP client.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod kernel;
 pub mod raw_h2;
 pub mod redis;
 

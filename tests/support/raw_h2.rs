@@ -35,6 +35,9 @@ const END_HEADERS: u8 = 0x4;
 /// `RST_STREAM` error code for a stream the server did not process.
 pub const REFUSED_STREAM: u32 = 0x7;
 
+/// `GOAWAY` error code for a peer that is causing too much work.
+pub const ENHANCE_YOUR_CALM: u32 = 0xb;
+
 /// One frame as read from the wire.
 #[derive(Debug, Clone)]
 pub struct Frame {
