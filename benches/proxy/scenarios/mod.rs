@@ -7,3 +7,4 @@ pub mod hostile;
 pub mod memory;
 pub mod pacing;
 pub mod pass_through;
+pub mod soak;
