@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::runtime::Handle;
 use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
@@ -278,12 +279,28 @@ pub async fn run(mode: Mode) -> Vec<Verdict> {
         .to(proxy_addr)
         .with_key(API_KEY);
 
+    // The attackers run on a runtime of their own, on one thread, so that
+    // they queue behind each other and not in front of the well-behaved
+    // clients' tasks (the two still share the machine's CPUs).
+    let attack_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("attackers")
+        .enable_all()
+        .build()
+        .expect("attackers' runtime");
+
     let quiet = well_behaved(&plan, &lead, pid).await;
     let before = Footprint::of(pid, proxy_addr);
     let mut rounds = Vec::new();
     for _ in 0..plan.rounds {
-        rounds.push(attack_round(&plan, &lead, &mut proxy, proxy_addr).await);
+        let attack = Attack {
+            plan: &plan,
+            addr: proxy_addr,
+            runtime: attack_runtime.handle(),
+        };
+        rounds.push(attack.round(&lead, &mut proxy).await);
     }
+    attack_runtime.shutdown_background();
     let still_serves = get(admin_addr, "/healthz").await.is_ok();
 
     print_phases(&quiet, &rounds);
@@ -374,49 +391,95 @@ pub async fn run(mode: Mode) -> Vec<Verdict> {
     ]
 }
 
-/// Attacks the proxy, measures the well-behaved service meanwhile, stops
-/// the attackers and waits until the proxy holds no client connection.
-async fn attack_round(
-    plan: &HostilePlan,
-    lead: &RequestSpec,
-    proxy: &mut Process,
+/// Attacks on the proxy at `addr`, run on `runtime`.
+struct Attack<'a> {
+    plan: &'a HostilePlan,
     addr: SocketAddr,
-) -> Round {
-    let pid = proxy.pid();
-    let tally = Arc::new(Tally::default());
-    let stop = CancellationToken::new();
-    let attackers = start_attacks(plan, addr, &tally, &stop);
-    let sampler = tokio::spawn(sample_footprint(pid, addr, stop.clone()));
-    let began = Instant::now();
-    tokio::time::sleep(plan.ramp).await;
-    proxy.check_alive();
-    let under_attack = well_behaved(plan, lead, pid).await;
-    let at_end = Footprint::of(pid, addr);
-    stop.cancel();
-    let attacked_for = began.elapsed();
-    attackers.join_all().await;
-    let most = sampler.await.expect("sampler");
-    proxy.check_alive();
+    runtime: &'a Handle,
+}
 
-    // The attackers have closed their connections: how soon the proxy has
-    // closed its side of every one.
-    let stopped = Instant::now();
-    let settle_within = plan.header_read_timeout + plan.idle_timeout + Duration::from_secs(5);
-    while held_connections(addr.port()) > 0 && stopped.elapsed() < settle_within {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+impl Attack<'_> {
+    /// Attacks the proxy, measures the well-behaved service meanwhile, stops
+    /// the attackers and waits until the proxy holds no client connection.
+    async fn round(&self, lead: &RequestSpec, proxy: &mut Process) -> Round {
+        let (plan, addr) = (self.plan, self.addr);
+        let pid = proxy.pid();
+        let tally = Arc::new(Tally::default());
+        let stop = CancellationToken::new();
+        let attackers = self.start(&tally, &stop);
+        let sampler = tokio::spawn(sample_footprint(pid, addr, stop.clone()));
+        let began = Instant::now();
+        tokio::time::sleep(plan.ramp).await;
+        proxy.check_alive();
+        let under_attack = well_behaved(plan, lead, pid).await;
+        let at_end = Footprint::of(pid, addr);
+        stop.cancel();
+        let attacked_for = began.elapsed();
+        attackers.join_all().await;
+        let most = sampler.await.expect("sampler");
+        proxy.check_alive();
+
+        // The attackers have closed their connections: how soon the proxy has
+        // closed its side of every one.
+        let stopped = Instant::now();
+        let settle_within = plan.header_read_timeout + plan.idle_timeout + Duration::from_secs(5);
+        while held_connections(addr.port()) > 0 && stopped.elapsed() < settle_within {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let settled_after = stopped.elapsed();
+        // A quiet pause, as long as a measured run, before what follows.
+        tokio::time::sleep(plan.measure).await;
+        let tally = Arc::try_unwrap(tally).unwrap_or_default();
+        Round {
+            under_attack,
+            tally,
+            attacked_for,
+            most,
+            at_end,
+            after: Footprint::of(pid, addr),
+            settled_after,
+        }
     }
-    let settled_after = stopped.elapsed();
-    // A quiet pause, as long as a measured run, before what follows.
-    tokio::time::sleep(plan.measure).await;
-    let tally = Arc::try_unwrap(tally).unwrap_or_default();
-    Round {
-        under_attack,
-        tally,
-        attacked_for,
-        most,
-        at_end,
-        after: Footprint::of(pid, addr),
-        settled_after,
+
+    /// Every attacker, each in its own task until `stop`.
+    fn start(&self, tally: &Arc<Tally>, stop: &CancellationToken) -> JoinSet<()> {
+        let (plan, addr) = (self.plan, self.addr);
+        let mut attackers = JoinSet::new();
+        let attacker = |tally: &Arc<Tally>| Attacker {
+            addr,
+            tally: Arc::clone(tally),
+            stop: stop.clone(),
+        };
+        for _ in 0..plan.slowloris {
+            attackers.spawn_on(attacker(tally).trickle_head(plan.slowloris_pause), self.runtime);
+        }
+        for _ in 0..plan.slow_bodies {
+            attackers.spawn_on(
+                attacker(tally).trickle_body(plan.body_chunk, plan.body_pause),
+                self.runtime,
+            );
+        }
+        for _ in 0..plan.silent {
+            attackers.spawn_on(attacker(tally).stay_silent(), self.runtime);
+        }
+        for _ in 0..plan.h2_connections {
+            attackers.spawn_on(
+                attacker(tally).flood_streams(plan.h2_first_burst, plan.h2_burst, plan.http2_streams),
+                self.runtime,
+            );
+        }
+        let every = |per_second: f64| Duration::from_secs_f64(TASKS_PER_RATE as f64 / per_second);
+        for _ in 0..TASKS_PER_RATE {
+            attackers.spawn_on(
+                attacker(tally).long_boundaries(every(plan.boundaries_per_second)),
+                self.runtime,
+            );
+            attackers.spawn_on(
+                attacker(tally).endless_heads(every(plan.endless_heads_per_second)),
+                self.runtime,
+            );
+        }
+        attackers
     }
 }
 
@@ -518,43 +581,6 @@ async fn sample_footprint(pid: u32, listener: SocketAddr, stop: CancellationToke
         }
     }
     most
-}
-
-/// Every attacker, each in its own task until `stop`.
-fn start_attacks(
-    plan: &HostilePlan,
-    addr: SocketAddr,
-    tally: &Arc<Tally>,
-    stop: &CancellationToken,
-) -> JoinSet<()> {
-    let mut attackers = JoinSet::new();
-    let attacker = |tally: &Arc<Tally>| Attacker {
-        addr,
-        tally: Arc::clone(tally),
-        stop: stop.clone(),
-    };
-    for _ in 0..plan.slowloris {
-        attackers.spawn(attacker(tally).trickle_head(plan.slowloris_pause));
-    }
-    for _ in 0..plan.slow_bodies {
-        attackers.spawn(attacker(tally).trickle_body(plan.body_chunk, plan.body_pause));
-    }
-    for _ in 0..plan.silent {
-        attackers.spawn(attacker(tally).stay_silent());
-    }
-    for _ in 0..plan.h2_connections {
-        attackers.spawn(attacker(tally).flood_streams(
-            plan.h2_first_burst,
-            plan.h2_burst,
-            plan.http2_streams,
-        ));
-    }
-    let every = |per_second: f64| Duration::from_secs_f64(TASKS_PER_RATE as f64 / per_second);
-    for _ in 0..TASKS_PER_RATE {
-        attackers.spawn(attacker(tally).long_boundaries(every(plan.boundaries_per_second)));
-        attackers.spawn(attacker(tally).endless_heads(every(plan.endless_heads_per_second)));
-    }
-    attackers
 }
 
 /// One attacker: where it connects, what it counts, when it stops.
