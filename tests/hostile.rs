@@ -75,6 +75,34 @@ fn held_connections(addr: SocketAddr) -> usize {
     support::kernel::held_connections(addr.port())
 }
 
+/// The fields of `GET /rest/v1/lead/1.json` with crm-sync's key, over
+/// HTTP/2 to `authority`.
+fn get_lead(authority: &str) -> [(&str, &str); 5] {
+    [
+        (":method", "GET"),
+        (":scheme", "http"),
+        (":authority", authority),
+        (":path", "/rest/v1/lead/1.json"),
+        ("x-api-key", support::CRM_KEY),
+    ]
+}
+
+/// The next `count` answers on `connection`: each stream with its
+/// `:status`, in the order they came.
+async fn next_statuses(connection: &mut RawH2, count: usize) -> Vec<(u32, u16)> {
+    let mut statuses = Vec::new();
+    while statuses.len() < count {
+        let frame = tokio::time::timeout(ENDED_WITHIN, connection.read_frame())
+            .await
+            .expect("answered in time")
+            .expect("the connection stays open");
+        if let Some(status) = frame.status() {
+            statuses.push((frame.stream, status));
+        }
+    }
+    statuses
+}
+
 /// What a client that sends `bytes` one at a time saw.
 #[derive(Debug)]
 struct Trickled {
@@ -162,8 +190,9 @@ async fn clients_that_trickle_their_headers_are_cut_off_while_others_are_served(
     // And one HTTP/2 client sends a head that never ends: HEADERS without
     // END_HEADERS, then nothing.
     let mut unfinished = RawH2::connect(proxy.addr).await.unwrap();
+    let authority = proxy.addr.to_string();
     unfinished
-        .headers_unfinished(1, &[(":method", "GET"), (":path", "/rest/v1/lead/1.json")])
+        .headers_unfinished(1, &get_lead(&authority))
         .await
         .unwrap();
 
@@ -346,39 +375,15 @@ async fn streams_past_the_http2_limit_are_refused_and_the_connection_survives() 
     for &stream in &streams[..8] {
         flood.data(stream, LEAD_BODY.as_bytes()).await.unwrap();
     }
-    let mut answered = Vec::new();
-    while answered.len() < 8 {
-        let frame = tokio::time::timeout(ENDED_WITHIN, flood.read_frame())
-            .await
-            .expect("the accepted streams are answered")
-            .unwrap();
-        if let Some(status) = frame.status() {
-            assert_eq!(status, 200, "stream {}", frame.stream);
-            answered.push(frame.stream);
-        }
-    }
+    let mut answered = next_statuses(&mut flood, 8).await;
     answered.sort_unstable();
-    assert_eq!(answered, streams[..8]);
+    let all_ok: Vec<(u32, u16)> = streams[..8].iter().map(|&stream| (stream, 200)).collect();
+    assert_eq!(answered, all_ok);
     // ...and the connection takes new streams.
     let next = streams[streams.len() - 1] + 2;
-    let get = [
-        (":method", "GET"),
-        (":scheme", "http"),
-        (":authority", authority.as_str()),
-        (":path", "/rest/v1/lead/1.json"),
-        ("x-api-key", support::CRM_KEY),
-    ];
+    let get = get_lead(&authority);
     flood.headers(next, &get, true).await.unwrap();
-    loop {
-        let frame = tokio::time::timeout(ENDED_WITHIN, flood.read_frame())
-            .await
-            .expect("a new stream is answered")
-            .unwrap();
-        if frame.stream == next && frame.status().is_some() {
-            assert_eq!(frame.status(), Some(200));
-            break;
-        }
-    }
+    assert_eq!(next_statuses(&mut flood, 1).await, [(next, 200)]);
     // Only what was accepted reached Marketo: nothing was queued.
     assert_eq!(sim.stats().calls, 8 + 2 + 1);
 }
@@ -475,27 +480,13 @@ async fn a_request_head_over_64_kb_is_refused_without_reading_on() {
     let mut connection = RawH2::connect(addr).await.unwrap();
     let authority = addr.to_string();
     let padding = "a".repeat(100 * 1024);
-    let get = [
-        (":method", "GET"),
-        (":scheme", "http"),
-        (":authority", authority.as_str()),
-        (":path", "/rest/v1/lead/1.json"),
-        ("x-api-key", support::CRM_KEY),
-    ];
+    let get = get_lead(&authority);
     let mut oversized = get.to_vec();
     oversized.push(("x-padding", padding.as_str()));
     connection.headers(1, &oversized, true).await.unwrap();
     connection.headers(3, &get, true).await.unwrap();
-    let mut statuses = Vec::new();
-    while statuses.len() < 2 {
-        let frame = tokio::time::timeout(ENDED_WITHIN, connection.read_frame())
-            .await
-            .expect("both streams are answered")
-            .unwrap();
-        if let Some(status) = frame.status() {
-            statuses.push((frame.stream, status));
-        }
-    }
+    let mut statuses = next_statuses(&mut connection, 2).await;
+    statuses.sort_unstable();
     assert_eq!(statuses, [(1, 431), (3, 200)]);
     // HTTP/2: CONTINUATION frames without end are cut off with the
     // connection.

@@ -23,7 +23,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::runtime::Handle;
 use tokio::task::JoinSet;
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use crate::Mode;
@@ -606,6 +606,20 @@ impl Attacker {
         }
     }
 
+    /// A new connection at the next of `ticks` (or the one after, if it
+    /// failed), or `None` once stopped.
+    async fn connect_at(&self, ticks: &mut Interval) -> Option<TcpStream> {
+        loop {
+            tokio::select! {
+                () = self.stop.cancelled() => return None,
+                _ = ticks.tick() => {}
+            }
+            if let Some(stream) = self.connect().await {
+                return Some(stream);
+            }
+        }
+    }
+
     /// Sends a request head a byte every `pause`, again on a new
     /// connection each time the proxy cuts it off.
     async fn trickle_head(self, pause: Duration) {
@@ -785,14 +799,7 @@ impl Attacker {
         );
         let mut ticks = tokio::time::interval(every);
         ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                () = self.stop.cancelled() => return,
-                _ = ticks.tick() => {}
-            }
-            let Some(mut stream) = self.connect().await else {
-                continue;
-            };
+        while let Some(mut stream) = self.connect_at(&mut ticks).await {
             let mut answer = Vec::new();
             let answered = async {
                 stream.write_all(head.as_bytes()).await?;
@@ -817,14 +824,7 @@ impl Attacker {
         let line = format!("X-Padding: {}\r\n", "a".repeat(1010));
         let mut ticks = tokio::time::interval(every);
         ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                () = self.stop.cancelled() => return,
-                _ = ticks.tick() => {}
-            }
-            let Some(mut stream) = self.connect().await else {
-                continue;
-            };
+        while let Some(mut stream) = self.connect_at(&mut ticks).await {
             let mut written = 0;
             let writing = async {
                 stream.write_all(start.as_bytes()).await?;

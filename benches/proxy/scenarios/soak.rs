@@ -4,7 +4,7 @@
 //!
 //! Four services share a window small enough (100 calls per 2 s, 10 in
 //! flight) that the proxy paces and queues: reads over keep-alive
-//! HTTP/1.1, writes over one HTTP/2 connection, `_method=GET` form posts
+//! HTTP/1.1, writes over HTTP/2, `_method=GET` form posts
 //! each on a new connection with a token from the proxy's identity
 //! endpoint, and an old client that sends its token as `access_token`.
 //! Every 20 s the simulator is told (`/_sim/faults`) to fail, drop, hang
@@ -19,6 +19,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::StatusCode;
+use http_body_util::Full;
+use hyper::client::conn::{http1, http2};
 use marketo_proxy::sim::Stats;
 use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior};
@@ -258,7 +260,7 @@ async fn start_clients(
             RequestSpec::get(&path).to(proxy).with_key(CRM.1)
         }));
     }
-    // forms: createOrUpdate, two streams of one HTTP/2 connection, 10 req/s.
+    // forms: createOrUpdate, two HTTP/2 connections, 10 req/s.
     for _ in 0..2 {
         load.spawn(client(FORMS.0, 5.0, Transport::Http2).run(move |n| {
             let body = format!(
@@ -272,15 +274,7 @@ async fn start_clients(
     }
     // warehouse: logs in, then `_method=GET` form posts, each on a new
     // connection, 8 req/s.
-    let warehouse_token = Arc::new(RwLock::new(String::new()));
-    log_in(proxy, WAREHOUSE, &warehouse_token).await;
-    load.spawn(log_in_every(
-        proxy,
-        WAREHOUSE,
-        plan.login_every,
-        end,
-        Arc::clone(&warehouse_token),
-    ));
+    let warehouse_token = logged_in(load, proxy, WAREHOUSE, plan.login_every, end).await;
     for _ in 0..2 {
         let token = Arc::clone(&warehouse_token);
         load.spawn(client(WAREHOUSE.0, 4.0, Transport::Fresh).run(move |n| {
@@ -292,15 +286,7 @@ async fn start_clients(
         }));
     }
     // legacy: logs in, then sends the token as `access_token`, 5 req/s.
-    let legacy_token = Arc::new(RwLock::new(String::new()));
-    log_in(proxy, LEGACY, &legacy_token).await;
-    load.spawn(log_in_every(
-        proxy,
-        LEGACY,
-        plan.login_every,
-        end,
-        Arc::clone(&legacy_token),
-    ));
+    let legacy_token = logged_in(load, proxy, LEGACY, plan.login_every, end).await;
     load.spawn(client(LEGACY.0, 5.0, Transport::KeepAlive).run(move |n| {
         let path = format!(
             "/rest/v1/leads.json?filterType=email&filterValues=lead{}@example.com&access_token={}",
@@ -340,44 +326,27 @@ impl Client {
     async fn run(self, mut request: impl FnMut(u64) -> RequestSpec + Send) {
         let mut ticks = tokio::time::interval(self.every);
         ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut keep_alive = None;
-        let mut http2 = None;
+        let mut kept: Option<Connection> = None;
         for n in 0.. {
             if ticks.tick().await >= self.end {
                 break;
             }
             let request = request(n);
-            let answered = match self.transport {
-                Transport::Fresh => match connect_h1(self.proxy).await {
-                    Ok(mut sender) => answer(&mut sender, &request).await,
-                    Err(error) => Err(error),
-                },
-                Transport::KeepAlive => {
-                    let answered = match &mut keep_alive {
-                        Some(sender) => answer(sender, &request).await,
-                        None => match connect_h1(self.proxy).await {
-                            Ok(sender) => answer(keep_alive.insert(sender), &request).await,
-                            Err(error) => Err(error),
-                        },
-                    };
-                    if answered.is_err() {
-                        keep_alive = None;
+            let connection = match kept.take() {
+                Some(connection) => Ok(connection),
+                None => Connection::open(self.proxy, self.transport).await,
+            };
+            let answered = match connection {
+                Ok(mut connection) => {
+                    let answered = connection.answer(&request).await;
+                    // Kept for the next request unless it failed or the
+                    // client makes a new connection every time.
+                    if answered.is_ok() && !matches!(self.transport, Transport::Fresh) {
+                        kept = Some(connection);
                     }
                     answered
                 }
-                Transport::Http2 => {
-                    let answered = match &mut http2 {
-                        Some(sender) => answer_h2(sender, &request).await,
-                        None => match connect_h2(self.proxy).await {
-                            Ok(sender) => answer_h2(http2.insert(sender), &request).await,
-                            Err(error) => Err(error),
-                        },
-                    };
-                    if answered.is_err() {
-                        http2 = None;
-                    }
-                    answered
-                }
+                Err(error) => Err(error),
             };
             let outcome = outcome(answered);
             *self
@@ -386,6 +355,28 @@ impl Client {
                 .expect("outcomes")
                 .entry((self.service, outcome))
                 .or_default() += 1;
+        }
+    }
+}
+
+/// A client connection to the proxy.
+enum Connection {
+    Http1(http1::SendRequest<Full<Bytes>>),
+    Http2(http2::SendRequest<Full<Bytes>>),
+}
+
+impl Connection {
+    async fn open(proxy: SocketAddr, transport: Transport) -> Result<Self, BoxError> {
+        Ok(match transport {
+            Transport::Http2 => Self::Http2(connect_h2(proxy).await?),
+            Transport::KeepAlive | Transport::Fresh => Self::Http1(connect_h1(proxy).await?),
+        })
+    }
+
+    async fn answer(&mut self, request: &RequestSpec) -> Result<(StatusCode, Bytes), BoxError> {
+        match self {
+            Self::Http1(sender) => answer(sender, request).await,
+            Self::Http2(sender) => answer_h2(sender, request).await,
         }
     }
 }
@@ -410,18 +401,25 @@ fn outcome(answered: Result<(StatusCode, Bytes), BoxError>) -> String {
     }
 }
 
-/// Logs in again every `every` until `end`.
-async fn log_in_every(
+/// The proxy token of `service`, fetched now and again every `every`
+/// until `end` by a task on `load`.
+async fn logged_in(
+    load: &mut JoinSet<()>,
     proxy: SocketAddr,
     service: (&'static str, &'static str),
     every: Duration,
     end: Instant,
-    token: Arc<RwLock<String>>,
-) {
-    let mut ticks = tokio::time::interval_at(Instant::now() + every, every);
-    while ticks.tick().await < end {
-        log_in(proxy, service, &token).await;
-    }
+) -> Arc<RwLock<String>> {
+    let token = Arc::new(RwLock::new(String::new()));
+    log_in(proxy, service, &token).await;
+    let refreshed = Arc::clone(&token);
+    load.spawn(async move {
+        let mut ticks = tokio::time::interval_at(Instant::now() + every, every);
+        while ticks.tick().await < end {
+            log_in(proxy, service, &refreshed).await;
+        }
+    });
+    token
 }
 
 /// Fetches a proxy token for `service` from the proxy's identity endpoint.
