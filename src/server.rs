@@ -176,6 +176,10 @@ pub async fn serve<S, B>(
         // Drives the connection until it ends, is idle or too slow, or the
         // server shuts down; the last two close it gracefully.
         connections.spawn(async move {
+            // Declared before the connection, so dropped after it: the
+            // slot frees once the socket is closed, and the cap holds for
+            // descriptors, not just for connection tasks.
+            let _permit = permit;
             tokio::pin!(connection);
             let why = loop {
                 tokio::select! {
@@ -183,7 +187,6 @@ pub async fn serve<S, B>(
                         if let Err(error) = result {
                             tracing::debug!(%peer, %error, "connection ended with an error");
                         }
-                        drop(permit);
                         return;
                     }
                     () = tokio::time::sleep(check_every) => {
@@ -202,7 +205,6 @@ pub async fn serve<S, B>(
                 CLOSE_GRACE
             };
             let _ = tokio::time::timeout(grace, connection).await;
-            drop(permit);
         });
     }
     drop(listener);

@@ -9,40 +9,13 @@ mod support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use marketo_proxy::app::{self, RunningProxy};
-use marketo_proxy::sim::{SimHandle, Simulator};
+use marketo_proxy::app::RunningProxy;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 const GET_LEAD: &str =
     "GET /rest/v1/lead/1.json HTTP/1.1\r\nHost: proxy\r\nX-Api-Key: test-key-crm-0123456789\r\n\r\n";
-
-/// A simulator and a proxy whose connection settings are `server`.
-async fn proxy_with(server: &str) -> (SimHandle, RunningProxy) {
-    let sim = Simulator::spawn(support::sim_config()).await.unwrap();
-    let mut config = support::proxy_config(&sim.url(), "");
-    let server: marketo_proxy::config::ServerConfig = serde_yaml_ng::from_str(server).unwrap();
-    config.server = server;
-    let proxy = app::spawn(config).await.unwrap();
-    support::wait_ready(&proxy).await;
-    (sim, proxy)
-}
-
-/// Waits until the server closes `stream` (a read returns end of file or
-/// a reset), and says how long that took; panics after `within`.
-async fn closed_within(stream: &mut TcpStream, within: Duration) -> Duration {
-    let started = Instant::now();
-    let mut buffer = [0_u8; 4096];
-    loop {
-        match tokio::time::timeout_at(started + within, stream.read(&mut buffer)).await {
-            Err(_) => panic!("still open after {within:?}"),
-            Ok(Ok(0) | Err(_)) => return started.elapsed(),
-            // An answer: keep reading until the close.
-            Ok(Ok(_)) => {}
-        }
-    }
-}
 
 /// Sends one request and reads its answer's status line.
 async fn status_line(stream: &mut TcpStream) -> String {
@@ -59,20 +32,20 @@ fn addr(proxy: &RunningProxy) -> SocketAddr {
 
 #[tokio::test]
 async fn connections_that_send_nothing_are_closed_after_the_header_read_timeout() {
-    let (_sim, proxy) = proxy_with("{ header_read_timeout: 500ms, idle_timeout: 10s }").await;
+    let (_sim, proxy) = support::proxy_with_server("{ header_read_timeout: 500ms, idle_timeout: 10s }").await;
     let mut silent = Vec::new();
     for _ in 0..20 {
         silent.push(TcpStream::connect(addr(&proxy)).await.unwrap());
     }
     for stream in &mut silent {
-        let took = closed_within(stream, Duration::from_secs(5)).await;
+        let took = support::closed_within(stream, Duration::from_secs(5)).await;
         assert!(took < Duration::from_secs(3), "closed after {took:?}");
     }
 }
 
 #[tokio::test]
 async fn a_client_that_trickles_its_headers_is_cut_off() {
-    let (sim, proxy) = proxy_with("{ header_read_timeout: 500ms, idle_timeout: 10s }").await;
+    let (sim, proxy) = support::proxy_with_server("{ header_read_timeout: 500ms, idle_timeout: 10s }").await;
     let mut stream = TcpStream::connect(addr(&proxy)).await.unwrap();
     let started = Instant::now();
     // One byte every 100 ms: the whole head would take seconds.
@@ -82,17 +55,17 @@ async fn a_client_that_trickles_its_headers_is_cut_off() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let took = started.elapsed() + closed_within(&mut stream, Duration::from_secs(5)).await;
+    let took = started.elapsed() + support::closed_within(&mut stream, Duration::from_secs(5)).await;
     assert!(took < Duration::from_secs(4), "closed after {took:?}");
     assert_eq!(sim.stats().arrivals.len(), 0, "nothing was forwarded");
 }
 
 #[tokio::test]
 async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
-    let (_sim, proxy) = proxy_with("{ header_read_timeout: 10s, idle_timeout: 500ms }").await;
+    let (_sim, proxy) = support::proxy_with_server("{ header_read_timeout: 10s, idle_timeout: 500ms }").await;
     let mut stream = TcpStream::connect(addr(&proxy)).await.unwrap();
     assert_eq!(status_line(&mut stream).await, "HTTP/1.1 200 OK");
-    let took = closed_within(&mut stream, Duration::from_secs(5)).await;
+    let took = support::closed_within(&mut stream, Duration::from_secs(5)).await;
     assert!(
         took >= Duration::from_millis(400) && took < Duration::from_secs(3),
         "closed after {took:?}"
@@ -102,7 +75,8 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
 #[tokio::test]
 async fn past_the_cap_a_connection_waits_until_another_closes() {
     let (_sim, proxy) =
-        proxy_with("{ max_connections: 2, header_read_timeout: 30s, idle_timeout: 30s }").await;
+        support::proxy_with_server("{ max_connections: 2, header_read_timeout: 30s, idle_timeout: 30s }")
+            .await;
     // Two connections, each with a request answered, stay open.
     let mut first = TcpStream::connect(addr(&proxy)).await.unwrap();
     assert_eq!(status_line(&mut first).await, "HTTP/1.1 200 OK");
@@ -127,7 +101,8 @@ async fn past_the_cap_a_connection_waits_until_another_closes() {
 #[tokio::test]
 async fn the_admin_port_answers_while_the_proxy_port_is_full() {
     let (_sim, proxy) =
-        proxy_with("{ max_connections: 1, header_read_timeout: 30s, idle_timeout: 30s }").await;
+        support::proxy_with_server("{ max_connections: 1, header_read_timeout: 30s, idle_timeout: 30s }")
+            .await;
     let mut only = TcpStream::connect(addr(&proxy)).await.unwrap();
     assert_eq!(status_line(&mut only).await, "HTTP/1.1 200 OK");
     for path in ["/healthz", "/metrics"] {
@@ -143,7 +118,7 @@ async fn the_admin_port_answers_while_the_proxy_port_is_full() {
 
 #[tokio::test]
 async fn past_the_body_budget_a_request_is_refused_with_608_until_bytes_free() {
-    let (sim, proxy) = proxy_with("{ max_buffered_body_bytes: 2000 }").await;
+    let (sim, proxy) = support::proxy_with_server("{ max_buffered_body_bytes: 2000 }").await;
     let post = |length: usize| {
         format!(
             "POST /rest/v1/leads.json HTTP/1.1\r\nHost: proxy\r\nX-Api-Key: test-key-crm-0123456789\r\n\
@@ -204,7 +179,7 @@ async fn past_the_body_budget_a_request_is_refused_with_608_until_bytes_free() {
 
 #[tokio::test]
 async fn a_token_request_gets_no_more_than_a_small_body() {
-    let (_sim, proxy) = proxy_with("{}").await;
+    let (_sim, proxy) = support::proxy_with_server("{}").await;
     let answer = support::client()
         .post(format!("{}/identity/oauth/token", proxy.url()))
         .header("Content-Type", "application/x-www-form-urlencoded")

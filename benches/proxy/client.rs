@@ -1,7 +1,8 @@
 //! The HTTP client side of the harness: hyper 1 client connections over
 //! HTTP/1.1 and HTTP/2, the request the load generator repeats, the check
-//! that an answer is a Marketo success, and one-off requests to the
-//! simulator's and the proxy's control endpoints.
+//! that an answer is a Marketo success, one-off requests to the
+//! simulator's and the proxy's control endpoints, and the reading of the
+//! proxy's metrics.
 
 use std::net::SocketAddr;
 
@@ -24,6 +25,9 @@ pub struct RequestSpec {
     method: Method,
     path: String,
     api_key: Option<String>,
+    /// `Authorization: Bearer` value (a proxy-issued token).
+    bearer: Option<String>,
+    content_type: &'static str,
     body: Bytes,
 }
 
@@ -34,6 +38,8 @@ impl RequestSpec {
             method: Method::GET,
             path: path.to_owned(),
             api_key: None,
+            bearer: None,
+            content_type: "application/json",
             body: Bytes::new(),
         }
     }
@@ -56,6 +62,17 @@ impl RequestSpec {
         self
     }
 
+    pub fn with_bearer(mut self, token: &str) -> Self {
+        self.bearer = Some(token.to_owned());
+        self
+    }
+
+    /// The body is sent as `application/x-www-form-urlencoded`.
+    pub fn form(mut self) -> Self {
+        self.content_type = "application/x-www-form-urlencoded";
+        self
+    }
+
     fn build(&self, with_host: bool) -> Result<Request<Full<Bytes>>, BoxError> {
         let mut builder = Request::builder().method(self.method.clone());
         if with_host {
@@ -68,8 +85,11 @@ impl RequestSpec {
         if let Some(key) = &self.api_key {
             builder = builder.header("x-api-key", key.as_str());
         }
+        if let Some(token) = &self.bearer {
+            builder = builder.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
         if !self.body.is_empty() {
-            builder = builder.header(header::CONTENT_TYPE, "application/json");
+            builder = builder.header(header::CONTENT_TYPE, self.content_type);
         }
         Ok(builder.body(Full::new(self.body.clone()))?)
     }
@@ -96,29 +116,51 @@ pub async fn exchange(
     sender: &mut http1::SendRequest<Full<Bytes>>,
     request: &RequestSpec,
 ) -> Result<(), BoxError> {
-    sender.ready().await?;
-    let response = sender.send_request(request.build(true)?).await?;
-    check_success(response).await
+    let (status, body) = answer(sender, request).await?;
+    success_or_error(status, &body)
 }
 
 pub async fn exchange_h2(
     sender: &mut http2::SendRequest<Full<Bytes>>,
     request: &RequestSpec,
 ) -> Result<(), BoxError> {
-    sender.ready().await?;
-    let response = sender.send_request(request.build(false)?).await?;
-    check_success(response).await
+    let (status, body) = answer_h2(sender, request).await?;
+    success_or_error(status, &body)
 }
 
-async fn check_success(response: Response<Incoming>) -> Result<(), BoxError> {
+/// One request and its whole answer, whatever it is.
+pub async fn answer(
+    sender: &mut http1::SendRequest<Full<Bytes>>,
+    request: &RequestSpec,
+) -> Result<(StatusCode, Bytes), BoxError> {
+    sender.ready().await?;
+    read_answer(sender.send_request(request.build(true)?).await?).await
+}
+
+pub async fn answer_h2(
+    sender: &mut http2::SendRequest<Full<Bytes>>,
+    request: &RequestSpec,
+) -> Result<(StatusCode, Bytes), BoxError> {
+    sender.ready().await?;
+    read_answer(sender.send_request(request.build(false)?).await?).await
+}
+
+async fn read_answer(response: Response<Incoming>) -> Result<(StatusCode, Bytes), BoxError> {
     let status = response.status();
-    let body = response.into_body().collect().await?.to_bytes();
+    Ok((status, response.into_body().collect().await?.to_bytes()))
+}
+
+/// Whether an answer is a Marketo success: HTTP 200 with `"success":true`.
+pub fn is_success(status: StatusCode, body: &[u8]) -> bool {
     const SUCCESS: &[u8] = b"\"success\":true";
-    let success = body.windows(SUCCESS.len()).any(|window| window == SUCCESS);
-    if status == StatusCode::OK && success {
+    status == StatusCode::OK && body.windows(SUCCESS.len()).any(|window| window == SUCCESS)
+}
+
+fn success_or_error(status: StatusCode, body: &[u8]) -> Result<(), BoxError> {
+    if is_success(status, body) {
         Ok(())
     } else {
-        Err(format!("answer {status}: {}", String::from_utf8_lossy(&body)).into())
+        Err(format!("answer {status}: {}", String::from_utf8_lossy(body)).into())
     }
 }
 
@@ -147,4 +189,16 @@ async fn one_off(addr: SocketAddr, method: Method, path: &str, body: Bytes) -> R
     } else {
         Err(format!("{path}: {status}").into())
     }
+}
+
+/// The sum of every series of metric `name` in a Prometheus text
+/// exposition.
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }

@@ -1,6 +1,6 @@
 //! The load generator: keep-alive HTTP/1.1 clients in a closed loop (as
-//! fast as answers come) or paced at a steady light rate, and the latencies
-//! and counts they collect.
+//! fast as answers come) or paced at a steady light rate, or one request
+//! per new connection, and the latencies and counts they collect.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -22,10 +22,15 @@ impl Samples {
     /// Counts the outcome of a request begun at `began`: an answer with
     /// its latency, or an error, which is logged. False on an error.
     fn count(&mut self, began: Instant, result: Result<(), BoxError>, addr: SocketAddr) -> bool {
-        match result {
-            Ok(()) => {
+        self.record(result.map(|()| began.elapsed()), addr)
+    }
+
+    /// Counts an answer that took `latency`, or an error, which is logged.
+    fn record(&mut self, latency: Result<Duration, BoxError>, addr: SocketAddr) -> bool {
+        match latency {
+            Ok(latency) => {
                 self.ok += 1;
-                self.latencies.push(began.elapsed());
+                self.latencies.push(latency);
                 true
             }
             Err(error) => {
@@ -159,6 +164,37 @@ pub async fn paced_loop(
     for client in clients {
         total.merge(client.await.expect("client task"));
     }
+    total.measured = measure;
+    total
+}
+
+/// One request per new connection, `rate` requests/s for `measure`: what
+/// a client that keeps no connection open sees. Latency counts from the
+/// moment the request was due, connecting included.
+pub async fn fresh_connections(request: &RequestSpec, rate: f64, measure: Duration) -> Samples {
+    let end = Instant::now() + measure;
+    let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    let mut requests = Vec::new();
+    loop {
+        let due = ticks.tick().await;
+        if due >= end {
+            break;
+        }
+        let request = request.clone();
+        requests.push(tokio::spawn(async move {
+            let result = async {
+                let mut sender = connect_h1(request.addr).await?;
+                exchange(&mut sender, &request).await
+            }
+            .await;
+            result.map(|()| due.elapsed())
+        }));
+    }
+    let mut total = Samples::default();
+    for answered in requests {
+        total.record(answered.await.expect("request task"), request.addr);
+    }
+    total.latencies.sort_unstable();
     total.measured = measure;
     total
 }

@@ -13,6 +13,15 @@
 //!   fairness against the weights.
 //! - `memory`: resident memory of the proxy with 10,000 requests waiting
 //!   in the queue, over HTTP/2 streams and over HTTP/1.1 connections.
+//! - `hostile`: a well-behaved service's light-load latency on a quiet
+//!   proxy and while hostile clients attack the same process (slowloris
+//!   heads and bodies, silent connections, an HTTP/2 stream flood, long
+//!   multipart boundaries, endless heads); the proxy's memory and
+//!   descriptors before, during and after.
+//! - `soak`: ten minutes of mixed load (four services, reads and writes,
+//!   logins, injected faults, a small window) against `marketo-sim`, the
+//!   proxy's memory and descriptors every 10 s, and whether they stayed
+//!   flat. Not in the default run: `cargo bench --bench proxy -- soak`.
 //!
 //! `cargo bench --bench proxy` runs the full measurement (BENCHMARKS.md
 //! holds the figures). Without `--bench`, as `cargo test --all-targets`
@@ -23,14 +32,19 @@
 
 mod bare_proxy;
 mod client;
+#[path = "../../tests/support/kernel.rs"]
+mod kernel;
 mod load;
 mod nginx;
 mod processes;
+#[path = "../../tests/support/raw_h2.rs"]
+#[allow(dead_code)]
+mod raw_h2;
 mod report;
 mod scenarios;
 mod static_upstream;
 
-use scenarios::{memory, pacing, pass_through};
+use scenarios::{hostile, memory, pacing, pass_through, soak};
 
 /// How long the scenarios run and whether they assert.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,7 +74,9 @@ fn main() {
         bare_proxy::serve(addr(1), addr(2));
         return;
     }
-    let scenarios = ["pass-through", "pacing", "memory"];
+    let scenarios = ["pass-through", "pacing", "memory", "hostile", "soak"];
+    // Ten minutes: measured only when asked for by name.
+    const ON_REQUEST: &[&str] = &["soak"];
     if args.iter().any(|arg| arg == "--list") {
         for name in scenarios {
             println!("{name}: bench");
@@ -79,7 +95,13 @@ fn main() {
         .collect();
     let selected: Vec<&str> = scenarios
         .into_iter()
-        .filter(|name| filters.is_empty() || filters.iter().any(|filter| name.contains(filter)))
+        .filter(|name| {
+            if filters.is_empty() {
+                mode == Mode::Smoke || !ON_REQUEST.contains(name)
+            } else {
+                filters.iter().any(|filter| name.contains(filter))
+            }
+        })
         .collect();
     if selected.is_empty() {
         println!("proxy bench: no scenario matches {filters:?}");
@@ -89,7 +111,12 @@ fn main() {
         Mode::Smoke => {
             println!("proxy bench: SMOKE RUN (short, with assertions; `cargo bench --bench proxy` measures)")
         }
-        Mode::Full => println!("proxy bench: full measurement"),
+        Mode::Full => {
+            println!("proxy bench: full measurement");
+            for name in ON_REQUEST.iter().filter(|name| !selected.contains(name)) {
+                println!("note: `{name}` runs only when named: cargo bench --bench proxy -- {name}");
+            }
+        }
     }
     report::print_machine();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -103,7 +130,9 @@ fn main() {
             match name {
                 "pass-through" => pass_through::run(mode).await,
                 "pacing" => pacing::run(mode).await,
-                _ => memory::run(mode).await,
+                "memory" => memory::run(mode).await,
+                "hostile" => hostile::run(mode).await,
+                _ => soak::run(mode).await,
             }
         }));
     }

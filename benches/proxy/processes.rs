@@ -2,8 +2,8 @@
 //! temporary directory, checked for life while it is used, and stopped
 //! when dropped, panics included. `marketo-proxy serve` (from the config a
 //! scenario generates) and `marketo-sim` come from this build, listen on
-//! ephemeral ports and are waited for until they answer. CPU time and
-//! resident memory are read from `/proc`.
+//! ephemeral ports and are waited for until they answer. CPU time,
+//! resident memory and open descriptors are read from `/proc`.
 
 use std::fs::{self, File};
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
@@ -14,6 +14,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::client::get;
+use crate::static_upstream;
 
 const PROXY_EXE: &str = env!("CARGO_BIN_EXE_marketo-proxy");
 const SIM_EXE: &str = env!("CARGO_BIN_EXE_marketo-sim");
@@ -72,16 +73,26 @@ impl Process {
     }
 
     pub fn rss_kib(&self) -> u64 {
-        fs::read_to_string(format!("/proc/{}/status", self.pid()))
-            .ok()
-            .and_then(|status| {
-                status
-                    .lines()
-                    .find(|line| line.starts_with("VmRSS:"))
-                    .and_then(|line| line.split_whitespace().nth(1)?.parse().ok())
-            })
-            .unwrap_or(0)
+        rss_kib(self.pid())
     }
+}
+
+/// Resident memory of process `pid` (`VmRSS`), 0 once it is gone.
+pub fn rss_kib(pid: u32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|line| line.starts_with("VmRSS:"))
+                .and_then(|line| line.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Descriptors process `pid` holds open (`/proc/PID/fd`), 0 once it is gone.
+pub fn open_fds(pid: u32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |entries| entries.count())
 }
 
 impl Drop for Process {
@@ -119,6 +130,46 @@ pub async fn start_proxy(dir: &Path, name: &str, config: &str, admin: SocketAddr
     proxy.terminate_gently = wrapped;
     wait_ready(&mut proxy, admin, "/readyz").await;
     proxy
+}
+
+/// Starts the static upstream (this binary re-run as `--static-upstream`)
+/// on a free port and waits until it answers.
+pub async fn start_static_upstream(dir: &Path) -> (Process, SocketAddr) {
+    let addr = local_addr(free_port());
+    let me = std::env::current_exe().expect("own path");
+    let mut upstream = Process::spawn(
+        "static-upstream",
+        &me,
+        &[static_upstream::ROLE, &addr.to_string()],
+        dir,
+    );
+    wait_ready(&mut upstream, addr, "/rest/v1/lead/1.json").await;
+    (upstream, addr)
+}
+
+/// A proxy config in front of `upstream` with Marketo's limits lifted far
+/// above any load the harness makes (10,000,000 calls a second,
+/// concurrency 1,000,000, a daily quota of 10^12, no safety margin), no
+/// state file, no usage sync, and one service with [`API_KEY`]. `server`
+/// is added as the `server:` settings when not empty.
+pub fn lifted_limits_config(
+    proxy: SocketAddr,
+    admin: SocketAddr,
+    upstream: SocketAddr,
+    server: &str,
+) -> String {
+    let mut config = format!(
+        "listen: {proxy}\nadmin_listen: {admin}\n\
+         marketo: {{ base_url: 'http://{upstream}', client_id: {CLIENT_ID}, client_secret: {CLIENT_SECRET} }}\n\
+         limits:\n  window_calls: 10000000\n  window: 1s\n  safety_margin: 0s\n  concurrency: 1000000\n  \
+         daily_quota: 1000000000000\n  max_queue_wait: 60s\n\
+         services:\n  - {{ name: bench, api_key: {API_KEY} }}\n\
+         state: {{ file: ~, usage_sync_interval: 0s }}\n"
+    );
+    if !server.is_empty() {
+        config.push_str(&format!("server: {server}\n"));
+    }
+    config
 }
 
 pub async fn start_sim(dir: &Path, addr: SocketAddr, extra: &[&str]) -> Process {

@@ -2,6 +2,8 @@
 //! front of it, both in process on ephemeral ports, and a real HTTP client.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod kernel;
+pub mod raw_h2;
 pub mod redis;
 
 use std::fmt::Debug;
@@ -10,6 +12,8 @@ use std::time::Duration;
 use marketo_proxy::app::{self, RunningProxy};
 use marketo_proxy::config::Config;
 use marketo_proxy::sim::{SimClient, SimConfig, SimHandle, Simulator};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
 
 /// API keys of the services in [`proxy_config`].
 pub const CRM_KEY: &str = "test-key-crm-0123456789";
@@ -115,6 +119,32 @@ impl Stack {
     /// The admin `/metrics` text.
     pub async fn metrics(&self) -> String {
         metrics_text(&self.proxy.admin_url()).await
+    }
+}
+
+/// A simulator and a ready proxy in front of it whose `server:` settings
+/// are `server`, in YAML (e.g. `{ header_read_timeout: 500ms }`).
+pub async fn proxy_with_server(server: &str) -> (SimHandle, RunningProxy) {
+    let sim = Simulator::spawn(sim_config()).await.expect("simulator starts");
+    let mut config = proxy_config(&sim.url(), "");
+    config.server = serde_yaml_ng::from_str(server).expect("server settings are valid");
+    let proxy = app::spawn(config).await.expect("proxy starts");
+    wait_ready(&proxy).await;
+    (sim, proxy)
+}
+
+/// Waits until the server closes `stream` (a read returns end of file or
+/// a reset), reading past any answer, and says how long that took; panics
+/// after `within`.
+pub async fn closed_within(stream: &mut TcpStream, within: Duration) -> Duration {
+    let started = tokio::time::Instant::now();
+    let mut buffer = [0_u8; 4096];
+    loop {
+        match tokio::time::timeout_at(started + within, stream.read(&mut buffer)).await {
+            Err(_) => panic!("still open after {within:?}"),
+            Ok(Ok(0) | Err(_)) => return started.elapsed(),
+            Ok(Ok(_)) => {}
+        }
     }
 }
 

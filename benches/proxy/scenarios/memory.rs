@@ -12,7 +12,7 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use crate::Mode;
-use crate::client::{RequestSpec, connect_h1, connect_h2, exchange, exchange_h2, get, post};
+use crate::client::{RequestSpec, connect_h1, connect_h2, exchange, exchange_h2, get, metric_sum, post};
 use crate::processes::{
     API_KEY, CLIENT_ID, CLIENT_SECRET, Process, free_port, local_addr, start_proxy, start_sim,
 };
@@ -209,16 +209,6 @@ async fn wait_metric(admin: SocketAddr, name: &str, want: f64, proxy: &mut Proce
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-fn metric_sum(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|line| {
-            line.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-        })
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 fn open_files_limit(pid: &str) -> Option<u64> {

@@ -10,15 +10,15 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::Mode;
+use crate::bare_proxy;
 use crate::client::RequestSpec;
 use crate::load::{Samples, closed_loop, paced_loop};
 use crate::nginx::{find_nginx, start_nginx};
 use crate::processes::{
-    API_KEY, CLIENT_ID, CLIENT_SECRET, Process, cpu_seconds, cpu_seconds_with_children, free_port,
-    local_addr, start_proxy, wait_ready,
+    API_KEY, Process, cpu_seconds, cpu_seconds_with_children, free_port, lifted_limits_config, local_addr,
+    start_proxy, start_static_upstream, wait_ready,
 };
 use crate::report::{Verdict, ms};
-use crate::{bare_proxy, static_upstream};
 
 /// How long each part of the pass-through scenario runs.
 struct PassPlan {
@@ -91,26 +91,10 @@ pub async fn run(mode: Mode) -> Vec<Verdict> {
         plan.connections, plan.rounds, plan.measure, plan.warmup
     );
 
-    let upstream_addr = local_addr(free_port());
-    let me = std::env::current_exe().expect("own path");
-    let mut upstream = Process::spawn(
-        "static-upstream",
-        &me,
-        &[static_upstream::ROLE, &upstream_addr.to_string()],
-        dir.path(),
-    );
-    wait_ready(&mut upstream, upstream_addr, "/rest/v1/lead/1.json").await;
-
+    let (upstream, upstream_addr) = start_static_upstream(dir.path()).await;
     let proxy_addr = local_addr(free_port());
     let admin_addr = local_addr(free_port());
-    let config = format!(
-        "listen: {proxy_addr}\nadmin_listen: {admin_addr}\n\
-         marketo: {{ base_url: 'http://{upstream_addr}', client_id: {CLIENT_ID}, client_secret: {CLIENT_SECRET} }}\n\
-         limits:\n  window_calls: 10000000\n  window: 1s\n  safety_margin: 0s\n  concurrency: 1000000\n  \
-         daily_quota: 1000000000000\n  max_queue_wait: 60s\n\
-         services:\n  - {{ name: bench, api_key: {API_KEY} }}\n\
-         state: {{ file: ~, usage_sync_interval: 0s }}\n"
-    );
+    let config = lifted_limits_config(proxy_addr, admin_addr, upstream_addr, "");
     let mut proxy = start_proxy(dir.path(), "proxy", &config, admin_addr).await;
 
     let mut nginx = None;
@@ -136,6 +120,7 @@ pub async fn run(mode: Mode) -> Vec<Verdict> {
         ),
     }
 
+    let me = std::env::current_exe().expect("own path");
     // The floor any hyper-based proxy starts from: the same server and
     // client stacks as marketo-proxy, and nothing else.
     let bare_addr = local_addr(free_port());
