@@ -167,19 +167,26 @@ impl Ledger {
     /// Writes today's counts: to a temporary file, then renamed over the
     /// ledger.
     pub fn save(&self) -> Result<(), LedgerError> {
-        let saved = self.current();
-        self.write(&saved).map_err(|source| LedgerError::Write {
-            path: self.path.clone(),
-            source,
-        })
+        self.write_current()
+            .map(drop)
+            .map_err(|source| LedgerError::Write {
+                path: self.path.clone(),
+                source,
+            })
     }
 
-    fn write(&self, saved: &Saved) -> std::io::Result<()> {
+    /// Writes the counts as they are once this writer has the file, and
+    /// returns them. A periodic save abandoned at shutdown still runs on
+    /// its blocking thread and may get the file after the final save; as
+    /// it takes the counts only then, it cannot put older ones over newer.
+    fn write_current(&self) -> std::io::Result<Saved> {
         let _one_writer = self
             .writing
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        write_atomically(&self.path, &temporary_path(&self.path), saved)
+        let saved = self.current();
+        write_atomically(&self.path, &temporary_path(&self.path), &saved)?;
+        Ok(saved)
     }
 
     /// Saves every [`SAVE_INTERVAL`] while the counts change, for as long
@@ -192,16 +199,14 @@ impl Ledger {
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 ticks.tick().await;
-                let now = ledger.current();
-                if now.same_counts(&last) {
+                if ledger.current().same_counts(&last) {
                     continue;
                 }
-                let to_write = now.clone();
                 let writer = Arc::clone(&ledger);
                 // File I/O off the async workers.
-                let written = tokio::task::spawn_blocking(move || writer.write(&to_write)).await;
+                let written = tokio::task::spawn_blocking(move || writer.write_current()).await;
                 match written {
-                    Ok(Ok(())) => last = now,
+                    Ok(Ok(saved)) => last = saved,
                     Ok(Err(error)) => {
                         tracing::warn!(file = %ledger.path.display(), %error, "cannot save the usage ledger")
                     }
