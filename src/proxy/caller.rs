@@ -5,8 +5,8 @@
 //! `Authorization: Bearer`) or a token the proxy issued, in a header or in
 //! the deprecated `access_token` query parameter. Old clients may send the
 //! token in an urlencoded or multipart body instead; only then is the body
-//! read here, and no more than an ordinary body's worth of it, since the
-//! caller is not known yet (a multipart boundary RFC 2046 does not allow
+//! read here, and no more than [`UNKNOWN_CALLER_BODY_BYTES`] of it, since
+//! the caller is not known yet (a multipart boundary RFC 2046 does not allow
 //! gets 400 before anything is read). An address with too many failed attempts is
 //! refused before anything it presents is looked at.
 //!
@@ -35,9 +35,13 @@ use super::body::{self, BodyBudget};
 use super::rewrite::{self, API_KEY_HEADER, BodyKind};
 use crate::auth::{AuthError, Caller, Callers, ServiceId};
 use crate::error::ProxyError;
-use crate::marketo::limits::MAX_BODY_BYTES;
 use crate::response::{BoxError, ResponseBody};
 use crate::server::Peer;
+
+/// The most of a body read to find the credential of a caller not known
+/// yet (an old client's `access_token` form field): whoever sent it may be
+/// nobody.
+pub const UNKNOWN_CALLER_BODY_BYTES: usize = 64 * 1024;
 
 /// When the request must have been admitted, from its arrival and its
 /// service's `max_queue_wait`.
@@ -122,15 +126,15 @@ where
                 })
             }
             Ok(None) => {
-                // The credential may be in the body: read it (no more than
-                // an ordinary body's worth) and look there.
+                // The credential may be in the body: read a little of it
+                // and look there.
                 let inner = self.inner.clone();
                 let callers = Arc::clone(&self.callers);
                 let budget = self.budget.clone();
                 Either::Right(Box::pin(async move {
                     let (parts, body) = request.into_parts();
                     // The body layer below accounts for these bytes again.
-                    let body = match body::read_within(body, MAX_BODY_BYTES, &budget).await {
+                    let body = match body::read_within(body, UNKNOWN_CALLER_BODY_BYTES, &budget).await {
                         Ok((body, _)) => body,
                         Err(error) => return Ok(error.into_response()),
                     };
@@ -299,6 +303,24 @@ mod tests {
                 "and back up"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn a_body_with_the_only_credential_gets_a_small_allowance() {
+        let callers = callers();
+        let form = |padding: usize| {
+            let body = format!("access_token={CRM_KEY}&padding={}", "a".repeat(padding));
+            Request::post("/rest/v1/leads.json")
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(Full::new(Bytes::from(body)))
+                .unwrap()
+        };
+        let (response, stub) = call(&callers, form(UNKNOWN_CALLER_BODY_BYTES - 100)).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(stub.calls(), 1);
+        let (response, stub) = call(&callers, form(UNKNOWN_CALLER_BODY_BYTES)).await;
+        assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(stub.calls(), 0);
     }
 
     #[tokio::test]
