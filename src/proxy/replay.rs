@@ -268,7 +268,6 @@ where
                 policy.confirm_available(probe);
             }
         }
-        let reason = reply.label().to_owned();
         match next {
             Next::Pass => return result,
             Next::DaySpent => {
@@ -281,7 +280,7 @@ where
             Next::Replay(backoff) if Instant::now() + backoff >= call.deadline => return result,
             Next::Replay(_) => {}
         }
-        policy.count(&call, &reason);
+        policy.count(&call, reply.label());
         // Kept without its slot: the next attempt needs one of its own.
         last = result
             .ok()
