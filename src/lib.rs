@@ -9,6 +9,7 @@ pub mod admission;
 pub mod app;
 pub mod auth;
 pub mod config;
+pub mod egress;
 pub mod error;
 pub mod ledger;
 pub mod logging;
@@ -22,6 +23,7 @@ pub mod sim;
 pub mod spool;
 pub mod target;
 pub mod token;
+pub mod trust;
 pub mod upstream;
 pub mod usage_sync;
 

@@ -2,7 +2,8 @@
 //! the simulator.
 //!
 //! It serves HTTP/1.1 and HTTP/2 (auto-detected) on an already-bound
-//! listener until `shutdown` resolves, then lets open connections finish
+//! listener, in plain text or after a [`Handshake`] such as TLS, until
+//! `shutdown` resolves, then lets open connections finish
 //! their current requests for a bounded grace period.
 //!
 //! No client may hold more than its share: each listener has a cap on
@@ -26,7 +27,8 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -119,6 +121,46 @@ pub async fn serve<S, B>(
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
+    serve_with(listener, Plain, service, limits, shutdown).await;
+}
+
+/// What turns an accepted TCP connection into the stream HTTP is spoken
+/// on: the connection itself, or a TLS session over it.
+pub trait Handshake: Clone + Send + 'static {
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+
+    fn handshake(&self, stream: TcpStream) -> impl Future<Output = std::io::Result<Self::Io>> + Send;
+}
+
+/// Plain-text HTTP.
+#[derive(Clone, Copy)]
+pub struct Plain;
+
+impl Handshake for Plain {
+    type Io = TcpStream;
+
+    async fn handshake(&self, stream: TcpStream) -> std::io::Result<TcpStream> {
+        Ok(stream)
+    }
+}
+
+/// As [`serve`], each connection through `handshake` first. The handshake
+/// counts against the header-read timeout.
+pub async fn serve_with<H, S, B>(
+    listener: TcpListener,
+    handshake: H,
+    service: S,
+    limits: ConnectionLimits,
+    shutdown: impl Future<Output = ()>,
+) where
+    H: Handshake,
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -134,6 +176,7 @@ pub async fn serve<S, B>(
         .max_header_list_size(MAX_HEADER_LIST_BYTES)
         .keep_alive_interval(Some(limits.idle_timeout / 2))
         .keep_alive_timeout(limits.idle_timeout / 2);
+    let builder = Arc::new(builder);
     let open = Arc::new(Semaphore::new(limits.max_connections));
     let check_every = (limits.idle_timeout.min(limits.header_read_timeout) / 4)
         .clamp(Duration::from_millis(50), Duration::from_secs(1));
@@ -168,11 +211,9 @@ pub async fn serve<S, B>(
             peer: Peer(peer),
             activity: Arc::clone(&activity),
         };
-        let io = TokioIo::new(stream);
-        let connection = builder
-            .serve_connection_with_upgrades(io, TowerToHyperService::new(service))
-            .into_owned();
         let closing = closing.clone();
+        let handshake = handshake.clone();
+        let builder = Arc::clone(&builder);
         // Drives the connection until it ends, is idle or too slow, or the
         // server shuts down; the last two close it gracefully.
         connections.spawn(async move {
@@ -180,6 +221,23 @@ pub async fn serve<S, B>(
             // slot frees once the socket is closed, and the cap holds for
             // descriptors, not just for connection tasks.
             let _permit = permit;
+            let io = tokio::select! {
+                io = handshake.handshake(stream) => match io {
+                    Ok(io) => io,
+                    Err(error) => {
+                        tracing::debug!(%peer, %error, "handshake failed");
+                        return;
+                    }
+                },
+                () = tokio::time::sleep(limits.header_read_timeout) => {
+                    tracing::debug!(%peer, "handshake too slow");
+                    return;
+                }
+                () = closing.cancelled() => return,
+            };
+            let connection = builder
+                .serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(service))
+                .into_owned();
             tokio::pin!(connection);
             let why = loop {
                 tokio::select! {

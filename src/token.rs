@@ -43,6 +43,10 @@ pub enum TokenError {
     Unavailable(u16),
     #[error("the identity service is unreachable: {0}")]
     Unreachable(String),
+    /// The TLS handshake failed (usually Marketo's certificate was not
+    /// trusted): asking again at once would fail the same way.
+    #[error("the identity service is unreachable: {0}")]
+    Tls(String),
     #[error("the identity answer was not understood")]
     Malformed,
     #[error("the token kept expiring on arrival")]
@@ -73,8 +77,9 @@ pub struct TokenCache {
     /// with no life left, it is at the very end of its life.
     refused: RwLock<Option<HeaderValue>>,
     last_error: RwLock<Option<TokenError>>,
-    /// When Marketo last refused the credentials: asking again at once
-    /// for every request would not change its mind.
+    /// When Marketo last refused the credentials, or its certificate was
+    /// refused: asking again at once for every request would not change
+    /// either.
     rejected_at: RwLock<Option<Instant>>,
     refreshing: Mutex<()>,
     /// Refreshes completed, successful or not: a caller that waited for
@@ -216,9 +221,7 @@ impl TokenCache {
                 return Err(error);
             }
         }
-        let recently_rejected = read(&self.rejected_at)
-            .is_some_and(|at| Instant::now().saturating_duration_since(at) < REJECTION_MEMORY);
-        if let (true, Some(error @ TokenError::Rejected(_))) = (recently_rejected, self.last_error()) {
+        if let Some(error) = self.remembered_refusal() {
             return Err(error);
         }
         let result = self.fetch_with_retries(failed).await;
@@ -226,13 +229,24 @@ impl TokenCache {
         match &result {
             Ok(token) => self.store(token.clone()),
             Err(error) => {
-                if matches!(error, TokenError::Rejected(_)) {
+                if matches!(error, TokenError::Rejected(_) | TokenError::Tls(_)) {
                     write(&self.rejected_at, Some(Instant::now()));
                 }
                 write(&self.last_error, Some(error.clone()));
             }
         }
         result
+    }
+
+    /// The refusal (of the credentials, or of Marketo's certificate) seen
+    /// less than [`REJECTION_MEMORY`] ago, if any.
+    fn remembered_refusal(&self) -> Option<TokenError> {
+        let recent = read(&self.rejected_at)
+            .is_some_and(|at| Instant::now().saturating_duration_since(at) < REJECTION_MEMORY);
+        match self.last_error() {
+            Some(error @ (TokenError::Rejected(_) | TokenError::Tls(_))) if recent => Some(error),
+            _ => None,
+        }
     }
 
     fn store(&self, token: Token) {
@@ -263,8 +277,9 @@ impl TokenCache {
                     tokio::time::sleep(ZERO_LIFETIME_RETRY).await;
                 }
                 Ok(token) => return Ok(token),
-                // Wrong credentials do not get better by asking again.
-                Err(error @ TokenError::Rejected(_)) => return Err(error),
+                // Wrong credentials or an untrusted certificate do not get
+                // better by asking again.
+                Err(error @ (TokenError::Rejected(_) | TokenError::Tls(_))) => return Err(error),
                 Err(error) if attempt >= MAX_ATTEMPTS => return Err(error),
                 Err(error) => {
                     tracing::warn!(client_id = %self.credential.client_id, %error, "identity call failed, retrying");
@@ -309,6 +324,7 @@ impl TokenCache {
         let asked_at = Instant::now();
         let answer = self.upstream.send(request).await.map_err(|error| match error {
             UpstreamError::Timeout(_) => TokenError::Unreachable("timed out".into()),
+            UpstreamError::Connect(failure) if failure.tls => TokenError::Tls(failure.reason),
             other => TokenError::Unreachable(other.to_string()),
         })?;
         let status = answer.head.status;
@@ -373,6 +389,13 @@ impl TokenCache {
                 if !due {
                     continue;
                 }
+                if this.remembered_refusal().is_some() {
+                    // A caller was just refused: asking again now would be too.
+                    drop(flight);
+                    drop(this);
+                    tokio::time::sleep(REJECTION_MEMORY).await;
+                    continue;
+                }
                 // One attempt, not a full retry cycle: callers waiting
                 // meanwhile make their own rather than inherit its failure.
                 let fetched = this.fetch().await;
@@ -390,6 +413,12 @@ impl TokenCache {
                     }
                     Err(error) => {
                         tracing::warn!(client_id = %this.credential.client_id, %error, "background token refresh failed");
+                        if matches!(error, TokenError::Rejected(_) | TokenError::Tls(_)) {
+                            // Callers meanwhile get this answer too, and
+                            // the next ask waits as long as they do.
+                            write(&this.rejected_at, Some(Instant::now()));
+                            backoff = backoff.max(REJECTION_MEMORY);
+                        }
                         write(&this.last_error, Some(error));
                         drop(flight);
                         drop(this);

@@ -1,6 +1,7 @@
 //! The client side: one pooled hyper client to the configured Marketo host,
-//! HTTPS through rustls (plain HTTP for a local simulator), with connect
-//! and answer timeouts, and the peek that classifies Marketo's answers.
+//! HTTPS through rustls (plain HTTP for a local simulator), directly or
+//! through an egress proxy, with connect and answer timeouts, and the peek
+//! that classifies Marketo's answers.
 //!
 //! Marketo reports most failures inside HTTP 200 as a small
 //! `success:false` envelope, so the first bytes of every answer are read
@@ -24,8 +25,10 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 use crate::config::MarketoConfig;
+use crate::egress::{Egress, EgressError, EgressProxy};
 use crate::marketo::Envelope;
 use crate::target::Target;
+use crate::trust::{ConnectFailure, TrustError};
 
 /// Answers up to this size are read whole and classified.
 pub const PEEK_LIMIT: usize = 64 * 1024;
@@ -37,14 +40,16 @@ const MAX_IDLE_PER_HOST: usize = 32;
 /// Why a call did not get an answer from Marketo.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
-    #[error("cannot build the TLS client")]
-    Tls(#[source] rustls::Error),
+    #[error(transparent)]
+    Trust(#[from] TrustError),
+    #[error(transparent)]
+    Egress(#[from] EgressError),
     #[error("marketo.base_url is not an absolute http(s) URL")]
     BaseUrl,
     #[error("invalid upstream address")]
     Uri(#[source] http::Error),
-    #[error("cannot reach Marketo")]
-    Connect(#[source] hyper_util::client::legacy::Error),
+    #[error("cannot reach Marketo: {}", .0.reason)]
+    Connect(ConnectFailure),
     #[error("Marketo did not answer within {0:?}")]
     Timeout(Duration),
     #[error("the answer from Marketo broke off")]
@@ -56,7 +61,7 @@ pub enum UpstreamError {
 /// A pooled client bound to one Marketo base URL.
 #[derive(Clone)]
 pub struct Upstream {
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    client: Client<HttpsConnector<Egress>, Full<Bytes>>,
     scheme: http::uri::Scheme,
     authority: http::uri::Authority,
     /// `Host` of every call, built once.
@@ -67,21 +72,17 @@ pub struct Upstream {
 }
 
 impl Upstream {
+    /// A client for `marketo`, reading the egress proxy from the process
+    /// environment when the config sets none.
     pub fn new(marketo: &MarketoConfig) -> Result<Self, UpstreamError> {
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(marketo.connect_timeout));
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
-            .map_err(UpstreamError::Tls)?
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(MAX_IDLE_PER_HOST)
-            .build(https);
+        Self::with_env(marketo, |name| std::env::var(name).ok())
+    }
+
+    /// As [`Upstream::new`], with the environment read through `env`.
+    pub fn with_env(
+        marketo: &MarketoConfig,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, UpstreamError> {
         let base: Uri = marketo
             .base_url
             .as_str()
@@ -90,6 +91,23 @@ impl Upstream {
         let scheme = base.scheme().cloned().ok_or(UpstreamError::BaseUrl)?;
         let authority = base.authority().cloned().ok_or(UpstreamError::BaseUrl)?;
         let host = http::HeaderValue::from_str(authority.as_str()).map_err(|_| UpstreamError::BaseUrl)?;
+        let proxy = EgressProxy::choose(marketo.egress_proxy.as_ref(), &base, env)?;
+        if let Some(proxy) = &proxy {
+            tracing::info!(proxy = %proxy.describe(), "calls to Marketo go through an egress proxy");
+        }
+        let mut tcp = HttpConnector::new();
+        tcp.enforce_http(false);
+        tcp.set_nodelay(true);
+        tcp.set_connect_timeout(Some(marketo.connect_timeout));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(crate::trust::client_config(marketo.ca_file.as_deref())?)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(Egress::new(tcp, proxy.as_ref()));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(MAX_IDLE_PER_HOST)
+            .build(https);
         Ok(Self {
             host,
             client,
@@ -147,7 +165,7 @@ impl Upstream {
                 .client
                 .request(request)
                 .await
-                .map_err(UpstreamError::Connect)?;
+                .map_err(|error| UpstreamError::Connect(ConnectFailure::of(&error)))?;
             Answer::read(response, self.request_timeout).await
         };
         tokio::time::timeout(self.request_timeout, exchange)

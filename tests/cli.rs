@@ -127,3 +127,52 @@ async fn demo_prints_a_curl_line_that_works_as_printed() {
     let token: serde_json::Value = http.get(identity_url).send().await.unwrap().json().await.unwrap();
     assert_eq!(token["token_type"], "bearer", "{token}");
 }
+
+#[test]
+fn check_config_refuses_a_ca_file_without_certificates_and_an_unusable_egress_proxy() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("ca.pem");
+    std::fs::write(
+        &bundle,
+        "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIA==\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    let base = "marketo:\n  base_url: https://123-ABC-456.mktorest.com\n  client_id: id\n  client_secret: secret\nservices:\n  - name: crm\n    api_key: key-0123456789\n";
+    let check = |extra: &str| {
+        let path = dir.path().join("proxy.yaml");
+        std::fs::write(
+            &path,
+            base.replace("  client_id: id\n", &format!("  client_id: id\n  {extra}\n")),
+        )
+        .unwrap();
+        let output = Command::new(PROXY)
+            .arg("check-config")
+            .arg(&path)
+            .output()
+            .unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr),
+        )
+    };
+    let (code, text) = check(&format!("ca_file: {}", bundle.display()));
+    assert_eq!(code, Some(64), "{text}");
+    assert!(text.contains("marketo.ca_file"), "{text}");
+    assert!(text.contains("holds no PEM certificate"), "{text}");
+
+    let (code, text) = check("egress_proxy: socks5://user:hunter2-password@gw:1080");
+    assert_eq!(code, Some(64), "{text}");
+    assert!(
+        text.contains("marketo.egress_proxy: must be an http:// proxy URL"),
+        "{text}"
+    );
+    assert!(!text.contains("hunter2"), "{text}");
+
+    let (code, text) = check("egress_proxy: http://user:hunter2-password@gw:3128");
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("egress: through http://gw:3128 (from marketo.egress_proxy, with credentials)"),
+        "{text}"
+    );
+    assert!(!text.contains("hunter2"), "{text}");
+}

@@ -994,11 +994,12 @@ async fn logs_never_contain_keys_secrets_or_tokens() {
     )
     .await;
     assert_eq!(status, 503);
-    // Let the background refresher fail and log a couple of times.
+    // Let the background refresher fail and log (it then waits a while
+    // before asking with credentials Marketo refused).
     support::eventually(Duration::from_secs(5), async || {
         let logs = String::from_utf8_lossy(&buffer.0.lock().unwrap()).into_owned();
         match logs.matches("background token refresh failed").count() {
-            failures if failures >= 2 => Ok(()),
+            failures if failures >= 1 => Ok(()),
             failures => Err(format!("{failures} refresh failures logged")),
         }
     })

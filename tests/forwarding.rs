@@ -112,41 +112,7 @@ async fn large_export_file_streams_through_unchanged() {
         ..support::sim_config()
     };
     let stack = Stack::start(sim).await;
-    let post = |path: &str| {
-        stack
-            .http
-            .post(format!("{}{path}", stack.proxy.url()))
-            .header("X-Api-Key", CRM_KEY)
-    };
-    let created: Value = post("/bulk/v1/leads/export/create.json")
-        .json(&json!({"fields": ["id", "email", "firstName"], "format": "CSV"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let id = created["result"][0]["exportId"].as_str().unwrap().to_owned();
-    post(&format!("/bulk/v1/leads/export/{id}/enqueue.json"))
-        .send()
-        .await
-        .unwrap();
-    support::eventually(Duration::from_secs(5), async || {
-        let status: Value = stack
-            .get(CRM_KEY, &format!("/bulk/v1/leads/export/{id}/status.json"))
-            .await
-            .json()
-            .await
-            .unwrap();
-        match status["result"][0]["status"].as_str() {
-            Some("Completed") => Ok(()),
-            _ => Err(status),
-        }
-    })
-    .await;
-    let file = stack
-        .get(CRM_KEY, &format!("/bulk/v1/leads/export/{id}/file.json"))
-        .await;
+    let file = support::export_leads(&stack.proxy.url(), CRM_KEY, &["id", "email", "firstName"]).await;
     assert_eq!(file.status(), 200);
     let csv = file.text().await.unwrap();
     assert!(

@@ -2,10 +2,12 @@
 //! integrators who want to exercise their code against Marketo's limits.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::Parser;
-use marketo_proxy::sim::{SimClient, SimConfig, Simulator};
+use marketo_proxy::sim::{SimClient, SimConfig, Simulator, server_config};
 
 /// A simulated Marketo instance: identity, the rolling window, the
 /// concurrency limit, the daily quota, leads and bulk exports.
@@ -45,6 +47,12 @@ struct Args {
     /// Leads in the database at start.
     #[arg(long, default_value_t = 1000)]
     leads: u64,
+    /// Serve HTTPS with this PEM certificate chain (leaf first); needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -69,6 +77,15 @@ async fn main() -> anyhow::Result<()> {
         timezone: args.timezone,
         leads: args.leads,
     };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let read = |path: &PathBuf| {
+                std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+            };
+            Some(server_config(&read(cert)?, &read(key)?).context("cannot serve HTTPS")?)
+        }
+        _ => None,
+    };
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     tracing::info!(
         addr = %listener.local_addr()?,
@@ -76,10 +93,11 @@ async fn main() -> anyhow::Result<()> {
         window_seconds = args.window_seconds,
         concurrency = config.concurrency,
         daily_quota = config.daily_quota,
+        https = tls.is_some(),
         "marketo-sim listening"
     );
     Simulator::new(config)
-        .serve(listener, marketo_proxy::shutdown_signal())
+        .serve_with(listener, tls, marketo_proxy::shutdown_signal())
         .await;
     Ok(())
 }

@@ -174,6 +174,13 @@ pub struct MarketoConfig {
     /// Refresh an access token once less than this much of its life is left.
     #[serde(with = "humantime_serde")]
     pub token_refresh_before: Duration,
+    /// A PEM bundle of CA certificates trusted besides the system's and the
+    /// bundled roots: a private CA, or a TLS-inspecting egress gateway's.
+    pub ca_file: Option<PathBuf>,
+    /// An HTTP proxy to reach Marketo through (`http://[user:password@]host:port`),
+    /// tunnelling with CONNECT. Unset: `HTTPS_PROXY` / `NO_PROXY` from the
+    /// environment, as curl reads them.
+    pub egress_proxy: Option<Secret>,
 }
 
 impl Default for MarketoConfig {
@@ -185,6 +192,8 @@ impl Default for MarketoConfig {
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(60),
             token_refresh_before: Duration::from_secs(60),
+            ca_file: None,
+            egress_proxy: None,
         }
     }
 }

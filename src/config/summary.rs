@@ -20,6 +20,7 @@ impl Config {
                 human(marketo.request_timeout),
                 human(marketo.token_refresh_before),
             ),
+            self.tls_line(),
             "instance limits:".to_owned(),
             format!(
                 "  window: {} calls per {} (+{} safety margin)",
@@ -49,6 +50,23 @@ impl Config {
         let mut text = lines.join("\n");
         text.push('\n');
         text
+    }
+
+    /// Whom Marketo's certificate may chain to, and the way out.
+    fn tls_line(&self) -> String {
+        let marketo = &self.marketo;
+        let trust = match &marketo.ca_file {
+            Some(path) => format!("system and bundled CA roots, and {}", path.display()),
+            None => "system and bundled CA roots".to_owned(),
+        };
+        let base = marketo.base_url.as_str().parse().unwrap_or_default();
+        let egress = match crate::egress::EgressProxy::choose(marketo.egress_proxy.as_ref(), &base, |_| None)
+        {
+            Ok(Some(proxy)) => format!("through {}", proxy.describe()),
+            _ if marketo.base_url.is_https() => "direct, or HTTPS_PROXY from the environment".to_owned(),
+            _ => "direct".to_owned(),
+        };
+        format!("  trust: {trust}; egress: {egress}")
     }
 
     fn state_line(&self) -> String {
@@ -121,6 +139,7 @@ marketo:
   base_url: https://123-ABC-456.mktorest.com
   client_id: proxy
   client_secret: upstream-secret-1
+  egress_proxy: http://gateway-user:gateway-password-7@gw.internal:3128
 services:
   - name: crm-sync
     api_key: service-key-2
@@ -144,6 +163,7 @@ state:
 ";
         let summary = Config::from_yaml_with_env(text, |_| None).unwrap().summary();
         for expected in [
+            "  trust: system and bundled CA roots; egress: through http://gw.internal:3128 (from marketo.egress_proxy, with credentials)",
             "window: 100 calls per 20s (+250ms safety margin)",
             "concurrency: 10 calls in flight",
             "daily quota: 50000 calls, reset at midnight America/Chicago",
@@ -155,7 +175,15 @@ state:
         ] {
             assert!(summary.contains(expected), "missing {expected:?} in\n{summary}");
         }
-        for secret in ["secret-1", "key-2", "secret-3", "secret-4", "key-5", "password-6"] {
+        for secret in [
+            "secret-1",
+            "key-2",
+            "secret-3",
+            "secret-4",
+            "key-5",
+            "password-6",
+            "password-7",
+        ] {
             assert!(!summary.contains(secret), "{secret} leaked into\n{summary}");
         }
     }

@@ -61,6 +61,20 @@ fn check_marketo(marketo: &MarketoConfig) -> Check {
     }
     check_non_empty("marketo.client_id", &marketo.client_id, REQUIRED)?;
     check_non_empty("marketo.client_secret", marketo.client_secret.expose(), REQUIRED)?;
+    if let Some(path) = &marketo.ca_file {
+        if let Err(crate::trust::TrustError::CaFile { path, reason }) = crate::trust::read_ca_file(path) {
+            return invalid("marketo.ca_file", format!("{}: {reason}", path.display()));
+        }
+    }
+    if let Some(proxy) = &marketo.egress_proxy {
+        let base = marketo.base_url.as_str().parse().unwrap_or_default();
+        if crate::egress::EgressProxy::choose(Some(proxy), &base, |_| None).is_err() {
+            return invalid(
+                "marketo.egress_proxy",
+                "must be an http:// proxy URL: http://[user:password@]host:port",
+            );
+        }
+    }
     check_positive("marketo.connect_timeout", marketo.connect_timeout)?;
     check_positive("marketo.request_timeout", marketo.request_timeout)?;
     if marketo.token_refresh_before >= TOKEN_LIFETIME {

@@ -32,6 +32,7 @@ use crate::admission::shared::SharedLimits;
 use crate::admission::{Admission, Slot};
 use crate::error::ProxyError;
 use crate::marketo::{self, code};
+use crate::upstream::UpstreamError;
 
 /// Attempts per request, replays included.
 pub const MAX_ATTEMPTS: u32 = 5;
@@ -255,6 +256,9 @@ where
                 status: admitted.answer.head.status,
                 code: admitted.answer.error_code.as_deref(),
             },
+            // Marketo's certificate was refused: calling again fails the
+            // same way.
+            Err(ProxyError::Upstream(UpstreamError::Connect(failure))) if failure.tls => return result,
             Err(ProxyError::Upstream(_)) => Reply::NoAnswer,
             // A replay that no longer fits its deadline: pass on what
             // Marketo said last.

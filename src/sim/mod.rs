@@ -14,6 +14,7 @@
 
 mod leads;
 mod state;
+mod tls;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -34,6 +35,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 pub use state::{Arrival, FailNext, Failure, Faults, Stats};
+pub use tls::{TlsSetupError, server_config};
 
 use crate::marketo::{self, IdentityError, TokenAnswer, code};
 use state::{Admission, State};
@@ -142,29 +144,59 @@ impl Simulator {
     /// Binds `127.0.0.1:0` and serves in a background task until the
     /// returned handle is dropped.
     pub async fn spawn(config: SimConfig) -> std::io::Result<SimHandle> {
+        Self::spawn_with(config, None).await
+    }
+
+    /// As [`Simulator::spawn`], serving HTTPS with `tls`.
+    pub async fn spawn_tls(config: SimConfig, tls: Arc<rustls::ServerConfig>) -> std::io::Result<SimHandle> {
+        Self::spawn_with(config, Some(tls)).await
+    }
+
+    async fn spawn_with(
+        config: SimConfig,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> std::io::Result<SimHandle> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let simulator = Self::new(config);
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(simulator.clone().serve(listener, async move {
+        let task = tokio::spawn(simulator.clone().serve_with(listener, tls, async move {
             let _ = stopped.await;
         }));
         Ok(SimHandle {
             addr,
+            scheme,
             simulator,
             stop: Some(stop),
             task,
         })
     }
 
-    /// Serves on `listener` until `shutdown` completes.
+    /// Serves plain HTTP on `listener` until `shutdown` completes.
     pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+        self.serve_with(listener, None, shutdown).await;
+    }
+
+    /// Serves on `listener`, HTTPS when `tls` is given, until `shutdown`
+    /// completes.
+    pub async fn serve_with(
+        self,
+        listener: TcpListener,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        shutdown: impl Future<Output = ()>,
+    ) {
+        let accept = tls::Accept {
+            tls: tls.map(tokio_rustls::TlsAcceptor::from),
+            state: Arc::clone(&self.state),
+        };
         let service = tower::service_fn(move |request| {
             let simulator = self.clone();
             async move { simulator.handle(request).await }
         });
-        crate::server::serve(
+        crate::server::serve_with(
             listener,
+            accept,
             service,
             crate::server::ConnectionLimits::default(),
             shutdown,
@@ -553,6 +585,8 @@ enum Routed {
 /// A running in-process simulator. Dropping it stops the server.
 pub struct SimHandle {
     addr: SocketAddr,
+    /// `http` or `https`.
+    scheme: &'static str,
     simulator: Simulator,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
@@ -563,9 +597,9 @@ impl SimHandle {
         self.addr
     }
 
-    /// `http://127.0.0.1:PORT`, the base URL to configure.
+    /// `http://127.0.0.1:PORT` (or `https://`), the base URL to configure.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 
     pub fn simulator(&self) -> &Simulator {

@@ -148,6 +148,16 @@ pub struct Stats {
     pub max_admitted_in_window: u32,
     /// Calls that carried an `access_token` parameter (query or body).
     pub access_token_params: u64,
+    /// TCP connections accepted.
+    #[serde(default)]
+    pub connections: u64,
+    /// TLS handshakes completed (when serving HTTPS).
+    #[serde(default)]
+    pub tls_handshakes: u64,
+    /// TLS handshakes that failed, e.g. because the client refused the
+    /// certificate.
+    #[serde(default)]
+    pub tls_failed_handshakes: u64,
     /// Every arrival, in order.
     pub arrivals: Vec<Arrival>,
 }

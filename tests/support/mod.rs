@@ -2,9 +2,11 @@
 //! front of it, both in process on ephemeral ports, and a real HTTP client.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod connect_proxy;
 pub mod kernel;
 pub mod raw_h2;
 pub mod redis;
+pub mod tls;
 
 use std::fmt::Debug;
 use std::time::Duration;
@@ -229,6 +231,48 @@ fn fail_with(count: u32, code: Option<&str>, http_status: Option<u16>) -> market
         }),
         ..Default::default()
     }
+}
+
+/// Sends `request` and reads the answer as JSON.
+pub async fn send_json(request: reqwest::RequestBuilder) -> serde_json::Value {
+    request
+        .send()
+        .await
+        .expect("answered")
+        .json()
+        .await
+        .expect("a JSON answer")
+}
+
+/// Runs a bulk lead export of `fields` through the proxy at `proxy_url`
+/// as the service with `key`: create, enqueue, wait for it to complete,
+/// and answer the file's response.
+pub async fn export_leads(proxy_url: &str, key: &str, fields: &[&str]) -> reqwest::Response {
+    let http = client();
+    let post = |path: &str| http.post(format!("{proxy_url}{path}")).header("X-Api-Key", key);
+    let get = |path: &str| http.get(format!("{proxy_url}{path}")).header("X-Api-Key", key);
+    let created = send_json(
+        post("/bulk/v1/leads/export/create.json")
+            .json(&serde_json::json!({"fields": fields, "format": "CSV"})),
+    )
+    .await;
+    let id = created["result"][0]["exportId"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no export id in {created}"))
+        .to_owned();
+    send_json(post(&format!("/bulk/v1/leads/export/{id}/enqueue.json"))).await;
+    eventually(Duration::from_secs(5), async || {
+        let status = send_json(get(&format!("/bulk/v1/leads/export/{id}/status.json"))).await;
+        match status["result"][0]["status"].as_str() {
+            Some("Completed") => Ok(()),
+            _ => Err(status),
+        }
+    })
+    .await;
+    get(&format!("/bulk/v1/leads/export/{id}/file.json"))
+        .send()
+        .await
+        .expect("file answered")
 }
 
 pub fn client() -> reqwest::Client {
