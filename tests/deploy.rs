@@ -154,23 +154,31 @@ fn is_ident_byte(byte: u8) -> bool {
     byte.is_ascii_alphanumeric() || byte == b'_' || byte == b':'
 }
 
-/// Identifiers starting with `marketo_proxy_`, with their byte offsets.
+/// The prefixes of the families the proxy exports: its own, and the
+/// process collector's standard ones.
+const METRIC_PREFIXES: &[&str] = &["marketo_proxy_", "process_"];
+
+/// Identifiers starting with one of [`METRIC_PREFIXES`], with their byte
+/// offsets, in order.
 fn metric_names(text: &str) -> Vec<(usize, &str)> {
     let bytes = text.as_bytes();
     let mut names = Vec::new();
-    let mut from = 0;
-    while let Some(found) = text[from..].find("marketo_proxy_") {
-        let start = from + found;
-        let mut end = start;
-        while end < bytes.len() && is_ident_byte(bytes[end]) {
-            end += 1;
+    for prefix in METRIC_PREFIXES {
+        let mut from = 0;
+        while let Some(found) = text[from..].find(prefix) {
+            let start = from + found;
+            let mut end = start;
+            while end < bytes.len() && is_ident_byte(bytes[end]) {
+                end += 1;
+            }
+            if start == 0 || !is_ident_byte(bytes[start - 1]) {
+                // A colon may end a sentence in prose ("marketo_proxy_inflight: ...").
+                names.push((start, text[start..end].trim_end_matches(':')));
+            }
+            from = end;
         }
-        if start == 0 || !is_ident_byte(bytes[start - 1]) {
-            // A colon may end a sentence in prose ("marketo_proxy_inflight: ...").
-            names.push((start, text[start..end].trim_end_matches(':')));
-        }
-        from = end;
     }
+    names.sort_unstable();
     names
 }
 
@@ -560,7 +568,10 @@ fn dashboard_is_importable_and_complete() {
             );
             assert_eq!(target["datasource"]["uid"], "${datasource}", "{title}");
             let expr = target["expr"].as_str().expect("expr");
-            assert!(expr.contains("marketo_proxy_"), "{title}: {expr}");
+            assert!(
+                METRIC_PREFIXES.iter().any(|prefix| expr.contains(prefix)),
+                "{title}: {expr}"
+            );
             for (index, _) in expr.match_indices('$') {
                 let name = leading_ident(&expr[index + 1..]);
                 assert!(
