@@ -336,7 +336,9 @@ async fn metrics_carry_the_process_families() {
         ("process_start_time_seconds", "gauge"),
     ] {
         assert!(
-            metrics.lines().any(|line| line == format!("# TYPE {family} {kind}")),
+            metrics
+                .lines()
+                .any(|line| line == format!("# TYPE {family} {kind}")),
             "no `# TYPE {family} {kind}` in\n{metrics}"
         );
         assert!(metric(&metrics, family).is_some(), "no {family} sample");
@@ -345,8 +347,6 @@ async fn metrics_carry_the_process_families() {
     // listeners at least) and a start time.
     assert!(metric(&metrics, "process_resident_memory_bytes").unwrap() > 0.0);
     assert!(metric(&metrics, "process_open_fds").unwrap() >= 2.0);
-    assert!(
-        metric(&metrics, "process_open_fds").unwrap() < metric(&metrics, "process_max_fds").unwrap()
-    );
+    assert!(metric(&metrics, "process_open_fds").unwrap() < metric(&metrics, "process_max_fds").unwrap());
     assert!(metric(&metrics, "process_start_time_seconds").unwrap() > 1.6e9);
 }

@@ -3,6 +3,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod kernel;
+pub mod prometheus;
 pub mod raw_h2;
 pub mod redis;
 
