@@ -1096,16 +1096,14 @@ fn check_config(place: &str, config: &str, env: &BTreeMap<String, String>) -> Co
 
 /// `program` when it is on `PATH`; otherwise prints why the calling test
 /// checks less and returns `None`.
-fn on_path_or_skip(program: &str, package: &str, what: &str) -> Option<PathBuf> {
+fn on_path_or_skip(program: &str, how_to_get: &str, what: &str) -> Option<PathBuf> {
     let found = std::env::var_os("PATH").and_then(|path| {
         std::env::split_paths(&path)
             .map(|dir| dir.join(program))
             .find(|candidate| candidate.is_file())
     });
     if found.is_none() {
-        eprintln!(
-            "skipped {what}: `{program}` is not on PATH (Debian package `{package}`; .ci/run installs it)"
-        );
+        eprintln!("skipped {what}: `{program}` is not on PATH ({how_to_get})");
     }
     found
 }
@@ -1408,7 +1406,11 @@ fn compose_stack_wires_simulator_proxy_prometheus_and_grafana() {
 
 #[test]
 fn docker_compose_accepts_the_stack() {
-    let Some(binary) = on_path_or_skip("docker-compose", "docker-compose", "`docker-compose config`") else {
+    let Some(binary) = on_path_or_skip(
+        "docker-compose",
+        "Debian package `docker-compose`, which .ci/run installs",
+        "`docker-compose config`",
+    ) else {
         return;
     };
     let output = Command::new(binary)
@@ -1527,7 +1529,11 @@ fn systemd_unit_sandboxes_the_proxy_and_keeps_the_ledger_in_its_state_directory(
 
 #[test]
 fn systemd_analyze_verifies_the_unit() {
-    let Some(binary) = on_path_or_skip("systemd-analyze", "systemd", "`systemd-analyze verify`") else {
+    let Some(binary) = on_path_or_skip(
+        "systemd-analyze",
+        "Debian package `systemd`",
+        "`systemd-analyze verify`",
+    ) else {
         return;
     };
     // verify checks that the commands exist: point them at the binary this
