@@ -5,6 +5,13 @@
 //! Labels are bounded by configuration: service names, the API group
 //! (`rest`, `asset`, `bulk`, `identity`), Marketo codes and fixed outcome
 //! names.
+//!
+//! On Linux the registry also carries the process collector's standard
+//! families (`process_cpu_seconds_total`, `process_resident_memory_bytes`,
+//! `process_open_fds`, `process_max_fds`, `process_virtual_memory_bytes`,
+//! `process_threads`, `process_start_time_seconds`), read from `/proc` at
+//! each scrape, so a leak of memory or descriptors shows next to the traffic
+//! that caused it.
 
 use prometheus::{
     Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
@@ -163,6 +170,14 @@ impl Metrics {
             // Names are fixed and distinct; a clash would be a programming error.
             self.registry.register(collector).expect("metric registered once");
         }
+        // The standard process families, unprefixed so that the usual
+        // process dashboards and alerts work on the proxy's job too.
+        #[cfg(target_os = "linux")]
+        self.registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("process metrics registered once");
     }
 
     /// The Prometheus text exposition of every metric.
@@ -196,6 +211,23 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("marketo_proxy_backend_up 1\n"), "{text}");
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn renders_the_process_families() {
+        let text = Metrics::new().render();
+        for family in [
+            "process_cpu_seconds_total",
+            "process_resident_memory_bytes",
+            "process_virtual_memory_bytes",
+            "process_open_fds",
+            "process_max_fds",
+            "process_threads",
+            "process_start_time_seconds",
+        ] {
+            assert!(text.contains(&format!("\n{family} ")), "no {family} in\n{text}");
+        }
     }
 
     #[test]

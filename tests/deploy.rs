@@ -154,23 +154,31 @@ fn is_ident_byte(byte: u8) -> bool {
     byte.is_ascii_alphanumeric() || byte == b'_' || byte == b':'
 }
 
-/// Identifiers starting with `marketo_proxy_`, with their byte offsets.
+/// The prefixes of the families the proxy exports: its own, and the
+/// process collector's standard ones.
+const METRIC_PREFIXES: &[&str] = &["marketo_proxy_", "process_"];
+
+/// Identifiers starting with one of [`METRIC_PREFIXES`], with their byte
+/// offsets, in order.
 fn metric_names(text: &str) -> Vec<(usize, &str)> {
     let bytes = text.as_bytes();
     let mut names = Vec::new();
-    let mut from = 0;
-    while let Some(found) = text[from..].find("marketo_proxy_") {
-        let start = from + found;
-        let mut end = start;
-        while end < bytes.len() && is_ident_byte(bytes[end]) {
-            end += 1;
+    for prefix in METRIC_PREFIXES {
+        let mut from = 0;
+        while let Some(found) = text[from..].find(prefix) {
+            let start = from + found;
+            let mut end = start;
+            while end < bytes.len() && is_ident_byte(bytes[end]) {
+                end += 1;
+            }
+            if start == 0 || !is_ident_byte(bytes[start - 1]) {
+                // A colon may end a sentence in prose ("marketo_proxy_inflight: ...").
+                names.push((start, text[start..end].trim_end_matches(':')));
+            }
+            from = end;
         }
-        if start == 0 || !is_ident_byte(bytes[start - 1]) {
-            // A colon may end a sentence in prose ("marketo_proxy_inflight: ...").
-            names.push((start, text[start..end].trim_end_matches(':')));
-        }
-        from = end;
     }
+    names.sort_unstable();
     names
 }
 
@@ -560,7 +568,10 @@ fn dashboard_is_importable_and_complete() {
             );
             assert_eq!(target["datasource"]["uid"], "${datasource}", "{title}");
             let expr = target["expr"].as_str().expect("expr");
-            assert!(expr.contains("marketo_proxy_"), "{title}: {expr}");
+            assert!(
+                METRIC_PREFIXES.iter().any(|prefix| expr.contains(prefix)),
+                "{title}: {expr}"
+            );
             for (index, _) in expr.match_indices('$') {
                 let name = leading_ident(&expr[index + 1..]);
                 assert!(
@@ -1035,4 +1046,773 @@ fn dockerfile_builds_a_non_root_image_with_both_ports() {
             );
         }
     }
+}
+
+// ---------------------------------------------------------------------------
+// Configs run through the proxy binary
+
+/// `${NAME}` placeholders of `config` with a made-up value each (a Redis
+/// URL for Redis ones, an https URL for URLs).
+fn example_values(names: &BTreeSet<String>) -> BTreeMap<String, String> {
+    names
+        .iter()
+        .map(|name| {
+            let value = if name.contains("REDIS") {
+                "redis://:password@redis:6379".to_owned()
+            } else if name.ends_with("_URL") {
+                "https://123-ABC-456.mktorest.com".to_owned()
+            } else {
+                format!("{}-example-0123456789abcdef", name.to_lowercase())
+            };
+            (name.clone(), value)
+        })
+        .collect()
+}
+
+/// Runs `marketo-proxy check-config` on `config` (YAML text) with exactly
+/// `env` as its environment; panics with its output unless it exits 0.
+/// Returns the config as the proxy reads it with that environment.
+fn check_config(place: &str, config: &str, env: &BTreeMap<String, String>) -> Config {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let file = dir.path().join("config.yaml");
+    fs::write(&file, config).expect("config written");
+    let output = Command::new(env!("CARGO_BIN_EXE_marketo-proxy"))
+        .arg("check-config")
+        .arg(&file)
+        .env_clear()
+        .envs(env)
+        .output()
+        .expect("the proxy binary runs");
+    assert!(
+        output.status.success(),
+        "{place}: check-config exited {:?}: {}{}",
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Config::from_yaml_with_env(config, |name| env.get(name).cloned())
+        .unwrap_or_else(|error| panic!("{place}: {error}"))
+}
+
+/// `program` when it is on `PATH`; otherwise prints why the calling test
+/// checks less and returns `None`.
+fn on_path_or_skip(program: &str, how_to_get: &str, what: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(program))
+            .find(|candidate| candidate.is_file())
+    });
+    if found.is_none() {
+        eprintln!("skipped {what}: `{program}` is not on PATH ({how_to_get})");
+    }
+    found
+}
+
+// ---------------------------------------------------------------------------
+// The compose stack
+
+const COMPOSE: &str = "compose.yaml";
+
+fn compose() -> Yaml {
+    let mut document: Yaml = serde_yaml_ng::from_str(&read(COMPOSE)).expect("compose.yaml is valid YAML");
+    document.apply_merge().expect("merge keys resolve");
+    document
+}
+
+fn compose_service<'a>(compose: &'a Yaml, name: &str) -> &'a Yaml {
+    compose["services"]
+        .get(name)
+        .unwrap_or_else(|| panic!("no service {name} in {COMPOSE}"))
+}
+
+/// A service's `environment`, as a mapping or a list of `NAME=value`.
+fn compose_env(service: &Yaml) -> BTreeMap<String, String> {
+    match service.get("environment") {
+        Some(Yaml::Mapping(map)) => map
+            .iter()
+            .map(|(name, value)| {
+                let value = match value {
+                    Yaml::String(text) => text.clone(),
+                    other => serde_yaml_ng::to_string(other).expect("scalar").trim().to_owned(),
+                };
+                (name.as_str().expect("variable name").to_owned(), value)
+            })
+            .collect(),
+        Some(Yaml::Sequence(items)) => items
+            .iter()
+            .map(|item| {
+                let (name, value) = item
+                    .as_str()
+                    .and_then(|item| item.split_once('='))
+                    .expect("NAME=value");
+                (name.to_owned(), value.to_owned())
+            })
+            .collect(),
+        _ => BTreeMap::new(),
+    }
+}
+
+/// A service's bind mounts: container path → file under `deploy/`.
+fn compose_mounts(service: &Yaml) -> BTreeMap<String, PathBuf> {
+    yaml_seq(service, "volumes")
+        .iter()
+        .map(|volume| {
+            let spec = volume.as_str().expect("short volume syntax");
+            let mut parts = spec.split(':');
+            let source = parts.next().expect("source");
+            let target = parts.next().expect("target");
+            assert!(
+                source.starts_with("./"),
+                "{spec}: a bind mount relative to deploy/"
+            );
+            let source = deploy_path(source.trim_start_matches("./"));
+            assert!(source.exists(), "{spec}: {} does not exist", source.display());
+            (target.to_owned(), source)
+        })
+        .collect()
+}
+
+/// The value of `--flag=value` or `--flag value` in an argument list.
+fn flag_value(args: &[String], flag: &str) -> Vec<String> {
+    let mut values = Vec::new();
+    for (index, arg) in args.iter().enumerate() {
+        if let Some(value) = arg.strip_prefix(&format!("{flag}=")) {
+            values.push(value.to_owned());
+        } else if arg == flag {
+            values.extend(args.get(index + 1).cloned());
+        }
+    }
+    values
+}
+
+fn string_list(value: Option<&Yaml>) -> Vec<String> {
+    value
+        .and_then(Yaml::as_sequence)
+        .map(|items| {
+            items
+                .iter()
+                .map(|item| item.as_str().expect("a string").to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn compose_stack_wires_simulator_proxy_prometheus_and_grafana() {
+    let compose = compose();
+    let services: BTreeSet<&str> = compose["services"]
+        .as_mapping()
+        .expect("services")
+        .keys()
+        .map(|name| name.as_str().expect("service name"))
+        .collect();
+    assert_eq!(
+        services,
+        BTreeSet::from(["sim", "redis", "proxy", "prometheus", "grafana", "load"])
+    );
+
+    // The proxy and the simulator are the image of deploy/Dockerfile.
+    let entrypoint = dockerfile_entrypoint(&read(DOCKERFILE));
+    for name in ["sim", "proxy"] {
+        let build = &compose_service(&compose, name)["build"];
+        let context = deploy_path(yaml_str(build, "context").expect("build context"));
+        let dockerfile = context.join(yaml_str(build, "dockerfile").expect("dockerfile"));
+        assert_eq!(
+            dockerfile.canonicalize().unwrap(),
+            deploy_path(DOCKERFILE).canonicalize().unwrap(),
+            "{name}"
+        );
+    }
+    let dockerfile = read(DOCKERFILE);
+    assert!(
+        dockerfile.contains("--bin marketo-sim") && dockerfile.contains("/usr/local/bin/marketo-sim"),
+        "the image carries the simulator"
+    );
+
+    // The simulator knows the API users the proxy calls as.
+    let sim = compose_service(&compose, "sim");
+    let sim_args = string_list(sim.get("entrypoint"));
+    assert_eq!(sim_args[0], "marketo-sim");
+    let sim_listen: SocketAddr = flag_value(&sim_args, "--listen")[0].parse().expect("--listen");
+    let sim_clients = flag_value(&sim_args, "--client");
+
+    // The proxy's config, run through check-config with the stack's
+    // environment; it is mounted where the image's entrypoint reads it.
+    let proxy = compose_service(&compose, "proxy");
+    let env = compose_env(proxy);
+    let config_path = &entrypoint[entrypoint.iter().position(|arg| arg == "--config").unwrap() + 1];
+    let mounts = compose_mounts(proxy);
+    let config_file = mounts
+        .get(config_path)
+        .unwrap_or_else(|| panic!("nothing mounted at {config_path}"));
+    let config_text = fs::read_to_string(config_file).unwrap();
+    let needed = placeholders(&config_text);
+    let unset: Vec<&String> = needed.iter().filter(|name| !env.contains_key(*name)).collect();
+    assert!(unset.is_empty(), "the proxy service does not set {unset:?}");
+    let config = check_config("compose/proxy.yaml", &config_text, &env);
+    assert_eq!(config.marketo.base_url.host(), "sim");
+    assert_eq!(
+        config.marketo.base_url.authority(),
+        format!("sim:{}", sim_listen.port())
+    );
+    assert!(config.listen.ip().is_unspecified() && config.admin_listen.ip().is_unspecified());
+    let published: BTreeSet<String> = string_list(proxy.get("ports")).into_iter().collect();
+    assert_eq!(
+        published,
+        BTreeSet::from([
+            format!("127.0.0.1:{0}:{0}", config.listen.port()),
+            format!("127.0.0.1:{0}:{0}", config.admin_listen.port()),
+        ])
+    );
+    let mut upstream_users = vec![(
+        config.marketo.client_id.clone(),
+        config.marketo.client_secret.expose().to_owned(),
+    )];
+    for service in &config.services {
+        if let Some(own) = &service.marketo {
+            upstream_users.push((own.client_id.clone(), own.client_secret.expose().to_owned()));
+        }
+    }
+    for (id, secret) in &upstream_users {
+        assert!(
+            sim_clients
+                .iter()
+                .any(|client| client.starts_with(&format!("{id}:{secret}:"))),
+            "the simulator does not know the API user {id}: {sim_clients:?}"
+        );
+    }
+    // Limits through the stack's Redis.
+    assert!(matches!(
+        config.state.backend,
+        marketo_proxy::config::Backend::Redis
+    ));
+    let redis_url = config
+        .state
+        .redis
+        .as_ref()
+        .expect("redis settings")
+        .url
+        .expose()
+        .to_owned();
+    assert!(redis_url.starts_with("redis://redis:6379"), "state.redis.url");
+    let depends = &proxy["depends_on"];
+    for needed in ["sim", "redis"] {
+        assert!(
+            depends.get(needed).is_some(),
+            "the proxy does not wait for {needed}"
+        );
+    }
+
+    // The load generator calls the proxy with the services' keys.
+    let load = compose_service(&compose, "load");
+    let load_env = compose_env(load);
+    assert_eq!(
+        load_env["PROXY"],
+        format!("http://proxy:{}", config.listen.port())
+    );
+    assert_eq!(
+        load_env["ADMIN"],
+        format!("http://proxy:{}", config.admin_listen.port())
+    );
+    assert_eq!(load_env["SIM"], format!("http://sim:{}", sim_listen.port()));
+    let keys: BTreeSet<String> = config
+        .services
+        .iter()
+        .filter_map(|service| service.api_key.as_ref().map(|key| key.expose().to_owned()))
+        .collect();
+    for variable in ["CRM_SYNC_KEY", "WAREHOUSE_KEY"] {
+        assert!(
+            keys.contains(&load_env[variable]),
+            "{variable} is not a service's key"
+        );
+    }
+    let load_mounts = compose_mounts(load);
+    let script = &load_mounts[load_mounts.keys().next().expect("the script is mounted")];
+    let script_text = fs::read_to_string(script).unwrap();
+    for variable in ["PROXY", "ADMIN", "SIM", "CRM_SYNC_KEY", "WAREHOUSE_KEY"] {
+        assert!(
+            script_text.contains(&format!("${variable}")),
+            "load.sh does not use ${variable}"
+        );
+    }
+    assert!(script_text.contains("/readyz") && script_text.contains("/_sim/faults"));
+
+    // Prometheus: the stack's scrape config is the shipped one aimed at the
+    // proxy's container, with the shipped rules next to it.
+    let prometheus = compose_service(&compose, "prometheus");
+    let prometheus_args = string_list(prometheus.get("command"));
+    let config_target = &flag_value(&prometheus_args, "--config.file")[0];
+    let prometheus_mounts = compose_mounts(prometheus);
+    let scrape: Yaml =
+        serde_yaml_ng::from_str(&fs::read_to_string(&prometheus_mounts[config_target]).unwrap())
+            .expect("valid YAML");
+    let shipped: Yaml = serde_yaml_ng::from_str(&read(SCRAPE_CONFIG)).expect("valid YAML");
+    for file in yaml_seq(&scrape, "rule_files") {
+        let in_container = Path::new(config_target).with_file_name(file.as_str().expect("path"));
+        let source = &prometheus_mounts[in_container.to_str().unwrap()];
+        assert_eq!(
+            source.canonicalize().unwrap(),
+            deploy_path(ALERTS).canonicalize().unwrap()
+        );
+    }
+    let mut job = yaml_seq(&scrape, "scrape_configs")[0].clone();
+    let targets = string_list(job["static_configs"][0].get("targets"));
+    assert_eq!(targets, [format!("proxy:{}", config.admin_listen.port())]);
+    let mut shipped_job = yaml_seq(&shipped, "scrape_configs")[0].clone();
+    job["static_configs"] = Yaml::Null;
+    shipped_job["static_configs"] = Yaml::Null;
+    assert_eq!(job, shipped_job, "the stack scrapes as the shipped config does");
+    let prometheus_listen = flag_value(&prometheus_args, "--web.listen-address")[0].clone();
+    let prometheus_port = prometheus_listen.rsplit(':').next().unwrap();
+
+    // Grafana: the data source is the stack's Prometheus, and the dashboard
+    // file is where the provider looks.
+    let grafana = compose_service(&compose, "grafana");
+    let grafana_mounts = compose_mounts(grafana);
+    let provisioning = &grafana_mounts["/etc/grafana/provisioning"];
+    let datasources: Yaml = serde_yaml_ng::from_str(
+        &fs::read_to_string(provisioning.join("datasources/prometheus.yaml")).unwrap(),
+    )
+    .unwrap();
+    let datasource = &yaml_seq(&datasources, "datasources")[0];
+    assert_eq!(yaml_str(datasource, "type"), Some("prometheus"));
+    assert_eq!(
+        yaml_str(datasource, "url"),
+        Some(format!("http://prometheus:{prometheus_port}").as_str())
+    );
+    assert_eq!(datasource["isDefault"], Yaml::Bool(true));
+    let providers: Yaml = serde_yaml_ng::from_str(
+        &fs::read_to_string(provisioning.join("dashboards/marketo-proxy.yaml")).unwrap(),
+    )
+    .unwrap();
+    let folder = yaml_str(&yaml_seq(&providers, "providers")[0]["options"], "path").expect("provider path");
+    let (dashboard_target, _) = grafana_mounts
+        .iter()
+        .find(|(_, source)| source.ends_with(DASHBOARD))
+        .expect("the dashboard is mounted");
+    assert_eq!(Path::new(dashboard_target).parent(), Some(Path::new(folder)));
+    assert_eq!(
+        compose_env(grafana)["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"],
+        *dashboard_target
+    );
+    let grafana_ports = string_list(grafana.get("ports"));
+    assert_eq!(grafana_ports, ["127.0.0.1:3000:3000"]);
+
+    // The README names the command and the Grafana URL.
+    let readme = fs::read_to_string(repo_root().join("README.md")).unwrap();
+    assert!(readme.contains("docker compose -f deploy/compose.yaml up"));
+    assert!(readme.contains("http://localhost:3000"));
+}
+
+#[test]
+fn docker_compose_accepts_the_stack() {
+    let Some(binary) = on_path_or_skip(
+        "docker-compose",
+        "Debian package `docker-compose`, which .ci/run installs",
+        "`docker-compose config`",
+    ) else {
+        return;
+    };
+    let output = Command::new(binary)
+        .args(["-f", "deploy/compose.yaml", "config", "--quiet"])
+        .current_dir(repo_root())
+        .output()
+        .expect("docker-compose runs");
+    assert!(
+        output.status.success(),
+        "docker-compose config: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+// ---------------------------------------------------------------------------
+// systemd
+
+const UNIT: &str = "systemd/marketo-proxy.service";
+
+/// `Key=value` settings of a unit file by section, in order; repeated keys
+/// keep every value.
+fn unit_settings(text: &str) -> BTreeMap<(String, String), Vec<String>> {
+    let mut settings: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+    let mut section = String::new();
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        if let Some(name) = line.strip_prefix('[').and_then(|rest| rest.strip_suffix(']')) {
+            section = name.to_owned();
+            continue;
+        }
+        let (key, value) = line.split_once('=').expect("Key=value");
+        settings
+            .entry((section.clone(), key.trim().to_owned()))
+            .or_default()
+            .push(value.trim().to_owned());
+    }
+    settings
+}
+
+#[test]
+fn systemd_unit_sandboxes_the_proxy_and_keeps_the_ledger_in_its_state_directory() {
+    let settings = unit_settings(&read(UNIT));
+    let service = |key: &str| -> &str {
+        settings
+            .get(&("Service".to_owned(), key.to_owned()))
+            .and_then(|values| values.last())
+            .unwrap_or_else(|| panic!("no {key}= in [Service]"))
+    };
+    for (key, value) in [
+        ("DynamicUser", "yes"),
+        ("NoNewPrivileges", "yes"),
+        ("ProtectSystem", "strict"),
+        ("ProtectHome", "yes"),
+        ("PrivateTmp", "yes"),
+        ("PrivateDevices", "yes"),
+        ("RestrictSUIDSGID", "yes"),
+        ("CapabilityBoundingSet", ""),
+        ("KillSignal", "SIGTERM"),
+        ("RestartPreventExitStatus", "64"),
+    ] {
+        assert_eq!(service(key), value, "{key}");
+    }
+
+    // serve --config FILE, with FILE in the configuration directory.
+    let exec: Vec<&str> = service("ExecStart").split_whitespace().collect();
+    assert_eq!(&exec[1..3], ["serve", "--config"]);
+    let config_path = Path::new(exec[3]);
+    assert_eq!(
+        config_path.parent(),
+        Some(
+            Path::new("/etc")
+                .join(service("ConfigurationDirectory"))
+                .as_path()
+        )
+    );
+
+    // The example config keeps the ledger in the state directory, the only
+    // place ProtectSystem=strict lets the service write.
+    let state_directory = Path::new("/var/lib").join(service("StateDirectory"));
+    assert_eq!(Path::new(service("WorkingDirectory")), state_directory);
+    let config_text = read("systemd/config.yaml");
+    let env_file = read("systemd/marketo-proxy.env");
+    let env_example: BTreeMap<String, String> = env_file
+        .lines()
+        .filter(|line| !line.trim_start().starts_with('#') && line.contains('='))
+        .map(|line| {
+            let (name, value) = line.split_once('=').unwrap();
+            (name.trim().to_owned(), value.trim().to_owned())
+        })
+        .collect();
+    let needed = placeholders(&config_text);
+    let listed: BTreeSet<String> = env_example.keys().cloned().collect();
+    assert_eq!(
+        needed, listed,
+        "the env file lists exactly the config's variables"
+    );
+    assert_eq!(
+        Path::new(service("EnvironmentFile")).parent(),
+        config_path.parent(),
+        "the secrets sit next to the config"
+    );
+    // With the blanks filled in, the proxy accepts it.
+    let mut env = example_values(&needed);
+    env.extend(env_example.into_iter().filter(|(_, value)| !value.is_empty()));
+    let config = check_config("systemd/config.yaml", &config_text, &env);
+    let ledger = config.state.file.as_ref().expect("state.file is set");
+    assert_eq!(ledger.parent(), Some(state_directory.as_path()), "state.file");
+    assert!(matches!(
+        config.state.backend,
+        marketo_proxy::config::Backend::Memory
+    ));
+}
+
+#[test]
+fn systemd_analyze_verifies_the_unit() {
+    let Some(binary) = on_path_or_skip(
+        "systemd-analyze",
+        "Debian package `systemd`",
+        "`systemd-analyze verify`",
+    ) else {
+        return;
+    };
+    // verify checks that the commands exist: point them at the binary this
+    // test was built with.
+    let dir = tempfile::tempdir().unwrap();
+    let unit = dir.path().join("marketo-proxy.service");
+    let text = read(UNIT).replace(
+        "/usr/local/bin/marketo-proxy",
+        env!("CARGO_BIN_EXE_marketo-proxy"),
+    );
+    fs::write(&unit, text).unwrap();
+    let output = Command::new(binary)
+        .arg("verify")
+        .arg(&unit)
+        .output()
+        .expect("systemd-analyze runs");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // Lines about other units (a host's own) are not this unit's problem.
+    let about_unit: Vec<&str> = said
+        .lines()
+        .filter(|line| line.contains("marketo-proxy.service"))
+        .collect();
+    assert!(
+        output.status.success() && about_unit.is_empty(),
+        "systemd-analyze verify: {said}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Every Kubernetes manifest
+
+const KUBERNETES_MANIFESTS: &[&str] = &["kubernetes/sidecar.yaml", "kubernetes/shared.yaml"];
+
+fn labels_match(selector: &Yaml, labels: &Yaml) -> bool {
+    selector.as_mapping().is_some_and(|wanted| {
+        wanted
+            .iter()
+            .all(|(key, value)| labels.get(key.as_str().unwrap_or_default()) == Some(value))
+    })
+}
+
+#[test]
+fn kubernetes_manifests_agree_with_the_binary() {
+    let listed: BTreeSet<String> = fs::read_dir(deploy_path("kubernetes"))
+        .unwrap()
+        .map(|entry| format!("kubernetes/{}", entry.unwrap().file_name().to_string_lossy()))
+        .collect();
+    assert_eq!(
+        listed,
+        KUBERNETES_MANIFESTS
+            .iter()
+            .map(|name| (*name).to_owned())
+            .collect(),
+        "a manifest this test does not check"
+    );
+    let entrypoint = dockerfile_entrypoint(&read(DOCKERFILE));
+    let config_path =
+        Path::new(&entrypoint[entrypoint.iter().position(|arg| arg == "--config").unwrap() + 1]);
+    for manifest in KUBERNETES_MANIFESTS {
+        let documents = yaml_documents(&read(manifest));
+        let mut proxies = 0;
+        for deployment in documents
+            .iter()
+            .filter(|document| yaml_str(document, "kind") == Some("Deployment"))
+        {
+            let pod = &deployment["spec"]["template"];
+            let spec = &pod["spec"];
+            let Some(proxy) = yaml_seq(spec, "initContainers")
+                .iter()
+                .chain(yaml_seq(spec, "containers"))
+                .find(|container| yaml_str(container, "name") == Some("marketo-proxy"))
+            else {
+                continue;
+            };
+            proxies += 1;
+            let place = format!(
+                "{manifest}: Deployment {}",
+                deployment["metadata"]["name"].as_str().unwrap_or("?")
+            );
+            assert!(
+                labels_match(
+                    &deployment["spec"]["selector"]["matchLabels"],
+                    &pod["metadata"]["labels"]
+                ),
+                "{place}: the selector does not match the pod"
+            );
+
+            // The config: the ConfigMap mounted where the image reads it.
+            let mount = yaml_seq(proxy, "volumeMounts")
+                .iter()
+                .find(|mount| {
+                    Path::new(yaml_str(mount, "mountPath").unwrap_or_default())
+                        == config_path.parent().unwrap()
+                })
+                .unwrap_or_else(|| panic!("{place}: nothing mounted at {}", config_path.display()));
+            let volume_name = yaml_str(mount, "name").unwrap();
+            let config_map_name = yaml_seq(spec, "volumes")
+                .iter()
+                .find(|volume| yaml_str(volume, "name") == Some(volume_name))
+                .and_then(|volume| volume.get("configMap"))
+                .and_then(|map| yaml_str(map, "name"))
+                .unwrap_or_else(|| panic!("{place}: volume {volume_name} is not a ConfigMap"));
+            let config_map = documents
+                .iter()
+                .find(|document| {
+                    yaml_str(document, "kind") == Some("ConfigMap")
+                        && document["metadata"].get("name").and_then(Yaml::as_str) == Some(config_map_name)
+                })
+                .unwrap_or_else(|| panic!("{place}: no ConfigMap {config_map_name}"));
+            let config_text = yaml_str(&config_map["data"], "config.yaml").expect("config.yaml");
+
+            // Every variable the config uses comes from the container's
+            // environment, secrets from a Secret.
+            let env: BTreeMap<&str, &Yaml> = yaml_seq(proxy, "env")
+                .iter()
+                .map(|var| (yaml_str(var, "name").expect("env name"), var))
+                .collect();
+            let needed = placeholders(config_text);
+            for name in &needed {
+                let var = env
+                    .get(name.as_str())
+                    .unwrap_or_else(|| panic!("{place}: ${{{name}}} is not set"));
+                assert!(
+                    var.get("valueFrom")
+                        .and_then(|from| from.get("secretKeyRef"))
+                        .is_some(),
+                    "{place}: {name} does not come from a Secret"
+                );
+            }
+            let config = check_config(&place, config_text, &example_values(&needed));
+
+            // Ports and probes match the listeners.
+            let port_named = |name: &str| {
+                yaml_seq(proxy, "ports")
+                    .iter()
+                    .find(|port| yaml_str(port, "name") == Some(name))
+                    .and_then(|port| port.get("containerPort").and_then(Yaml::as_u64))
+                    .unwrap_or_else(|| panic!("{place}: no port named {name}"))
+            };
+            assert_eq!(port_named("proxy"), u64::from(config.listen.port()), "{place}");
+            assert_eq!(
+                port_named("admin"),
+                u64::from(config.admin_listen.port()),
+                "{place}"
+            );
+            assert!(
+                config.admin_listen.ip().is_unspecified(),
+                "{place}: probes reach the pod IP"
+            );
+            let admin = u64::from(config.admin_listen.port());
+            assert_eq!(
+                probe_port(proxy, "readinessProbe"),
+                ("/readyz".to_owned(), admin),
+                "{place}"
+            );
+            assert_eq!(
+                probe_port(proxy, "livenessProbe"),
+                ("/healthz".to_owned(), admin),
+                "{place}"
+            );
+            assert_eq!(
+                probe_port(proxy, "startupProbe"),
+                ("/healthz".to_owned(), admin),
+                "{place}"
+            );
+            assert_eq!(
+                yaml_str(&pod["metadata"]["annotations"], "prometheus.io/port"),
+                Some(admin.to_string().as_str()),
+                "{place}"
+            );
+            let context = &proxy["securityContext"];
+            assert_eq!(context["readOnlyRootFilesystem"], Yaml::Bool(true), "{place}");
+            assert_eq!(context["allowPrivilegeEscalation"], Yaml::Bool(false), "{place}");
+
+            // Several replicas share the limits through Redis, and each
+            // falls back to its share of them.
+            let replicas = deployment["spec"]["replicas"].as_u64().unwrap_or(1);
+            if replicas > 1 {
+                assert!(
+                    matches!(config.state.backend, marketo_proxy::config::Backend::Redis),
+                    "{place}"
+                );
+            }
+            if let Some(redis) = &config.state.redis {
+                assert!(
+                    u64::from(redis.fallback_replicas.get()) >= replicas,
+                    "{place}: fallback_replicas {} under {replicas} replicas",
+                    redis.fallback_replicas
+                );
+                // A Redis this manifest runs is the one the config names.
+                let url: url::Url = redis.url.expose().parse().expect("redis URL");
+                if let Some(service) = documents.iter().find(|document| {
+                    yaml_str(document, "kind") == Some("Service")
+                        && document["metadata"].get("name").and_then(Yaml::as_str) == url.host_str()
+                }) {
+                    let ports: Vec<u64> = yaml_seq(&service["spec"], "ports")
+                        .iter()
+                        .filter_map(|port| port.get("port").and_then(Yaml::as_u64))
+                        .collect();
+                    assert_eq!(
+                        ports,
+                        [u64::from(url.port().unwrap_or(6379))],
+                        "{place}: Redis port"
+                    );
+                }
+            }
+
+            // A Service in front of these pods reaches the proxy port, and
+            // a disruption budget leaves one of them running.
+            for service in documents.iter().filter(|document| {
+                yaml_str(document, "kind") == Some("Service")
+                    && labels_match(&document["spec"]["selector"], &pod["metadata"]["labels"])
+            }) {
+                for port in yaml_seq(&service["spec"], "ports") {
+                    let target = match port.get("targetPort") {
+                        Some(Yaml::String(name)) => port_named(name),
+                        Some(Yaml::Number(number)) => number.as_u64().unwrap(),
+                        _ => port["port"].as_u64().unwrap(),
+                    };
+                    assert_eq!(
+                        target,
+                        u64::from(config.listen.port()),
+                        "{place}: Service port {port:?}"
+                    );
+                }
+            }
+            for budget in documents.iter().filter(|document| {
+                yaml_str(document, "kind") == Some("PodDisruptionBudget")
+                    && labels_match(
+                        &document["spec"]["selector"]["matchLabels"],
+                        &pod["metadata"]["labels"],
+                    )
+            }) {
+                let min_available = budget["spec"]["minAvailable"].as_u64().expect("minAvailable");
+                assert!(
+                    (1..replicas).contains(&min_available),
+                    "{place}: minAvailable {min_available}"
+                );
+            }
+        }
+        assert!(proxies > 0, "{manifest}: no Deployment runs marketo-proxy");
+    }
+}
+
+#[test]
+fn kubernetes_shared_deployment_runs_two_replicas_behind_a_service_with_a_disruption_budget() {
+    let documents = yaml_documents(&read("kubernetes/shared.yaml"));
+    let of_kind = |kind: &str| -> Vec<&Yaml> {
+        documents
+            .iter()
+            .filter(|document| yaml_str(document, "kind") == Some(kind))
+            .collect()
+    };
+    let proxy = of_kind("Deployment")
+        .into_iter()
+        .find(|deployment| deployment["metadata"]["name"] == "marketo-proxy")
+        .expect("a marketo-proxy Deployment");
+    assert_eq!(proxy["spec"]["replicas"].as_u64(), Some(2));
+    let labels = &proxy["spec"]["template"]["metadata"]["labels"];
+    let service = of_kind("Service")
+        .into_iter()
+        .find(|service| labels_match(&service["spec"]["selector"], labels))
+        .expect("a Service for the proxy");
+    assert_eq!(service["spec"]["ports"][0]["port"].as_u64(), Some(8080));
+    assert_eq!(yaml_str(&service["spec"], "sessionAffinity"), Some("ClientIP"));
+    let budgets = of_kind("PodDisruptionBudget");
+    assert_eq!(budgets.len(), 1);
+    assert!(labels_match(
+        &budgets[0]["spec"]["selector"]["matchLabels"],
+        labels
+    ));
+    // Redis runs beside it, with a Service of its own.
+    assert!(of_kind("Deployment").iter().any(|deployment| {
+        yaml_seq(&deployment["spec"]["template"]["spec"], "containers")
+            .iter()
+            .any(|container| yaml_str(container, "image").is_some_and(|image| image.starts_with("redis:")))
+    }));
 }

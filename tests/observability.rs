@@ -318,3 +318,35 @@ async fn marketo_counting_more_calls_shrinks_the_remaining_quota() {
     assert_eq!(proxy_lane["name"], "marketo-proxy");
     assert_eq!(proxy_lane["used"], 1);
 }
+
+/// The process collector's families, with their types, as `/metrics`
+/// serves them on Linux.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn metrics_carry_the_process_families() {
+    let stack = Stack::start(support::sim_config()).await;
+    let metrics = stack.metrics().await;
+    for (family, kind) in [
+        ("process_cpu_seconds_total", "counter"),
+        ("process_resident_memory_bytes", "gauge"),
+        ("process_virtual_memory_bytes", "gauge"),
+        ("process_open_fds", "gauge"),
+        ("process_max_fds", "gauge"),
+        ("process_threads", "gauge"),
+        ("process_start_time_seconds", "gauge"),
+    ] {
+        assert!(
+            metrics
+                .lines()
+                .any(|line| line == format!("# TYPE {family} {kind}")),
+            "no `# TYPE {family} {kind}` in\n{metrics}"
+        );
+        assert!(metric(&metrics, family).is_some(), "no {family} sample");
+    }
+    // Read from /proc for this process: it has memory, descriptors (the
+    // listeners at least) and a start time.
+    assert!(metric(&metrics, "process_resident_memory_bytes").unwrap() > 0.0);
+    assert!(metric(&metrics, "process_open_fds").unwrap() >= 2.0);
+    assert!(metric(&metrics, "process_open_fds").unwrap() < metric(&metrics, "process_max_fds").unwrap());
+    assert!(metric(&metrics, "process_start_time_seconds").unwrap() > 1.6e9);
+}

@@ -4,6 +4,7 @@
 
 pub mod connect_proxy;
 pub mod kernel;
+pub mod prometheus;
 pub mod raw_h2;
 pub mod redis;
 pub mod tls;
