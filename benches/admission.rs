@@ -19,7 +19,7 @@ fn config(limits: &str, services: usize) -> Config {
     let services: String = (0..services)
         .map(|index| {
             format!(
-                "  - {{ name: s{index}, api_key: key-{index}-0123456789, weight: {} }}\n",
+                "  - {{ name: s{index}, api_key: key-{index}-0123456789abcdefgh, weight: {} }}\n",
                 index % 3 + 1
             )
         })

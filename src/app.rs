@@ -85,6 +85,9 @@ impl App {
     /// Builds every component. Fails on what can never work (a TLS client
     /// that cannot be built, an unusable Redis URL); nothing is contacted.
     pub fn build(config: Config, metrics: Metrics) -> Result<Self, StartError> {
+        for warning in config.warnings() {
+            tracing::warn!("{warning}");
+        }
         let upstream = Upstream::new(&config.marketo)?;
         let limits = match (&config.state.backend, &config.state.redis) {
             (Backend::Redis, Some(redis)) => Some(SharedLimits::new(&config, redis, metrics.clone())?),

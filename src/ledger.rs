@@ -373,7 +373,7 @@ mod tests {
 
     fn ledger(path: &Path) -> Ledger {
         let yaml = "marketo: { base_url: 'http://127.0.0.1:1', client_id: id, client_secret: secret }\n\
-                    services:\n  - { name: crm-sync, api_key: key-crm-0123456789 }\n\
+                    services:\n  - { name: crm-sync, api_key: key-crm-0123456789abcd }\n\
                     state: { file: ~ }\n";
         let config = Config::from_yaml_with_env(yaml, |_| None).unwrap();
         let admission = Admission::new(&config, Metrics::new());

@@ -77,6 +77,9 @@ fn check_config(file: &std::path::Path) -> ExitCode {
     match Config::load(file) {
         Ok(config) => {
             println!("{}: ok", file.display());
+            for warning in config.warnings() {
+                println!("warning: {warning}");
+            }
             println!("{}", config.summary());
             ExitCode::SUCCESS
         }
@@ -152,7 +155,7 @@ async fn demo(listen: SocketAddr, admin_listen: SocketAddr) -> anyhow::Result<()
          API key:   {api_key}  (service crm-sync; demo only)\n\n\
          Try:\n  \
          curl -H 'X-Api-Key: {api_key}' {proxy_url}/rest/v1/lead/1.json\n  \
-         curl '{proxy_url}/identity/oauth/token?grant_type=client_credentials&client_id=demo-crm&client_secret=demo-crm-secret'\n  \
+         curl '{proxy_url}/identity/oauth/token?grant_type=client_credentials&client_id=demo-crm&client_secret=demo-crm-secret-0123456789'\n  \
          curl {admin_url}/metrics\n\n\
          Ctrl-C stops it.",
         sim_url = sim.url(),

@@ -296,7 +296,7 @@ mod tests {
     async fn slot() -> (Arc<Admission>, Slot) {
         let config = Config::from_yaml_with_env(
             "marketo: { base_url: 'http://127.0.0.1:1', client_id: a, client_secret: b }\n\
-             services: [{ name: s, api_key: key-s-0123456789 }]\nstate: { file: ~ }",
+             services: [{ name: s, api_key: key-s-0123456789abcdef }]\nstate: { file: ~ }",
             |_| None,
         )
         .unwrap();

@@ -23,7 +23,7 @@ fn config(limits: &str, services: &str) -> Config {
     Config::from_yaml_with_env(&yaml, |_| None).unwrap()
 }
 
-const TWO_SERVICES: &str = "  - { name: a, api_key: key-a-0123456789, weight: 3 }\n  - { name: b, api_key: key-b-0123456789, weight: 1 }";
+const TWO_SERVICES: &str = "  - { name: a, api_key: key-a-0123456789abcdef, weight: 3 }\n  - { name: b, api_key: key-b-0123456789abcdef, weight: 1 }";
 
 /// Asks admission for a call of `service` that may wait up to `wait`.
 async fn admit(
@@ -135,7 +135,7 @@ async fn an_idle_service_leaves_its_share_to_the_others() {
 
 #[tokio::test(start_paused = true)]
 async fn a_service_window_share_caps_it_and_leaves_the_rest_to_others() {
-    let services = "  - { name: a, api_key: key-a-0123456789, window_calls: 30 }\n  - { name: b, api_key: key-b-0123456789 }";
+    let services = "  - { name: a, api_key: key-a-0123456789abcdef, window_calls: 30 }\n  - { name: b, api_key: key-b-0123456789abcdef }";
     let config = config(
         "  window_calls: 100\n  window: 20s\n  safety_margin: 0s\n  max_queue_wait: 1h",
         services,
@@ -152,7 +152,7 @@ async fn a_service_window_share_caps_it_and_leaves_the_rest_to_others() {
 
 #[tokio::test(start_paused = true)]
 async fn concurrency_is_capped_for_the_instance_and_each_service() {
-    let services = "  - { name: a, api_key: key-a-0123456789, concurrency: 3 }\n  - { name: b, api_key: key-b-0123456789 }";
+    let services = "  - { name: a, api_key: key-a-0123456789abcdef, concurrency: 3 }\n  - { name: b, api_key: key-b-0123456789abcdef }";
     let config = config(
         "  window_calls: 1000\n  concurrency: 10\n  max_queue_wait: 1h",
         services,
@@ -283,7 +283,7 @@ async fn a_client_that_goes_away_leaves_the_queue() {
 
 #[tokio::test(start_paused = true)]
 async fn reserved_daily_calls_stay_free_for_their_service() {
-    let services = "  - { name: a, api_key: key-a-0123456789, reserved_daily: 20 }\n  - { name: b, api_key: key-b-0123456789 }";
+    let services = "  - { name: a, api_key: key-a-0123456789abcdef, reserved_daily: 20 }\n  - { name: b, api_key: key-b-0123456789abcdef }";
     let config = config("  window_calls: 1000\n  daily_quota: 100", services);
     let admission = admission(&config);
     let mut b_calls = 0;

@@ -38,7 +38,7 @@ fn check_config_exits_64_naming_the_key_and_line_without_the_secret() {
     let path = dir.path().join("bad.yaml");
     std::fs::write(
         &path,
-        "marketo:\n  base_url: https://123-ABC-456.mktorest.com\n  client_id: id\n  client_secret: ${SECRET}\nservices:\n  - name: crm\n    api_key: key-0123456789\n    wieght: 3\n",
+        "marketo:\n  base_url: https://123-ABC-456.mktorest.com\n  client_id: id\n  client_secret: ${SECRET}\nservices:\n  - name: crm\n    api_key: key-0123456789abcdefgh\n    wieght: 3\n",
     )
     .unwrap();
     let output = Command::new(PROXY)
@@ -137,7 +137,7 @@ fn check_config_refuses_a_ca_file_without_certificates_and_an_unusable_egress_pr
         "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIA==\n-----END PRIVATE KEY-----\n",
     )
     .unwrap();
-    let base = "marketo:\n  base_url: https://123-ABC-456.mktorest.com\n  client_id: id\n  client_secret: secret\nservices:\n  - name: crm\n    api_key: key-0123456789\n";
+    let base = "marketo:\n  base_url: https://123-ABC-456.mktorest.com\n  client_id: id\n  client_secret: secret\nservices:\n  - name: crm\n    api_key: key-0123456789abcdefgh\n";
     let check = |extra: &str| {
         let path = dir.path().join("proxy.yaml");
         std::fs::write(

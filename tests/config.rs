@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use marketo_proxy::config::{Backend, Config, ConfigError, DEMO_CONFIG};
 
-const SECRET: &str = "s3cr3t-value-xyz";
+const SECRET: &str = "s3cr3t-value-xyz-0123456789";
 
 fn no_env(_: &str) -> Option<String> {
     None
@@ -41,9 +41,9 @@ marketo:
   client_secret: proxy-secret
 services:
   - name: crm-sync
-    api_key: crm-key
+    api_key: crm-key-0123456789abcd
   - name: forms
-    api_key: forms-key
+    api_key: forms-key-0123456789ab
 {extra}"
     )
 }
@@ -72,7 +72,7 @@ fn demo_config_is_the_bundled_demo_file() {
     assert_eq!(config.marketo.client_id, "demo-client");
     assert!(config.marketo.client_secret.matches("demo-secret"));
     let crm = &config.services[0];
-    assert!(crm.api_key.as_ref().unwrap().matches("demo-key-crm"));
+    assert!(crm.api_key.as_ref().unwrap().matches("demo-key-crm-0123456789"));
 }
 
 #[test]
@@ -96,7 +96,7 @@ fn sidecar_config_uses_redis_from_the_environment() {
 #[test]
 fn redis_state_reads_its_url_from_the_environment() {
     let yaml = "marketo: { base_url: 'https://123-ABC-456.mktorest.com', client_id: a, client_secret: b }\n\
-                services: [{ name: s, api_key: key-s-0123456789 }]\n\
+                services: [{ name: s, api_key: key-s-0123456789abcdef }]\n\
                 state:\n  backend: redis\n  file: ~\n  redis:\n    url: ${REDIS_URL}\n    fallback_replicas: ${REPLICAS:-4}\n";
     let env = |name: &str| (name == "REDIS_URL").then(|| "redis://:pw@redis.internal:6380/0".to_owned());
     let config = Config::from_yaml_with_env(yaml, env).unwrap();
@@ -190,8 +190,8 @@ fn secret_inside_a_longer_value_is_redacted() {
 #[test]
 fn duplicate_keys_from_the_environment_are_not_shown() {
     let text = config_text("")
-        .replace("crm-key", "${CRM_KEY}")
-        .replace("forms-key", "${CRM_KEY}");
+        .replace("crm-key-0123456789abcd", "${CRM_KEY}")
+        .replace("forms-key-0123456789ab", "${CRM_KEY}");
     let message = Config::from_yaml_with_env(&text, crm_key_env)
         .unwrap_err()
         .to_string();
@@ -205,7 +205,7 @@ fn duplicate_keys_from_the_environment_are_not_shown() {
 #[test]
 fn secret_with_yaml_syntax_arrives_intact() {
     let tricky = "*not: an alias # nor a comment, \"quoted\" 'too'";
-    let text = config_text("").replace("crm-key", "${CRM_KEY}");
+    let text = config_text("").replace("crm-key-0123456789abcd", "${CRM_KEY}");
     let config =
         Config::from_yaml_with_env(&text, |name| (name == "CRM_KEY").then(|| tricky.to_owned())).unwrap();
     assert!(config.services[0].api_key.as_ref().unwrap().matches(tricky));

@@ -241,7 +241,7 @@ async fn expired_proxy_token_gets_401_and_never_reaches_marketo() {
 }
 
 #[tokio::test]
-async fn repeated_failed_logins_throttle_the_address_before_marketo() {
+async fn repeated_failed_logins_throttle_failed_attempts_only() {
     let stack = Stack::start(support::sim_config()).await;
     let mut statuses = Vec::new();
     for attempt in 0..12 {
@@ -254,14 +254,22 @@ async fn repeated_failed_logins_throttle_the_address_before_marketo() {
     }
     assert_eq!(&statuses[..10], &[401; 10], "{statuses:?}");
     assert_eq!(statuses[11], 429, "{statuses:?}");
-    // While blocked, the address is refused before its credential is read.
-    let (status, retry_after, _) = read(stack.get(CRM_KEY, "/rest/v1/lead/1.json").await).await;
+    // While blocked, wrong credentials are refused as throttled, at the
+    // identity endpoint too...
+    let (status, retry_after, _) = read(stack.get("guess-more", "/rest/v1/lead/1.json").await).await;
     assert_eq!(status, 429);
     assert!(retry_after.unwrap().parse::<u64>().unwrap() >= 1);
     let (status, _, _) =
-        read(identity_get(&stack.http, &stack.proxy.url(), CRM_CLIENT_ID, CRM_CLIENT_SECRET).await).await;
+        read(identity_get(&stack.http, &stack.proxy.url(), CRM_CLIENT_ID, "wrong-secret").await).await;
     assert_eq!(status, 429, "the identity endpoint is throttled too");
     assert_eq!(stack.sim.stats().calls, 0);
+    // ...while the other integrations behind the same address go on.
+    let (status, body) = json(stack.get(CRM_KEY, "/rest/v1/lead/1.json").await).await;
+    assert_success(status, &body, "a right key from a throttled address");
+    let (status, body) =
+        json(identity_get(&stack.http, &stack.proxy.url(), CRM_CLIENT_ID, CRM_CLIENT_SECRET).await).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(stack.sim.stats().calls, 1);
 }
 
 #[tokio::test]

@@ -26,7 +26,7 @@ marketo: {{ base_url: "{sim_url}", client_id: demo-client, client_secret: demo-s
 limits:
 {limits}
 services:
-  - {{ name: crm-sync, api_key: key-crm-0123456789, weight: 3 }}
+  - {{ name: crm-sync, api_key: key-crm-0123456789abcd, weight: 3 }}
   - {{ name: warehouse, api_key: key-warehouse-0123456789, weight: 1 }}
   - {{ name: forms, api_key: key-forms-0123456789, weight: 2 }}
 {extra_services}
@@ -37,7 +37,7 @@ state: {{ file: ~, usage_sync_interval: 0s }}
 }
 
 const KEYS: [&str; 3] = [
-    "key-crm-0123456789",
+    "key-crm-0123456789abcd",
     "key-warehouse-0123456789",
     "key-forms-0123456789",
 ];

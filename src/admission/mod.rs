@@ -1059,7 +1059,7 @@ mod tests {
     async fn the_rate_history_stays_within_the_horizon_without_scrapes() {
         let yaml = "marketo: { base_url: 'http://127.0.0.1:1', client_id: id, client_secret: secret }\n\
                     limits: { window_calls: 100000, daily_quota: 15300, max_queue_wait: 1h }\n\
-                    services:\n  - { name: a, api_key: key-a-0123456789 }\n\
+                    services:\n  - { name: a, api_key: key-a-0123456789abcdef }\n\
                     state: { file: ~ }\n";
         let config = Config::from_yaml_with_env(yaml, |_| None).unwrap();
         // Noon in Chicago throughout: the reset stays twelve hours away.

@@ -98,6 +98,18 @@ pub struct Config {
     pub state: StateConfig,
     /// Client connections: caps and timeouts.
     pub server: ServerConfig,
+    /// How the proxy's own tokens are made.
+    pub auth: AuthConfig,
+}
+
+/// The tokens the proxy issues at its `/identity/oauth/token`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// A secret shared by the replicas (at least 32 characters, e.g.
+    /// `openssl rand -hex 32`): tokens are derived from it, so any replica
+    /// accepts any replica's. Unset: random tokens this process alone knows.
+    pub token_key: Option<Secret>,
 }
 
 impl Default for Config {
@@ -110,6 +122,7 @@ impl Default for Config {
             services: Vec::new(),
             state: StateConfig::default(),
             server: ServerConfig::default(),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -439,6 +452,11 @@ impl Config {
         validate::check(&self)?;
         Ok(self)
     }
+
+    /// What this valid config may still get wrong.
+    pub fn warnings(&self) -> Vec<String> {
+        validate::warnings(self)
+    }
 }
 
 #[cfg(test)]
@@ -452,7 +470,7 @@ marketo:
   client_secret: proxy-secret
 services:
   - name: crm-sync
-    api_key: crm-key
+    api_key: crm-key-0123456789abcd
 ";
 
     fn parse(text: &str) -> Result<Config, ConfigError> {

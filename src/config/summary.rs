@@ -142,9 +142,9 @@ marketo:
   egress_proxy: http://gateway-user:gateway-password-7@gw.internal:3128
 services:
   - name: crm-sync
-    api_key: service-key-2
+    api_key: service-key-2-0123456789
     client_id: crm
-    client_secret: service-secret-3
+    client_secret: service-secret-3-0123456789
     weight: 3
     window_calls: 50
     reserved_daily: 5000
@@ -153,7 +153,7 @@ services:
       client_id: own
       client_secret: own-secret-4
   - name: forms
-    api_key: service-key-5
+    api_key: service-key-5-0123456789
 state:
   backend: redis
   redis:

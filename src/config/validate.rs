@@ -18,6 +18,14 @@ type Check = Result<(), ConfigError>;
 const REQUIRED: &str = "is required";
 const NOT_EMPTY: &str = "must not be empty";
 
+/// The shortest API key or client secret a service may have: long enough
+/// that guessing is hopeless however fast, so the failed-login throttle
+/// never has to refuse a right one.
+pub const MIN_SECRET_CHARS: usize = 20;
+
+/// The shortest `auth.token_key`.
+pub const MIN_TOKEN_KEY_CHARS: usize = 32;
+
 pub(super) fn check(config: &Config) -> Check {
     check_listeners(config)?;
     check_positive("server.idle_timeout", config.server.idle_timeout)?;
@@ -28,7 +36,29 @@ pub(super) fn check(config: &Config) -> Check {
     check_marketo(&config.marketo)?;
     check_limits(&config.limits)?;
     check_services(&config.services, &config.limits)?;
+    if let Some(key) = &config.auth.token_key {
+        if key.expose().chars().count() < MIN_TOKEN_KEY_CHARS {
+            return invalid(
+                "auth.token_key",
+                format!("must be at least {MIN_TOKEN_KEY_CHARS} characters (e.g. `openssl rand -hex 32`)"),
+            );
+        }
+    }
     check_state(config)
+}
+
+/// What a valid config may still get wrong, for `check-config` and the
+/// startup log.
+pub(super) fn warnings(config: &Config) -> Vec<String> {
+    let mut warnings = Vec::new();
+    if config.state.backend == Backend::Redis && config.auth.token_key.is_none() {
+        warnings.push(
+            "state.backend is redis but auth.token_key is not set: a token from one replica's \
+             /identity/oauth/token is refused by the others"
+                .to_owned(),
+        );
+    }
+    warnings
 }
 
 fn invalid(key: impl Into<String>, reason: impl Into<String>) -> Check {
@@ -119,7 +149,7 @@ fn check_services(services: &[ServiceConfig], limits: &LimitsConfig) -> Check {
 fn check_service(key: &str, service: &ServiceConfig, limits: &LimitsConfig) -> Check {
     check_name(&format!("{key}.name"), &service.name)?;
     if let Some(api_key) = &service.api_key {
-        check_non_empty(&format!("{key}.api_key"), api_key.expose(), NOT_EMPTY)?;
+        check_secret(&format!("{key}.api_key"), api_key)?;
     }
     match (&service.client_id, &service.client_secret) {
         (None, None) if service.api_key.is_none() => {
@@ -133,7 +163,7 @@ fn check_service(key: &str, service: &ServiceConfig, limits: &LimitsConfig) -> C
         }
         (Some(id), Some(secret)) => {
             check_non_empty(&format!("{key}.client_id"), id, NOT_EMPTY)?;
-            check_non_empty(&format!("{key}.client_secret"), secret.expose(), NOT_EMPTY)?;
+            check_secret(&format!("{key}.client_secret"), secret)?;
         }
         (None, None) => {}
     }
@@ -294,6 +324,16 @@ fn check_non_empty(key: &str, value: &str, reason_if_empty: &str) -> Check {
     Ok(())
 }
 
+fn check_secret(key: &str, secret: &Secret) -> Check {
+    if secret.expose().chars().count() < MIN_SECRET_CHARS {
+        return invalid(
+            key,
+            format!("must be at least {MIN_SECRET_CHARS} characters (e.g. `openssl rand -hex 16`)"),
+        );
+    }
+    Ok(())
+}
+
 fn check_positive(key: &str, duration: Duration) -> Check {
     if duration.is_zero() {
         return invalid(key, "must be more than 0s");
@@ -319,11 +359,11 @@ limits:
   daily_quota: 1000
 services:
   - name: crm-sync
-    api_key: crm-key
+    api_key: crm-key-0123456789abcd
     client_id: crm
-    client_secret: crm-secret
+    client_secret: crm-secret-0123456789
   - name: warehouse
-    api_key: warehouse-key
+    api_key: warehouse-key-0123456789
 ";
         Config::from_yaml_with_env(text, |_| None).unwrap()
     }
@@ -452,10 +492,10 @@ services:
     fn empty_service_secrets_are_refused() {
         let mut config = valid();
         config.services[0].api_key = Some(Secret::default());
-        assert_invalid(config, "services[0].api_key", "empty");
+        assert_invalid(config, "services[0].api_key", "at least 20 characters");
         let mut config = valid();
-        config.services[0].client_secret = Some(Secret::default());
-        assert_invalid(config, "services[0].client_secret", "empty");
+        config.services[0].client_secret = Some(Secret::new("nineteen-characters"));
+        assert_invalid(config, "services[0].client_secret", "at least 20 characters");
         let mut config = valid();
         config.services[0].client_id = Some(String::new());
         assert_invalid(config, "services[0].client_id", "empty");
@@ -464,20 +504,20 @@ services:
     #[test]
     fn api_keys_and_client_ids_are_unique() {
         let mut config = valid();
-        config.services[1].api_key = Some(Secret::new("crm-key"));
+        config.services[1].api_key = Some(Secret::new("crm-key-0123456789abcd"));
         assert_invalid(config, "services[1].api_key", "same as services[0].api_key");
         let mut config = valid();
         config.services[1].client_id = Some("crm".to_owned());
-        config.services[1].client_secret = Some(Secret::new("other"));
+        config.services[1].client_secret = Some(Secret::new("other-secret-0123456789"));
         assert_invalid(config, "services[1].client_id", "same as services[0].client_id");
     }
 
     #[test]
     fn duplicate_key_message_does_not_show_the_key() {
         let mut config = valid();
-        config.services[1].api_key = Some(Secret::new("crm-key"));
+        config.services[1].api_key = Some(Secret::new("crm-key-0123456789abcd"));
         let message = config.validate().unwrap_err().to_string();
-        assert!(!message.contains("crm-key"), "{message}");
+        assert!(!message.contains("crm-key-0123456789abcd"), "{message}");
     }
 
     #[test]

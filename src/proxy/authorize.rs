@@ -151,7 +151,7 @@ mod tests {
         .unwrap();
         let yaml = format!(
             "marketo: {{ base_url: '{}', client_id: demo-client, client_secret: demo-secret }}\n\
-             services: [{{ name: crm, api_key: key-crm-1234567890 }}]\nstate: {{ file: ~ }}",
+             services: [{{ name: crm, api_key: key-crm-1234567890abcd }}]\nstate: {{ file: ~ }}",
             sim.url()
         );
         let config = Config::from_yaml_with_env(&yaml, |_| None).unwrap();

@@ -7,8 +7,8 @@
 //! token in an urlencoded or multipart body instead; only then is the body
 //! read here, and no more than [`UNKNOWN_CALLER_BODY_BYTES`] of it, since
 //! the caller is not known yet (a multipart boundary RFC 2046 does not allow
-//! gets 400 before anything is read). An address with too many failed attempts is
-//! refused before anything it presents is looked at.
+//! gets 400 before anything is read). A wrong credential from an address that
+//! failed too often gets 429 instead of 401; a right one is always accepted.
 //!
 //! The [`Caller`] and the request's [`Deadline`] go into the request's
 //! extensions; the caller also goes into the answer's, for the accounting
@@ -33,7 +33,7 @@ use tower::{Layer, Service, ServiceExt};
 
 use super::body::{self, BodyBudget};
 use super::rewrite::{self, API_KEY_HEADER, BodyKind};
-use crate::auth::{AuthError, Caller, Callers, ServiceId};
+use crate::auth::{Caller, Callers, ServiceId};
 use crate::error::ProxyError;
 use crate::response::{BoxError, ResponseBody};
 use crate::server::Peer;
@@ -141,8 +141,7 @@ where
                     let service = credential_in_body(&parts.headers, &body)
                         .and_then(|credential| callers.authenticate(&credential));
                     let Some(service) = service else {
-                        callers.record_failure(peer);
-                        return Ok(ProxyError::from(AuthError::Unauthenticated).into_response());
+                        return Ok(ProxyError::from(callers.failed(peer)).into_response());
                     };
                     let caller = callers.caller(service);
                     let request = Request::from_parts(parts, EitherBody::Right(Full::new(body)));
@@ -164,24 +163,17 @@ fn identify<B>(
     request: &Request<B>,
     peer: IpAddr,
 ) -> Result<Option<ServiceId>, ProxyError> {
-    callers.check_throttle(peer)?;
     let presented = presented_credential(request.headers(), request.uri().query());
     if let Some(credential) = presented {
         return match callers.authenticate(&credential) {
             Some(service) => Ok(Some(service)),
-            None => {
-                callers.record_failure(peer);
-                Err(AuthError::Unauthenticated.into())
-            }
+            None => Err(callers.failed(peer).into()),
         };
     }
     // A multipart boundary we refuse is answered before the body is read.
     match rewrite::body_kind(request.headers())? {
         BodyKind::Form | BodyKind::Multipart { .. } => Ok(None),
-        BodyKind::Other => {
-            callers.record_failure(peer);
-            Err(AuthError::Unauthenticated.into())
-        }
+        BodyKind::Other => Err(callers.failed(peer).into()),
     }
 }
 
@@ -257,7 +249,7 @@ mod tests {
     use crate::proxy::testing::{StubAnswer, callers, marketo_code};
     use http::StatusCode;
 
-    const CRM_KEY: &str = "key-crm-1234567890";
+    const CRM_KEY: &str = "key-crm-1234567890abcd";
 
     async fn call<B>(callers: &Arc<Callers>, request: Request<B>) -> (Response<ResponseBody>, StubAnswer)
     where
@@ -362,28 +354,28 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_address_that_failed_too_often_is_refused_even_with_a_good_key() {
+    async fn an_address_that_failed_too_often_is_throttled_for_wrong_keys_only() {
         let callers = callers();
-        for _ in 0..11 {
-            call(
+        for _ in 0..10 {
+            let (response, _) = call(
                 &callers,
                 get("/rest/v1/lead/1.json").body(Full::default()).unwrap(),
             )
             .await;
+            assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
         }
-        let request = get("/rest/v1/lead/1.json").header("x-api-key", CRM_KEY);
-        let (response, stub) = call(&callers, request.body(Full::default()).unwrap()).await;
+        let wrong = get("/rest/v1/lead/1.json").header("x-api-key", "wrong-key-0123456789012");
+        let (response, stub) = call(&callers, wrong.body(Full::default()).unwrap()).await;
         assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
         assert!(response.headers().contains_key("retry-after"));
         assert_eq!(stub.calls(), 0);
-        let elsewhere = Request::get("/rest/v1/lead/1.json")
-            .extension(Peer(([192, 0, 2, 2], 4000).into()))
-            .header("x-api-key", CRM_KEY);
-        let (response, _) = call(&callers, elsewhere.body(Full::default()).unwrap()).await;
+        let right = get("/rest/v1/lead/1.json").header("x-api-key", CRM_KEY);
+        let (response, stub) = call(&callers, right.body(Full::default()).unwrap()).await;
         assert_eq!(
             response.status(),
             StatusCode::OK,
-            "another address is not affected"
+            "a right key is accepted from a throttled address"
         );
+        assert_eq!(stub.calls(), 1);
     }
 }

@@ -15,7 +15,7 @@ use http_body::Body;
 use tower::{Layer, Service};
 
 use super::body::{self, BodyBudget};
-use crate::auth::Callers;
+use crate::auth::{AuthError, Callers};
 use crate::error::ProxyError;
 use crate::marketo::IdentityError;
 use crate::response::{BoxError, Outcome, ResponseBody, json_response};
@@ -94,9 +94,6 @@ where
     B::Error: Into<BoxError>,
 {
     let peer = Peer::ip_of(&request);
-    if let Err(error) = callers.check_throttle(peer) {
-        return ProxyError::from(error).into_response();
-    }
     let (parts, body) = request.into_parts();
     let mut params: Vec<(String, String)> = parts
         .uri
@@ -139,15 +136,15 @@ where
             response.extensions_mut().insert(callers.caller(service));
             response
         }
-        None => {
-            callers.record_failure(peer);
-            identity_error(
+        None => match callers.failed(peer) {
+            throttled @ AuthError::Throttled { .. } => ProxyError::from(throttled).into_response(),
+            AuthError::Unauthenticated => identity_error(
                 StatusCode::UNAUTHORIZED,
                 "invalid_client",
                 "Bad client credentials",
                 Outcome("rejected_auth"),
-            )
-        }
+            ),
+        },
     }
 }
 
@@ -197,8 +194,7 @@ mod tests {
     #[tokio::test]
     async fn issues_the_same_token_by_get_and_by_post_form() {
         let callers = callers();
-        let uri =
-            "/identity/oauth/token?grant_type=client_credentials&client_id=crm-id&client_secret=crm-secret";
+        let uri = "/identity/oauth/token?grant_type=client_credentials&client_id=crm-id&client_secret=crm-secret-0123456789";
         let (response, stub) = call(&callers, Request::get(uri).body(Full::default()).unwrap()).await;
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(stub.calls(), 0, "answered here");
@@ -208,7 +204,7 @@ mod tests {
         );
         let by_get = token(response).await;
         assert_eq!(by_get.scope, "crm");
-        let form = "grant_type=client_credentials&client_id=crm-id&client_secret=crm-secret";
+        let form = "grant_type=client_credentials&client_id=crm-id&client_secret=crm-secret-0123456789";
         let request = Request::post(IDENTITY_PATH)
             .header("content-type", "application/x-www-form-urlencoded")
             .body(Full::new(Bytes::from(form)))

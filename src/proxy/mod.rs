@@ -222,7 +222,7 @@ mod tests {
             ),
             (Request::get("/other"), StatusCode::NOT_FOUND, "610"),
             (
-                Request::patch("/rest/v1/lead/1.json").header("x-api-key", "key-crm-1234567890"),
+                Request::patch("/rest/v1/lead/1.json").header("x-api-key", "key-crm-1234567890abcd"),
                 StatusCode::METHOD_NOT_ALLOWED,
                 "605",
             ),

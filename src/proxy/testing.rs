@@ -26,7 +26,7 @@ use crate::upstream::{Answer, AnswerBody};
 pub const CONFIG: &str = r#"
 marketo: { base_url: "http://127.0.0.1:1", client_id: a, client_secret: b }
 services:
-  - { name: crm, api_key: key-crm-1234567890, client_id: crm-id, client_secret: crm-secret }
+  - { name: crm, api_key: key-crm-1234567890abcd, client_id: crm-id, client_secret: crm-secret-0123456789 }
   - { name: forms, api_key: key-forms-0987654321 }
 state: { file: ~ }
 "#;

@@ -9,8 +9,13 @@
 //! expires, with its remaining lifetime.
 //!
 //! Secrets are compared in constant time. Failed attempts are throttled
-//! per client address (a keyed `governor` limiter) so that keys cannot be
-//! guessed at speed.
+//! per client address (a keyed `governor` limiter): past the limit a wrong
+//! credential gets 429 instead of 401 for a while. A right one is always
+//! accepted, so behind a NAT or a load balancer one integration with a
+//! stale key cannot lock the others out; keys and secrets are long enough
+//! (see the config's validation) that guessing is hopeless at any rate.
+
+mod tokens;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -24,6 +29,7 @@ use tokio::time::Instant;
 use crate::config::Config;
 use crate::marketo::TokenAnswer;
 use crate::secret::Secret;
+use tokens::IssuedTokens;
 
 /// Lifetime of a proxy-issued token, as Marketo's.
 pub const PROXY_TOKEN_TTL: Duration = Duration::from_secs(3600);
@@ -49,20 +55,6 @@ struct ServiceCredentials {
     client_secret: Option<Secret>,
 }
 
-struct IssuedToken {
-    service: ServiceId,
-    expires_at: Instant,
-}
-
-/// Tokens this proxy issued.
-#[derive(Default)]
-struct Issued {
-    /// Token → whose it is.
-    by_token: HashMap<String, IssuedToken>,
-    /// Service → its current token, to hand back the same one.
-    current: HashMap<ServiceId, String>,
-}
-
 /// A service that proved who it is, as the request's extensions carry it
 /// from the caller layer down (and back up with the answer).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,7 +71,7 @@ pub struct Callers {
     names: Vec<Arc<str>>,
     /// Longest a request may wait for admission, per service.
     max_waits: Vec<Duration>,
-    issued: Mutex<Issued>,
+    issued: IssuedTokens,
     failures: DefaultKeyedRateLimiter<IpAddr>,
     /// Addresses refused until the given time.
     blocked: Mutex<HashMap<IpAddr, Instant>>,
@@ -107,7 +99,14 @@ impl Callers {
                 .map(|service| service.effective_max_queue_wait(&config.limits))
                 .chain(std::iter::once(config.limits.max_queue_wait))
                 .collect(),
-            issued: Mutex::new(Issued::default()),
+            issued: IssuedTokens::new(
+                config.auth.token_key.as_ref(),
+                &config
+                    .services
+                    .iter()
+                    .map(|service| Arc::from(service.name.as_str()))
+                    .collect::<Vec<_>>(),
+            ),
             failures: RateLimiter::keyed(Quota::per_minute(per_minute)),
             blocked: Mutex::new(HashMap::new()),
         }
@@ -139,42 +138,37 @@ impl Callers {
         self.max_waits.get(service).copied().unwrap_or_default()
     }
 
-    /// Refuses an address that failed too often, before looking at what it
-    /// presents.
-    pub fn check_throttle(&self, peer: IpAddr) -> Result<(), AuthError> {
-        let mut blocked = lock(&self.blocked);
-        if blocked.is_empty() {
-            return Ok(());
-        }
+    /// Notes a failed attempt from `peer` and says how to refuse it: as
+    /// unknown, or, once the address has failed too often, as throttled.
+    pub fn failed(&self, peer: IpAddr) -> AuthError {
         let now = Instant::now();
-        if let Some(until) = blocked.get(&peer).copied() {
-            if until > now {
-                return Err(AuthError::Throttled {
-                    retry_after: until - now,
-                });
+        {
+            let mut blocked = lock(&self.blocked);
+            if let Some(until) = blocked.get(&peer).copied() {
+                if until > now {
+                    return AuthError::Throttled {
+                        retry_after: until - now,
+                    };
+                }
+                blocked.remove(&peer);
             }
-            blocked.remove(&peer);
         }
-        Ok(())
-    }
-
-    /// Notes a failed attempt; too many in a minute block the address.
-    pub fn record_failure(&self, peer: IpAddr) {
         if let Err(not_until) = self.failures.check_key(&peer) {
             let wait = not_until.wait_time_from(governor::clock::Clock::now(
                 &governor::clock::DefaultClock::default(),
             ));
             let wait = wait.max(Duration::from_secs(1));
-            lock(&self.blocked).insert(peer, Instant::now() + wait);
-            tracing::info!(%peer, retry_after_s = wait.as_secs(), "caller throttled after repeated failed authentication");
+            lock(&self.blocked).insert(peer, now + wait);
+            tracing::info!(%peer, retry_after_s = wait.as_secs(), "failed authentication from this address throttled");
+            return AuthError::Throttled { retry_after: wait };
         }
         // Keep memory bounded under a spray of addresses; sweeping is a
         // full scan, so only now and then.
         if self.failures.len() > 10_000 && rand::random::<u8>() == 0 {
             self.failures.retain_recent();
-            let now = Instant::now();
             lock(&self.blocked).retain(|_, until| *until > now);
         }
+        AuthError::Unauthenticated
     }
 
     /// The service that presented `credential` (an API key or a token this
@@ -194,13 +188,7 @@ impl Callers {
                 matched = Some(index);
             }
         }
-        matched.or_else(|| self.token_owner(credential))
-    }
-
-    fn token_owner(&self, token: &str) -> Option<ServiceId> {
-        let issued = lock(&self.issued);
-        let entry = issued.by_token.get(token)?;
-        (entry.expires_at > Instant::now()).then_some(entry.service)
+        matched.or_else(|| self.issued.owner(credential))
     }
 
     /// The proxy's `/identity/oauth/token`: a token for the service with
@@ -221,37 +209,8 @@ impl Callers {
             }
         }
         let service = matched?;
-        let now = Instant::now();
-        let mut issued = lock(&self.issued);
-        let Issued { by_token, current } = &mut *issued;
-        if let Some(token) = current.get(&service) {
-            if let Some(entry) = by_token.get(token) {
-                if entry.expires_at > now {
-                    return Some((
-                        service,
-                        answer(token.clone(), entry.expires_at - now, self.name(service)),
-                    ));
-                }
-            }
-            by_token.remove(token);
-        }
-        let token = crate::marketo::new_access_token("mp");
-        by_token.insert(
-            token.clone(),
-            IssuedToken {
-                service,
-                expires_at: now + PROXY_TOKEN_TTL,
-            },
-        );
-        current.insert(service, token.clone());
-        Some((
-            service,
-            answer(
-                token,
-                PROXY_TOKEN_TTL - Duration::from_secs(1),
-                self.name(service),
-            ),
-        ))
+        let (token, left) = self.issued.issue(service);
+        Some((service, answer(token, left, self.name(service))))
     }
 }
 
@@ -277,7 +236,7 @@ mod tests {
             r#"
 marketo: { base_url: "http://127.0.0.1:1", client_id: a, client_secret: b }
 services:
-  - { name: crm, api_key: key-crm-1234567890, client_id: crm-id, client_secret: crm-secret }
+  - { name: crm, api_key: key-crm-1234567890abcd, client_id: crm-id, client_secret: crm-secret-0123456789 }
   - { name: forms, api_key: key-forms-0987654321 }
 "#,
             |_| None,
@@ -289,7 +248,7 @@ services:
     #[tokio::test]
     async fn api_keys_name_their_service() {
         let callers = callers();
-        assert_eq!(callers.authenticate("key-crm-1234567890"), Some(0));
+        assert_eq!(callers.authenticate("key-crm-1234567890abcd"), Some(0));
         assert_eq!(callers.authenticate("key-forms-0987654321"), Some(1));
         assert_eq!(callers.authenticate("key-forms-098765432"), None);
         assert_eq!(callers.authenticate(""), None);
@@ -300,11 +259,11 @@ services:
         let callers = callers();
         assert!(callers.issue_token("crm-id", "wrong").is_none());
         assert!(callers.issue_token("forms", "").is_none());
-        let (_, first) = callers.issue_token("crm-id", "crm-secret").unwrap();
+        let (_, first) = callers.issue_token("crm-id", "crm-secret-0123456789").unwrap();
         assert_eq!(first.scope, "crm");
         assert_eq!(first.expires_in, 3599);
         assert_eq!(callers.authenticate(&first.access_token), Some(0));
-        let (_, again) = callers.issue_token("crm-id", "crm-secret").unwrap();
+        let (_, again) = callers.issue_token("crm-id", "crm-secret-0123456789").unwrap();
         assert_eq!(again.access_token, first.access_token);
         assert!(again.expires_in <= first.expires_in);
     }
@@ -312,28 +271,24 @@ services:
     #[tokio::test(start_paused = true)]
     async fn expired_tokens_are_refused_and_replaced() {
         let callers = callers();
-        let (_, first) = callers.issue_token("crm-id", "crm-secret").unwrap();
+        let (_, first) = callers.issue_token("crm-id", "crm-secret-0123456789").unwrap();
         tokio::time::advance(PROXY_TOKEN_TTL).await;
         assert_eq!(callers.authenticate(&first.access_token), None);
-        let (_, second) = callers.issue_token("crm-id", "crm-secret").unwrap();
+        let (_, second) = callers.issue_token("crm-id", "crm-secret-0123456789").unwrap();
         assert_ne!(second.access_token, first.access_token);
         assert_eq!(callers.authenticate(&second.access_token), Some(0));
     }
 
     #[tokio::test]
-    async fn repeated_failures_block_the_address() {
+    async fn repeated_failures_throttle_further_failures_from_the_address_only() {
         let callers = callers();
         let peer: IpAddr = [192, 0, 2, 7].into();
         for _ in 0..FAILURES_PER_MINUTE {
-            assert!(callers.check_throttle(peer).is_ok());
-            callers.record_failure(peer);
+            assert_eq!(callers.failed(peer), AuthError::Unauthenticated);
         }
-        callers.record_failure(peer);
-        assert!(matches!(
-            callers.check_throttle(peer),
-            Err(AuthError::Throttled { .. })
-        ));
+        assert!(matches!(callers.failed(peer), AuthError::Throttled { .. }));
+        assert!(matches!(callers.failed(peer), AuthError::Throttled { .. }));
         let other: IpAddr = [192, 0, 2, 8].into();
-        assert!(callers.check_throttle(other).is_ok());
+        assert_eq!(callers.failed(other), AuthError::Unauthenticated);
     }
 }
