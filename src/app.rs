@@ -39,6 +39,7 @@ use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::proxy::body::BodyBudget;
 use crate::proxy::{self, Components};
+use crate::recent::LastHour;
 use crate::server::{self, ConnectionLimits};
 use crate::token::TokenCaches;
 use crate::upstream::{Upstream, UpstreamError};
@@ -108,6 +109,7 @@ impl App {
             upstream,
             metrics,
             body_budget: BodyBudget::new(config.server.max_buffered_body_bytes.get()),
+            last_hour: Arc::new(LastHour::new(config.counted_names().len())),
         };
         Ok(Self {
             config,

@@ -15,6 +15,7 @@ pub mod logging;
 pub mod marketo;
 pub mod metrics;
 pub mod proxy;
+pub mod recent;
 pub mod response;
 pub mod secret;
 pub mod server;

@@ -73,6 +73,9 @@ pub struct TokenCache {
     /// with no life left, it is at the very end of its life.
     refused: RwLock<Option<HeaderValue>>,
     last_error: RwLock<Option<TokenError>>,
+    /// The last identity failure and when it was, kept after a success
+    /// (for the status page).
+    last_failure: RwLock<Option<(TokenError, Instant)>>,
     /// When Marketo last refused the credentials: asking again at once
     /// for every request would not change its mind.
     rejected_at: RwLock<Option<Instant>>,
@@ -147,6 +150,7 @@ impl TokenCache {
             current: RwLock::new(None),
             refused: RwLock::new(None),
             last_error: RwLock::new(None),
+            last_failure: RwLock::new(None),
             rejected_at: RwLock::new(None),
             refreshing: Mutex::new(()),
             completed: AtomicU64::new(0),
@@ -193,6 +197,12 @@ impl TokenCache {
         read(&self.last_error)
     }
 
+    /// The last identity failure and when it happened, even if a token
+    /// was had since.
+    pub fn last_failure(&self) -> Option<(TokenError, Instant)> {
+        read(&self.last_failure)
+    }
+
     /// Ready to serve: a token is held, or was until a moment ago and the
     /// refresh in progress has not failed.
     pub fn is_ready(&self) -> bool {
@@ -229,10 +239,15 @@ impl TokenCache {
                 if matches!(error, TokenError::Rejected(_)) {
                     write(&self.rejected_at, Some(Instant::now()));
                 }
-                write(&self.last_error, Some(error.clone()));
+                self.failed(error.clone());
             }
         }
         result
+    }
+
+    fn failed(&self, error: TokenError) {
+        write(&self.last_failure, Some((error.clone(), Instant::now())));
+        write(&self.last_error, Some(error));
     }
 
     fn store(&self, token: Token) {
@@ -390,7 +405,7 @@ impl TokenCache {
                     }
                     Err(error) => {
                         tracing::warn!(client_id = %this.credential.client_id, %error, "background token refresh failed");
-                        write(&this.last_error, Some(error));
+                        this.failed(error);
                         drop(flight);
                         drop(this);
                         tokio::time::sleep(backoff).await;
