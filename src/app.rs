@@ -41,6 +41,7 @@ use crate::proxy::body::BodyBudget;
 use crate::proxy::{self, Components};
 use crate::recent::LastHour;
 use crate::server::{self, ConnectionLimits};
+use crate::status::StatusPage;
 use crate::token::TokenCaches;
 use crate::upstream::{Upstream, UpstreamError};
 use crate::usage_sync::{ReportedUsage, UsageSync};
@@ -49,7 +50,7 @@ use crate::usage_sync::{ReportedUsage, UsageSync};
 pub struct Listeners {
     /// Integrations call here.
     pub proxy: TcpListener,
-    /// `/metrics`, `/healthz`, `/readyz`, `/usage`.
+    /// `/metrics`, `/healthz`, `/readyz`, `/usage`, the status page.
     pub admin: TcpListener,
 }
 
@@ -184,6 +185,7 @@ impl App {
             tokens: Arc::clone(&components.tokens),
             reported,
             metrics: components.metrics.clone(),
+            status: Arc::new(StatusPage::new(&config, Arc::clone(&components.last_hour))),
         };
         let admin = tower::service_fn(move |request| std::future::ready(admin.handle(&request)));
         tokio::join!(

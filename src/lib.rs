@@ -21,6 +21,7 @@ pub mod secret;
 pub mod server;
 pub mod sim;
 pub mod spool;
+pub mod status;
 pub mod target;
 pub mod token;
 pub mod upstream;
