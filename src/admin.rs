@@ -1,6 +1,7 @@
 //! The admin listener, on its own port so it can stay private:
 //! `/healthz` (the process answers), `/readyz` (a Marketo token can be
-//! had), `/metrics` (Prometheus text), `/usage` (today's usage as JSON).
+//! had), `/metrics` (Prometheus text), `/usage` (today's usage as JSON),
+//! and `/` with `/status.json`, the live status page (see [`crate::status`]).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use tokio::time::Instant;
 
 use crate::admission::Admission;
 use crate::metrics::Metrics;
+use crate::status::{self, Sources, StatusPage};
 use crate::token::TokenCaches;
 use crate::usage_sync::ReportedUsage;
 
@@ -23,6 +25,7 @@ pub struct Admin {
     pub tokens: Arc<TokenCaches>,
     pub reported: Arc<ReportedUsage>,
     pub metrics: Metrics,
+    pub status: Arc<StatusPage>,
 }
 
 impl Admin {
@@ -47,6 +50,8 @@ impl Admin {
                 )
             }
             "/usage" => text(StatusCode::OK, "application/json", self.usage().to_string()),
+            "/" => page(),
+            "/status.json" => self.status_json(),
             _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
         })
     }
@@ -135,6 +140,50 @@ impl Admin {
             "services": services,
         })
     }
+}
+
+impl Admin {
+    /// The status page's figures; never cached, since they change every
+    /// second.
+    fn status_json(&self) -> Response<Full<Bytes>> {
+        let json = self.status.json(&Sources {
+            admission: &self.admission,
+            tokens: &self.tokens,
+            reported: &self.reported,
+            backend_up: self.metrics.backend_up.get() == 1,
+        });
+        let mut response = text(StatusCode::OK, "application/json", json.to_string());
+        response
+            .headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        response
+    }
+}
+
+/// The status page. Its policy lets it load nothing but itself and its
+/// JSON, and no other site frame it.
+fn page() -> Response<Full<Bytes>> {
+    let mut response = text(
+        StatusCode::OK,
+        "text/html; charset=utf-8",
+        status::PAGE.to_owned(),
+    );
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+             connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; \
+             frame-ancestors 'none'",
+        ),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
 }
 
 fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {

@@ -39,7 +39,9 @@ use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::proxy::body::BodyBudget;
 use crate::proxy::{self, Components};
+use crate::recent::LastHour;
 use crate::server::{self, ConnectionLimits};
+use crate::status::StatusPage;
 use crate::token::TokenCaches;
 use crate::upstream::{Upstream, UpstreamError};
 use crate::usage_sync::{ReportedUsage, UsageSync};
@@ -48,7 +50,7 @@ use crate::usage_sync::{ReportedUsage, UsageSync};
 pub struct Listeners {
     /// Integrations call here.
     pub proxy: TcpListener,
-    /// `/metrics`, `/healthz`, `/readyz`, `/usage`.
+    /// `/metrics`, `/healthz`, `/readyz`, `/usage`, the status page.
     pub admin: TcpListener,
 }
 
@@ -111,6 +113,7 @@ impl App {
             upstream,
             metrics,
             body_budget: BodyBudget::new(config.server.max_buffered_body_bytes.get()),
+            last_hour: Arc::new(LastHour::new(config.counted_names().len())),
         };
         Ok(Self {
             config,
@@ -185,6 +188,7 @@ impl App {
             tokens: Arc::clone(&components.tokens),
             reported,
             metrics: components.metrics.clone(),
+            status: Arc::new(StatusPage::new(&config, Arc::clone(&components.last_hour))),
         };
         let admin = tower::service_fn(move |request| std::future::ready(admin.handle(&request)));
         tokio::join!(

@@ -14,6 +14,7 @@ use crate::admission::AdmissionError;
 use crate::auth::AuthError;
 use crate::marketo::code;
 use crate::proxy::rewrite::InvalidBoundary;
+use crate::recent::Refusal;
 use crate::response::{Outcome, ResponseBody, marketo_error};
 use crate::target::PathError;
 use crate::token::TokenError;
@@ -169,7 +170,24 @@ impl ProxyError {
                 .insert(header::ALLOW, HeaderValue::from_static(ALLOWED_METHODS));
         }
         response.extensions_mut().insert(Outcome(self.outcome()));
+        if let Some(refusal) = self.refusal() {
+            response.extensions_mut().insert(refusal);
+        }
         response
+    }
+
+    /// Which of Marketo's limits a local refusal stands for, when it is
+    /// one (the status page counts them).
+    fn refusal(&self) -> Option<Refusal> {
+        match self {
+            Self::Admission(AdmissionError::Quota { .. }) => Some(Refusal::Quota),
+            Self::Admission(
+                AdmissionError::QueueFull { .. }
+                | AdmissionError::WouldWait { .. }
+                | AdmissionError::DeadlineExpired { .. },
+            ) => Some(Refusal::Rate),
+            _ => None,
+        }
     }
 }
 

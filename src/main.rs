@@ -147,7 +147,8 @@ async fn demo(listen: SocketAddr, admin_listen: SocketAddr) -> anyhow::Result<()
         .map(|key| key.expose().to_owned())
         .unwrap_or_default();
     println!(
-        "marketo-proxy demo: a simulated Marketo instance (100 calls / 20 s, 10 concurrent, 50,000 a day)\n\
+        "status page: {admin_url}/  (live; open it in a browser)\n\n\
+         marketo-proxy demo: a simulated Marketo instance (100 calls / 20 s, 10 concurrent, 50,000 a day)\n\
          with the proxy in front of it.\n\n  \
          proxy:     {proxy_url}\n  \
          admin:     {admin_url}  (/usage /metrics /healthz /readyz)\n  \

@@ -19,7 +19,7 @@ use prometheus::{
 };
 
 /// Latency buckets from 1 ms to 60 s.
-const BUCKETS: &[f64] = &[
+pub const BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
 ];
 

@@ -77,6 +77,9 @@ pub struct TokenCache {
     /// with no life left, it is at the very end of its life.
     refused: RwLock<Option<HeaderValue>>,
     last_error: RwLock<Option<TokenError>>,
+    /// The last identity failure and when it was, kept after a success
+    /// (for the status page).
+    last_failure: RwLock<Option<(TokenError, Instant)>>,
     /// When Marketo last refused the credentials, or its certificate was
     /// refused: asking again at once for every request would not change
     /// either.
@@ -152,6 +155,7 @@ impl TokenCache {
             current: RwLock::new(None),
             refused: RwLock::new(None),
             last_error: RwLock::new(None),
+            last_failure: RwLock::new(None),
             rejected_at: RwLock::new(None),
             refreshing: Mutex::new(()),
             completed: AtomicU64::new(0),
@@ -198,6 +202,12 @@ impl TokenCache {
         read(&self.last_error)
     }
 
+    /// The last identity failure and when it happened, even if a token
+    /// was had since.
+    pub fn last_failure(&self) -> Option<(TokenError, Instant)> {
+        read(&self.last_failure)
+    }
+
     /// Ready to serve: a token is held, or was until a moment ago and the
     /// refresh in progress has not failed.
     pub fn is_ready(&self) -> bool {
@@ -232,7 +242,7 @@ impl TokenCache {
                 if matches!(error, TokenError::Rejected(_) | TokenError::Tls(_)) {
                     write(&self.rejected_at, Some(Instant::now()));
                 }
-                write(&self.last_error, Some(error.clone()));
+                self.failed(error.clone());
             }
         }
         result
@@ -247,6 +257,11 @@ impl TokenCache {
             Some(error @ (TokenError::Rejected(_) | TokenError::Tls(_))) if recent => Some(error),
             _ => None,
         }
+    }
+
+    fn failed(&self, error: TokenError) {
+        write(&self.last_failure, Some((error.clone(), Instant::now())));
+        write(&self.last_error, Some(error));
     }
 
     fn store(&self, token: Token) {
@@ -419,7 +434,7 @@ impl TokenCache {
                             write(&this.rejected_at, Some(Instant::now()));
                             backoff = backoff.max(REJECTION_MEMORY);
                         }
-                        write(&this.last_error, Some(error));
+                        this.failed(error);
                         drop(flight);
                         drop(this);
                         tokio::time::sleep(backoff).await;

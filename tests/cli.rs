@@ -1,5 +1,6 @@
 //! The binaries as a user runs them: `check-config` exit codes and
-//! messages, and `demo` printing a `curl` line that works as printed.
+//! messages, and `demo` printing its status page's address first and a
+//! `curl` line that works as printed.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader};
@@ -118,6 +119,16 @@ async fn demo_prints_a_curl_line_that_works_as_printed() {
         .unwrap();
     assert_eq!(body["success"], true, "{body}");
     assert_eq!(body["result"][0]["id"], 1);
+
+    // The first line is the status page's address, and it is served.
+    let page_url = lines[0]
+        .strip_prefix("status page: ")
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("the status page is not first: {lines:#?}"));
+    let page = http.get(page_url).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert_eq!(page.headers()["content-type"], "text/html; charset=utf-8");
+    assert!(page.text().await.unwrap().contains("status.json"));
 
     let identity = lines
         .iter()

@@ -29,6 +29,7 @@ use tokio::time::Instant;
 
 use crate::config::{Config, INTERNAL_SERVICE};
 use crate::metrics::Metrics;
+use crate::recent::{LastMinuteWaits, WaitCounts};
 use prometheus::IntGauge;
 use quota::{DailyQuota, QuotaScope, ServiceQuota};
 use window::SlidingWindow;
@@ -155,6 +156,8 @@ struct Lane {
     queue: VecDeque<Waiter>,
     /// Finish tag of the service's last dispatched call.
     finish: f64,
+    /// Queue waits of the last minute, for the status page.
+    waits: LastMinuteWaits,
 }
 
 struct Waiter {
@@ -179,6 +182,40 @@ pub struct Snapshot {
     pub concurrency: u32,
     pub queued: usize,
     pub services: Vec<ServiceSnapshot>,
+}
+
+/// What the status page shows of admission: a [`Snapshot`] and what the
+/// page adds to it, read under one lock so the figures agree.
+#[derive(Debug, Clone)]
+pub struct Status {
+    pub snapshot: Snapshot,
+    /// Calls sent in each of the last seconds, oldest first; the last is
+    /// the second now under way.
+    pub calls_per_second: Vec<u32>,
+    /// Window slots held by calls sent and not yet answered; the rest of
+    /// `snapshot.window_used` were answered less than `window_hold` ago.
+    pub window_in_flight: u32,
+    /// How long an answered call keeps its window slot (window + margin).
+    pub window_hold: Duration,
+    /// The limits configured; the ones in the snapshot are lower while
+    /// this replica keeps to its share (Redis unreachable).
+    pub configured_window: u32,
+    pub configured_concurrency: u32,
+    /// The daily quota this replica counts against (its share of it while
+    /// Redis is unreachable).
+    pub daily_limit_here: u64,
+    /// After Marketo's 606/615, nothing is sent for this long.
+    pub paused_for: Option<Duration>,
+    /// When the day's quota runs out at the recent rate; `None` when not
+    /// before the reset.
+    pub exhaustion_eta: Option<Duration>,
+    /// Each service's queue waits over the last minute, by id.
+    pub waits: Vec<WaitCounts>,
+    /// The wall-clock time of the reading, and when the day resets in the
+    /// quota's zone.
+    pub now: DateTime<Utc>,
+    pub next_reset: DateTime<Utc>,
+    pub timezone: chrono_tz::Tz,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -223,6 +260,7 @@ impl Admission {
                 in_flight: 0,
                 queue: VecDeque::new(),
                 finish: 0.0,
+                waits: LastMinuteWaits::default(),
             })
             .collect();
         // The proxy's own calls (the usage report) get a lane of their own.
@@ -235,6 +273,7 @@ impl Admission {
             in_flight: 0,
             queue: VecDeque::new(),
             finish: 0.0,
+            waits: LastMinuteWaits::default(),
         });
         let mut quota_services: Vec<ServiceQuota> = quota_services;
         quota_services.push(ServiceQuota {
@@ -499,7 +538,42 @@ impl Admission {
 
     pub fn snapshot(&self) -> Snapshot {
         let mut state = self.lock();
+        self.snapshot_of(&mut state, Instant::now())
+    }
+
+    /// Everything the status page shows of admission, with the calls per
+    /// second of the last `seconds` (at most the rate history's 15
+    /// minutes). Costs the same however busy the proxy is: the rate
+    /// history is read back `seconds` entries at most, and the waits are
+    /// per-second buckets of a minute.
+    pub fn status(&self, seconds: usize) -> Status {
+        let mut state = self.lock();
         let now = Instant::now();
+        let snapshot = self.snapshot_of(&mut state, now);
+        let exhaustion_eta = self.exhaustion_eta(&mut state, now);
+        let second = state.second(now);
+        let wall = (self.wall)();
+        Status {
+            now: wall,
+            next_reset: state.quota.next_reset(wall),
+            timezone: state.quota.timezone(),
+            calls_per_second: state.calls_per_second(second, seconds),
+            window_in_flight: state.window.pending(),
+            window_hold: state.window.hold(),
+            configured_window: state.full_window,
+            configured_concurrency: state.full_concurrency,
+            daily_limit_here: state.quota.limit() / state.quota.share(),
+            paused_for: state
+                .paused_until
+                .map(|until| until.saturating_duration_since(now))
+                .filter(|left| !left.is_zero()),
+            exhaustion_eta,
+            waits: state.lanes.iter().map(|lane| lane.waits.merged(second)).collect(),
+            snapshot,
+        }
+    }
+
+    fn snapshot_of(&self, state: &mut State, now: Instant) -> Snapshot {
         state.quota.roll((self.wall)());
         let window_used = state.window.used(now);
         let services = state
@@ -621,10 +695,13 @@ impl Admission {
                 continue;
             }
             state.dispatch(service, now, wall);
+            let wait = now.saturating_duration_since(waiter.enqueued);
             self.metrics
                 .queue_wait
                 .with_label_values(&[self.name(service)])
-                .observe(now.saturating_duration_since(waiter.enqueued).as_secs_f64());
+                .observe(wait.as_secs_f64());
+            let second = state.second(now);
+            state.lanes[service].waits.observe(second, wait);
             let permit = Permit {
                 admission: Arc::clone(self),
                 service,
@@ -783,8 +860,29 @@ impl State {
         best.map(|(index, _)| index)
     }
 
+    /// Whole seconds since admission started: the rate history's clock.
+    fn second(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.started).as_secs()
+    }
+
+    /// Calls sent in each of the `seconds` seconds up to `second`, oldest
+    /// first, from the rate history (which holds at most its horizon).
+    fn calls_per_second(&self, second: u64, seconds: usize) -> Vec<u32> {
+        let mut calls = vec![0; seconds];
+        for (sent, count) in self.recent.iter().rev() {
+            let Some(back) = usize::try_from(second.saturating_sub(*sent))
+                .ok()
+                .filter(|back| *back < seconds)
+            else {
+                break;
+            };
+            calls[seconds - 1 - back] = *count;
+        }
+        calls
+    }
+
     fn dispatch(&mut self, service: usize, now: Instant, wall: DateTime<Utc>) {
-        let second = now.saturating_duration_since(self.started).as_secs();
+        let second = self.second(now);
         match self.recent.back_mut() {
             Some((last, count)) if *last == second => *count += 1,
             _ => {
@@ -1053,6 +1151,50 @@ mod tests {
             tokio::time::advance(Duration::from_secs(1)).await;
         }
         longest
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_status_has_calls_per_second_slots_in_flight_and_waits() {
+        let yaml = "marketo: { base_url: 'http://127.0.0.1:1', client_id: id, client_secret: secret }\n\
+                    limits: { concurrency: 1, max_queue_wait: 1h }\n\
+                    services:\n  - { name: a, api_key: key-a-0123456789 }\n\
+                    state: { file: ~ }\n";
+        let config = Config::from_yaml_with_env(yaml, |_| None).unwrap();
+        let admission = Admission::new(&config, Metrics::new());
+        let deadline = || Instant::now() + Duration::from_secs(60);
+        // Second 0: two calls, the second queued 300 ms behind the first.
+        let first = admission.admit(0, deadline(), false).await.unwrap();
+        let queued = tokio::spawn({
+            let admission = Arc::clone(&admission);
+            async move { admission.admit(0, deadline(), false).await.unwrap() }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(first);
+        drop(queued.await.unwrap());
+        // Second 2: one call, still in flight.
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let in_flight = admission.admit(0, deadline(), false).await.unwrap();
+
+        let status = admission.status(4);
+        assert_eq!(status.calls_per_second, [0, 2, 0, 1]);
+        assert_eq!((status.snapshot.window_used, status.window_in_flight), (3, 1));
+        let waits = status.waits[0];
+        assert_eq!(waits.total(), 3);
+        // Two of three waited nothing; the slowest wait is in (0.25, 0.5].
+        assert!(waits.quantile(0.5).unwrap() <= Duration::from_millis(1));
+        let p99 = waits.quantile(0.99).unwrap();
+        assert!(
+            p99 > Duration::from_millis(250) && p99 <= Duration::from_millis(500),
+            "{p99:?}"
+        );
+        drop(in_flight);
+
+        // A minute later the waits are forgotten; the timeline only ever
+        // covers the seconds asked for.
+        tokio::time::advance(Duration::from_secs(61)).await;
+        let status = admission.status(4);
+        assert_eq!(status.calls_per_second, [0, 0, 0, 0]);
+        assert_eq!(status.waits[0].total(), 0);
     }
 
     #[tokio::test(start_paused = true)]

@@ -108,6 +108,16 @@ impl DailyQuota {
         self.limit
     }
 
+    /// How many replicas the quota is split between (1: not split).
+    pub fn share(&self) -> u64 {
+        self.share
+    }
+
+    /// The zone whose midnight starts a new day.
+    pub fn timezone(&self) -> Tz {
+        self.tz
+    }
+
     /// Calls counted today: this proxy's and, after reconciliation, others'.
     pub fn used_total(&self) -> u64 {
         self.used.iter().sum::<u64>() + self.foreign

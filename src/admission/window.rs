@@ -70,6 +70,12 @@ impl SlidingWindow {
         self.hold
     }
 
+    /// Calls sent and not yet answered: their slots run until `hold`
+    /// after an answer still to come.
+    pub fn pending(&self) -> u32 {
+        self.pending
+    }
+
     fn expire(&mut self, now: Instant) {
         while self.frees_at.front().is_some_and(|free| *free <= now) {
             self.frees_at.pop_front();

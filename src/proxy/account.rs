@@ -3,10 +3,12 @@
 //! from the answer's extensions (the caller layer puts the [`Caller`]
 //! there, whoever wrote the answer its [`Outcome`]). Answers to callers not
 //! known count under `unauthenticated`. The outcome is also recorded in
-//! the request's span.
+//! the request's span, and a local 606/607 (a [`Refusal`] among the
+//! extensions) in its service's last hour, for the status page.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{Request, Response};
@@ -14,6 +16,7 @@ use prometheus::IntCounterVec;
 use tower::{Layer, Service};
 
 use crate::auth::Caller;
+use crate::recent::{LastHour, Refusal};
 use crate::response::Outcome;
 
 /// The service label of requests whose caller is not known.
@@ -22,14 +25,24 @@ pub const NO_SERVICE: &str = crate::config::UNAUTHENTICATED;
 /// Counts answers by service and outcome.
 #[derive(Clone)]
 pub struct AccountLayer {
-    /// `marketo_proxy_requests_total`.
-    requests: IntCounterVec,
+    counters: Counters,
 }
 
 impl AccountLayer {
-    pub fn new(requests: IntCounterVec) -> Self {
-        Self { requests }
+    pub fn new(requests: IntCounterVec, last_hour: Arc<LastHour>) -> Self {
+        Self {
+            counters: Counters { requests, last_hour },
+        }
     }
+}
+
+/// Where answers are counted.
+#[derive(Clone)]
+pub struct Counters {
+    /// `marketo_proxy_requests_total`.
+    requests: IntCounterVec,
+    /// Local refusals per service, for the status page.
+    last_hour: Arc<LastHour>,
 }
 
 impl<S> Layer<S> for AccountLayer {
@@ -38,7 +51,7 @@ impl<S> Layer<S> for AccountLayer {
     fn layer(&self, inner: S) -> Self::Service {
         Account {
             inner,
-            requests: self.requests.clone(),
+            counters: self.counters.clone(),
         }
     }
 }
@@ -46,7 +59,7 @@ impl<S> Layer<S> for AccountLayer {
 #[derive(Clone)]
 pub struct Account<S> {
     inner: S,
-    requests: IntCounterVec,
+    counters: Counters,
 }
 
 impl<S, B, R> Service<Request<B>> for Account<S>
@@ -64,7 +77,7 @@ where
     fn call(&mut self, request: Request<B>) -> Self::Future {
         Counted {
             future: self.inner.call(request),
-            requests: Some(self.requests.clone()),
+            counters: Some(self.counters.clone()),
         }
     }
 }
@@ -73,7 +86,7 @@ pin_project_lite::pin_project! {
     pub struct Counted<F> {
         #[pin]
         future: F,
-        requests: Option<IntCounterVec>,
+        counters: Option<Counters>,
     }
 }
 
@@ -86,14 +99,16 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let result = std::task::ready!(this.future.poll(cx));
-        if let (Ok(response), Some(requests)) = (&result, this.requests.take()) {
+        if let (Ok(response), Some(counters)) = (&result, this.counters.take()) {
             let extensions = response.extensions();
-            let service = extensions
-                .get::<Caller>()
-                .map_or(NO_SERVICE, |caller| &*caller.name);
+            let caller = extensions.get::<Caller>();
+            let service = caller.map_or(NO_SERVICE, |caller| &*caller.name);
             let outcome = extensions.get::<Outcome>().copied().unwrap_or(Outcome::OK);
             tracing::Span::current().record("outcome", outcome.0);
-            requests.with_label_values(&[service, outcome.0]).inc();
+            counters.requests.with_label_values(&[service, outcome.0]).inc();
+            if let (Some(caller), Some(refusal)) = (caller, extensions.get::<Refusal>()) {
+                counters.last_hour.refused(caller.id, *refusal);
+            }
         }
         Poll::Ready(result)
     }
@@ -117,14 +132,20 @@ mod tests {
     #[tokio::test]
     async fn counts_every_answer_once_by_service_and_outcome() {
         let metrics = Metrics::new();
-        let service = AccountLayer::new(metrics.requests.clone()).layer(tower::service_fn(answer));
+        let last_hour = Arc::new(LastHour::new(2));
+        let service = AccountLayer::new(metrics.requests.clone(), Arc::clone(&last_hour))
+            .layer(tower::service_fn(answer));
         let crm = testing::callers().caller(0);
         let requests = [
             Request::builder().extension(crm.clone()).extension(Outcome::OK),
             Request::builder().extension(crm.clone()).extension(Outcome::OK),
             Request::builder()
-                .extension(crm)
+                .extension(crm.clone())
                 .extension(Outcome::MARKETO_ERROR),
+            Request::builder()
+                .extension(crm)
+                .extension(Outcome("rejected_quota"))
+                .extension(Refusal::Quota),
             Request::builder().extension(Outcome("rejected_auth")),
             Request::builder().extension(Outcome::INTERNAL_ERROR),
         ];
@@ -135,6 +156,7 @@ mod tests {
         for line in [
             r#"marketo_proxy_requests_total{outcome="ok",service="crm"} 2"#,
             r#"marketo_proxy_requests_total{outcome="marketo_error",service="crm"} 1"#,
+            r#"marketo_proxy_requests_total{outcome="rejected_quota",service="crm"} 1"#,
             r#"marketo_proxy_requests_total{outcome="rejected_auth",service="unauthenticated"} 1"#,
             r#"marketo_proxy_requests_total{outcome="internal_error",service="unauthenticated"} 1"#,
         ] {
@@ -143,5 +165,9 @@ mod tests {
                 "{line} missing in\n{text}"
             );
         }
+        // The local 607 also counts in crm's last hour, and nothing else.
+        let counts = last_hour.counts();
+        assert_eq!((counts[0].refused_quota, counts[0].refused_rate), (1, 0));
+        assert_eq!(counts[1], Default::default());
     }
 }

@@ -74,6 +74,7 @@ use crate::admission::shared::SharedLimits;
 use crate::auth::Callers;
 use crate::error::{ProxyError, panic_response};
 use crate::metrics::Metrics;
+use crate::recent::LastHour;
 use crate::response::BoxError;
 use crate::token::TokenCaches;
 use crate::upstream::Upstream;
@@ -98,6 +99,8 @@ pub struct Components {
     pub metrics: Metrics,
     /// The bound on request-body bytes held across the proxy.
     pub body_budget: body::BodyBudget,
+    /// Local refusals and replays per service over the last hour.
+    pub last_hour: Arc<LastHour>,
 }
 
 /// The whole request path, for the proxy listener.
@@ -131,7 +134,10 @@ where
                 .on_response(DefaultOnResponse::new().level(Level::DEBUG))
                 .on_failure(()),
         )
-        .layer(account::AccountLayer::new(components.metrics.requests.clone()))
+        .layer(account::AccountLayer::new(
+            components.metrics.requests.clone(),
+            Arc::clone(&components.last_hour),
+        ))
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(SetSensitiveRequestHeadersLayer::new([
             header::AUTHORIZATION,
@@ -166,6 +172,7 @@ pub fn forward(
             Arc::clone(&components.admission),
             components.limits.clone(),
             components.metrics.replays.clone(),
+            Arc::clone(&components.last_hour),
         ))
         .layer(AdmitLayer::new(
             Arc::clone(&components.admission),
@@ -198,6 +205,7 @@ mod tests {
             upstream,
             metrics,
             body_budget: body::BodyBudget::new(1 << 26),
+            last_hour: Arc::new(LastHour::new(config.counted_names().len())),
         }
     }
 
@@ -258,7 +266,10 @@ mod tests {
             Ok::<_, Infallible>(Response::new(ResponseBody::full(Bytes::new())))
         });
         let service = ServiceBuilder::new()
-            .layer(account::AccountLayer::new(metrics.requests.clone()))
+            .layer(account::AccountLayer::new(
+                metrics.requests.clone(),
+                Arc::new(LastHour::new(1)),
+            ))
             .layer(CatchPanicLayer::custom(panic_response))
             .service(panicking);
         let response = service.oneshot(Request::new(())).await.unwrap();

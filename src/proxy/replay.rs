@@ -32,6 +32,7 @@ use crate::admission::shared::SharedLimits;
 use crate::admission::{Admission, Slot};
 use crate::error::ProxyError;
 use crate::marketo::{self, code};
+use crate::recent::LastHour;
 use crate::upstream::UpstreamError;
 
 /// Attempts per request, replays included.
@@ -171,14 +172,22 @@ pub struct ReplayLayer {
     limits: Option<Arc<SharedLimits>>,
     /// `marketo_proxy_replays_total`.
     replays: IntCounterVec,
+    /// Replays per service, for the status page.
+    last_hour: Arc<LastHour>,
 }
 
 impl ReplayLayer {
-    pub fn new(admission: Arc<Admission>, limits: Option<Arc<SharedLimits>>, replays: IntCounterVec) -> Self {
+    pub fn new(
+        admission: Arc<Admission>,
+        limits: Option<Arc<SharedLimits>>,
+        replays: IntCounterVec,
+        last_hour: Arc<LastHour>,
+    ) -> Self {
         Self {
             admission,
             limits,
             replays,
+            last_hour,
         }
     }
 }
@@ -330,6 +339,7 @@ impl ReplayLayer {
     fn count(&self, call: &Call, reason: &str) {
         tracing::info!(service = &*call.caller.name, reason, "replaying a call");
         self.replays.with_label_values(&[reason]).inc();
+        self.last_hour.replayed(call.caller.id);
     }
 }
 
@@ -466,7 +476,12 @@ mod tests {
         let metrics = Metrics::new();
         let admission = Admission::new(&config, metrics.clone());
         let marketo = ScriptedMarketo::new(script);
-        let layer = ReplayLayer::new(Arc::clone(&admission), None, metrics.replays.clone());
+        let layer = ReplayLayer::new(
+            Arc::clone(&admission),
+            None,
+            metrics.replays.clone(),
+            Arc::new(LastHour::new(config.counted_names().len())),
+        );
         let service = layer.layer(ScriptedAdmitted(marketo.clone()));
         (service, marketo, admission, testing::call(0, wait))
     }
