@@ -1157,7 +1157,7 @@ mod tests {
     async fn the_status_has_calls_per_second_slots_in_flight_and_waits() {
         let yaml = "marketo: { base_url: 'http://127.0.0.1:1', client_id: id, client_secret: secret }\n\
                     limits: { concurrency: 1, max_queue_wait: 1h }\n\
-                    services:\n  - { name: a, api_key: key-a-0123456789 }\n\
+                    services:\n  - { name: a, api_key: key-a-0123456789abcdef }\n\
                     state: { file: ~ }\n";
         let config = Config::from_yaml_with_env(yaml, |_| None).unwrap();
         let admission = Admission::new(&config, Metrics::new());
