@@ -6,6 +6,8 @@
 
 mod support;
 
+use std::time::Duration;
+
 use marketo_proxy::app::{self, RunningProxy};
 use marketo_proxy::config::Config;
 use marketo_proxy::sim::Simulator;
@@ -133,4 +135,119 @@ async fn a_stale_secret_behind_the_balancer_does_not_lock_out_the_right_one() {
     )
     .await;
     assert_eq!(lead["success"], true, "{lead}");
+}
+
+/// What the replicas hold in Redis under `prefix` right now: window slots
+/// and concurrency leases still running, and the day's count.
+async fn held_in_redis(redis: &RedisServer, prefix: &str) -> (u64, u64, u64) {
+    let mut connection = redis.connection().await;
+    let (seconds, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut connection).await.unwrap();
+    let now = seconds * 1000 + micros / 1000;
+    let running = |key: String| {
+        let mut connection = connection.clone();
+        async move {
+            redis::cmd("ZCOUNT")
+                .arg(key)
+                .arg(format!("({now}"))
+                .arg("+inf")
+                .query_async::<u64>(&mut connection)
+                .await
+                .unwrap()
+        }
+    };
+    let window = running(format!("{{{prefix}}}:window")).await;
+    let in_flight = running(format!("{{{prefix}}}:inflight")).await;
+    let days: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{{{prefix}}}:day:*"))
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert!(days.len() <= 1, "{days:?}");
+    let mut total = 0;
+    for day in days {
+        let counted: Option<u64> = redis::cmd("HGET")
+            .arg(day)
+            .arg("total")
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        total += counted.unwrap_or(0);
+    }
+    (window, in_flight, total)
+}
+
+fn slow_config(sim_url: &str, redis_url: &str, prefix: &str) -> Config {
+    let yaml = format!(
+        r#"
+marketo: {{ base_url: "{sim_url}", client_id: demo-client, client_secret: demo-secret }}
+limits: {{ max_queue_wait: 10s }}
+services:
+  - {{ name: crm-sync, api_key: {KEY} }}
+auth: {{ token_key: "{TOKEN_KEY}" }}
+state:
+  backend: redis
+  file: ~
+  usage_sync_interval: 0s
+  redis: {{ url: "{redis_url}", key_prefix: {prefix}, fallback_replicas: 2 }}
+"#
+    );
+    Config::from_yaml_with_env(&yaml, |_| None).unwrap()
+}
+
+async fn reads(replica: &RunningProxy, count: usize) {
+    let calls = (0..count).map(|_| {
+        support::send_json(
+            support::client()
+                .get(format!("{}/rest/v1/lead/1.json", replica.url()))
+                .header("X-Api-Key", KEY),
+        )
+    });
+    for answer in futures_util::future::join_all(calls).await {
+        assert_eq!(answer["success"], true, "{answer}");
+    }
+}
+
+async fn backend_up(replica: &RunningProxy) {
+    support::eventually(Duration::from_secs(10), async || {
+        let metrics = support::metrics_text(&replica.admin_url()).await;
+        match support::metric(&metrics, "marketo_proxy_backend_up") {
+            Some(1.0) => Ok(()),
+            other => Err(other),
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_stalls_and_flaps_leaks_nothing_and_counts_every_call_once() {
+    let redis = RedisServer::start();
+    let sim = Simulator::spawn(support::sim_config()).await.unwrap();
+    let replica = app::spawn(slow_config(&sim.url(), &redis.url(), "flaps"))
+        .await
+        .unwrap();
+    support::wait_ready(&replica).await;
+    reads(&replica, 3).await;
+    backend_up(&replica).await;
+    for _ in 0..3 {
+        // Redis stops answering while acquisitions are on their way: they
+        // time out, the replica goes on alone on its share, and when Redis
+        // wakes up it runs the acquisitions it was sent, then their
+        // releases.
+        redis.pause();
+        reads(&replica, 4).await;
+        redis.resume();
+        backend_up(&replica).await;
+    }
+    let calls = sim.stats().calls;
+    assert_eq!(calls, 15);
+    // Every call counted once, every slot held once, no lease left over
+    // (a leaked one would run for its whole 30 s lease).
+    let held = support::eventually(Duration::from_secs(5), async || {
+        match held_in_redis(&redis, "flaps").await {
+            held @ (window, 0, total) if window == calls && total == calls => Ok(held),
+            other => Err(other),
+        }
+    })
+    .await;
+    assert_eq!(held, (15, 0, 15));
 }

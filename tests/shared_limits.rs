@@ -236,19 +236,18 @@ async fn a_crashed_replicas_leases_lapse_while_a_running_call_keeps_its_own() {
     assert!(living.is_up() && crashed.is_up());
     // Only the living replica renews its leases.
     let _maintenance = tokio::spawn(living.maintenance(Arc::clone(&living_admission)));
-    let day = living_admission.day();
 
     // The crashed replica took a slot and will never give it back.
-    match crashed.acquire(0, day, &crashed_admission).await {
+    match crashed.acquire(0, &crashed_admission).await {
         Grant::Granted(lease) => std::mem::forget(lease),
         _ => panic!("the first slot is free"),
     }
-    let running = match living.acquire(0, day, &living_admission).await {
+    let running = match living.acquire(0, &living_admission).await {
         Grant::Granted(lease) => lease,
         _ => panic!("the second slot is free"),
     };
     assert!(matches!(
-        living.acquire(0, day, &living_admission).await,
+        living.acquire(0, &living_admission).await,
         Grant::Wait(_)
     ));
 
@@ -257,12 +256,12 @@ async fn a_crashed_replicas_leases_lapse_while_a_running_call_keeps_its_own() {
     // for the first free slot would stop as soon as the crashed lease
     // lapses, before an unrenewed running lease would lapse too.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let third = match living.acquire(0, day, &living_admission).await {
+    let third = match living.acquire(0, &living_admission).await {
         Grant::Granted(lease) => lease,
         _ => panic!("the crashed replica's lease should have lapsed"),
     };
     assert!(
-        matches!(living.acquire(0, day, &living_admission).await, Grant::Wait(_)),
+        matches!(living.acquire(0, &living_admission).await, Grant::Wait(_)),
         "the running call kept its lease"
     );
     drop((running, third));

@@ -112,6 +112,15 @@ pub struct Admission {
     spent_reported: Notify,
 }
 
+/// What a replica last saw of the whole instance's use in the shared
+/// state: window slots taken, calls in flight, calls counted today.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InstanceUse {
+    pub window: u32,
+    pub in_flight: u32,
+    pub day_used: u64,
+}
+
 struct State {
     window: SlidingWindow,
     /// The instance's limits; the ones in force may be a share of them.
@@ -392,8 +401,9 @@ impl Admission {
     }
 
     /// Enforces `1 / replicas` of the instance's limits here (the shared
-    /// state that spans replicas is unreachable), or all of them again
-    /// with 1.
+    /// state that spans replicas is unreachable, and what the others hold
+    /// is unknown), or all of them again with 1. A day already split
+    /// stays split as it was.
     pub fn set_share(self: &Arc<Self>, replicas: u32) {
         let replicas = replicas.max(1);
         let mut state = self.lock();
@@ -401,7 +411,35 @@ impl Admission {
         let concurrency = (state.full_concurrency / replicas).max(1);
         state.window.set_limit(window);
         state.concurrency = concurrency;
-        state.quota.set_share(u64::from(replicas));
+        let used = state.quota.used_total();
+        state.quota.set_share(u64::from(replicas), used);
+        self.metrics.window_limit.set(i64::from(window));
+        self.pump(&mut state);
+    }
+
+    /// The shared state was lost just now: enforce here this replica's
+    /// part of what the instance had left, as last seen there. Its own
+    /// slots and calls in flight stay its own; what the others held stays
+    /// theirs until [`set_share`] once their calls are surely over.
+    ///
+    /// [`set_share`]: Self::set_share
+    /// `unsent` calls admitted here were still waiting for the shared
+    /// state's grant: they hold nothing there and are admitted again.
+    pub fn share_what_is_left(self: &Arc<Self>, replicas: u32, instance: InstanceUse, unsent: u32) {
+        let replicas = replicas.max(1);
+        let mut state = self.lock();
+        let now = Instant::now();
+        let own_window = state.window.used(now).saturating_sub(unsent);
+        let own_in_flight = state.in_flight.saturating_sub(unsent);
+        let window_left = state.full_window.saturating_sub(instance.window.max(own_window));
+        let window = (own_window + window_left / replicas).max(1);
+        let concurrency_left = state
+            .full_concurrency
+            .saturating_sub(instance.in_flight.max(own_in_flight));
+        let concurrency = (own_in_flight + concurrency_left / replicas).max(1);
+        state.window.set_limit(window);
+        state.concurrency = concurrency;
+        state.quota.set_share(u64::from(replicas), instance.day_used);
         self.metrics.window_limit.set(i64::from(window));
         self.pump(&mut state);
     }
@@ -562,7 +600,7 @@ impl Admission {
             window_hold: state.window.hold(),
             configured_window: state.full_window,
             configured_concurrency: state.full_concurrency,
-            daily_limit_here: state.quota.limit() / state.quota.share(),
+            daily_limit_here: state.quota.limit_here(),
             paused_for: state
                 .paused_until
                 .map(|until| until.saturating_duration_since(now))
@@ -1151,6 +1189,44 @@ mod tests {
             tokio::time::advance(Duration::from_secs(1)).await;
         }
         longest
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn losing_the_shared_state_leaves_each_replica_its_part_of_what_is_left() {
+        let yaml = "marketo: { base_url: 'http://127.0.0.1:1', client_id: id, client_secret: secret }\n\
+                    limits: { window_calls: 100, concurrency: 10 }\n\
+                    services:\n  - { name: a, api_key: key-a-0123456789abcdef }\n\
+                    state: { file: ~ }\n";
+        let config = Config::from_yaml_with_env(yaml, |_| None).unwrap();
+        let admission = Admission::new(&config, Metrics::new());
+        let deadline = || Instant::now() + Duration::from_secs(60);
+        // Here: 10 calls answered, 2 in flight, 1 still waiting for the
+        // shared grant. The instance: 72 slots and 6 calls in flight.
+        for _ in 0..10 {
+            drop(admission.admit(0, deadline(), false).await.unwrap());
+        }
+        let mut running = Vec::new();
+        for _ in 0..3 {
+            running.push(admission.admit(0, deadline(), false).await.unwrap());
+        }
+        let instance = InstanceUse {
+            window: 72,
+            in_flight: 6,
+            day_used: 5000,
+        };
+        admission.share_what_is_left(4, instance, 1);
+        let (window, concurrency) = {
+            let state = admission.lock();
+            (state.window.limit(), state.concurrency)
+        };
+        // Its 12 slots and (100 - 72) / 4 more; its 2 calls and (10 - 6) / 4.
+        assert_eq!(window, 12 + 7);
+        assert_eq!(concurrency, 2 + 1);
+        // Once the others' calls are surely over: a plain quarter.
+        admission.set_share(4);
+        let state = admission.lock();
+        assert_eq!((state.window.limit(), state.concurrency), (25, 2));
+        assert_eq!(state.quota.limit_here(), 13 + (50_000 - 5000) / 4);
     }
 
     #[tokio::test(start_paused = true)]

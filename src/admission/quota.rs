@@ -56,9 +56,20 @@ pub struct DailyQuota {
     spent_until: Option<DateTime<Utc>>,
     /// How long a 607 holds before a probe.
     probe_after: Duration,
-    /// The quota is shared by this many replicas that cannot see each
-    /// other's counts (shared state unreachable): each takes its part.
-    share: u64,
+    /// Set while replicas that cannot see each other's counts (shared
+    /// state unreachable) split what was left of the day.
+    share: Option<Share>,
+}
+
+/// This replica's part of what the day had left when the replicas lost
+/// sight of each other's counts.
+#[derive(Debug, Clone, Copy)]
+struct Share {
+    replicas: u64,
+    /// Calls counted here when the split began.
+    base: u64,
+    /// Calls this replica may make after that.
+    allowance: u64,
 }
 
 impl DailyQuota {
@@ -79,14 +90,28 @@ impl DailyQuota {
             foreign: 0,
             spent_until: None,
             probe_after,
-            share: 1,
+            share: None,
         }
     }
 
-    /// Splits the quota between `replicas` that cannot see each other's
-    /// counts; 1 is the whole quota.
-    pub fn set_share(&mut self, replicas: u64) {
-        self.share = replicas.max(1);
+    /// Splits what is left of the day between `replicas` that cannot see
+    /// each other's counts, the whole instance having used `instance_used`
+    /// as far as this replica knows; 1 is the whole quota again.
+    pub fn set_share(&mut self, replicas: u64, instance_used: u64) {
+        if replicas <= 1 {
+            self.share = None;
+            return;
+        }
+        if self.share.is_some_and(|share| share.replicas == replicas) {
+            return;
+        }
+        let base = self.used_total();
+        let left = self.limit.saturating_sub(base.max(instance_used));
+        self.share = Some(Share {
+            replicas,
+            base,
+            allowance: left / replicas,
+        });
     }
 
     /// Starts a new day when local midnight has passed.
@@ -110,7 +135,14 @@ impl DailyQuota {
 
     /// How many replicas the quota is split between (1: not split).
     pub fn share(&self) -> u64 {
+        self.share.map_or(1, |share| share.replicas)
+    }
+
+    /// The most calls this replica may count today: the quota, or while it
+    /// is split, what was counted then and this replica's part of the rest.
+    pub fn limit_here(&self) -> u64 {
         self.share
+            .map_or(self.limit, |share| share.base + share.allowance)
     }
 
     /// The zone whose midnight starts a new day.
@@ -138,7 +170,7 @@ impl DailyQuota {
 
     /// Calls left today by the counts alone.
     fn counted_remaining(&self) -> u64 {
-        (self.limit / self.share).saturating_sub(self.used_total())
+        self.limit_here().saturating_sub(self.used_total())
     }
 
     /// Whether `service` may make one more call today, at `now`.
@@ -376,6 +408,30 @@ mod tests {
             service_0 += 1;
         }
         assert_eq!(service_0, 6);
+    }
+
+    #[test]
+    fn replicas_that_lose_each_other_split_what_is_left_of_the_day() {
+        let mut quota = quota(1000, &[(1000, 0)], at("2026-11-28T12:00:00Z"));
+        for _ in 0..200 {
+            quota.consume(0, whenever());
+        }
+        // Half the day used by the whole instance, 200 of it here: each of
+        // two replicas may make half of the 500 left, not 1000 / 2 - 500.
+        quota.set_share(2, 500);
+        assert_eq!(quota.remaining(), 250);
+        assert_eq!(quota.limit_here(), 450);
+        for _ in 0..250 {
+            assert_eq!(quota.check(0, whenever()), Ok(()));
+            quota.consume(0, whenever());
+        }
+        assert_eq!(quota.check(0, whenever()), Err(QuotaScope::Instance));
+        // Asked again with the same split (its calls are long over), the
+        // part stays what it was; together again, the whole day is back.
+        quota.set_share(2, 0);
+        assert_eq!(quota.remaining(), 0);
+        quota.set_share(1, 0);
+        assert_eq!(quota.remaining(), 550);
     }
 
     #[test]

@@ -12,25 +12,37 @@
 //! - the day's counters, in a hash whose key names the local date of the
 //!   quota's time zone.
 //!
-//! Scripts read the time with Redis `TIME`, so replica clocks do not matter.
+//! Scripts read the time with Redis `TIME`, so replica clocks do not matter:
+//! even the day (whose hash a call counts in) is Redis's, in the quota's
+//! zone, from the offset between Redis's clock and this replica's that
+//! every acquisition reports.
 //!
-//! When Redis cannot be reached a replica falls back to
-//! `limits / fallback_replicas` on its own (never the full limits), says
-//! so in `marketo_proxy_backend_up` and the log, and keeps trying. Back in
-//! touch, it first writes what it did meanwhile (its window slots and the
-//! day's calls) so the others see it.
+//! Every acquisition carries an id the replica chose. An acquisition whose
+//! answer is lost (the Redis timeout, or a client that went away while it
+//! waited) may still have run: its id is released in the background, and a
+//! tombstone keeps a late-running acquisition from taking anything, so a
+//! slow Redis never leaks a lease, a window slot or a unit of the quota.
+//!
+//! When Redis cannot be reached a replica falls back to its part of what
+//! the instance had left when it last saw Redis (`1 / fallback_replicas`
+//! of it; never the full limits), says so in `marketo_proxy_backend_up`
+//! and the log, and keeps trying. Back in touch, it first writes what it
+//! did meanwhile, by id and in numbered batches so that writing it twice
+//! counts it once, and the others see it.
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::NaiveDate;
 use redis::aio::ConnectionManager;
 
-use super::Admission;
+use tokio::time::Instant;
+
 use super::quota::QuotaScope;
+use super::{Admission, InstanceUse};
 use crate::config::{Config, INTERNAL_SERVICE, RedisConfig};
 use crate::metrics::Metrics;
 
@@ -40,6 +52,10 @@ const REDIS_TIMEOUT: Duration = Duration::from_millis(500);
 const RETRY_EVERY: Duration = Duration::from_secs(1);
 /// The longest a grant waits between two asks.
 const MAX_ASK_INTERVAL: Duration = Duration::from_millis(500);
+/// Acquisitions remembered for release while Redis is unreachable; past
+/// this, the oldest lapse on their own (leases) or hold until midnight
+/// (a unit of the quota each).
+const MAX_TO_RELEASE: usize = 10_000;
 /// Day hashes outlive their day by this much.
 const DAY_TTL: Duration = Duration::from_secs(3 * 24 * 3600);
 
@@ -50,50 +66,103 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local id = ARGV[1]
 for i = 1, 4 do redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now) end
+redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', now)
+local total = tonumber(redis.call('HGET', KEYS[5], 'total') or '0')
+local foreign = tonumber(redis.call('HGET', KEYS[5], 'foreign') or '0')
+local function reply(granted, kind, wait)
+  return {granted, kind, wait, redis.call('ZCARD', KEYS[1]), redis.call('ZCARD', KEYS[2]), total + foreign, now}
+end
 local function wait(key)
   local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
   if first[2] then return math.max(1, tonumber(first[2]) - now) end
   return 1000
 end
-if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[4]) then return {0, 'concurrency', 25} end
-if redis.call('ZCARD', KEYS[4]) >= tonumber(ARGV[7]) then return {0, 'service_concurrency', 25} end
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return {0, 'window', wait(KEYS[1])} end
+-- Its asker gave up on it already and released it.
+if redis.call('ZSCORE', KEYS[6], id) then return reply(0, 'released', 0) end
+if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[4]) then return reply(0, 'concurrency', 25) end
+if redis.call('ZCARD', KEYS[4]) >= tonumber(ARGV[7]) then return reply(0, 'service_concurrency', 25) end
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return reply(0, 'window', wait(KEYS[1])) end
 local service_window = tonumber(ARGV[6])
 if service_window > 0 and redis.call('ZCARD', KEYS[3]) >= service_window then
-  return {0, 'service_window', wait(KEYS[3])}
+  return reply(0, 'service_window', wait(KEYS[3]))
 end
 local spent = tonumber(redis.call('HGET', KEYS[5], 'spent') or '0')
-if spent > 0 and now < spent then return {0, 'spent', spent - now} end
-local total = tonumber(redis.call('HGET', KEYS[5], 'total') or '0')
-local foreign = tonumber(redis.call('HGET', KEYS[5], 'foreign') or '0')
+if spent > 0 and now < spent then return reply(0, 'spent', spent - now) end
 local remaining = tonumber(ARGV[8]) - total - foreign
-if remaining <= 0 then return {0, 'quota', 0} end
+if remaining <= 0 then return reply(0, 'quota', 0) end
 if tonumber(redis.call('HGET', KEYS[5], ARGV[9]) or '0') >= tonumber(ARGV[10]) then
-  return {0, 'service_cap', 0}
+  return reply(0, 'service_cap', 0)
 end
 local held = 0
 for i = 13, #ARGV, 2 do
   local used = tonumber(redis.call('HGET', KEYS[5], ARGV[i]) or '0')
   held = held + math.max(0, tonumber(ARGV[i + 1]) - used)
 end
-if remaining <= held then return {0, 'reserved', 0} end
+if remaining <= held then return reply(0, 'reserved', 0) end
 -- After Marketo's 607 this call is the probe: the others wait for it.
 if spent > 0 then redis.call('HSET', KEYS[5], 'spent', now + tonumber(ARGV[12])) end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), id)
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[5]), id)
 if service_window > 0 then redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), id) end
 redis.call('ZADD', KEYS[4], now + tonumber(ARGV[5]), id)
+total = total + 1
 redis.call('HINCRBY', KEYS[5], 'total', 1)
 redis.call('HINCRBY', KEYS[5], ARGV[9], 1)
 redis.call('EXPIRE', KEYS[5], tonumber(ARGV[11]))
 for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], tonumber(ARGV[3]) + 60000) end
-if spent > 0 then return {1, 'probe', 0} end
-return {1, 'ok', 0}
+if spent > 0 then return reply(1, 'probe', 0) end
+return reply(1, 'ok', 0)
 ";
 
-/// Moves a call's entries in sorted sets that hold it: its window slots
-/// when the answer arrives (they free `window + margin` from now), or its
-/// concurrency leases when they are renewed. ARGV: call id, ms from now.
+/// Gives back everything an acquisition took, when its asker never got
+/// the answer, and leaves a tombstone so that an acquisition still on its
+/// way takes nothing. Counts the day's unit back only if it was taken.
+/// KEYS: window, inflight, service window, service inflight, day, done.
+/// ARGV: id, service field, tombstone ms.
+const UNDO: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local id = ARGV[1]
+redis.call('ZADD', KEYS[6], now + tonumber(ARGV[3]), id)
+redis.call('PEXPIRE', KEYS[6], tonumber(ARGV[3]) + 60000)
+local took = 0
+for i = 1, 4 do took = took + redis.call('ZREM', KEYS[i], id) end
+if took > 0 then
+  redis.call('HINCRBY', KEYS[5], 'total', -1)
+  redis.call('HINCRBY', KEYS[5], ARGV[2], -1)
+end
+return took
+";
+
+/// A call is over: its concurrency leases go, and a tombstone keeps a
+/// renewal already on its way from bringing them back. KEYS: inflight,
+/// service inflight, done. ARGV: id, tombstone ms.
+const RELEASE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[3], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[2]) + 60000)
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 1
+";
+
+/// Renews a call's concurrency leases, re-creating any that lapsed (an
+/// outage longer than the lease), unless the call is over. KEYS:
+/// inflight, service inflight, done. ARGV: id, lease ms.
+const RENEW: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if redis.call('ZSCORE', KEYS[3], ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) + 60000)
+redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[2]) + 60000)
+return 1
+";
+
+/// Moves a call's window slots when its answer arrives: they free
+/// `window + margin` from now. ARGV: call id, ms from now.
 const RESCORE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -101,11 +170,13 @@ for i = 1, #KEYS do redis.call('ZADD', KEYS[i], 'XX', now + tonumber(ARGV[2]), A
 return 1
 ";
 
-/// Writes what a replica did while Redis was unreachable: its answered
-/// calls' window slots (milliseconds left on each), its calls still in
-/// flight (window slot and concurrency lease), and the day's calls per
-/// service. ARGV: pending ms, lease ms, n, n x ms left, m, m x call id,
-/// then (service, calls) pairs.
+/// Writes what a replica did while Redis was unreachable, so that writing
+/// it again changes nothing: its answered calls' window slots by call id
+/// (milliseconds left on each), its calls still in flight by id (window
+/// slot and concurrency lease), and the day's calls per service in
+/// numbered batches, each counted once. KEYS: window, inflight, day,
+/// applied batches. ARGV: pending ms, lease ms, n, n x (id, ms left), m,
+/// m x id, then batches: (batch id, k, k x (field, calls)).
 const CATCH_UP: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -114,21 +185,32 @@ local lease = tonumber(ARGV[2])
 local i = 3
 local slots = tonumber(ARGV[i])
 for n = 1, slots do
-  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[i + n]), 'catch-up:' .. now .. ':' .. n)
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[i + 2 * n]), ARGV[i + 2 * n - 1])
 end
-i = i + slots + 1
+i = i + 2 * slots + 1
 local live = tonumber(ARGV[i])
 for n = 1, live do
   redis.call('ZADD', KEYS[1], now + pending, ARGV[i + n])
   redis.call('ZADD', KEYS[2], now + lease, ARGV[i + n])
 end
 i = i + live + 1
-while i < #ARGV do
-  redis.call('HINCRBY', KEYS[3], ARGV[i], tonumber(ARGV[i + 1]))
-  redis.call('HINCRBY', KEYS[3], 'total', tonumber(ARGV[i + 1]))
-  i = i + 2
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
+while i <= #ARGV do
+  local batch = ARGV[i]
+  local fields = tonumber(ARGV[i + 1])
+  if not redis.call('ZSCORE', KEYS[4], batch) then
+    for n = 1, fields do
+      local field = ARGV[i + 2 * n]
+      local calls = tonumber(ARGV[i + 2 * n + 1])
+      redis.call('HINCRBY', KEYS[3], field, calls)
+      redis.call('HINCRBY', KEYS[3], 'total', calls)
+    end
+    redis.call('ZADD', KEYS[4], now + 259200000, batch)
+  end
+  i = i + 2 + 2 * fields
 end
 redis.call('EXPIRE', KEYS[3], 259200)
+redis.call('PEXPIRE', KEYS[4], 259200000)
 redis.call('PEXPIRE', KEYS[1], pending + 60000)
 redis.call('PEXPIRE', KEYS[2], lease + 60000)
 return 1
@@ -219,11 +301,35 @@ pub struct SharedLimits {
     /// Lifetime of a concurrency lease; renewed every third of it.
     lease: Duration,
     up: AtomicBool,
+    /// Acquisitions on their way to Redis.
+    asking: AtomicU32,
     /// Leases of this replica's calls in flight.
     leases: Mutex<Leases>,
-    /// Calls per service made while Redis was unreachable.
+    /// Calls per service made while Redis was unreachable, not yet in a
+    /// batch.
     unsynced: Mutex<Vec<u64>>,
+    /// Batches of those counts on their way to Redis: (batch id, calls per
+    /// service), sent again until Redis has taken them.
+    batches: Mutex<Vec<(String, Vec<u64>)>>,
+    /// Calls answered while Redis was unreachable: their ids and when
+    /// their window slots free.
+    unsynced_slots: Mutex<Vec<(String, Instant)>>,
+    /// Acquisitions whose answer was lost, still to be released.
+    to_release: Mutex<Vec<(usize, NaiveDate, String)>>,
+    /// The quota's time zone, for the day by Redis's clock.
+    timezone: chrono_tz::Tz,
+    /// Redis's clock minus this replica's, in milliseconds, as of the
+    /// last acquisition.
+    clock_offset: AtomicI64,
+    /// The whole instance's use as Redis last reported it.
+    seen: Mutex<InstanceUse>,
+    /// When Redis was lost, until this replica's share no longer needs to
+    /// leave room for what the others held then.
+    lost_at: Mutex<Option<Instant>>,
     acquire: redis::Script,
+    undo: redis::Script,
+    release: redis::Script,
+    renew: redis::Script,
     rescore: redis::Script,
     catch_up: redis::Script,
     reconcile: redis::Script,
@@ -273,14 +379,25 @@ impl SharedLimits {
             concurrency: limits.concurrency.get(),
             daily_quota: limits.daily_quota.get(),
             unsynced: Mutex::new(vec![0; services.len()]),
+            batches: Mutex::new(Vec::new()),
+            unsynced_slots: Mutex::new(Vec::new()),
+            to_release: Mutex::new(Vec::new()),
+            timezone: limits.timezone,
+            clock_offset: AtomicI64::new(0),
+            seen: Mutex::new(InstanceUse::default()),
+            lost_at: Mutex::new(None),
             services,
             fallback_replicas: redis.fallback_replicas.get(),
             lease: redis.lease,
             // Until Redis has answered once, this replica keeps to its
             // share: it never starts on the full limits.
             up: AtomicBool::new(false),
+            asking: AtomicU32::new(0),
             leases: Mutex::new(Leases::default()),
             acquire: redis::Script::new(ACQUIRE),
+            undo: redis::Script::new(UNDO),
+            release: redis::Script::new(RELEASE),
+            renew: redis::Script::new(RENEW),
             rescore: redis::Script::new(RESCORE),
             catch_up: redis::Script::new(CATCH_UP),
             reconcile: redis::Script::new(RECONCILE),
@@ -344,13 +461,15 @@ impl SharedLimits {
         }
     }
 
-    /// Asks Redis for a call of `service` on `day`.
-    pub async fn acquire(
-        self: &Arc<Self>,
-        service: usize,
-        day: NaiveDate,
-        admission: &Arc<Admission>,
-    ) -> Grant {
+    /// Today by Redis's clock, in the quota's zone.
+    pub fn day(&self) -> NaiveDate {
+        let offset = chrono::Duration::milliseconds(self.clock_offset.load(Ordering::Relaxed));
+        super::quota::local_day(self.timezone, chrono::Utc::now() + offset)
+    }
+
+    /// Asks Redis for a call of `service`.
+    pub async fn acquire(self: &Arc<Self>, service: usize, admission: &Arc<Admission>) -> Grant {
+        let day = self.day();
         if !self.is_up() {
             return self.local_lease(service);
         }
@@ -358,13 +477,19 @@ impl SharedLimits {
             return Grant::Refused(QuotaScope::Instance, None);
         };
         let id = call_id();
+        // Released in the background if the answer never arrives here,
+        // however this future ends.
+        self.asking.fetch_add(1, Ordering::AcqRel);
+        let mut asked = Asked {
+            shared: Arc::clone(self),
+            service,
+            day,
+            id: id.clone(),
+            answered: false,
+        };
         let mut invocation = self.acquire.prepare_invoke();
+        self.acquisition_keys(&mut invocation, service, day);
         invocation
-            .key(self.key("window"))
-            .key(self.key("inflight"))
-            .key(self.service_key("window", service))
-            .key(self.service_key("inflight", service))
-            .key(self.day_key(day))
             .arg(&id)
             .arg(self.window_calls)
             .arg(millis(self.pending))
@@ -382,27 +507,67 @@ impl SharedLimits {
                 invocation.arg(&other_limits.field).arg(other_limits.reserved);
             }
         }
-        match self.call::<(u8, String, u64)>(&invocation).await {
-            Ok((1, kind, _)) => {
-                self.leases_mut().synced.insert((service, id.clone()), true);
-                Grant::Granted(Lease {
-                    shared: Arc::clone(self),
-                    service,
-                    id,
-                    stamped: false,
-                    probe: kind == "probe",
-                })
-            }
-            Ok((_, limit, wait_ms)) => match limit.as_str() {
-                "quota" => Grant::Refused(QuotaScope::Instance, None),
-                "spent" => Grant::Refused(QuotaScope::Instance, Some(Duration::from_millis(wait_ms))),
-                "service_cap" => Grant::Refused(QuotaScope::ServiceCap, None),
-                "reserved" => Grant::Refused(QuotaScope::Reserved, None),
-                _ => Grant::Wait(Duration::from_millis(wait_ms).min(MAX_ASK_INTERVAL)),
-            },
-            Err(_) => {
-                self.fall_back(admission);
-                Grant::Readmit
+        let Ok((granted, kind, wait_ms, window, in_flight, day_used, redis_now)) = self
+            .call::<(u8, String, u64, u32, u32, u64, i64)>(&invocation)
+            .await
+        else {
+            self.fall_back(admission);
+            return Grant::Readmit;
+        };
+        asked.answered = true;
+        self.clock_offset.store(
+            redis_now - chrono::Utc::now().timestamp_millis(),
+            Ordering::Relaxed,
+        );
+        *lock(&self.seen) = InstanceUse {
+            window,
+            in_flight,
+            day_used,
+        };
+        if granted == 1 {
+            self.leases_mut().synced.insert((service, id.clone()), true);
+            return Grant::Granted(Lease {
+                shared: Arc::clone(self),
+                service,
+                id,
+                stamped: false,
+                probe: kind == "probe",
+            });
+        }
+        match kind.as_str() {
+            "quota" => Grant::Refused(QuotaScope::Instance, None),
+            "spent" => Grant::Refused(QuotaScope::Instance, Some(Duration::from_millis(wait_ms))),
+            "service_cap" => Grant::Refused(QuotaScope::ServiceCap, None),
+            "reserved" => Grant::Refused(QuotaScope::Reserved, None),
+            _ => Grant::Wait(Duration::from_millis(wait_ms).min(MAX_ASK_INTERVAL)),
+        }
+    }
+
+    /// The keys an acquisition of `service` on `day` touches, in the order
+    /// ACQUIRE and UNDO take them.
+    fn acquisition_keys(&self, invocation: &mut redis::ScriptInvocation<'_>, service: usize, day: NaiveDate) {
+        invocation
+            .key(self.key("window"))
+            .key(self.key("inflight"))
+            .key(self.service_key("window", service))
+            .key(self.service_key("inflight", service))
+            .key(self.day_key(day))
+            .key(self.key("done"));
+    }
+
+    /// Gives back what the acquisition `id` took, if it ran; tried again
+    /// when Redis is back if it cannot be done now.
+    async fn release_unanswered(&self, service: usize, day: NaiveDate, id: String) {
+        let mut invocation = self.undo.prepare_invoke();
+        self.acquisition_keys(&mut invocation, service, day);
+        invocation
+            .arg(&id)
+            .arg(self.field(service))
+            .arg(millis(self.tombstone()));
+        if self.call::<u8>(&invocation).await.is_err() {
+            let mut to_release = lock(&self.to_release);
+            if to_release.len() < MAX_TO_RELEASE {
+                to_release.push((service, day, id));
             }
         }
     }
@@ -427,6 +592,23 @@ impl SharedLimits {
         })
     }
 
+    fn is_synced(&self, service: usize, id: &str) -> bool {
+        self.leases_mut()
+            .synced
+            .get(&(service, id.to_owned()))
+            .copied()
+            .unwrap_or(true)
+    }
+
+    /// A call Redis has not seen was answered: its window slot is written
+    /// there, by id, when Redis is back.
+    fn hold_unsynced_slot(&self, id: &str) {
+        let mut slots = lock(&self.unsynced_slots);
+        if slots.iter().all(|(held, _)| held != id) {
+            slots.push((id.to_owned(), Instant::now() + self.hold));
+        }
+    }
+
     fn leases_mut(&self) -> std::sync::MutexGuard<'_, Leases> {
         self.leases
             .lock()
@@ -443,21 +625,39 @@ impl SharedLimits {
         }
     }
 
-    /// Redis is gone: enforce this replica's share of the limits alone.
+    /// Redis is gone: enforce this replica's part of what the instance
+    /// had left alone.
     fn fall_back(&self, admission: &Arc<Admission>) {
         if self.up.swap(false, Ordering::AcqRel) {
             tracing::warn!(
                 replicas = self.fallback_replicas,
-                "Redis is unreachable: enforcing 1/{} of the instance's limits here until it is back",
+                "Redis is unreachable: enforcing 1/{} of what the instance has left here until it is back",
                 self.fallback_replicas
             );
             self.metrics.backend_up.set(0);
+            *lock(&self.lost_at) = Some(Instant::now());
+            admission.share_what_is_left(
+                self.fallback_replicas,
+                *lock(&self.seen),
+                self.asking.load(Ordering::Acquire),
+            );
+        }
+    }
+
+    /// Once every call the others had made before Redis was lost has
+    /// surely freed its slot and lease, this replica's share is a plain
+    /// `1 / fallback_replicas` of the limits.
+    fn settle_share(&self, admission: &Arc<Admission>) {
+        let mut lost_at = lock(&self.lost_at);
+        if lost_at.is_some_and(|at| at.elapsed() >= self.pending) {
+            *lost_at = None;
             admission.set_share(self.fallback_replicas);
         }
     }
 
     /// Marketo said 607: no replica calls before the probe time.
-    pub async fn mark_spent(&self, day: NaiveDate) {
+    pub async fn mark_spent(&self) {
+        let day = self.day();
         let mut invocation = self.mark_spent.prepare_invoke();
         invocation
             .key(self.day_key(day))
@@ -467,7 +667,8 @@ impl SharedLimits {
     }
 
     /// A call went through after Marketo's 607: the day is not spent.
-    pub async fn confirm_available(&self, day: NaiveDate) {
+    pub async fn confirm_available(&self) {
+        let day = self.day();
         let Ok(mut connection) = self.connection().await else {
             return;
         };
@@ -506,17 +707,26 @@ impl SharedLimits {
     }
 
     async fn release(&self, service: usize, id: &str) {
-        let Ok(mut connection) = self.connection().await else {
-            return;
-        };
-        let _ = tokio::time::timeout(
-            REDIS_TIMEOUT,
-            redis::pipe()
-                .zrem(self.key("inflight"), id)
-                .zrem(self.service_key("inflight", service), id)
-                .query_async::<()>(&mut connection),
-        )
-        .await;
+        let mut invocation = self.release.prepare_invoke();
+        invocation
+            .key(self.key("inflight"))
+            .key(self.service_key("inflight", service))
+            .key(self.key("done"))
+            .arg(id)
+            .arg(millis(self.tombstone()));
+        let _ = self.call::<u8>(&invocation).await;
+    }
+
+    /// How long a finished or given-up call's id is remembered: longer
+    /// than any renewal or acquisition still on its way can take.
+    fn tombstone(&self) -> Duration {
+        (self.lease * 2).max(Duration::from_secs(60))
+    }
+
+    fn field(&self, service: usize) -> &str {
+        self.services
+            .get(service)
+            .map_or("service:unknown", |limits| limits.field.as_str())
     }
 
     /// Renews this replica's leases and, while Redis is unreachable, tries
@@ -533,6 +743,9 @@ impl SharedLimits {
             loop {
                 if !shared.is_up() {
                     shared.try_recover(&admission).await;
+                    if !shared.is_up() {
+                        shared.settle_share(&admission);
+                    }
                     tokio::time::sleep(RETRY_EVERY).await;
                     continue;
                 }
@@ -557,10 +770,11 @@ impl SharedLimits {
             .map(|(lease, _)| lease.clone())
             .collect();
         for (service, id) in leases {
-            let mut invocation = self.rescore.prepare_invoke();
+            let mut invocation = self.renew.prepare_invoke();
             invocation
                 .key(self.key("inflight"))
                 .key(self.service_key("inflight", service))
+                .key(self.key("done"))
                 .arg(&id)
                 .arg(millis(self.lease));
             self.call::<u8>(&invocation).await?;
@@ -592,12 +806,30 @@ impl SharedLimits {
         if !matches!(answered, Ok(Ok(_))) {
             return;
         }
-        let day = admission.day();
-        // Every answered call of this replica still holding its window
-        // slot (some may be in Redis already: counting them twice only
-        // errs on the safe side) and every call in flight that Redis has
-        // not seen.
-        let (left, _) = admission.window_taken();
+        // Acquisitions whose answers were lost while it was going: give
+        // back what they took before anything else.
+        let to_release = std::mem::take(&mut *lock(&self.to_release));
+        let mut remaining = to_release.into_iter();
+        while let Some((service, day, id)) = remaining.next() {
+            let before = lock(&self.to_release).len();
+            self.release_unanswered(service, day, id).await;
+            if lock(&self.to_release).len() > before {
+                lock(&self.to_release).extend(remaining);
+                return;
+            }
+        }
+        let day = self.day();
+        // This replica's calls answered while Redis was unreachable, by id,
+        // and its calls in flight that Redis has not seen.
+        let now = Instant::now();
+        let slots: Vec<(String, Duration)> = {
+            let mut unsynced_slots = lock(&self.unsynced_slots);
+            unsynced_slots.retain(|(_, frees_at)| *frees_at > now);
+            unsynced_slots
+                .iter()
+                .map(|(id, frees_at)| (id.clone(), *frees_at - now))
+                .collect()
+        };
         let live: Vec<(usize, String)> = {
             let mut leases = self.leases_mut();
             leases.catching_up = true;
@@ -608,46 +840,52 @@ impl SharedLimits {
                 .map(|(lease, _)| lease.clone())
                 .collect()
         };
-        let unsynced = self
-            .unsynced
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone();
+        // The day's calls made meanwhile, in batches Redis counts once.
+        let batches = {
+            let counts = std::mem::replace(&mut *lock(&self.unsynced), vec![0; self.services.len()]);
+            let mut batches = lock(&self.batches);
+            if counts.iter().any(|calls| *calls > 0) {
+                batches.push((call_id(), counts));
+            }
+            batches.clone()
+        };
         let mut invocation = self.catch_up.prepare_invoke();
         invocation
             .key(self.key("window"))
             .key(self.key("inflight"))
             .key(self.day_key(day))
+            .key(self.key("batches"))
             .arg(millis(self.pending))
             .arg(millis(self.lease))
-            .arg(left.len());
-        for remaining in &left {
-            invocation.arg(millis(*remaining));
+            .arg(slots.len());
+        for (id, left) in &slots {
+            invocation.arg(id).arg(millis(*left));
         }
         invocation.arg(live.len());
         for (_, id) in &live {
             invocation.arg(id);
         }
-        for (limits, calls) in self.services.iter().zip(&unsynced) {
-            if *calls > 0 {
-                invocation.arg(&limits.field).arg(*calls);
+        for (batch, counts) in &batches {
+            let fields: Vec<(&str, u64)> = self
+                .services
+                .iter()
+                .zip(counts)
+                .filter(|(_, calls)| **calls > 0)
+                .map(|(limits, calls)| (limits.field.as_str(), *calls))
+                .collect();
+            invocation.arg(batch).arg(fields.len());
+            for (field, calls) in fields {
+                invocation.arg(field).arg(calls);
             }
         }
-        let written = self.call::<u8>(&invocation).await.is_ok();
-        if !written {
+        if self.call::<u8>(&invocation).await.is_err() {
             self.leases_mut().catching_up = false;
             return;
         }
+        lock(&self.batches).retain(|(batch, _)| !batches.iter().any(|(sent, _)| sent == batch));
+        lock(&self.unsynced_slots).retain(|(id, _)| !slots.iter().any(|(sent, _)| sent == id));
+        self.up.store(true, Ordering::Release);
         {
-            let mut counts = self
-                .unsynced
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            for (count, written) in counts.iter_mut().zip(&unsynced) {
-                *count = count.saturating_sub(*written);
-            }
-            drop(counts);
-            self.up.store(true, Ordering::Release);
             let mut leases = self.leases_mut();
             for lease in live {
                 if let Some(synced) = leases.synced.get_mut(&lease) {
@@ -656,9 +894,37 @@ impl SharedLimits {
             }
             leases.catching_up = false;
         }
+        *lock(&self.lost_at) = None;
         self.metrics.backend_up.set(1);
         admission.set_share(1);
         tracing::info!("Redis answers: the instance's limits are shared with the other replicas");
+    }
+}
+
+/// An acquisition on its way: unless its answer arrives, what it may have
+/// taken is released in the background, however the asking ends.
+struct Asked {
+    shared: Arc<SharedLimits>,
+    service: usize,
+    day: NaiveDate,
+    id: String,
+    answered: bool,
+}
+
+impl Drop for Asked {
+    fn drop(&mut self) {
+        self.shared.asking.fetch_sub(1, Ordering::AcqRel);
+        if self.answered {
+            return;
+        }
+        let shared = Arc::clone(&self.shared);
+        let (service, day, id) = (self.service, self.day, std::mem::take(&mut self.id));
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move { shared.release_unanswered(service, day, id).await });
+            }
+            Err(_) => lock(&shared.to_release).push((service, day, id)),
+        }
     }
 }
 
@@ -680,11 +946,16 @@ impl Lease {
         self.probe
     }
 
-    /// Marketo answered: the shared window slot starts its countdown.
+    /// Marketo answered: the shared window slot starts its countdown (in
+    /// Redis, or here until Redis hears of it).
     pub async fn answered(&mut self) {
         if !self.stamped {
             self.stamped = true;
-            self.shared.stamp(self.service, &self.id).await;
+            if self.shared.is_synced(self.service, &self.id) {
+                self.shared.stamp(self.service, &self.id).await;
+            } else {
+                self.shared.hold_unsynced_slot(&self.id);
+            }
         }
     }
 }
@@ -702,9 +973,17 @@ impl Drop for Lease {
     fn drop(&mut self) {
         let shared = Arc::clone(&self.shared);
         let (service, id, stamped) = (self.service, std::mem::take(&mut self.id), self.stamped);
-        shared.leases_mut().synced.remove(&(service, id.clone()));
+        let synced = shared.leases_mut().synced.remove(&(service, id.clone()));
+        if synced == Some(false) {
+            // Redis never saw this call: its slot is written with the
+            // catch-up, its lease needs no release.
+            if !stamped {
+                shared.hold_unsynced_slot(&id);
+            }
+            return;
+        }
         if !shared.is_up() {
-            // Redis is unreachable; a lease it never saw needs no release.
+            // The lease lapses on its own, and the slot with it.
             return;
         }
         // Off the request path; without a runtime (shutdown) the lease
@@ -731,6 +1010,31 @@ fn call_id() -> String {
     format!("{:032x}", rand::random::<u128>())
 }
 
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_day_is_redis_days_in_the_quotas_zone() {
+        let yaml = "marketo: { base_url: 'http://127.0.0.1:1', client_id: id, client_secret: secret }\n\
+                    limits: { timezone: Pacific/Kiritimati }\n\
+                    services: [{ name: a, api_key: key-a-0123456789abcdef }]\n\
+                    state: { backend: redis, file: ~, redis: { url: 'redis://127.0.0.1:1' } }\n";
+        let config = Config::from_yaml_with_env(yaml, |_| None).expect("config");
+        let redis = config.state.redis.as_ref().expect("redis settings");
+        let shared = SharedLimits::new(&config, redis, Metrics::new()).expect("shared limits");
+        let here = super::super::quota::local_day(chrono_tz::Pacific::Kiritimati, chrono::Utc::now());
+        assert_eq!(shared.day(), here);
+        // Redis's clock is a day ahead of this replica's.
+        shared.clock_offset.store(24 * 3600 * 1000, Ordering::Relaxed);
+        assert_eq!(shared.day(), here.succ_opt().expect("tomorrow"));
+    }
 }

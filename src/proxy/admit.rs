@@ -149,7 +149,7 @@ impl Gate {
         let admission = &self.admission;
         let asked = Instant::now();
         loop {
-            match limits.acquire(service, admission.day(), admission).await {
+            match limits.acquire(service, admission).await {
                 Grant::Granted(lease) => return Ok(SharedGrant::Go(Some(lease))),
                 Grant::Readmit => return Ok(SharedGrant::Readmit),
                 Grant::Refused(scope, wait) => {

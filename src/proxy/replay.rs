@@ -321,7 +321,7 @@ impl ReplayLayer {
         let admission = &self.admission;
         admission.quota_spent();
         if let Some(limits) = &self.limits {
-            limits.mark_spent(admission.day()).await;
+            limits.mark_spent().await;
         }
     }
 
@@ -330,8 +330,7 @@ impl ReplayLayer {
     fn confirm_available(&self, shared_probe: bool) {
         if self.admission.quota_confirmed() || shared_probe {
             if let Some(limits) = self.limits.clone() {
-                let day = self.admission.day();
-                tokio::spawn(async move { limits.confirm_available(day).await });
+                tokio::spawn(async move { limits.confirm_available().await });
             }
         }
     }

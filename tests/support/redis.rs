@@ -70,6 +70,35 @@ impl RedisServer {
             && &answer == b"+PONG\r\n"
     }
 
+    /// Freezes the server (SIGSTOP): connections stay open and nothing is
+    /// answered, as with a Redis that is overloaded or swapping.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a paused server go on (SIGCONT): it then runs what it was sent.
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(signal)
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill {signal} failed");
+    }
+
+    /// A connection for looking at what the replicas wrote.
+    pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .expect("redis URL")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis connection")
+    }
+
     /// Stops the server (as a crash would).
     pub fn stop(mut self) -> u16 {
         let _ = self.child.kill();
