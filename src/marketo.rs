@@ -123,7 +123,7 @@ pub struct IdentityError {
 
 /// Marketo's count of one day's calls (`/rest/v1/stats/usage.json`), and
 /// when it was read.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MarketoUsage {
     pub date: NaiveDate,
     pub total: u64,

@@ -4,6 +4,11 @@
 //! calls today than the proxy made, the difference is taken off what is
 //! left. The call goes through the same replays, admission and token as
 //! any other ([`crate::proxy::forward`]), under the proxy's own name.
+//!
+//! Replicas sharing Redis elect one reconciler with a lock that lapses:
+//! it reads the report and publishes it, the others take it from Redis,
+//! so the instance spends one call per interval however many replicas
+//! there are. Without Redis each replica reads the report itself.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -109,6 +114,31 @@ impl UsageSync {
         }
     }
 
+    /// Applies Marketo's count for today: read by this replica, or by
+    /// the replica that reads it for every replica. `interval` is how
+    /// often this runs.
+    pub async fn sync(&self, interval: Duration) -> Result<Option<MarketoUsage>, SyncError> {
+        let Some(limits) = &self.limits else {
+            return self.reconcile().await.map(Some);
+        };
+        // The lock outlives one interval, so its holder keeps it; if the
+        // holder is gone, another replica takes over within half of one.
+        match limits.lead_reconciliation(interval + interval / 2).await {
+            Some(false) => {
+                let Some(usage) = limits.published_usage().await else {
+                    return Ok(None);
+                };
+                self.apply_here(&usage);
+                Ok(Some(usage))
+            }
+            Some(true) | None => {
+                let usage = self.reconcile().await?;
+                limits.publish_usage(&usage, interval * 2).await;
+                Ok(Some(usage))
+            }
+        }
+    }
+
     /// Reads Marketo's count for today and applies it.
     pub async fn reconcile(&self) -> Result<MarketoUsage, SyncError> {
         let body = self.get(USAGE_PATH).await.map_err(SyncError::Call)?;
@@ -132,13 +162,20 @@ impl UsageSync {
         Ok(usage)
     }
 
-    /// Takes Marketo's count of today's calls into the quota.
+    /// Takes Marketo's count of today's calls into the quota, here and in
+    /// the state shared with the other replicas.
     async fn apply(&self, usage: &MarketoUsage) {
-        if self.admission.day() == usage.date {
-            self.admission.reconcile(usage.total);
-            if let Some(limits) = &self.limits {
+        self.apply_here(usage);
+        if let Some(limits) = &self.limits {
+            if self.admission.day() == usage.date {
                 limits.reconcile(usage.date, usage.total).await;
             }
+        }
+    }
+
+    fn apply_here(&self, usage: &MarketoUsage) {
+        if self.admission.day() == usage.date {
+            self.admission.reconcile(usage.total);
         }
         self.reported.set(usage.clone());
     }
@@ -183,10 +220,14 @@ impl UsageSync {
                     tokio::time::sleep(self.probe_after).await;
                 }
             }
-            let reconciled = match self.reconcile().await {
-                Ok(usage) => {
+            let reconciled = match self.sync(interval).await {
+                Ok(Some(usage)) => {
                     tracing::info!(date = %usage.date, total = usage.total, "reconciled with Marketo's usage report");
                     true
+                }
+                Ok(None) => {
+                    tracing::debug!("another replica reads Marketo's usage report; none published yet");
+                    false
                 }
                 Err(error) => {
                     tracing::warn!(%error, "cannot reconcile with Marketo's usage report");

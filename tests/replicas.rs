@@ -251,3 +251,40 @@ async fn a_redis_that_stalls_and_flaps_leaks_nothing_and_counts_every_call_once(
     .await;
     assert_eq!(held, (15, 0, 15));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_replica_reads_marketos_usage_report_for_all_of_them() {
+    let redis = RedisServer::start();
+    let sim = Simulator::spawn(support::sim_config()).await.unwrap();
+    sim.simulator().add_foreign_usage("other@example.com", 1234);
+    let config = || {
+        let mut config = slow_config(&sim.url(), &redis.url(), "reconciler");
+        config.state.usage_sync_interval = Duration::from_secs(10);
+        config
+    };
+    let usage_calls = || {
+        sim.stats()
+            .arrivals
+            .iter()
+            .filter(|arrival| arrival.target.starts_with("/rest/v1/stats/usage.json"))
+            .count()
+    };
+    let reported = async |replica: &RunningProxy| {
+        support::eventually(Duration::from_secs(5), async || {
+            let usage = support::usage(&replica.admin_url()).await;
+            match usage["marketo_reported"]["total"].as_u64() {
+                Some(total) => Ok(total),
+                None => Err(usage),
+            }
+        })
+        .await
+    };
+    let first = app::spawn(config()).await.unwrap();
+    let total = reported(&first).await;
+    assert!(total >= 1234, "{total}");
+    let second = app::spawn(config()).await.unwrap();
+    let third = app::spawn(config()).await.unwrap();
+    assert_eq!(reported(&second).await, total);
+    assert_eq!(reported(&third).await, total);
+    assert_eq!(usage_calls(), 1, "the others took the report from Redis");
+}

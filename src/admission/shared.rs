@@ -237,6 +237,15 @@ redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
 return 1
 ";
 
+/// Takes or keeps the lock of the replica that reads Marketo's usage
+/// report for all of them. KEYS: lock. ARGV: replica id, lock ms.
+const LEAD: &str = r"
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', tonumber(ARGV[2]))
+return 1
+";
+
 /// Why Redis could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum SharedError {
@@ -326,6 +335,9 @@ pub struct SharedLimits {
     /// When Redis was lost, until this replica's share no longer needs to
     /// leave room for what the others held then.
     lost_at: Mutex<Option<Instant>>,
+    /// This replica, for the reconciler's lock.
+    replica: String,
+    lead: redis::Script,
     acquire: redis::Script,
     undo: redis::Script,
     release: redis::Script,
@@ -394,6 +406,8 @@ impl SharedLimits {
             up: AtomicBool::new(false),
             asking: AtomicU32::new(0),
             leases: Mutex::new(Leases::default()),
+            replica: call_id(),
+            lead: redis::Script::new(LEAD),
             acquire: redis::Script::new(ACQUIRE),
             undo: redis::Script::new(UNDO),
             release: redis::Script::new(RELEASE),
@@ -690,6 +704,51 @@ impl SharedLimits {
             .arg(marketo_total)
             .arg(DAY_TTL.as_secs());
         let _ = self.call::<u8>(&invocation).await;
+    }
+
+    /// Whether this replica reads Marketo's usage report for every
+    /// replica: it holds the lock (for `hold` more), or just took it from
+    /// nobody. `None` while Redis cannot say.
+    pub async fn lead_reconciliation(&self, hold: Duration) -> Option<bool> {
+        let mut invocation = self.lead.prepare_invoke();
+        invocation
+            .key(self.key("reconciler"))
+            .arg(&self.replica)
+            .arg(millis(hold));
+        self.call::<u8>(&invocation).await.ok().map(|led| led == 1)
+    }
+
+    /// Marketo's usage report as the reconciler read it, for the others,
+    /// kept for `keep`.
+    pub async fn publish_usage(&self, usage: &crate::marketo::MarketoUsage, keep: Duration) {
+        let (Ok(text), Ok(mut connection)) = (serde_json::to_string(usage), self.connection().await) else {
+            return;
+        };
+        let _ = tokio::time::timeout(
+            REDIS_TIMEOUT,
+            redis::cmd("SET")
+                .arg(self.key("usage"))
+                .arg(text)
+                .arg("PX")
+                .arg(millis(keep))
+                .query_async::<()>(&mut connection),
+        )
+        .await;
+    }
+
+    /// The usage report the reconciler last published, if any.
+    pub async fn published_usage(&self) -> Option<crate::marketo::MarketoUsage> {
+        let mut connection = self.connection().await.ok()?;
+        let text = tokio::time::timeout(
+            REDIS_TIMEOUT,
+            redis::cmd("GET")
+                .arg(self.key("usage"))
+                .query_async::<Option<String>>(&mut connection),
+        )
+        .await
+        .ok()?
+        .ok()??;
+        serde_json::from_str(&text).ok()
     }
 
     async fn stamp(&self, service: usize, id: &str) {
