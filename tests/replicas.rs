@@ -288,3 +288,56 @@ async fn one_replica_reads_marketos_usage_report_for_all_of_them() {
     assert_eq!(reported(&third).await, total);
     assert_eq!(usage_calls(), 1, "the others took the report from Redis");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_the_limits_through_redis_over_tls_with_an_acl_user() {
+    let pki = support::tls::Pki::new();
+    let (cert, key) = pki.server_pem(support::tls::Validity::Current);
+    let redis = RedisServer::start_tls(&cert, &key, "proxy", "redis-acl-password-0123");
+    let sim = Simulator::spawn(support::sim_config()).await.unwrap();
+    let url = format!("rediss://proxy:redis-acl-password-0123@127.0.0.1:{}", redis.port);
+    let config = |ca_file: Option<&std::path::Path>| {
+        let mut config = slow_config(&sim.url(), &url, "tls");
+        if let Some(redis) = config.state.redis.as_mut() {
+            redis.ca_file = ca_file.map(std::path::Path::to_path_buf);
+        }
+        config
+    };
+    let one = app::spawn(config(Some(&pki.ca_file()))).await.unwrap();
+    let two = app::spawn(config(Some(&pki.ca_file()))).await.unwrap();
+    backend_up(&one).await;
+    backend_up(&two).await;
+    reads(&one, 3).await;
+    reads(&two, 2).await;
+    // Both counted in the one day hash, which only the ACL user could write.
+    let mut shared = redis::Client::build_with_tls(
+        url.as_str(),
+        redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(std::fs::read(pki.ca_file()).unwrap()),
+        },
+    )
+    .unwrap()
+    .get_multiplexed_async_connection()
+    .await
+    .unwrap();
+    let days: Vec<String> = redis::cmd("KEYS")
+        .arg("{tls}:day:*")
+        .query_async(&mut shared)
+        .await
+        .unwrap();
+    let total: u64 = redis::cmd("HGET")
+        .arg(&days[0])
+        .arg("total")
+        .query_async(&mut shared)
+        .await
+        .unwrap();
+    assert_eq!(total, 5);
+
+    // Without the CA, Redis's certificate is not trusted: the replica
+    // keeps to its share, and says so.
+    let untrusting = app::spawn(config(None)).await.unwrap();
+    reads(&untrusting, 1).await;
+    let metrics = support::metrics_text(&untrusting.admin_url()).await;
+    assert_eq!(support::metric(&metrics, "marketo_proxy_backend_up"), Some(0.0));
+}

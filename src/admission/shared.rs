@@ -357,8 +357,7 @@ impl SharedLimits {
     pub fn new(config: &Config, redis: &RedisConfig, metrics: Metrics) -> Result<Arc<Self>, SharedError> {
         // The URL may hold a password: the message says what kind of
         // problem, never the URL.
-        let client = redis::Client::open(redis.url.expose())
-            .map_err(|error| SharedError::Url(format!("{:?}", error.kind())))?;
+        let client = Self::client(redis)?;
         let limits = &config.limits;
         let services = config
             .services
@@ -421,6 +420,31 @@ impl SharedLimits {
         });
         shared.metrics.backend_up.set(0);
         Ok(shared)
+    }
+
+    /// A client for `redis.url`: over TLS for `rediss://`, trusting the
+    /// bundled webpki roots or `redis.ca_file`.
+    fn client(redis: &RedisConfig) -> Result<redis::Client, SharedError> {
+        let url = redis.url.expose();
+        let unusable = |error: redis::RedisError| SharedError::Url(format!("{:?}", error.kind()));
+        if !url.starts_with("rediss://") {
+            return redis::Client::open(url).map_err(unusable);
+        }
+        // The redis crate builds its TLS settings with the process's
+        // default provider; ring is the one this build carries.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let Some(path) = &redis.ca_file else {
+            return redis::Client::open(url).map_err(unusable);
+        };
+        let root_cert = std::fs::read(path).map_err(|error| SharedError::Url(format!("ca_file: {error}")))?;
+        redis::Client::build_with_tls(
+            url,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(root_cert),
+            },
+        )
+        .map_err(unusable)
     }
 
     /// How many replicas the limits are split between while Redis is

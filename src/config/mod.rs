@@ -381,8 +381,13 @@ impl Default for StateConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
-    /// `redis://` or `unix://` URL; may hold a password.
+    /// `redis://`, `rediss://` (TLS) or `unix://` URL; may hold an ACL
+    /// user and password (`rediss://user:password@host:6380`).
     pub url: Secret,
+    /// For `rediss://`: a PEM bundle of the CAs Redis's certificate may
+    /// chain to, instead of the bundled webpki roots (managed Redis with a
+    /// per-instance CA, such as Memorystore's).
+    pub ca_file: Option<PathBuf>,
     /// Prefix of every key; one per Marketo instance.
     pub key_prefix: String,
     /// While Redis is unreachable, each replica uses the limits divided by this.
@@ -399,6 +404,7 @@ impl Default for RedisConfig {
     fn default() -> Self {
         Self {
             url: Secret::default(),
+            ca_file: None,
             key_prefix: "marketo-proxy".to_owned(),
             fallback_replicas: const { NonZeroU32::new(2).expect("not zero") },
             lease: Duration::from_secs(30),

@@ -21,18 +21,52 @@ impl RedisServer {
     }
 
     pub fn start_on(port: u16) -> Self {
-        let dir = tempfile::tempdir().expect("temporary directory");
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+        Self::start_with(port, &[], None)
+    }
+
+    /// Redis serving TLS only, with `cert_pem` / `key_pem`, and one ACL
+    /// user `user` with `password` besides the default one, which is off.
+    pub fn start_tls(cert_pem: &str, key_pem: &str, user: &str, password: &str) -> Self {
+        let files = tempfile::tempdir().expect("temporary directory");
+        let (cert, key) = (files.path().join("cert.pem"), files.path().join("key.pem"));
+        std::fs::write(&cert, cert_pem).expect("write certificate");
+        std::fs::write(&key, key_pem).expect("write key");
+        let port = free_port();
+        let args = [
+            "--port".to_owned(),
+            "0".to_owned(),
+            "--tls-port".to_owned(),
+            port.to_string(),
+            "--tls-cert-file".to_owned(),
+            cert.display().to_string(),
+            "--tls-key-file".to_owned(),
+            key.display().to_string(),
+            "--tls-auth-clients".to_owned(),
+            "no".to_owned(),
+            "--user".to_owned(),
+            "default".to_owned(),
+            "off".to_owned(),
+            "--user".to_owned(),
+            user.to_owned(),
+            "on".to_owned(),
+            format!(">{password}"),
+            "~*".to_owned(),
+            "&*".to_owned(),
+            "+@all".to_owned(),
+        ];
+        Self::start_with(port, &args, Some(files))
+    }
+
+    fn start_with(port: u16, extra: &[String], files: Option<tempfile::TempDir>) -> Self {
+        let dir = files.unwrap_or_else(|| tempfile::tempdir().expect("temporary directory"));
+        let tls = !extra.is_empty();
+        let mut command = Command::new("redis-server");
+        if !tls {
+            command.args(["--port", &port.to_string()]);
+        }
+        let child = command
+            .args(extra)
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(dir.path())
             .stdout(Stdio::null())
@@ -45,7 +79,8 @@ impl RedisServer {
             _dir: dir,
         };
         let started = Instant::now();
-        while !server.answers() {
+        // A TLS port is ready once it accepts; a plain one answers PING.
+        while !(if tls { server.accepts() } else { server.answers() }) {
             assert!(
                 started.elapsed() < Duration::from_secs(10),
                 "redis-server did not start"
@@ -53,6 +88,10 @@ impl RedisServer {
             std::thread::sleep(Duration::from_millis(20));
         }
         server
+    }
+
+    fn accepts(&self) -> bool {
+        TcpStream::connect(("127.0.0.1", self.port)).is_ok()
     }
 
     pub fn url(&self) -> String {
