@@ -171,8 +171,8 @@ return 1
 ";
 
 /// Writes what a replica did while Redis was unreachable, so that writing
-/// it again changes nothing: its answered calls' window slots by call id
-/// (milliseconds left on each), its calls still in flight by id (window
+/// it again changes nothing: the window slots of its answered calls that
+/// still run, by call id (milliseconds left on each), its calls still in flight by id (window
 /// slot and concurrency lease), and the day's calls per service in
 /// numbered batches, each counted once. KEYS: window, inflight, day,
 /// applied batches. ARGV: pending ms, lease ms, n, n x (id, ms left), m,
@@ -320,9 +320,11 @@ pub struct SharedLimits {
     /// Batches of those counts on their way to Redis: (batch id, calls per
     /// service), sent again until Redis has taken them.
     batches: Mutex<Vec<(String, Vec<u64>)>>,
-    /// Calls answered while Redis was unreachable: their ids and when
-    /// their window slots free.
-    unsynced_slots: Mutex<Vec<(String, Instant)>>,
+    /// This replica's answered calls whose window slots still run: their
+    /// ids and when they free, in that order. Written to Redis again by id
+    /// after an outage: a Redis that kept them gets the same entries, one
+    /// that came back empty learns them again.
+    recent_slots: Mutex<std::collections::VecDeque<(String, Instant)>>,
     /// Acquisitions whose answer was lost, still to be released.
     to_release: Mutex<Vec<(usize, NaiveDate, String)>>,
     /// The quota's time zone, for the day by Redis's clock.
@@ -391,7 +393,7 @@ impl SharedLimits {
             daily_quota: limits.daily_quota.get(),
             unsynced: Mutex::new(vec![0; services.len()]),
             batches: Mutex::new(Vec::new()),
-            unsynced_slots: Mutex::new(Vec::new()),
+            recent_slots: Mutex::new(std::collections::VecDeque::new()),
             to_release: Mutex::new(Vec::new()),
             timezone: limits.timezone,
             clock_offset: AtomicI64::new(0),
@@ -638,13 +640,14 @@ impl SharedLimits {
             .unwrap_or(true)
     }
 
-    /// A call Redis has not seen was answered: its window slot is written
-    /// there, by id, when Redis is back.
-    fn hold_unsynced_slot(&self, id: &str) {
-        let mut slots = lock(&self.unsynced_slots);
-        if slots.iter().all(|(held, _)| held != id) {
-            slots.push((id.to_owned(), Instant::now() + self.hold));
+    /// A call was answered (or is over): its window slot runs from now.
+    fn hold_recent_slot(&self, id: &str) {
+        let now = Instant::now();
+        let mut slots = lock(&self.recent_slots);
+        while slots.front().is_some_and(|(_, frees_at)| *frees_at <= now) {
+            slots.pop_front();
         }
+        slots.push_back((id.to_owned(), now + self.hold));
     }
 
     fn leases_mut(&self) -> std::sync::MutexGuard<'_, Leases> {
@@ -902,17 +905,15 @@ impl SharedLimits {
             }
         }
         let day = self.day();
-        // This replica's calls answered while Redis was unreachable, by id,
-        // and its calls in flight that Redis has not seen.
+        // This replica's answered calls whose slots still run, by id (Redis
+        // may have come back empty), and its calls in flight that Redis
+        // has not seen.
         let now = Instant::now();
-        let slots: Vec<(String, Duration)> = {
-            let mut unsynced_slots = lock(&self.unsynced_slots);
-            unsynced_slots.retain(|(_, frees_at)| *frees_at > now);
-            unsynced_slots
-                .iter()
-                .map(|(id, frees_at)| (id.clone(), *frees_at - now))
-                .collect()
-        };
+        let slots: Vec<(String, Duration)> = lock(&self.recent_slots)
+            .iter()
+            .filter(|(_, frees_at)| *frees_at > now)
+            .map(|(id, frees_at)| (id.clone(), *frees_at - now))
+            .collect();
         let live: Vec<(usize, String)> = {
             let mut leases = self.leases_mut();
             leases.catching_up = true;
@@ -966,7 +967,6 @@ impl SharedLimits {
             return;
         }
         lock(&self.batches).retain(|(batch, _)| !batches.iter().any(|(sent, _)| sent == batch));
-        lock(&self.unsynced_slots).retain(|(id, _)| !slots.iter().any(|(sent, _)| sent == id));
         self.up.store(true, Ordering::Release);
         {
             let mut leases = self.leases_mut();
@@ -1034,10 +1034,9 @@ impl Lease {
     pub async fn answered(&mut self) {
         if !self.stamped {
             self.stamped = true;
+            self.shared.hold_recent_slot(&self.id);
             if self.shared.is_synced(self.service, &self.id) {
                 self.shared.stamp(self.service, &self.id).await;
-            } else {
-                self.shared.hold_unsynced_slot(&self.id);
             }
         }
     }
@@ -1057,12 +1056,12 @@ impl Drop for Lease {
         let shared = Arc::clone(&self.shared);
         let (service, id, stamped) = (self.service, std::mem::take(&mut self.id), self.stamped);
         let synced = shared.leases_mut().synced.remove(&(service, id.clone()));
+        if !stamped {
+            shared.hold_recent_slot(&id);
+        }
         if synced == Some(false) {
             // Redis never saw this call: its slot is written with the
             // catch-up, its lease needs no release.
-            if !stamped {
-                shared.hold_unsynced_slot(&id);
-            }
             return;
         }
         if !shared.is_up() {
