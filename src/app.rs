@@ -108,6 +108,7 @@ impl App {
             upstream,
             metrics,
             body_budget: BodyBudget::new(config.server.max_buffered_body_bytes.get()),
+            ratelimit_headers: config.limits.ratelimit_headers,
         };
         Ok(Self {
             config,

@@ -98,6 +98,29 @@ pub struct Config {
     pub state: StateConfig,
     /// Client connections: caps and timeouts.
     pub server: ServerConfig,
+    /// While a read is queued or in flight, identical reads (same upstream
+    /// API user, method, path, query and body) wait for its answer instead
+    /// of spending calls of their own.
+    pub coalesce_reads: bool,
+    /// Reads whose answers are kept and served again for a while, by path
+    /// pattern; none unless listed.
+    pub cache: Vec<CacheRule>,
+    /// Bytes the kept answers may take at most, keys included; the least
+    /// recently used go first.
+    pub cache_max_bytes: NonZeroUsize,
+}
+
+/// Reads of matching paths are answered from the cache for `ttl` after a
+/// successful answer.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheRule {
+    /// A path under `/rest/` or `/bulk/`; `*` stands for any characters
+    /// within one path segment (`/rest/asset/v1/folder/*.json`).
+    pub path: String,
+    /// How long an answer is served from the cache.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
 }
 
 impl Default for Config {
@@ -110,6 +133,9 @@ impl Default for Config {
             services: Vec::new(),
             state: StateConfig::default(),
             server: ServerConfig::default(),
+            coalesce_reads: true,
+            cache: Vec::new(),
+            cache_max_bytes: const { NonZeroUsize::new(64 * 1024 * 1024).expect("not zero") },
         }
     }
 }
@@ -227,6 +253,25 @@ pub struct LimitsConfig {
     /// after ours).
     #[serde(with = "humantime_serde")]
     pub quota_probe_interval: Duration,
+    /// `enforce` queues and refuses calls to keep within the limits;
+    /// `observe` forwards every call at once and only counts which ones
+    /// would have waited or been refused.
+    pub mode: LimitsMode,
+    /// Every answer to a known service carries `RateLimit-Policy` and
+    /// `RateLimit` fields: what it has left of the window and the day.
+    pub ratelimit_headers: bool,
+}
+
+/// Whether the limits are enforced or only watched.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LimitsMode {
+    /// Calls wait in their service's queue, or are refused, to stay within
+    /// the limits.
+    #[default]
+    Enforce,
+    /// Calls go at once; what `enforce` would have done is counted.
+    Observe,
 }
 
 // The `const` blocks below are evaluated when the crate compiles, so the
@@ -243,6 +288,8 @@ impl Default for LimitsConfig {
             max_queue_wait: Duration::from_secs(30),
             max_queue_length: const { NonZeroUsize::new(10_000).expect("not zero") },
             quota_probe_interval: Duration::from_secs(5 * 60),
+            mode: LimitsMode::Enforce,
+            ratelimit_headers: true,
         }
     }
 }
