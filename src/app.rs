@@ -38,6 +38,7 @@ use crate::config::{Backend, Config};
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::proxy::body::BodyBudget;
+use crate::proxy::share::ShareLayer;
 use crate::proxy::{self, Components};
 use crate::server::{self, ConnectionLimits};
 use crate::token::TokenCaches;
@@ -100,9 +101,11 @@ impl App {
             .file
             .as_ref()
             .map(|path| Arc::new(Ledger::new(path, config.counted_names(), Arc::clone(&admission))));
+        let tokens = Arc::new(TokenCaches::new(&config, &upstream, &metrics));
         let components = Components {
             callers: Arc::new(Callers::new(&config)),
-            tokens: Arc::new(TokenCaches::new(&config, &upstream, &metrics)),
+            share: ShareLayer::new(&config, tokens.users(), Arc::clone(&admission)),
+            tokens,
             admission,
             limits,
             upstream,

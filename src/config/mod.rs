@@ -610,6 +610,36 @@ services:
     }
 
     #[test]
+    fn reads_and_modes_default_to_coalescing_enforcing_and_no_cache() {
+        let config = parse(MINIMAL).unwrap();
+        assert!(config.coalesce_reads && config.cache.is_empty());
+        assert_eq!(config.cache_max_bytes.get(), 64 * 1024 * 1024);
+        assert_eq!(config.limits.mode, LimitsMode::Enforce);
+        assert!(config.limits.ratelimit_headers);
+        let text = format!(
+            "{MINIMAL}limits: {{ mode: observe, ratelimit_headers: false }}\ncache: [{{ path: /rest/v1/leads/describe.json, ttl: 1h }}]\n"
+        );
+        let config = parse(&text).unwrap();
+        assert_eq!(config.limits.mode, LimitsMode::Observe);
+        assert!(!config.limits.ratelimit_headers);
+        assert_eq!(config.cache[0].ttl, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn cache_paths_must_be_forwarded_paths_with_a_ttl() {
+        for (rule, key) in [
+            ("{ path: /identity/oauth/token, ttl: 1h }", "cache[0].path: "),
+            ("{ path: '/rest/v1/leads.json?x=1', ttl: 1h }", "cache[0].path: "),
+            ("{ path: /rest/v1/leads.json, ttl: 0s }", "cache[0].ttl: "),
+        ] {
+            let err = parse(&format!("{MINIMAL}cache: [{rule}]\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(key), "{rule}: {err}");
+        }
+    }
+
+    #[test]
     fn demo_config_is_valid() {
         let config = parse(DEMO_CONFIG).unwrap();
         assert!(!config.marketo.base_url.is_https());

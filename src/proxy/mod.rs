@@ -26,14 +26,17 @@
 //!    again), every client credential removed.
 //! 10. [`answer`]: Marketo's answer, or the refusal of a layer below, becomes
 //!     the response; an answer's body holds its call's slot.
-//! 11. [`replay`]: the replay policy, around everything one call needs.
-//! 12. [`admit`]: the service's queue, then the limits shared with other
+//! 11. [`share`]: a read identical to one queued or in flight waits for its
+//!     answer, a cached one is answered at once; above the replays and
+//!     admission, so a shared read spends none of either.
+//! 12. [`replay`]: the replay policy, around everything one call needs.
+//! 13. [`admit`]: the service's queue, then the limits shared with other
 //!     replicas.
-//! 13. [`authorize`]: Marketo's access token, taken after admission so a
+//! 14. [`authorize`]: Marketo's access token, taken after admission so a
 //!     request that waited does not carry a stale one.
-//! 14. [`send`]: the call to Marketo.
+//! 15. [`send`]: the call to Marketo.
 //!
-//! Layers 11 to 14 are [`forward`]; the proxy's own calls (its reading of
+//! Layers 12 to 15 are [`forward`]; the proxy's own calls (its reading of
 //! Marketo's usage report) go through them too. Per-request facts travel
 //! in the request's extensions: the guard puts the [`Target`] there, the
 //! caller layer the [`Caller`] and the [`Deadline`]; answers carry their
@@ -58,6 +61,7 @@ pub mod ratelimit;
 pub mod replay;
 pub mod rewrite;
 pub mod send;
+pub mod share;
 #[cfg(test)]
 pub(crate) mod testing;
 
@@ -104,6 +108,8 @@ pub struct Components {
     pub body_budget: body::BodyBudget,
     /// Answers carry `RateLimit-Policy` and `RateLimit` fields.
     pub ratelimit_headers: bool,
+    /// How identical reads share calls.
+    pub share: share::ShareLayer,
 }
 
 /// The whole request path, for the proxy listener.
@@ -160,6 +166,7 @@ where
         ))
         .layer(BodyLayer::new(components.body_budget.clone()))
         .layer(AnswerLayer::new(components.upstream.request_timeout()))
+        .layer(components.share.clone())
         .service(forward(components))
 }
 
@@ -201,10 +208,13 @@ mod tests {
         let config = testing::config();
         let metrics = Metrics::new();
         let upstream = Upstream::new(&config.marketo).unwrap();
+        let tokens = Arc::new(TokenCaches::new(&config, &upstream, &metrics));
+        let admission = Admission::new(&config, metrics.clone());
         Components {
             callers: Arc::new(Callers::new(&config)),
-            tokens: Arc::new(TokenCaches::new(&config, &upstream, &metrics)),
-            admission: Admission::new(&config, metrics.clone()),
+            share: share::ShareLayer::new(&config, tokens.users(), Arc::clone(&admission)),
+            tokens,
+            admission,
             limits: None,
             upstream,
             metrics,
