@@ -121,12 +121,23 @@ impl Admin {
                     "in_flight": service.in_flight,
                     "concurrency": service.concurrency,
                     "queued": service.queued,
+                    // Today: answered without a call of their own, not
+                    // charged to the quota.
+                    "saved": {"coalesced": service.tally.coalesced, "cached": service.tally.cached},
+                    // Today: waited in the queue (enforce), or went at once
+                    // where enforce would have held them back (observe).
+                    "held_back": {
+                        "queued": service.tally.queued,
+                        "would_wait": service.tally.would_wait,
+                        "would_refuse": service.tally.would_refuse,
+                    },
                 })
             })
             .collect();
         let proxy_used = snapshot.daily_used - snapshot.daily_foreign;
         json!({
             "day": snapshot.day,
+            "mode": snapshot.mode,
             "resets_at": admission.next_reset(),
             "quota": snapshot.daily_quota,
             "used": snapshot.daily_used,

@@ -38,6 +38,7 @@ use crate::config::{Backend, Config};
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::proxy::body::BodyBudget;
+use crate::proxy::share::ShareLayer;
 use crate::proxy::{self, Components};
 use crate::recent::LastHour;
 use crate::server::{self, ConnectionLimits};
@@ -105,15 +106,18 @@ impl App {
             .file
             .as_ref()
             .map(|path| Arc::new(Ledger::new(path, config.counted_names(), Arc::clone(&admission))));
+        let tokens = Arc::new(TokenCaches::new(&config, &upstream, &metrics));
         let components = Components {
             callers: Arc::new(Callers::new(&config)),
-            tokens: Arc::new(TokenCaches::new(&config, &upstream, &metrics)),
+            share: ShareLayer::new(&config, tokens.users(), Arc::clone(&admission)),
+            tokens,
             admission,
             limits,
             upstream,
             metrics,
             body_budget: BodyBudget::new(config.server.max_buffered_body_bytes.get()),
             last_hour: Arc::new(LastHour::new(config.counted_names().len())),
+            ratelimit_headers: config.limits.ratelimit_headers,
         };
         Ok(Self {
             config,

@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod admission;
+pub mod answer_cache;
 pub mod app;
 pub mod auth;
 pub mod config;

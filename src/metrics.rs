@@ -47,6 +47,14 @@ pub struct Metrics {
     /// Seconds until the day's quota runs out at the current rate; +Inf
     /// when it will not before the reset.
     pub quota_exhaustion_eta_seconds: Gauge,
+    /// Requests answered without a call of their own, by service and
+    /// reason (`coalesced`, `cached`).
+    pub calls_saved: IntCounterVec,
+    /// Requests that waited in their service's queue before their call.
+    pub queued: IntCounterVec,
+    /// Under `limits.mode: observe`, calls that went at once but would
+    /// have waited (`would_wait`) or been refused (`would_refuse`).
+    pub observed: IntCounterVec,
 }
 
 impl Metrics {
@@ -139,6 +147,30 @@ impl Metrics {
                 "Seconds until the daily quota runs out at the current rate (+Inf: not before the reset)",
             )
             .expect("valid metric"),
+            calls_saved: IntCounterVec::new(
+                Opts::new(
+                    "marketo_proxy_calls_saved_total",
+                    "Requests answered without a call to Marketo of their own, by service and reason",
+                ),
+                &["service", "reason"],
+            )
+            .expect("valid metric"),
+            queued: IntCounterVec::new(
+                Opts::new(
+                    "marketo_proxy_queued_total",
+                    "Requests that waited in their service's queue before their call",
+                ),
+                &["service"],
+            )
+            .expect("valid metric"),
+            observed: IntCounterVec::new(
+                Opts::new(
+                    "marketo_proxy_observed_total",
+                    "Observe mode: calls sent at once that enforce mode would have held back, by verdict",
+                ),
+                &["service", "verdict"],
+            )
+            .expect("valid metric"),
             registry,
         };
         metrics.register_all();
@@ -148,7 +180,7 @@ impl Metrics {
     }
 
     fn register_all(&self) {
-        let collectors: [Box<dyn prometheus::core::Collector>; 16] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 19] = [
             Box::new(self.requests.clone()),
             Box::new(self.upstream_calls.clone()),
             Box::new(self.queue_wait.clone()),
@@ -165,6 +197,9 @@ impl Metrics {
             Box::new(self.replays.clone()),
             Box::new(self.backend_up.clone()),
             Box::new(self.quota_exhaustion_eta_seconds.clone()),
+            Box::new(self.calls_saved.clone()),
+            Box::new(self.queued.clone()),
+            Box::new(self.observed.clone()),
         ];
         for collector in collectors {
             // Names are fixed and distinct; a clash would be a programming error.

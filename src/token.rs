@@ -132,6 +132,12 @@ impl TokenCaches {
         &self.caches[index.min(self.caches.len() - 1)]
     }
 
+    /// Service → the index of the upstream credential (API user) it calls
+    /// as, in configuration order.
+    pub fn users(&self) -> Vec<usize> {
+        self.by_service.clone()
+    }
+
     /// Every cache, the instance's own first.
     pub fn all(&self) -> &[Arc<TokenCache>] {
         &self.caches

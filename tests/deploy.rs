@@ -111,6 +111,9 @@ fn exposition() -> BTreeMap<String, Family> {
     metrics.daily_used.with_label_values(&["s"]).set(1);
     metrics.token_refreshes.with_label_values(&["ok"]).inc();
     metrics.replays.with_label_values(&["606"]).inc();
+    metrics.calls_saved.with_label_values(&["s", "coalesced"]).inc();
+    metrics.queued.with_label_values(&["s"]).inc();
+    metrics.observed.with_label_values(&["s", "would_wait"]).inc();
     parse_exposition(&metrics.render())
 }
 

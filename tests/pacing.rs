@@ -68,9 +68,11 @@ async fn window_stack(
         window.as_millis(),
         SAFETY_MARGIN.as_millis()
     );
-    let proxy = app::spawn(three_services(&sim.url(), &limits, extra_services))
-        .await
-        .unwrap();
+    let mut config = three_services(&sim.url(), &limits, extra_services);
+    // The same read sent many times at once is the load here: each one
+    // must be a call of its own, not share the first one's answer.
+    config.coalesce_reads = false;
+    let proxy = app::spawn(config).await.unwrap();
     (sim, proxy)
 }
 

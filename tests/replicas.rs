@@ -194,11 +194,13 @@ state:
     Config::from_yaml_with_env(&yaml, |_| None).unwrap()
 }
 
+/// `count` reads at once, each of another lead (identical reads would
+/// share one call).
 async fn reads(replica: &RunningProxy, count: usize) {
-    let calls = (0..count).map(|_| {
+    let calls = (0..count).map(|lead| {
         support::send_json(
             support::client()
-                .get(format!("{}/rest/v1/lead/1.json", replica.url()))
+                .get(format!("{}/rest/v1/lead/{}.json", replica.url(), lead + 1))
                 .header("X-Api-Key", KEY),
         )
     });

@@ -25,6 +25,8 @@ limits:
 {limits}
 services:
   - {{ name: integration, api_key: {KEY} }}
+# The same read fired many times at once is the load: each one a call.
+coalesce_reads: false
 state:
   backend: redis
   file: ~

@@ -115,7 +115,11 @@ async fn calls_reuse_pooled_tls_connections() {
             Validity::Current,
         )
         .await;
-    let proxy = proxy(&sim, &trusting(&pki)).await;
+    let mut config = support::proxy_config(&sim.url(), &trusting(&pki));
+    // Rounds of the same read at once: each one a call over the pool.
+    config.coalesce_reads = false;
+    let proxy = app::spawn(config).await.expect("proxy starts");
+    support::wait_ready(&proxy).await;
     // Readiness fetched a token per API user, over the same pool.
     for _ in 0..30 {
         let lead = get_json(&proxy, CRM_KEY, "/rest/v1/lead/1.json").await;

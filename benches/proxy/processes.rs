@@ -150,8 +150,10 @@ pub async fn start_static_upstream(dir: &Path) -> (Process, SocketAddr) {
 /// A proxy config in front of `upstream` with Marketo's limits lifted far
 /// above any load the harness makes (10,000,000 calls a second,
 /// concurrency 1,000,000, a daily quota of 10^12, no safety margin), no
-/// state file, no usage sync, and one service with [`API_KEY`]. `server`
-/// is added as the `server:` settings when not empty.
+/// state file, no usage sync, and one service with [`API_KEY`]. Identical
+/// reads are not coalesced: the load sends the same read many times at
+/// once, and each must be a call through the whole path. `server` is
+/// added as the `server:` settings when not empty.
 pub fn lifted_limits_config(
     proxy: SocketAddr,
     admin: SocketAddr,
@@ -164,6 +166,7 @@ pub fn lifted_limits_config(
          limits:\n  window_calls: 10000000\n  window: 1s\n  safety_margin: 0s\n  concurrency: 1000000\n  \
          daily_quota: 1000000000000\n  max_queue_wait: 60s\n\
          services:\n  - {{ name: bench, api_key: {API_KEY} }}\n\
+         coalesce_reads: false\n\
          state: {{ file: ~, usage_sync_interval: 0s }}\n"
     );
     if !server.is_empty() {

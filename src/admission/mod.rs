@@ -14,6 +14,13 @@
 //! refused then. Waiters that go away (client disconnected) leave the
 //! queue. All of it sits behind one mutex that is never held across an
 //! await; a timer task wakes the queue when a window slot frees.
+//!
+//! Under `limits.mode: observe` nothing waits and nothing is refused here:
+//! every call is counted as it would be and goes at once, and what
+//! `enforce` would have done with it (wait, or refuse) is tallied.
+//!
+//! The same state tells each service where it stands ([`Standing`]), for
+//! the `RateLimit` fields of its answers.
 
 pub mod quota;
 pub mod shared;
@@ -27,7 +34,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
-use crate::config::{Config, INTERNAL_SERVICE};
+use crate::config::{Config, INTERNAL_SERVICE, LimitsMode};
 use crate::metrics::Metrics;
 use crate::recent::{LastMinuteWaits, WaitCounts};
 use prometheus::IntGauge;
@@ -107,6 +114,10 @@ pub struct Admission {
     names: Vec<String>,
     wall: WallClock,
     max_queue_length: usize,
+    /// `limits.mode: observe`: calls go at once, verdicts are only counted.
+    observe: bool,
+    /// The length of the rolling window, as configured.
+    window_length: Duration,
     /// Marketo said 607 and no call has gone through since.
     marked_spent: std::sync::atomic::AtomicBool,
     spent_reported: Notify,
@@ -148,6 +159,74 @@ struct State {
     /// forecast.
     recent: VecDeque<(u64, u32)>,
     started: Instant,
+    /// Today's tallies per service, in admission order.
+    tallies: Vec<Tally>,
+    /// The day the tallies count.
+    tallies_day: chrono::NaiveDate,
+}
+
+/// Today's count of one service's requests that did not simply take a
+/// call: answered without one, held in the queue, or (observe mode) let
+/// through where `enforce` would have held them back.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Tally {
+    /// Answered with the answer of an identical read in flight.
+    pub coalesced: u64,
+    /// Answered from the cache.
+    pub cached: u64,
+    /// Waited in the queue before their call.
+    pub queued: u64,
+    /// Observe mode: went at once, would have waited.
+    pub would_wait: u64,
+    /// Observe mode: went at once, would have been refused.
+    pub would_refuse: u64,
+}
+
+/// Why a request was answered without a call of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Saved {
+    /// An identical read was queued or in flight: its answer was shared.
+    Coalesced,
+    /// The answer was in the cache.
+    Cached,
+}
+
+impl Saved {
+    /// The `reason` label of `marketo_proxy_calls_saved_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Coalesced => "coalesced",
+            Self::Cached => "cached",
+        }
+    }
+}
+
+/// What `enforce` would have done with a call that observe mode sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    WouldWait,
+    WouldRefuse,
+}
+
+/// Where one service stands against the window and the day, as the
+/// `RateLimit` fields tell it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Standing {
+    pub window: PolicyStanding,
+    pub day: PolicyStanding,
+}
+
+/// One limit as a service sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PolicyStanding {
+    /// Calls the service may make per `length` (its cap or its share).
+    pub quota: u64,
+    pub length: Duration,
+    /// Calls it may still make now.
+    pub remaining: u64,
+    /// How long until that number next grows (a slot frees, the day
+    /// resets).
+    pub resets_in: Duration,
 }
 
 /// How far back the quota forecast looks for the current rate.
@@ -190,6 +269,8 @@ pub struct Snapshot {
     pub in_flight: u32,
     pub concurrency: u32,
     pub queued: usize,
+    /// `enforce` or `observe`.
+    pub mode: &'static str,
     pub services: Vec<ServiceSnapshot>,
 }
 
@@ -238,6 +319,8 @@ pub struct ServiceSnapshot {
     pub in_flight: u32,
     pub concurrency: u32,
     pub queued: usize,
+    /// Today's saved, queued and (observe mode) held-back counts.
+    pub tally: Tally,
 }
 
 impl Admission {
@@ -290,19 +373,34 @@ impl Admission {
             reserved: 0,
         });
         let now = wall();
+        let names = config.counted_names();
+        for name in &names {
+            // Every series exists from the start, at 0, so that a rate over
+            // it is a number before the first saved or held-back call.
+            for saved in [Saved::Coalesced, Saved::Cached] {
+                metrics.calls_saved.with_label_values(&[name, saved.label()]);
+            }
+            metrics.queued.with_label_values(&[name]);
+            for verdict in ["would_wait", "would_refuse"] {
+                metrics.observed.with_label_values(&[name, verdict]);
+            }
+        }
+        let quota = DailyQuota::new(
+            limits.timezone,
+            limits.daily_quota.get(),
+            quota_services,
+            limits.quota_probe_interval,
+            now,
+        );
         let state = State {
             window: SlidingWindow::new(limits.window_calls.get(), limits.window, limits.safety_margin),
             full_window: limits.window_calls.get(),
             full_concurrency: limits.concurrency.get(),
             concurrency: limits.concurrency.get(),
             in_flight: 0,
-            quota: DailyQuota::new(
-                limits.timezone,
-                limits.daily_quota.get(),
-                quota_services,
-                limits.quota_probe_interval,
-                now,
-            ),
+            tallies: vec![Tally::default(); lanes.len()],
+            tallies_day: quota.day(),
+            quota,
             lanes,
             queued: 0,
             paused_until: None,
@@ -322,9 +420,11 @@ impl Admission {
             state: Mutex::new(state),
             timer: Arc::new(Notify::new()),
             metrics,
-            names: config.counted_names(),
+            names,
             wall,
             max_queue_length: limits.max_queue_length.get(),
+            observe: limits.mode == LimitsMode::Observe,
+            window_length: limits.window,
             marked_spent: std::sync::atomic::AtomicBool::new(false),
             spent_reported: Notify::new(),
         });
@@ -352,6 +452,9 @@ impl Admission {
             if service >= state.lanes.len() || state.closed {
                 return Err(AdmissionError::Closed);
             }
+            if self.observe {
+                return Ok(self.observe_and_go(&mut state, service, deadline, front, now, wall));
+            }
             if let Err(scope) = state.quota.check(service, wall) {
                 let retry_after = state.quota.retry_after(scope, wall);
                 return Err(AdmissionError::Quota { scope, retry_after });
@@ -370,6 +473,8 @@ impl Admission {
                     retry_after: start.saturating_duration_since(now),
                 });
             }
+            // Decided before it joins the queue, as observe mode decides it.
+            let waits = !front && !state.can_start_now(service, now);
             let (reply, receiver) = oneshot::channel();
             let id = state.next_id;
             state.next_id += 1;
@@ -386,6 +491,10 @@ impl Admission {
                 lane.queue.push_back(waiter);
             }
             state.queued += 1;
+            if waits {
+                state.tally(service).queued += 1;
+                self.metrics.queued.with_label_values(&[self.name(service)]).inc();
+            }
             self.pump(&mut state);
             (receiver, id)
         };
@@ -398,6 +507,119 @@ impl Admission {
         let result = receiver.await.unwrap_or(Err(AdmissionError::Closed));
         leave.armed = false;
         result
+    }
+
+    /// Observe mode: counts the call as sent now and tallies what
+    /// `enforce` would have done with it (replays are not tallied: their
+    /// first attempt was).
+    fn observe_and_go(
+        self: &Arc<Self>,
+        state: &mut State,
+        service: usize,
+        deadline: Instant,
+        front: bool,
+        now: Instant,
+        wall: DateTime<Utc>,
+    ) -> Permit {
+        let verdict = if state.quota.check(service, wall).is_err()
+            || state.estimate_start(service, now, front).0 > deadline
+        {
+            Some(Verdict::WouldRefuse)
+        } else if !state.can_start_now(service, now) {
+            Some(Verdict::WouldWait)
+        } else {
+            None
+        };
+        if let (Some(verdict), false) = (verdict, front) {
+            let tally = state.tally(service);
+            let label = match verdict {
+                Verdict::WouldWait => {
+                    tally.would_wait += 1;
+                    "would_wait"
+                }
+                Verdict::WouldRefuse => {
+                    tally.would_refuse += 1;
+                    "would_refuse"
+                }
+            };
+            self.metrics
+                .observed
+                .with_label_values(&[self.name(service), label])
+                .inc();
+        }
+        state.dispatch(service, now, wall);
+        self.metrics
+            .queue_wait
+            .with_label_values(&[self.name(service)])
+            .observe(0.0);
+        self.publish(state);
+        Permit {
+            admission: Arc::clone(self),
+            service,
+            sent_at: now,
+            queue_wait: Duration::ZERO,
+            stamped: false,
+            armed: true,
+        }
+    }
+
+    /// Whether the limits are only observed (`limits.mode: observe`).
+    pub fn observes(&self) -> bool {
+        self.observe
+    }
+
+    /// A request of `service` was answered without a call of its own.
+    pub fn saved(&self, service: usize, saved: Saved) {
+        let mut state = self.lock();
+        state.quota.roll((self.wall)());
+        let tally = state.tally(service);
+        match saved {
+            Saved::Coalesced => tally.coalesced += 1,
+            Saved::Cached => tally.cached += 1,
+        }
+        drop(state);
+        self.metrics
+            .calls_saved
+            .with_label_values(&[self.name(service), saved.label()])
+            .inc();
+    }
+
+    /// Where `service` stands right now against the window and the day:
+    /// its own caps and the instance's limits (this replica's share of
+    /// them), whichever leaves less, with others' reserves held back.
+    pub fn standing(&self, service: usize) -> Option<Standing> {
+        let mut state = self.lock();
+        if service >= state.lanes.len() {
+            return None;
+        }
+        let now = Instant::now();
+        let wall = (self.wall)();
+        state.quota.roll(wall);
+        let window_length = self.window_length;
+        let mut window = {
+            let instance = &mut state.window;
+            PolicyStanding {
+                quota: u64::from(instance.limit()),
+                length: window_length,
+                remaining: u64::from(instance.limit().saturating_sub(instance.used(now))),
+                resets_in: instance.next_release(now).unwrap_or(window_length),
+            }
+        };
+        if let Some(own) = state.lanes[service].window.as_mut() {
+            let remaining = u64::from(own.limit().saturating_sub(own.used(now)));
+            window.quota = window.quota.min(u64::from(own.limit()));
+            if remaining <= window.remaining {
+                window.remaining = remaining;
+                window.resets_in = own.next_release(now).unwrap_or(window_length);
+            }
+        }
+        let day = PolicyStanding {
+            quota: state.quota.quota_of(service),
+            length: Duration::from_secs(24 * 60 * 60),
+            remaining: state.quota.available(service, wall),
+            resets_in: (state.quota.next_reset(wall) - wall).to_std().unwrap_or_default(),
+        };
+        Some(Standing { window, day })
     }
 
     /// Enforces `1 / replicas` of the instance's limits here (the shared
@@ -628,6 +850,7 @@ impl Admission {
                 in_flight: lane.in_flight,
                 concurrency: lane.concurrency,
                 queued: lane.queue.len(),
+                tally: Tally::default(),
             })
             .collect::<Vec<_>>();
         let services = services
@@ -635,6 +858,7 @@ impl Admission {
             .enumerate()
             .map(|(index, mut service)| {
                 service.daily_used = state.quota.used_by(index);
+                service.tally = *state.tally(index);
                 let limits = state.quota.service(index);
                 service.daily_cap = limits.cap;
                 service.reserved_daily = limits.reserved;
@@ -652,6 +876,7 @@ impl Admission {
             in_flight: state.in_flight,
             concurrency: state.concurrency,
             queued: state.queued,
+            mode: if self.observe { "observe" } else { "enforce" },
             services,
         }
     }
@@ -878,6 +1103,33 @@ impl Admission {
 }
 
 impl State {
+    /// Today's tally of `service` (a new day starts them at 0).
+    fn tally(&mut self, service: usize) -> &mut Tally {
+        let day = self.quota.day();
+        if day != self.tallies_day {
+            self.tallies_day = day;
+            self.tallies
+                .iter_mut()
+                .for_each(|tally| *tally = Tally::default());
+        }
+        &mut self.tallies[service]
+    }
+
+    /// Whether a call of `service` arriving now would go at once: nothing
+    /// ahead of it in its queue and room in every limit.
+    fn can_start_now(&mut self, service: usize, now: Instant) -> bool {
+        if self.paused_until.is_some_and(|until| until > now)
+            || self.in_flight >= self.concurrency
+            || !self.window.has_room(now)
+        {
+            return false;
+        }
+        let lane = &mut self.lanes[service];
+        lane.queue.is_empty()
+            && lane.in_flight < lane.concurrency
+            && lane.window.as_mut().is_none_or(|window| window.has_room(now))
+    }
+
     /// The service to serve next: of those whose head may go now, the one
     /// with the smallest start tag.
     fn next_lane(&mut self, now: Instant) -> Option<usize> {

@@ -183,17 +183,41 @@ impl DailyQuota {
         if used >= own.cap {
             return Err(QuotaScope::ServiceCap);
         }
-        let held_for_others: u64 = self
-            .services
+        if self.counted_remaining() <= self.held_for_others(service) {
+            return Err(QuotaScope::Reserved);
+        }
+        Ok(())
+    }
+
+    /// What other services' reserves still hold back from `service`.
+    fn held_for_others(&self, service: usize) -> u64 {
+        self.services
             .iter()
             .enumerate()
             .filter(|(other, _)| *other != service)
             .map(|(other, quota)| quota.reserved.saturating_sub(self.used_by(other)))
-            .sum();
-        if self.counted_remaining() <= held_for_others {
-            return Err(QuotaScope::Reserved);
+            .sum()
+    }
+
+    /// The calls `service` may make in a day: its cap, within this
+    /// replica's share of the instance's quota.
+    pub fn quota_of(&self, service: usize) -> u64 {
+        self.service(service).cap.min(self.limit_here())
+    }
+
+    /// The calls `service` may still make today at `now`, as [`check`]
+    /// counts them: its cap, the instance's share and the others' reserves.
+    ///
+    /// [`check`]: Self::check
+    pub fn available(&self, service: usize, now: DateTime<Utc>) -> u64 {
+        if self.spent_until.is_some_and(|until| now < until) {
+            return 0;
         }
-        Ok(())
+        let cap_left = self.service(service).cap.saturating_sub(self.used_by(service));
+        let instance_left = self
+            .counted_remaining()
+            .saturating_sub(self.held_for_others(service));
+        cap_left.min(instance_left)
     }
 
     /// How long a call refused for `scope` at `now` should wait: until the

@@ -121,6 +121,17 @@ impl SlidingWindow {
         self.frees_at.make_contiguous().sort_unstable();
     }
 
+    /// How long until a taken slot frees: the oldest answered call's, or a
+    /// whole hold for a call still in flight; `None` while none is taken.
+    pub fn next_release(&mut self, now: Instant) -> Option<Duration> {
+        self.expire(now);
+        match self.frees_at.front() {
+            Some(free) => Some(free.saturating_duration_since(now)),
+            None if self.pending > 0 => Some(self.hold),
+            None => None,
+        }
+    }
+
     /// When a slot will next be free: `now` if one is, the oldest answered
     /// call's expiry otherwise, or `None` while every slot is in flight
     /// (the next answer decides).

@@ -100,6 +100,16 @@ pub struct Config {
     pub server: ServerConfig,
     /// How the proxy's own tokens are made.
     pub auth: AuthConfig,
+    /// While a read is queued or in flight, identical reads (same upstream
+    /// API user, method, path, query and body) wait for its answer instead
+    /// of spending calls of their own.
+    pub coalesce_reads: bool,
+    /// Reads whose answers are kept and served again for a while, by path
+    /// pattern; none unless listed.
+    pub cache: Vec<CacheRule>,
+    /// Bytes the kept answers may take at most, keys included; the least
+    /// recently used go first.
+    pub cache_max_bytes: NonZeroUsize,
 }
 
 /// The tokens the proxy issues at its `/identity/oauth/token`.
@@ -110,6 +120,19 @@ pub struct AuthConfig {
     /// `openssl rand -hex 32`): tokens are derived from it, so any replica
     /// accepts any replica's. Unset: random tokens this process alone knows.
     pub token_key: Option<Secret>,
+}
+
+/// Reads of matching paths are answered from the cache for `ttl` after a
+/// successful answer.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheRule {
+    /// A path under `/rest/` or `/bulk/`; `*` stands for any characters
+    /// within one path segment (`/rest/asset/v1/folder/*.json`).
+    pub path: String,
+    /// How long an answer is served from the cache.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
 }
 
 impl Default for Config {
@@ -123,6 +146,9 @@ impl Default for Config {
             state: StateConfig::default(),
             server: ServerConfig::default(),
             auth: AuthConfig::default(),
+            coalesce_reads: true,
+            cache: Vec::new(),
+            cache_max_bytes: const { NonZeroUsize::new(64 * 1024 * 1024).expect("not zero") },
         }
     }
 }
@@ -240,6 +266,25 @@ pub struct LimitsConfig {
     /// after ours).
     #[serde(with = "humantime_serde")]
     pub quota_probe_interval: Duration,
+    /// `enforce` queues and refuses calls to keep within the limits;
+    /// `observe` forwards every call at once and only counts which ones
+    /// would have waited or been refused.
+    pub mode: LimitsMode,
+    /// Every answer to a known service carries `RateLimit-Policy` and
+    /// `RateLimit` fields: what it has left of the window and the day.
+    pub ratelimit_headers: bool,
+}
+
+/// Whether the limits are enforced or only watched.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LimitsMode {
+    /// Calls wait in their service's queue, or are refused, to stay within
+    /// the limits.
+    #[default]
+    Enforce,
+    /// Calls go at once; what `enforce` would have done is counted.
+    Observe,
 }
 
 // The `const` blocks below are evaluated when the crate compiles, so the
@@ -256,6 +301,8 @@ impl Default for LimitsConfig {
             max_queue_wait: Duration::from_secs(30),
             max_queue_length: const { NonZeroUsize::new(10_000).expect("not zero") },
             quota_probe_interval: Duration::from_secs(5 * 60),
+            mode: LimitsMode::Enforce,
+            ratelimit_headers: true,
         }
     }
 }
@@ -584,6 +631,36 @@ services:
         service.concurrency = NonZeroU32::new(2);
         assert_eq!(service.effective_max_queue_wait(&limits), Duration::from_secs(3));
         assert_eq!(service.effective_concurrency(&limits).get(), 2);
+    }
+
+    #[test]
+    fn reads_and_modes_default_to_coalescing_enforcing_and_no_cache() {
+        let config = parse(MINIMAL).unwrap();
+        assert!(config.coalesce_reads && config.cache.is_empty());
+        assert_eq!(config.cache_max_bytes.get(), 64 * 1024 * 1024);
+        assert_eq!(config.limits.mode, LimitsMode::Enforce);
+        assert!(config.limits.ratelimit_headers);
+        let text = format!(
+            "{MINIMAL}limits: {{ mode: observe, ratelimit_headers: false }}\ncache: [{{ path: /rest/v1/leads/describe.json, ttl: 1h }}]\n"
+        );
+        let config = parse(&text).unwrap();
+        assert_eq!(config.limits.mode, LimitsMode::Observe);
+        assert!(!config.limits.ratelimit_headers);
+        assert_eq!(config.cache[0].ttl, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn cache_paths_must_be_forwarded_paths_with_a_ttl() {
+        for (rule, key) in [
+            ("{ path: /identity/oauth/token, ttl: 1h }", "cache[0].path: "),
+            ("{ path: '/rest/v1/leads.json?x=1', ttl: 1h }", "cache[0].path: "),
+            ("{ path: /rest/v1/leads.json, ttl: 0s }", "cache[0].ttl: "),
+        ] {
+            let err = parse(&format!("{MINIMAL}cache: [{rule}]\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(key), "{rule}: {err}");
+        }
     }
 
     #[test]

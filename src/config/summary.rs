@@ -38,6 +38,8 @@ impl Config {
                 limits.max_queue_length,
                 human(limits.max_queue_wait)
             ),
+            self.mode_line(),
+            self.reads_line(),
             self.state_line(),
             format!(
                 "services ({}, {} of {} daily calls reserved):",
@@ -67,6 +69,46 @@ impl Config {
             _ => "direct".to_owned(),
         };
         format!("  trust: {trust}; egress: {egress}")
+    }
+
+    /// Whether the limits hold calls back, and what answers tell clients.
+    fn mode_line(&self) -> String {
+        let mode = match self.limits.mode {
+            super::LimitsMode::Enforce => "enforce (calls wait or are refused to stay within the limits)",
+            super::LimitsMode::Observe => {
+                "observe (every call goes at once; what enforce would have held back is only counted)"
+            }
+        };
+        let headers = if self.limits.ratelimit_headers {
+            "RateLimit fields on every answer"
+        } else {
+            "no RateLimit fields"
+        };
+        format!("  mode: {mode}; {headers}")
+    }
+
+    /// Which reads share calls.
+    fn reads_line(&self) -> String {
+        let coalesce = if self.coalesce_reads {
+            "identical reads in flight share one call"
+        } else {
+            "reads are not coalesced"
+        };
+        let cache = if self.cache.is_empty() {
+            "no answers cached".to_owned()
+        } else {
+            let rules: Vec<String> = self
+                .cache
+                .iter()
+                .map(|rule| format!("{} for {}", rule.path, human(rule.ttl)))
+                .collect();
+            format!(
+                "cached (at most {} bytes): {}",
+                self.cache_max_bytes,
+                rules.join(", ")
+            )
+        };
+        format!("reads: {coalesce}; {cache}")
     }
 
     fn state_line(&self) -> String {

@@ -44,6 +44,7 @@ pub(super) fn check(config: &Config) -> Check {
             );
         }
     }
+    check_cache(&config.cache)?;
     check_state(config)
 }
 
@@ -59,6 +60,26 @@ pub(super) fn warnings(config: &Config) -> Vec<String> {
         );
     }
     warnings
+}
+
+fn check_cache(rules: &[super::CacheRule]) -> Check {
+    for (index, rule) in rules.iter().enumerate() {
+        let key = format!("cache[{index}]");
+        if !(rule.path.starts_with("/rest/") || rule.path.starts_with("/bulk/")) {
+            return invalid(
+                format!("{key}.path"),
+                "must start with /rest/ or /bulk/ (the paths the proxy forwards)",
+            );
+        }
+        if rule.path.contains(['?', '#']) {
+            return invalid(
+                format!("{key}.path"),
+                "is a path without a query: answers are kept per query anyway",
+            );
+        }
+        check_positive(&format!("{key}.ttl"), rule.ttl)?;
+    }
+    Ok(())
 }
 
 fn invalid(key: impl Into<String>, reason: impl Into<String>) -> Check {

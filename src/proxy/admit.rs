@@ -119,6 +119,10 @@ impl Gate {
         let mut readmitted = false;
         loop {
             let permit = self.admission.admit(service, deadline, front).await?;
+            if self.admission.observes() {
+                // Observe mode holds nothing back, here or across replicas.
+                return Ok(Slot::new(permit, None));
+            }
             // Rare or large awaits are boxed, so that a request waiting in
             // the queue does not carry their state.
             match Box::pin(self.shared_grant(service, deadline)).await {

@@ -9,28 +9,34 @@
 //!    method and path, and, once known below, the service and outcome.
 //! 2. [`account`]: every answer counts once by service and outcome; it sits
 //!    above everything that can answer, so no answer escapes it.
-//! 3. catch panic (tower-http `CatchPanicLayer`): a panic below becomes
+//! 3. [`ratelimit`]: every answer to a known service says where the
+//!    service stands against the window and the day; below the account
+//!    and above everything else that can answer, for the same reason.
+//! 4. catch panic (tower-http `CatchPanicLayer`): a panic below becomes
 //!    Marketo's 611 and the server keeps serving.
-//! 4. sensitive headers (tower-http): credentials never show in debug
+//! 5. sensitive headers (tower-http): credentials never show in debug
 //!    output, whatever a layer below logs.
-//! 5. [`identity`]: the proxy's own `/identity/oauth/token`, answered here
+//! 6. [`identity`]: the proxy's own `/identity/oauth/token`, answered here
 //!    for clients that only know how to talk to Marketo.
-//! 6. [`guard`]: method, path and URI size, from the request line alone,
+//! 7. [`guard`]: method, path and URI size, from the request line alone,
 //!    before anything is spent on the request.
-//! 7. [`caller`]: who is calling and by when it must be admitted; nothing
+//! 8. [`caller`]: who is calling and by when it must be admitted; nothing
 //!    unauthenticated goes further.
-//! 8. [`body`]: read whole within Marketo's limits (a replay sends it
+//! 9. [`body`]: read whole within Marketo's limits (a replay sends it
 //!    again), every client credential removed.
-//! 9. [`answer`]: Marketo's answer, or the refusal of a layer below, becomes
-//!    the response; an answer's body holds its call's slot.
-//! 10. [`replay`]: the replay policy, around everything one call needs.
-//! 11. [`admit`]: the service's queue, then the limits shared with other
+//! 10. [`answer`]: Marketo's answer, or the refusal of a layer below, becomes
+//!     the response; an answer's body holds its call's slot.
+//! 11. [`share`]: a read identical to one queued or in flight waits for its
+//!     answer, a cached one is answered at once; above the replays and
+//!     admission, so a shared read spends none of either.
+//! 12. [`replay`]: the replay policy, around everything one call needs.
+//! 13. [`admit`]: the service's queue, then the limits shared with other
 //!     replicas.
-//! 12. [`authorize`]: Marketo's access token, taken after admission so a
+//! 14. [`authorize`]: Marketo's access token, taken after admission so a
 //!     request that waited does not carry a stale one.
-//! 13. [`send`]: the call to Marketo.
+//! 15. [`send`]: the call to Marketo.
 //!
-//! Layers 10 to 13 are [`forward`]; the proxy's own calls (its reading of
+//! Layers 12 to 15 are [`forward`]; the proxy's own calls (its reading of
 //! Marketo's usage report) go through them too. Per-request facts travel
 //! in the request's extensions: the guard puts the [`Target`] there, the
 //! caller layer the [`Caller`] and the [`Deadline`]; answers carry their
@@ -51,9 +57,11 @@ pub mod call;
 pub mod caller;
 pub mod guard;
 pub mod identity;
+pub mod ratelimit;
 pub mod replay;
 pub mod rewrite;
 pub mod send;
+pub mod share;
 #[cfg(test)]
 pub(crate) mod testing;
 
@@ -101,6 +109,10 @@ pub struct Components {
     pub body_budget: body::BodyBudget,
     /// Local refusals and replays per service over the last hour.
     pub last_hour: Arc<LastHour>,
+    /// Answers carry `RateLimit-Policy` and `RateLimit` fields.
+    pub ratelimit_headers: bool,
+    /// How identical reads share calls.
+    pub share: share::ShareLayer,
 }
 
 /// The whole request path, for the proxy listener.
@@ -138,6 +150,11 @@ where
             components.metrics.requests.clone(),
             Arc::clone(&components.last_hour),
         ))
+        .layer(ratelimit::RateLimitLayer::new(
+            components
+                .ratelimit_headers
+                .then(|| Arc::clone(&components.admission)),
+        ))
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(SetSensitiveRequestHeadersLayer::new([
             header::AUTHORIZATION,
@@ -155,6 +172,7 @@ where
         ))
         .layer(BodyLayer::new(components.body_budget.clone()))
         .layer(AnswerLayer::new(components.upstream.request_timeout()))
+        .layer(components.share.clone())
         .service(forward(components))
 }
 
@@ -197,15 +215,19 @@ mod tests {
         let config = testing::config();
         let metrics = Metrics::new();
         let upstream = Upstream::new(&config.marketo).unwrap();
+        let tokens = Arc::new(TokenCaches::new(&config, &upstream, &metrics));
+        let admission = Admission::new(&config, metrics.clone());
         Components {
             callers: Arc::new(Callers::new(&config)),
-            tokens: Arc::new(TokenCaches::new(&config, &upstream, &metrics)),
-            admission: Admission::new(&config, metrics.clone()),
+            share: share::ShareLayer::new(&config, tokens.users(), Arc::clone(&admission)),
+            tokens,
+            admission,
             limits: None,
             upstream,
             metrics,
             body_budget: body::BodyBudget::new(1 << 26),
             last_hour: Arc::new(LastHour::new(config.counted_names().len())),
+            ratelimit_headers: true,
         }
     }
 

@@ -81,6 +81,32 @@ impl LeadStore {
         Value::Array(result)
     }
 
+    /// `GET /rest/v1/leads/describe.json`: the lead fields, as Marketo
+    /// describes them.
+    pub fn describe_fields(&self) -> Value {
+        let fields: Vec<Value> = DEFAULT_FIELDS
+            .iter()
+            .enumerate()
+            .map(|(index, name)| {
+                let data_type = match *name {
+                    "id" => "integer",
+                    "updatedAt" | "createdAt" => "datetime",
+                    "email" => "email",
+                    _ => "string",
+                };
+                json!({
+                    "id": index + 1,
+                    "displayName": name,
+                    "dataType": data_type,
+                    "length": (data_type == "string" || data_type == "email").then_some(255),
+                    "rest": {"name": name, "readOnly": matches!(*name, "id" | "updatedAt" | "createdAt")},
+                    "soap": {"name": name, "readOnly": matches!(*name, "id" | "updatedAt" | "createdAt")},
+                })
+            })
+            .collect();
+        Value::Array(fields)
+    }
+
     /// `GET /rest/v1/leads.json?filterType=..&filterValues=..`
     pub fn by_filter(&self, params: &BTreeMap<String, String>) -> LeadAnswer {
         let filter_type = params.get("filterType").ok_or((

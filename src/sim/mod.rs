@@ -481,6 +481,7 @@ impl Simulator {
                 }
             }
             (&Method::GET, ["rest", "v1", "leads.json"]) => leads.by_filter(params),
+            (&Method::GET, ["rest", "v1", "leads", "describe.json"]) => Ok(leads.describe_fields()),
             (&Method::POST, ["rest", "v1", "leads.json"]) => match serde_json::from_slice::<Value>(body) {
                 Ok(body) => leads.sync(&body),
                 Err(_) => Err((code::INVALID_JSON, "Invalid JSON".to_owned())),

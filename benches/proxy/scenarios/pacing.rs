@@ -102,6 +102,7 @@ pub async fn run(mode: Mode) -> Vec<Verdict> {
          limits:\n  window_calls: {}\n  window: {}ms\n  safety_margin: {}ms\n  concurrency: 10\n  \
          max_queue_wait: 120s\n\
          services:\n{services}\
+         coalesce_reads: false\n\
          state: {{ file: ~, usage_sync_interval: 0s }}\n",
         plan.window_calls,
         plan.window.as_millis(),

@@ -1,0 +1,256 @@
+//! End-to-end: identical reads share one call to the simulator, through
+//! coalescing and the cache, and never across API users, bodies or
+//! streamed answers.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use marketo_proxy::config::Config;
+use marketo_proxy::sim::SimConfig;
+use support::{CRM_KEY, Stack, WAREHOUSE_KEY, eventually, metric};
+
+const DESCRIBE: &str = "/rest/v1/leads/describe.json";
+
+/// A simulator that takes `latency` per call, so that requests sent
+/// together are all in the proxy before the first answer.
+fn slow_sim(latency: Duration) -> SimConfig {
+    SimConfig {
+        latency,
+        ..support::sim_config()
+    }
+}
+
+/// The proxy config with `extra` YAML appended at the top level.
+fn config_with(sim_url: &str, extra: &str) -> Config {
+    let mut config = support::proxy_config(sim_url, "");
+    let yaml: serde_yaml_ng::Value = serde_yaml_ng::from_str(extra).unwrap();
+    if let Some(cache) = yaml.get("cache") {
+        config.cache = serde_yaml_ng::from_value(cache.clone()).unwrap();
+    }
+    if let Some(coalesce) = yaml.get("coalesce_reads") {
+        config.coalesce_reads = coalesce.as_bool().unwrap();
+    }
+    config.validate().expect("valid config")
+}
+
+/// Calls of the simulator to `path`.
+fn calls_to(stack: &Stack, path: &str) -> usize {
+    stack
+        .sim
+        .stats()
+        .arrivals
+        .iter()
+        .filter(|arrival| arrival.target.starts_with(path))
+        .count()
+}
+
+async fn saved(stack: &Stack, service: &str, reason: &str) -> f64 {
+    let metrics = stack.metrics().await;
+    metric(
+        &metrics,
+        &format!(r#"marketo_proxy_calls_saved_total{{reason="{reason}",service="{service}"}}"#),
+    )
+    .unwrap_or_else(|| panic!("no saved series for {service} in\n{metrics}"))
+}
+
+/// Sends `count` copies of the same GET at once and returns the bodies.
+async fn together(stack: &Stack, key: &str, path: &str, count: usize) -> Vec<String> {
+    let requests = (0..count).map(|_| async {
+        let answer = stack.get(key, path).await;
+        assert_eq!(answer.status(), 200);
+        answer.text().await.unwrap()
+    });
+    futures_util::future::join_all(requests).await
+}
+
+#[tokio::test]
+async fn twenty_identical_describes_cost_one_call_and_get_the_same_bytes() {
+    let stack =
+        Stack::start_configured(slow_sim(Duration::from_millis(500)), |url| config_with(url, "{}")).await;
+    support::wait_ready(&stack.proxy).await;
+    let bodies = together(&stack, CRM_KEY, DESCRIBE, 20).await;
+    assert_eq!(calls_to(&stack, DESCRIBE), 1);
+    assert!(bodies[0].contains(r#""success":true"#), "{}", bodies[0]);
+    // The requestId the simulator made up for its one answer included.
+    assert!(bodies.iter().all(|body| *body == bodies[0]));
+
+    assert_eq!(saved(&stack, "crm-sync", "coalesced").await, 19.0);
+    let metrics = stack.metrics().await;
+    assert_eq!(
+        metric(
+            &metrics,
+            r#"marketo_proxy_requests_total{outcome="ok",service="crm-sync"}"#
+        ),
+        Some(20.0)
+    );
+    // One call charged to the day; the rest shown as saved.
+    let usage = support::usage(&stack.proxy.admin_url()).await;
+    let crm = &usage["services"][0];
+    assert_eq!(crm["used"], 1, "{usage}");
+    assert_eq!(crm["saved"]["coalesced"], 19, "{usage}");
+    assert_eq!(usage["used"], 1, "{usage}");
+}
+
+#[tokio::test]
+async fn reads_of_different_api_users_or_bodies_never_share() {
+    let stack = Stack::start_configured(slow_sim(Duration::from_millis(500)), |url| {
+        config_with(url, "cache: [{ path: /rest/v1/leads.json, ttl: 1h }]")
+    })
+    .await;
+    support::wait_ready(&stack.proxy).await;
+    // crm-sync calls as the proxy's API user, warehouse as its own.
+    let crm = together(&stack, CRM_KEY, DESCRIBE, 3);
+    let warehouse = together(&stack, WAREHOUSE_KEY, DESCRIBE, 3);
+    let (crm, warehouse) = tokio::join!(crm, warehouse);
+    assert_eq!(calls_to(&stack, DESCRIBE), 2);
+    assert_ne!(crm[0], warehouse[0], "each API user got its own answer");
+    let users: Vec<Option<String>> = stack
+        .sim
+        .stats()
+        .arrivals
+        .iter()
+        .filter(|arrival| arrival.target.starts_with(DESCRIBE))
+        .map(|arrival| arrival.user.clone())
+        .collect();
+    assert!(users.contains(&Some("warehouse@example.com".into())), "{users:?}");
+
+    // POST _method=GET with different bodies, at once: one call each; the
+    // cached answer of one body is not the other's.
+    let post = |filter: &'static str| {
+        stack
+            .http
+            .post(format!("{}/rest/v1/leads.json?_method=GET", stack.proxy.url()))
+            .header("X-Api-Key", CRM_KEY)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(format!("filterType=email&filterValues={filter}&fields=email"))
+            .send()
+    };
+    let (three, four) = tokio::join!(post("lead3%40example.com"), post("lead4%40example.com"));
+    let (three, four) = (
+        three.unwrap().text().await.unwrap(),
+        four.unwrap().text().await.unwrap(),
+    );
+    assert!(
+        three.contains("lead3@example.com") && !three.contains("lead4@"),
+        "{three}"
+    );
+    assert!(
+        four.contains("lead4@example.com") && !four.contains("lead3@"),
+        "{four}"
+    );
+    assert_eq!(calls_to(&stack, "/rest/v1/leads.json"), 2);
+    let again = post("lead4%40example.com").await.unwrap().text().await.unwrap();
+    assert_eq!(again, four, "from the cache, byte for byte");
+    assert_eq!(saved(&stack, "crm-sync", "cached").await, 1.0);
+}
+
+#[tokio::test]
+async fn a_cached_answer_is_served_until_its_ttl_and_no_cache_skips_it() {
+    let ttl = Duration::from_millis(800);
+    let stack = Stack::start_configured(support::sim_config(), |url| {
+        config_with(url, "cache: [{ path: /rest/v1/leads/describe.json, ttl: 800ms }]")
+    })
+    .await;
+    let first = stack.get(CRM_KEY, DESCRIBE).await.text().await.unwrap();
+    let cached_at = tokio::time::Instant::now();
+    let second = stack.get(CRM_KEY, DESCRIBE).await.text().await.unwrap();
+    assert_eq!(second, first, "byte for byte, the simulator's requestId too");
+    assert_eq!(calls_to(&stack, DESCRIBE), 1);
+    assert_eq!(saved(&stack, "crm-sync", "cached").await, 1.0);
+
+    // A client that asks for a fresh answer gets one.
+    let fresh = stack
+        .http
+        .get(format!("{}{DESCRIBE}", stack.proxy.url()))
+        .header("X-Api-Key", CRM_KEY)
+        .header("cache-control", "no-cache")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_ne!(fresh, first);
+    assert_eq!(calls_to(&stack, DESCRIBE), 2);
+
+    // The fresh answer is kept in turn, and expires on time.
+    let kept_at = tokio::time::Instant::now();
+    let expired_after = eventually(Duration::from_secs(5), async || {
+        let body = stack.get(CRM_KEY, DESCRIBE).await.text().await.unwrap();
+        if body == fresh {
+            Err("still cached")
+        } else {
+            Ok(kept_at.elapsed())
+        }
+    })
+    .await;
+    assert!(expired_after >= ttl, "expired after {expired_after:?}");
+    assert!(cached_at.elapsed() >= ttl);
+    assert_eq!(calls_to(&stack, DESCRIBE), 3);
+}
+
+#[tokio::test]
+async fn an_error_is_shared_only_with_callers_already_waiting_and_never_cached() {
+    let stack = Stack::start_configured(slow_sim(Duration::from_millis(500)), |url| {
+        config_with(url, "cache: [{ path: /rest/v1/leads/describe.json, ttl: 1h }]")
+    })
+    .await;
+    support::wait_ready(&stack.proxy).await;
+    stack.sim.inject(support::fail_next(1, "603"));
+    let bodies = together(&stack, CRM_KEY, DESCRIBE, 5).await;
+    assert_eq!(calls_to(&stack, DESCRIBE), 1);
+    assert!(
+        bodies.iter().all(|body| body.contains(r#""code":"603""#)),
+        "{bodies:?}"
+    );
+    // The next read calls again and gets Marketo's answer, which is kept.
+    let next = stack.get(CRM_KEY, DESCRIBE).await.text().await.unwrap();
+    assert!(next.contains(r#""success":true"#), "{next}");
+    assert_eq!(stack.get(CRM_KEY, DESCRIBE).await.text().await.unwrap(), next);
+    assert_eq!(calls_to(&stack, DESCRIBE), 2);
+}
+
+#[tokio::test]
+async fn streamed_answers_are_not_shared() {
+    let sim = SimConfig {
+        leads: 3000,
+        export_time: Duration::from_millis(50),
+        ..slow_sim(Duration::from_millis(200))
+    };
+    let stack = Stack::start_configured(sim, |url| {
+        config_with(
+            url,
+            "cache: [{ path: '/bulk/v1/leads/export/*/file.json', ttl: 1h }]",
+        )
+    })
+    .await;
+    let file = support::export_leads(&stack.proxy.url(), CRM_KEY, &["id", "email"]).await;
+    let whole = file.text().await.unwrap();
+    assert!(whole.len() > marketo_proxy::upstream::PEEK_LIMIT);
+    let path = stack
+        .sim
+        .stats()
+        .arrivals
+        .iter()
+        .find(|arrival| arrival.target.ends_with("/file.json"))
+        .map(|arrival| arrival.target.clone())
+        .unwrap();
+    let files = together(&stack, CRM_KEY, &path, 3).await;
+    assert!(files.iter().all(|file| *file == whole));
+    assert_eq!(calls_to(&stack, &path), 4, "each streamed answer was a call");
+    assert_eq!(saved(&stack, "crm-sync", "coalesced").await, 0.0);
+    assert_eq!(saved(&stack, "crm-sync", "cached").await, 0.0);
+}
+
+#[tokio::test]
+async fn coalescing_can_be_turned_off() {
+    let stack = Stack::start_configured(slow_sim(Duration::from_millis(300)), |url| {
+        config_with(url, "coalesce_reads: false")
+    })
+    .await;
+    support::wait_ready(&stack.proxy).await;
+    together(&stack, CRM_KEY, DESCRIBE, 4).await;
+    assert_eq!(calls_to(&stack, DESCRIBE), 4);
+}
