@@ -8,6 +8,7 @@ pub mod admin;
 pub mod admission;
 pub mod app;
 pub mod auth;
+pub mod bulk;
 pub mod config;
 pub mod egress;
 pub mod error;
