@@ -47,6 +47,12 @@ pub struct Metrics {
     /// Seconds until the day's quota runs out at the current rate; +Inf
     /// when it will not before the reset.
     pub quota_exhaustion_eta_seconds: Gauge,
+    /// Bulk jobs seen today by kind and state.
+    pub bulk_jobs: IntGaugeVec,
+    /// Export file bytes of each service's completed bulk exports.
+    pub bulk_export_bytes: IntCounterVec,
+    /// Export file bytes left today.
+    pub bulk_export_bytes_remaining: IntGauge,
 }
 
 impl Metrics {
@@ -139,6 +145,27 @@ impl Metrics {
                 "Seconds until the daily quota runs out at the current rate (+Inf: not before the reset)",
             )
             .expect("valid metric"),
+            bulk_jobs: IntGaugeVec::new(
+                Opts::new(
+                    "marketo_proxy_bulk_jobs",
+                    "Bulk jobs seen today by kind and state",
+                ),
+                &["kind", "state"],
+            )
+            .expect("valid metric"),
+            bulk_export_bytes: IntCounterVec::new(
+                Opts::new(
+                    "marketo_proxy_bulk_export_bytes_total",
+                    "Export file bytes (fileSize) of completed bulk exports by service",
+                ),
+                &["service"],
+            )
+            .expect("valid metric"),
+            bulk_export_bytes_remaining: IntGauge::new(
+                "marketo_proxy_bulk_export_bytes_remaining",
+                "Bulk export file bytes left today",
+            )
+            .expect("valid metric"),
             registry,
         };
         metrics.register_all();
@@ -148,7 +175,7 @@ impl Metrics {
     }
 
     fn register_all(&self) {
-        let collectors: [Box<dyn prometheus::core::Collector>; 16] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 19] = [
             Box::new(self.requests.clone()),
             Box::new(self.upstream_calls.clone()),
             Box::new(self.queue_wait.clone()),
@@ -165,6 +192,9 @@ impl Metrics {
             Box::new(self.replays.clone()),
             Box::new(self.backend_up.clone()),
             Box::new(self.quota_exhaustion_eta_seconds.clone()),
+            Box::new(self.bulk_jobs.clone()),
+            Box::new(self.bulk_export_bytes.clone()),
+            Box::new(self.bulk_export_bytes_remaining.clone()),
         ];
         for collector in collectors {
             // Names are fixed and distinct; a clash would be a programming error.

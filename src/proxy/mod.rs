@@ -30,7 +30,8 @@
 //!     request that waited does not carry a stale one.
 //! 13. [`send`]: the call to Marketo.
 //!
-//! Layers 10 to 13 are [`forward`]; the proxy's own calls (its reading of
+//! Layers 10 to 13 are [`forward`], with [`crate::bulk::layer`] on top of
+//! them for bulk calls; the proxy's own calls (its reading of
 //! Marketo's usage report) go through them too. Per-request facts travel
 //! in the request's extensions: the guard puts the [`Target`] there, the
 //! caller layer the [`Caller`] and the [`Deadline`]; answers carry their
@@ -101,6 +102,8 @@ pub struct Components {
     pub body_budget: body::BodyBudget,
     /// Local refusals and replays per service over the last hour.
     pub last_hour: Arc<LastHour>,
+    /// The bulk jobs seen and admission to Marketo's bulk queues.
+    pub bulk: Arc<crate::bulk::BulkJobs>,
 }
 
 /// The whole request path, for the proxy listener.
@@ -168,6 +171,9 @@ pub fn forward(
 + Sync
 + 'static {
     ServiceBuilder::new()
+        // Bulk jobs: an enqueue holds its place in Marketo's queue across
+        // its replays; a prefix check for every other call.
+        .layer(crate::bulk::layer::BulkLayer::new(Arc::clone(&components.bulk)))
         .layer(ReplayLayer::new(
             Arc::clone(&components.admission),
             components.limits.clone(),
@@ -201,6 +207,7 @@ mod tests {
             callers: Arc::new(Callers::new(&config)),
             tokens: Arc::new(TokenCaches::new(&config, &upstream, &metrics)),
             admission: Admission::new(&config, metrics.clone()),
+            bulk: crate::bulk::BulkJobs::new(&config, metrics.clone()),
             limits: None,
             upstream,
             metrics,
