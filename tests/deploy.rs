@@ -111,6 +111,8 @@ fn exposition() -> BTreeMap<String, Family> {
     metrics.daily_used.with_label_values(&["s"]).set(1);
     metrics.token_refreshes.with_label_values(&["ok"]).inc();
     metrics.replays.with_label_values(&["606"]).inc();
+    metrics.bulk_jobs.with_label_values(&["leads", "queued"]).set(1);
+    metrics.bulk_export_bytes.with_label_values(&["s"]).inc();
     parse_exposition(&metrics.render())
 }
 

@@ -163,6 +163,10 @@ impl BulkJobs {
             metrics,
             wake_poller: Notify::new(),
         });
+        // Every service's series exists from the start, at 0.
+        for name in &jobs.names {
+            jobs.metrics.bulk_export_bytes.with_label_values(&[name.as_str()]);
+        }
         jobs.publish(&jobs.lock());
         jobs
     }
