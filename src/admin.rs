@@ -26,6 +26,7 @@ pub struct Admin {
     pub reported: Arc<ReportedUsage>,
     pub metrics: Metrics,
     pub status: Arc<StatusPage>,
+    pub bulk: Arc<crate::bulk::BulkJobs>,
 }
 
 impl Admin {
@@ -148,6 +149,30 @@ impl Admin {
             "window": {"used": snapshot.window_used, "limit": snapshot.window_limit},
             "concurrency": {"in_flight": snapshot.in_flight, "limit": snapshot.concurrency},
             "queued": snapshot.queued,
+            "services": services,
+            "bulk": self.bulk_usage(),
+        })
+    }
+
+    /// Today's bulk jobs and export bytes, per service.
+    fn bulk_usage(&self) -> serde_json::Value {
+        let usage = self.bulk.usage();
+        let services: serde_json::Map<String, serde_json::Value> = usage
+            .services
+            .iter()
+            .map(|(name, day)| {
+                (
+                    name.clone(),
+                    json!({"jobs": day.jobs, "export_bytes": day.export_bytes}),
+                )
+            })
+            .collect();
+        json!({
+            "export_bytes": usage.export_bytes,
+            "export_bytes_limit": usage.export_bytes_limit,
+            "export_bytes_remaining": usage.export_bytes_remaining,
+            "extract_in_queue": usage.extract_in_queue,
+            "import_in_queue": usage.import_in_queue,
             "services": services,
         })
     }

@@ -34,6 +34,8 @@ use crate::admin::Admin;
 use crate::admission::Admission;
 use crate::admission::shared::{SharedError, SharedLimits};
 use crate::auth::Callers;
+use crate::bulk::BulkJobs;
+use crate::bulk::poll::StatusPoller;
 use crate::config::{Backend, Config};
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
@@ -101,17 +103,20 @@ impl App {
             // Until Redis has answered, this replica keeps to its share.
             admission.set_share(limits.fallback_replicas());
         }
-        let ledger = config
-            .state
-            .file
-            .as_ref()
-            .map(|path| Arc::new(Ledger::new(path, config.counted_names(), Arc::clone(&admission))));
+        let bulk = BulkJobs::new(&config, metrics.clone());
+        let ledger = config.state.file.as_ref().map(|path| {
+            Arc::new(
+                Ledger::new(path, config.counted_names(), Arc::clone(&admission))
+                    .with_bulk(Arc::clone(&bulk)),
+            )
+        });
         let tokens = Arc::new(TokenCaches::new(&config, &upstream, &metrics));
         let components = Components {
             callers: Arc::new(Callers::new(&config)),
             share: ShareLayer::new(&config, tokens.users(), Arc::clone(&admission)),
             tokens,
             admission,
+            bulk,
             limits,
             upstream,
             metrics,
@@ -172,6 +177,15 @@ impl App {
             spawn(Box::pin(sync.run(config.state.usage_sync_interval, reconciled)));
             first_sync
         });
+        spawn(Box::pin(
+            StatusPoller {
+                jobs: Arc::clone(&components.bulk),
+                forward: BoxCloneSyncService::new(proxy::forward(&components)),
+                caller: components.callers.internal(),
+                max_wait: config.limits.max_queue_wait,
+            }
+            .run(),
+        ));
         if ledger_lost {
             wait_for_usage_report(first_sync, config.marketo.request_timeout).await;
         }
@@ -193,6 +207,7 @@ impl App {
             reported,
             metrics: components.metrics.clone(),
             status: Arc::new(StatusPage::new(&config, Arc::clone(&components.last_hour))),
+            bulk: Arc::clone(&components.bulk),
         };
         let admin = tower::service_fn(move |request| std::future::ready(admin.handle(&request)));
         tokio::join!(

@@ -72,6 +72,8 @@ pub enum ProxyError {
     Upstream(#[from] UpstreamError),
     #[error(transparent)]
     Admission(#[from] AdmissionError),
+    #[error(transparent)]
+    Bulk(#[from] crate::bulk::BulkError),
 }
 
 impl ProxyError {
@@ -88,7 +90,7 @@ impl ProxyError {
             Self::Token(TokenError::Rejected(_))
             | Self::Admission(AdmissionError::Closed)
             | Self::Busy { .. } => ErrorSource::Proxy,
-            Self::Admission(_) => ErrorSource::Client,
+            Self::Admission(_) | Self::Bulk(_) => ErrorSource::Client,
             Self::Token(_) | Self::Upstream(_) => ErrorSource::Upstream,
         }
     }
@@ -108,6 +110,7 @@ impl ProxyError {
             Self::Admission(AdmissionError::QueueFull { .. }) => "rejected_queue",
             Self::Busy { .. } => "rejected_busy",
             Self::Admission(_) => "rejected_rate",
+            Self::Bulk(_) => "rejected_bulk",
         }
     }
 
@@ -162,6 +165,8 @@ impl ProxyError {
                 Some(Duration::from_secs(1)),
             ),
             Self::Admission(error) => (StatusCode::OK, code::RATE_LIMITED, error.retry_after()),
+            // Marketo's own code for a full queue or spent export bytes.
+            Self::Bulk(error) => (StatusCode::OK, code::TOO_MANY_JOBS, Some(error.retry_after())),
         };
         let mut response = marketo_error(status, marketo_code, &message, retry_after);
         if matches!(self, Self::Method(_)) {

@@ -30,6 +30,7 @@ use chrono::{DateTime, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::admission::Admission;
+use crate::bulk::{BulkJobs, ServiceDay};
 
 /// How often the ledger is written while calls are being made.
 pub const SAVE_INTERVAL: Duration = Duration::from_secs(2);
@@ -73,12 +74,25 @@ struct Saved {
     /// frees.
     #[serde(default)]
     window: Vec<DateTime<Utc>>,
+    /// Bulk jobs and export bytes today.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    bulk: Option<SavedBulk>,
+}
+
+/// Today's bulk usage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct SavedBulk {
+    /// Export bytes of every completed export seen, whoever started it.
+    export_bytes: u64,
+    /// Per service name.
+    services: BTreeMap<String, ServiceDay>,
 }
 
 impl Saved {
     /// The same calls counted: the window only changes with them.
     fn same_counts(&self, other: &Self) -> bool {
-        (self.day, &self.services, self.foreign) == (other.day, &other.services, other.foreign)
+        (self.day, &self.services, self.foreign, &self.bulk)
+            == (other.day, &other.services, other.foreign, &other.bulk)
     }
 }
 
@@ -87,6 +101,8 @@ pub struct Ledger {
     path: PathBuf,
     names: Vec<String>,
     admission: Arc<Admission>,
+    /// Bulk jobs and export bytes, when tracked.
+    bulk: Option<Arc<BulkJobs>>,
     /// One writer at a time: a periodic save still running in the
     /// blocking pool and the one at shutdown do not interleave.
     writing: std::sync::Mutex<()>,
@@ -100,8 +116,16 @@ impl Ledger {
             path: path.to_owned(),
             names,
             admission,
+            bulk: None,
             writing: std::sync::Mutex::new(()),
         }
+    }
+
+    /// Saves and restores today's bulk usage too.
+    #[must_use]
+    pub fn with_bulk(mut self, bulk: Arc<BulkJobs>) -> Self {
+        self.bulk = Some(bulk);
+        self
     }
 
     /// Restores today's counts from the file, if it holds today's. A
@@ -145,6 +169,14 @@ impl Ledger {
             .sum();
         self.admission.restore(saved.day, &used, saved.foreign + departed);
         self.admission.restore_window(&saved.window);
+        if let (Some(bulk), Some(saved_bulk)) = (&self.bulk, &saved.bulk) {
+            let services = saved_bulk
+                .services
+                .iter()
+                .map(|(name, day)| (name.clone(), *day))
+                .collect();
+            bulk.restore(saved.day, &services, saved_bulk.export_bytes);
+        }
         tracing::info!(
             day = %saved.day,
             calls = used.iter().sum::<u64>(),
@@ -161,6 +193,13 @@ impl Ledger {
             services: self.names.iter().cloned().zip(used).collect(),
             foreign,
             window: self.admission.window_frees_at(),
+            bulk: self.bulk.as_ref().map(|bulk| {
+                let (_, services, export_bytes) = bulk.daily();
+                SavedBulk {
+                    export_bytes,
+                    services: services.into_iter().collect(),
+                }
+            }),
         }
     }
 

@@ -9,6 +9,7 @@ pub mod admission;
 pub mod answer_cache;
 pub mod app;
 pub mod auth;
+pub mod bulk;
 pub mod config;
 pub mod egress;
 pub mod error;

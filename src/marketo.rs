@@ -28,6 +28,10 @@ pub mod limits {
     pub const MAX_BODY_BYTES: usize = 1024 * 1024;
     /// Largest body of a bulk import.
     pub const MAX_IMPORT_BODY_BYTES: usize = 10 * 1024 * 1024;
+    /// Bulk extract file bytes a day.
+    pub const EXPORT_DAILY_BYTES: u64 = 500 * 1024 * 1024;
+    /// Bulk jobs of one queue in it at once, processing ones included.
+    pub const BULK_QUEUE: u32 = 10;
 }
 
 /// Marketo error codes the proxy and the simulator act on. Marketo sends

@@ -55,6 +55,12 @@ pub struct Metrics {
     /// Under `limits.mode: observe`, calls that went at once but would
     /// have waited (`would_wait`) or been refused (`would_refuse`).
     pub observed: IntCounterVec,
+    /// Bulk jobs seen today by kind and state.
+    pub bulk_jobs: IntGaugeVec,
+    /// Export file bytes of each service's completed bulk exports.
+    pub bulk_export_bytes: IntCounterVec,
+    /// Export file bytes left today.
+    pub bulk_export_bytes_remaining: IntGauge,
 }
 
 impl Metrics {
@@ -171,6 +177,27 @@ impl Metrics {
                 &["service", "verdict"],
             )
             .expect("valid metric"),
+            bulk_jobs: IntGaugeVec::new(
+                Opts::new(
+                    "marketo_proxy_bulk_jobs",
+                    "Bulk jobs seen today by kind and state",
+                ),
+                &["kind", "state"],
+            )
+            .expect("valid metric"),
+            bulk_export_bytes: IntCounterVec::new(
+                Opts::new(
+                    "marketo_proxy_bulk_export_bytes_total",
+                    "Export file bytes (fileSize) of completed bulk exports by service",
+                ),
+                &["service"],
+            )
+            .expect("valid metric"),
+            bulk_export_bytes_remaining: IntGauge::new(
+                "marketo_proxy_bulk_export_bytes_remaining",
+                "Bulk export file bytes left today",
+            )
+            .expect("valid metric"),
             registry,
         };
         metrics.register_all();
@@ -180,7 +207,7 @@ impl Metrics {
     }
 
     fn register_all(&self) {
-        let collectors: [Box<dyn prometheus::core::Collector>; 19] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 22] = [
             Box::new(self.requests.clone()),
             Box::new(self.upstream_calls.clone()),
             Box::new(self.queue_wait.clone()),
@@ -200,6 +227,9 @@ impl Metrics {
             Box::new(self.calls_saved.clone()),
             Box::new(self.queued.clone()),
             Box::new(self.observed.clone()),
+            Box::new(self.bulk_jobs.clone()),
+            Box::new(self.bulk_export_bytes.clone()),
+            Box::new(self.bulk_export_bytes_remaining.clone()),
         ];
         for collector in collectors {
             // Names are fixed and distinct; a clash would be a programming error.

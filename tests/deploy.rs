@@ -114,6 +114,8 @@ fn exposition() -> BTreeMap<String, Family> {
     metrics.calls_saved.with_label_values(&["s", "coalesced"]).inc();
     metrics.queued.with_label_values(&["s"]).inc();
     metrics.observed.with_label_values(&["s", "would_wait"]).inc();
+    metrics.bulk_jobs.with_label_values(&["leads", "queued"]).set(1);
+    metrics.bulk_export_bytes.with_label_values(&["s"]).inc();
     parse_exposition(&metrics.render())
 }
 

@@ -709,7 +709,7 @@ async fn bulk_export_goes_from_queued_to_completed_and_serves_one_csv_line_per_l
         .unwrap();
     assert_eq!(enqueued["result"][0]["status"], "Queued");
     let status = harness.get(&format!("{job}/status.json"), &token).await;
-    assert_eq!(status["result"][0]["status"], "Queued");
+    assert_eq!(status["result"][0]["status"], "Processing", "the queue was empty");
     let early = harness.get(&format!("{job}/file.json"), &token).await;
     assert_eq!(code(&early), "1003", "no file before the job completes");
 
@@ -722,6 +722,7 @@ async fn bulk_export_goes_from_queued_to_completed_and_serves_one_csv_line_per_l
     })
     .await;
     assert_eq!(status["result"][0]["numberOfRecords"], 600);
+    let file_size = status["result"][0]["fileSize"].as_u64().unwrap();
 
     let file = harness
         .http
@@ -748,6 +749,195 @@ async fn bulk_export_goes_from_queued_to_completed_and_serves_one_csv_line_per_l
     assert_eq!(lines[0], "id,email");
     assert_eq!(lines[1], "1,lead1@example.com");
     assert_eq!(lines[600], "600,lead600@example.com");
+    assert_eq!(text.len() as u64, file_size, "fileSize is the file's length");
+    assert_eq!(harness.sim.stats().bulk.export_bytes_today, file_size);
+}
+
+impl Harness {
+    /// A bulk POST with a bearer token; asserts HTTP 200 and returns the
+    /// JSON body.
+    async fn post(&self, path: &str, token: &str, body: Value) -> Value {
+        let response = self
+            .http
+            .post(self.url(path))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        response.json().await.unwrap()
+    }
+
+    /// Creates an export of `base` (`leads`, `activities`, ...) and
+    /// returns its id.
+    async fn create_export(&self, base: &str, token: &str) -> String {
+        let created = self
+            .post(
+                &format!("/bulk/v1/{base}/export/create.json"),
+                token,
+                json!({"format": "CSV"}),
+            )
+            .await;
+        assert_eq!(code(&created), "ok", "{created}");
+        created["result"][0]["exportId"].as_str().unwrap().to_owned()
+    }
+}
+
+#[tokio::test]
+async fn the_extract_queue_runs_two_holds_ten_and_refuses_the_eleventh_with_1029() {
+    let harness = Harness::start(SimConfig {
+        export_time: Duration::from_millis(300),
+        // Status is polled often here; the window is not under test.
+        window_calls: 100_000,
+        ..quick_config()
+    })
+    .await;
+    let token = harness.token().await;
+    // Leads, activities, program members and custom objects share the queue.
+    let bases = ["leads", "activities", "program/members", "customobjects/car_c"];
+    let mut jobs = Vec::new();
+    for index in 0..11 {
+        let base = bases[index % bases.len()];
+        let id = harness.create_export(base, &token).await;
+        let enqueued = harness
+            .post(
+                &format!("/bulk/v1/{base}/export/{id}/enqueue.json"),
+                &token,
+                json!({}),
+            )
+            .await;
+        jobs.push((base, id, enqueued));
+    }
+    for (_, _, enqueued) in &jobs[..10] {
+        assert_eq!(enqueued["result"][0]["status"], "Queued", "{enqueued}");
+    }
+    let (_, _, refused) = &jobs[10];
+    assert_eq!(code(refused), "1029");
+    assert_eq!(refused["errors"][0]["message"], "Too many jobs in queue");
+
+    let listed = harness
+        .get("/bulk/v1/leads/export.json?status=Queued,Processing", &token)
+        .await;
+    assert_eq!(listed["result"].as_array().unwrap().len(), 3, "{listed}");
+
+    let (base, id, _) = &jobs[9];
+    let cancelled = harness
+        .post(
+            &format!("/bulk/v1/{base}/export/{id}/cancel.json"),
+            &token,
+            json!({}),
+        )
+        .await;
+    assert_eq!(cancelled["result"][0]["status"], "Cancelled");
+
+    for (base, id, _) in &jobs[..9] {
+        support::eventually(Duration::from_secs(10), async || {
+            let status = harness
+                .get(&format!("/bulk/v1/{base}/export/{id}/status.json"), &token)
+                .await;
+            match status["result"][0]["status"].as_str() {
+                Some("Completed") => Ok(()),
+                _ => Err(status),
+            }
+        })
+        .await;
+    }
+    let stats = harness.sim.stats().bulk.extract;
+    assert_eq!((stats.max_processing, stats.max_in_queue), (2, 10));
+    assert_eq!(stats.max_queued, 8);
+    assert_eq!(
+        (
+            stats.enqueued,
+            stats.completed,
+            stats.cancelled,
+            stats.refused_full
+        ),
+        (10, 9, 1, 1)
+    );
+    assert!(
+        stats
+            .samples
+            .iter()
+            .all(|sample| sample.processing <= 2 && sample.queued <= 8)
+    );
+    let last = stats.samples.last().unwrap();
+    assert_eq!((last.queued, last.processing), (0, 0));
+}
+
+#[tokio::test]
+async fn exports_stop_at_the_daily_bytes_with_1029_and_imports_have_their_own_queue() {
+    let harness = Harness::start(SimConfig {
+        export_time: Duration::from_millis(50),
+        import_time: Duration::from_secs(60),
+        export_daily_bytes: 1,
+        ..quick_config()
+    })
+    .await;
+    let token = harness.token().await;
+    let id = harness.create_export("leads", &token).await;
+    harness
+        .post(
+            &format!("/bulk/v1/leads/export/{id}/enqueue.json"),
+            &token,
+            json!({}),
+        )
+        .await;
+    let status = support::eventually(Duration::from_secs(5), async || {
+        let status = harness
+            .get(&format!("/bulk/v1/leads/export/{id}/status.json"), &token)
+            .await;
+        match status["result"][0]["status"].as_str() {
+            Some("Completed") => Ok(status),
+            _ => Err(status),
+        }
+    })
+    .await;
+    assert!(status["result"][0]["fileSize"].as_u64().unwrap() > 1);
+    let refused = harness
+        .post("/bulk/v1/activities/export/create.json", &token, json!({}))
+        .await;
+    assert_eq!(code(&refused), "1029");
+    assert_eq!(refused["errors"][0]["message"], "Export daily quota exceeded");
+
+    let import = |path: &'static str| {
+        harness
+            .http
+            .post(harness.url(path))
+            .bearer_auth(&token)
+            .header("content-type", "multipart/form-data; boundary=XyZ")
+            .body("--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"l.csv\"\r\n\r\nemail\r\n--XyZ--\r\n")
+            .send()
+    };
+    let mut batches = Vec::new();
+    for path in ["/bulk/v1/leads.json", "/bulk/v1/customobjects/car_c/import.json"]
+        .into_iter()
+        .cycle()
+        .take(10)
+    {
+        let answer: Value = import(path).await.unwrap().json().await.unwrap();
+        assert_eq!(
+            code(&answer),
+            "ok",
+            "the export quota does not touch imports: {answer}"
+        );
+        batches.push(answer["result"][0]["batchId"].as_u64().unwrap());
+    }
+    let full: Value = import("/bulk/v1/program/1044/members/import.json")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(code(&full), "1016");
+    assert_eq!(full["errors"][0]["message"], "Too many imports");
+    let status = harness
+        .get(&format!("/bulk/v1/leads/batch/{}.json", batches[0]), &token)
+        .await;
+    assert_eq!(status["result"][0]["status"], "Importing");
+    let stats = harness.sim.stats().bulk;
+    assert_eq!((stats.import.max_processing, stats.import.max_queued), (2, 8));
+    assert_eq!(stats.extract.completed, 1);
 }
 
 // ------------------------------------------------------------------- usage

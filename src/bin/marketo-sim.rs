@@ -35,9 +35,15 @@ struct Args {
     /// Time every call takes (e.g. 50ms).
     #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
     latency: Duration,
-    /// Time a bulk export takes once enqueued.
+    /// Time a bulk export spends processing.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     export_time: Duration,
+    /// Time a bulk import spends processing.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    import_time: Duration,
+    /// Export file bytes allowed a day.
+    #[arg(long, default_value_t = marketo_proxy::marketo::limits::EXPORT_DAILY_BYTES)]
+    export_daily_bytes: u64,
     /// Time zone whose midnight resets the daily quota.
     #[arg(long, default_value = "America/Chicago")]
     timezone: chrono_tz::Tz,
@@ -73,6 +79,8 @@ async fn main() -> anyhow::Result<()> {
         token_ttl: args.token_ttl,
         latency: args.latency,
         export_time: args.export_time,
+        import_time: args.import_time,
+        export_daily_bytes: args.export_daily_bytes,
         clients,
         timezone: args.timezone,
         leads: args.leads,

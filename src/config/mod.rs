@@ -110,6 +110,45 @@ pub struct Config {
     /// Bytes the kept answers may take at most, keys included; the least
     /// recently used go first.
     pub cache_max_bytes: NonZeroUsize,
+    /// Admission to Marketo's bulk extract and import queues.
+    pub bulk: BulkConfig,
+}
+
+/// Marketo's bulk queues, shared by every service. The defaults are
+/// Marketo's documented limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BulkConfig {
+    /// Export jobs in the extract queue at once, processing ones included.
+    pub extract_queue: NonZeroU32,
+    /// Import jobs in the import queue at once, processing ones included.
+    pub import_queue: NonZeroU32,
+    /// Export file bytes (their `fileSize`) allowed a day.
+    pub export_daily_bytes: NonZeroU64,
+    /// A job in a queue not heard about for this long gets a status call
+    /// from the proxy.
+    #[serde(with = "humantime_serde")]
+    pub poll_after: Duration,
+    /// At most one status call of the proxy's own per this.
+    #[serde(with = "humantime_serde")]
+    pub poll_pace: Duration,
+    /// After Marketo says a queue is full (jobs the proxy did not see),
+    /// nothing more is enqueued there for this long, unless a job leaves.
+    #[serde(with = "humantime_serde")]
+    pub pause: Duration,
+}
+
+impl Default for BulkConfig {
+    fn default() -> Self {
+        Self {
+            extract_queue: const { NonZeroU32::new(limits::BULK_QUEUE).expect("not zero") },
+            import_queue: const { NonZeroU32::new(limits::BULK_QUEUE).expect("not zero") },
+            export_daily_bytes: const { NonZeroU64::new(limits::EXPORT_DAILY_BYTES).expect("not zero") },
+            poll_after: Duration::from_secs(60),
+            poll_pace: Duration::from_secs(2),
+            pause: Duration::from_secs(10),
+        }
+    }
 }
 
 /// The tokens the proxy issues at its `/identity/oauth/token`.
@@ -149,6 +188,7 @@ impl Default for Config {
             coalesce_reads: true,
             cache: Vec::new(),
             cache_max_bytes: const { NonZeroUsize::new(64 * 1024 * 1024).expect("not zero") },
+            bulk: BulkConfig::default(),
         }
     }
 }

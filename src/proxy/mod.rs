@@ -36,7 +36,8 @@
 //!     request that waited does not carry a stale one.
 //! 15. [`send`]: the call to Marketo.
 //!
-//! Layers 12 to 15 are [`forward`]; the proxy's own calls (its reading of
+//! Layers 12 to 15 are [`forward`], with [`crate::bulk::layer`] on top of
+//! them for bulk calls; the proxy's own calls (its reading of
 //! Marketo's usage report) go through them too. Per-request facts travel
 //! in the request's extensions: the guard puts the [`Target`] there, the
 //! caller layer the [`Caller`] and the [`Deadline`]; answers carry their
@@ -113,6 +114,8 @@ pub struct Components {
     pub ratelimit_headers: bool,
     /// How identical reads share calls.
     pub share: share::ShareLayer,
+    /// The bulk jobs seen and admission to Marketo's bulk queues.
+    pub bulk: Arc<crate::bulk::BulkJobs>,
 }
 
 /// The whole request path, for the proxy listener.
@@ -186,6 +189,9 @@ pub fn forward(
 + Sync
 + 'static {
     ServiceBuilder::new()
+        // Bulk jobs: an enqueue holds its place in Marketo's queue across
+        // its replays; a prefix check for every other call.
+        .layer(crate::bulk::layer::BulkLayer::new(Arc::clone(&components.bulk)))
         .layer(ReplayLayer::new(
             Arc::clone(&components.admission),
             components.limits.clone(),
@@ -222,6 +228,7 @@ mod tests {
             share: share::ShareLayer::new(&config, tokens.users(), Arc::clone(&admission)),
             tokens,
             admission,
+            bulk: crate::bulk::BulkJobs::new(&config, metrics.clone()),
             limits: None,
             upstream,
             metrics,

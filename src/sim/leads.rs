@@ -1,39 +1,21 @@
-//! The simulated lead database and bulk lead export jobs: enough of the
-//! Lead Database API for clients and tests to do real work through the
-//! proxy.
+//! The simulated lead database: enough of the Lead Database API for
+//! clients and tests to do real work through the proxy, and the rows of
+//! the export files the bulk queues ([`super::bulk`]) write.
 
 use std::collections::BTreeMap;
 
 use serde_json::{Map, Value, json};
-use tokio::time::{Duration, Instant};
 
 /// A lead is a bag of fields, like Marketo's.
 pub type Lead = Map<String, Value>;
 
 /// Fields every lead has, in the order Marketo lists them.
-const DEFAULT_FIELDS: [&str; 6] = ["id", "updatedAt", "lastName", "email", "createdAt", "firstName"];
-
-/// Bulk extract jobs allowed to wait in the queue (Marketo: 10).
-const MAX_QUEUED_EXPORTS: usize = 10;
+pub(crate) const DEFAULT_FIELDS: [&str; 6] =
+    ["id", "updatedAt", "lastName", "email", "createdAt", "firstName"];
 
 pub(crate) struct LeadStore {
     leads: BTreeMap<u64, Lead>,
     next_id: u64,
-    exports: BTreeMap<String, Export>,
-    next_export: u64,
-}
-
-struct Export {
-    fields: Vec<String>,
-    created_at: String,
-    status: ExportStatus,
-}
-
-#[derive(Clone, Copy)]
-enum ExportStatus {
-    Created,
-    Queued { ready_at: Instant },
-    Cancelled,
 }
 
 /// An answer of the lead endpoints: `Ok(result)` or a Marketo error.
@@ -45,8 +27,6 @@ impl LeadStore {
         let mut store = Self {
             leads: BTreeMap::new(),
             next_id: 1,
-            exports: BTreeMap::new(),
-            next_export: 1,
         };
         for _ in 0..count {
             let id = store.next_id;
@@ -206,90 +186,13 @@ impl LeadStore {
         Ok(Value::Array(result))
     }
 
-    /// `POST /bulk/v1/leads/export/create.json`
-    pub fn create_export(&mut self, body: &Value) -> LeadAnswer {
-        let fields: Vec<String> = body
-            .get("fields")
-            .and_then(Value::as_array)
-            .map(|fields| {
-                fields
-                    .iter()
-                    .filter_map(Value::as_str)
-                    .map(str::to_owned)
-                    .collect()
-            })
-            .filter(|fields: &Vec<String>| !fields.is_empty())
-            .unwrap_or_else(|| DEFAULT_FIELDS.iter().map(|field| (*field).to_owned()).collect());
-        let id = format!("{:08x}-sim0-export-{:04}", self.next_export, self.next_export);
-        self.next_export += 1;
-        let created_at = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string();
-        self.exports.insert(
-            id.clone(),
-            Export {
-                fields,
-                created_at,
-                status: ExportStatus::Created,
-            },
-        );
-        Ok(json!([self.describe(&id, Instant::now())]))
-    }
-
-    /// `POST /bulk/v1/leads/export/{id}/enqueue.json`
-    pub fn enqueue_export(&mut self, id: &str, processing: Duration) -> LeadAnswer {
-        let now = Instant::now();
-        let queued = self
-            .exports
-            .values()
-            .filter(|export| matches!(export.status, ExportStatus::Queued { ready_at } if ready_at > now))
-            .count();
-        if queued >= MAX_QUEUED_EXPORTS {
-            return Err((
-                crate::marketo::code::TOO_MANY_JOBS,
-                "Too many jobs in queue".to_owned(),
-            ));
-        }
-        let export = self.exports.get_mut(id).ok_or_else(export_not_found)?;
-        if !matches!(export.status, ExportStatus::Created) {
-            return Err((
-                crate::marketo::code::INVALID_VALUE,
-                "Export already enqueued".to_owned(),
-            ));
-        }
-        export.status = ExportStatus::Queued {
-            ready_at: now + processing,
-        };
-        Ok(json!([self.describe(id, now)]))
-    }
-
-    /// `GET /bulk/v1/leads/export/{id}/status.json`
-    pub fn export_status(&self, id: &str) -> LeadAnswer {
-        if !self.exports.contains_key(id) {
-            return Err(export_not_found());
-        }
-        Ok(json!([self.describe(id, Instant::now())]))
-    }
-
-    /// `POST /bulk/v1/leads/export/{id}/cancel.json`
-    pub fn cancel_export(&mut self, id: &str) -> LeadAnswer {
-        let export = self.exports.get_mut(id).ok_or_else(export_not_found)?;
-        export.status = ExportStatus::Cancelled;
-        Ok(json!([self.describe(id, Instant::now())]))
-    }
-
-    /// The CSV rows of a completed export, or why there are none.
-    pub fn export_file(&self, id: &str) -> Result<Vec<String>, (&'static str, String)> {
-        let export = self.exports.get(id).ok_or_else(export_not_found)?;
-        if status_name(export.status, Instant::now()) != "Completed" {
-            return Err((
-                crate::marketo::code::INVALID_VALUE,
-                "Export not completed".to_owned(),
-            ));
-        }
+    /// The CSV rows of an export of `fields`: a header, then one row per
+    /// lead.
+    pub fn rows(&self, fields: &[String]) -> Vec<String> {
         let mut rows = Vec::with_capacity(self.leads.len() + 1);
-        rows.push(format!("{}\n", export.fields.join(",")));
+        rows.push(format!("{}\n", fields.join(",")));
         for lead in self.leads.values() {
-            let cells: Vec<String> = export
-                .fields
+            let cells: Vec<String> = fields
                 .iter()
                 .map(|field| match lead.get(field) {
                     Some(Value::String(text)) => csv_cell(text),
@@ -299,33 +202,7 @@ impl LeadStore {
                 .collect();
             rows.push(format!("{}\n", cells.join(",")));
         }
-        Ok(rows)
-    }
-
-    fn describe(&self, id: &str, now: Instant) -> Value {
-        let Some(export) = self.exports.get(id) else {
-            return Value::Null;
-        };
-        let status = status_name(export.status, now);
-        let mut value = json!({
-            "exportId": id,
-            "format": "CSV",
-            "status": status,
-            "createdAt": export.created_at,
-        });
-        if status == "Completed" {
-            value["numberOfRecords"] = json!(self.leads.len());
-        }
-        value
-    }
-}
-
-fn status_name(status: ExportStatus, now: Instant) -> &'static str {
-    match status {
-        ExportStatus::Created => "Created",
-        ExportStatus::Queued { ready_at } if ready_at > now => "Queued",
-        ExportStatus::Queued { .. } => "Completed",
-        ExportStatus::Cancelled => "Cancelled",
+        rows
     }
 }
 
@@ -352,10 +229,6 @@ fn project(lead: &Lead, fields: Option<&str>) -> Value {
 
 fn skipped(code: &str, message: &str) -> Value {
     json!({"status": "skipped", "reasons": [{"code": code, "message": message}]})
-}
-
-fn export_not_found() -> (&'static str, String) {
-    (crate::marketo::code::NOT_FOUND, "Export job not found".to_owned())
 }
 
 fn csv_cell(text: &str) -> String {

@@ -12,6 +12,7 @@
 //! Tests, the demo and the benchmarks start it in process on an ephemeral
 //! port with [`Simulator::spawn`]; the `marketo-sim` binary wraps it.
 
+mod bulk;
 mod leads;
 mod state;
 mod tls;
@@ -34,6 +35,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+pub use bulk::{BulkStats, MAX_IN_QUEUE, MAX_PROCESSING, Occupancy, QueueStats};
 pub use state::{Arrival, FailNext, Failure, Faults, Stats};
 pub use tls::{TlsSetupError, server_config};
 
@@ -52,8 +54,12 @@ pub struct SimConfig {
     pub token_ttl: Duration,
     /// Time each call takes inside the instance.
     pub latency: Duration,
-    /// Time a bulk export takes from enqueue to completed.
+    /// Time a bulk export spends processing.
     pub export_time: Duration,
+    /// Time a bulk import spends processing.
+    pub import_time: Duration,
+    /// Export file bytes allowed a day (Marketo: 500 MB).
+    pub export_daily_bytes: u64,
     /// API users allowed to ask for tokens.
     pub clients: Vec<SimClient>,
     /// Where the day (and the daily quota) starts.
@@ -72,6 +78,8 @@ impl Default for SimConfig {
             token_ttl: limits::TOKEN_TTL,
             latency: Duration::from_millis(50),
             export_time: Duration::from_secs(2),
+            import_time: Duration::from_secs(2),
+            export_daily_bytes: limits::EXPORT_DAILY_BYTES,
             clients: vec![SimClient::demo()],
             timezone: chrono_tz::America::Chicago,
             leads: 1000,
@@ -210,7 +218,7 @@ impl Simulator {
 
     /// Counters and arrivals so far.
     pub fn stats(&self) -> Stats {
-        self.state.lock().stats.clone()
+        self.state.stats()
     }
 
     /// Injects faults, as `POST /_sim/faults` does.
@@ -472,6 +480,14 @@ impl Simulator {
     fn route(&self, method: &Method, path: &str, params: &BTreeMap<String, String>, body: &Bytes) -> Routed {
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
         let mut inner = self.state.lock();
+        if let Some(endpoint) = crate::bulk::endpoint::Endpoint::parse(method, path) {
+            let state::Inner { bulk, leads, .. } = &mut *inner;
+            let context = self.state.bulk_context(leads);
+            return match bulk.answer(&endpoint, params, body, &context) {
+                bulk::BulkReply::Json(answer) => Routed::Json(answer),
+                bulk::BulkReply::File(rows) => Routed::File(rows),
+            };
+        }
         let leads = &mut inner.leads;
         let answer = match (method, segments.as_slice()) {
             (&Method::GET, ["rest", "v1", "lead", file]) => {
@@ -496,23 +512,6 @@ impl Simulator {
                 return Routed::Json(Ok(
                     json!([{"date": day.to_string(), "total": total, "users": users}]),
                 ));
-            }
-            (&Method::POST, ["bulk", "v1", "leads", "export", "create.json"]) => {
-                match serde_json::from_slice::<Value>(body) {
-                    Ok(body) => leads.create_export(&body),
-                    Err(_) => Err((code::INVALID_JSON, "Invalid JSON".to_owned())),
-                }
-            }
-            (&Method::POST, ["bulk", "v1", "leads", "export", id, "enqueue.json"]) => {
-                leads.enqueue_export(id, self.state.config.export_time)
-            }
-            (&Method::POST, ["bulk", "v1", "leads", "export", id, "cancel.json"]) => leads.cancel_export(id),
-            (&Method::GET, ["bulk", "v1", "leads", "export", id, "status.json"]) => leads.export_status(id),
-            (&Method::GET, ["bulk", "v1", "leads", "export", id, "file.json"]) => {
-                return match leads.export_file(id) {
-                    Ok(rows) => Routed::File(rows),
-                    Err(error) => Routed::Json(Err(error)),
-                };
             }
             _ => Err((code::NOT_FOUND, "Requested resource not found".to_owned())),
         };

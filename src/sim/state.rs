@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use super::SimConfig;
+use super::bulk::{BulkQueues, BulkStats, BulkTimes, Context};
 use super::leads::LeadStore;
 use crate::marketo::code;
 
@@ -41,6 +42,7 @@ pub(crate) struct Inner {
     pub faults: FaultState,
     pub stats: Stats,
     pub leads: LeadStore,
+    pub bulk: BulkQueues,
 }
 
 impl Inner {
@@ -110,6 +112,9 @@ pub struct Faults {
     pub drop_next: u32,
     /// Answer the next N identity calls with HTTP 503.
     pub identity_fail_next: u32,
+    /// The next N bulk jobs enqueued end `Failed`.
+    #[serde(default)]
+    pub bulk_fail_next: u32,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -158,6 +163,9 @@ pub struct Stats {
     /// certificate.
     #[serde(default)]
     pub tls_failed_handshakes: u64,
+    /// The bulk queues' occupancy over time and their jobs.
+    #[serde(default)]
+    pub bulk: BulkStats,
     /// Every arrival, in order.
     pub arrivals: Vec<Arrival>,
 }
@@ -223,6 +231,7 @@ impl State {
                 faults: FaultState::default(),
                 stats: Stats::default(),
                 leads,
+                bulk: BulkQueues::new(day),
             }),
         }
     }
@@ -230,6 +239,32 @@ impl State {
     pub fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic in a handler must not take the whole instance down.
         self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Counters and arrivals so far, with the bulk queues brought up to
+    /// now.
+    pub fn stats(&self) -> Stats {
+        let mut inner = self.lock();
+        let Inner { bulk, leads, .. } = &mut *inner;
+        bulk.advance(&self.bulk_context(leads));
+        let mut stats = inner.stats.clone();
+        stats.bulk = inner.bulk.stats.clone();
+        stats
+    }
+
+    /// What the bulk queues need to answer a call now.
+    pub fn bulk_context<'a>(&self, leads: &'a LeadStore) -> Context<'a> {
+        Context {
+            leads,
+            times: BulkTimes {
+                export: self.config.export_time,
+                import: self.config.import_time,
+                export_daily_bytes: self.config.export_daily_bytes,
+            },
+            started: self.started,
+            now: Instant::now(),
+            today: today(&self.config),
+        }
     }
 
     pub fn seconds_since_start(&self) -> f64 {
@@ -370,6 +405,7 @@ impl State {
         inner.faults.hang_next += faults.hang_next;
         inner.faults.drop_next += faults.drop_next;
         inner.faults.identity_fail_next += faults.identity_fail_next;
+        inner.bulk.fail_next += faults.bulk_fail_next;
     }
 
     /// Records an answered call.

@@ -1,0 +1,73 @@
+//! The proxy's own status calls for bulk jobs: a job in a queue that no
+//! client has asked about for `bulk.poll_after` (for `bulk.poll_pace`
+//! while an enqueue waits for a place) gets a status call, and after
+//! Marketo said a queue was full the export lists are read to find the
+//! jobs started elsewhere. At most one call per `bulk.poll_pace`, through
+//! the same replays, admission and token as any call, under the proxy's
+//! own name; the bulk layer takes what the answers say.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, header};
+use tokio::time::Instant;
+use tower::ServiceExt;
+
+use super::BulkJobs;
+use crate::auth::Caller;
+use crate::error::ProxyError;
+use crate::proxy::call::Call;
+use crate::proxy::caller::Deadline;
+use crate::target;
+use crate::usage_sync::Forward;
+
+/// Reads the status of bulk jobs; see the module documentation.
+pub struct StatusPoller {
+    pub jobs: Arc<BulkJobs>,
+    pub forward: Forward,
+    /// The proxy's own name.
+    pub caller: Caller,
+    pub max_wait: Duration,
+}
+
+impl StatusPoller {
+    /// Polls for as long as it is polled itself.
+    pub async fn run(self) {
+        let pace = self.jobs.poll_pace().max(Duration::from_millis(10));
+        loop {
+            // Woken early when someone starts waiting or a queue is found
+            // full, but never more often than the pace.
+            let woken = self.jobs.poller_woken().notified();
+            tokio::select! {
+                () = tokio::time::sleep(pace) => {}
+                () = woken => tokio::time::sleep(pace / 4).await,
+            }
+            let Some(path) = self.jobs.next_poll() else {
+                continue;
+            };
+            if let Err(error) = self.get(&path).await {
+                tracing::debug!(%error, "bulk status call failed");
+            }
+        }
+    }
+
+    async fn get(&self, path_and_query: &str) -> Result<(), ProxyError> {
+        let (path, query) = match path_and_query.split_once('?') {
+            Some((path, query)) => (path, Some(query)),
+            None => (path_and_query, None),
+        };
+        let mut request = Request::new(Bytes::new());
+        *request.method_mut() = Method::GET;
+        request
+            .headers_mut()
+            .insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+        let extensions = request.extensions_mut();
+        extensions.insert(target::normalise(path, query)?);
+        extensions.insert(self.caller.clone());
+        extensions.insert(Deadline::after(Instant::now(), self.max_wait));
+        // The answer matters to the bulk layer only, which has read it.
+        self.forward.clone().oneshot(Call::from_request(request)?).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,326 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Bulk admission end to end: the simulator's extract queue behind a real
+//! proxy, integrations calling it over real sockets.
+//!
+//! Marketo holds 10 jobs in its extract queue and runs 2 of them; past
+//! that it answers 1029, and past its daily export bytes too. These tests
+//! check that three integrations starting exports at once never meet a
+//! 1029 from Marketo, that the proxy refuses an export itself once the
+//! day's bytes are spent (and still does after a restart), and that jobs
+//! started outside the proxy are absorbed without an error to the client.
+
+mod support;
+
+use std::time::Duration;
+
+use marketo_proxy::app;
+use marketo_proxy::config::Config;
+use marketo_proxy::sim::{SimClient, SimConfig, Simulator};
+use serde_json::{Value, json};
+use support::{eventually, metric, send_json};
+
+const KEYS: [(&str, &str); 3] = [
+    ("crm-sync", "bulk-key-crm-sync-0123456789"),
+    ("warehouse", "bulk-key-warehouse-0123456789"),
+    ("analytics", "bulk-key-analytics-0123456789"),
+];
+
+/// A simulator whose exports take `export_time`, with a window large
+/// enough for clients that poll often.
+fn sim(export_time: Duration) -> SimConfig {
+    SimConfig {
+        latency: Duration::ZERO,
+        export_time,
+        window_calls: 100_000,
+        leads: 50,
+        ..SimConfig::default()
+    }
+}
+
+/// Three services in front of `sim_url`, with `bulk:` and `state:` as
+/// YAML flow mappings.
+fn config(sim_url: &str, bulk: &str, state: &str) -> Config {
+    let services: String = KEYS
+        .iter()
+        .map(|(name, key)| format!("  - name: {name}\n    api_key: {key}\n"))
+        .collect();
+    let yaml = format!(
+        r#"
+marketo:
+  base_url: {sim_url}
+  client_id: demo-client
+  client_secret: demo-secret
+limits: {{ window_calls: 100000 }}
+services:
+{services}
+bulk: {bulk}
+state: {state}
+"#
+    );
+    Config::from_yaml_with_env(&yaml, |_| None).expect("test config is valid")
+}
+
+/// An integration calling the proxy with its API key.
+struct Integration {
+    proxy: String,
+    key: &'static str,
+    http: reqwest::Client,
+}
+
+impl Integration {
+    fn new(proxy: &str, key: &'static str) -> Self {
+        Self {
+            proxy: proxy.to_owned(),
+            key,
+            http: support::client(),
+        }
+    }
+
+    async fn post(&self, path: &str, body: Value) -> reqwest::Response {
+        self.http
+            .post(format!("{}{path}", self.proxy))
+            .header("X-Api-Key", self.key)
+            .json(&body)
+            .send()
+            .await
+            .expect("proxy answers")
+    }
+
+    async fn get(&self, path: &str) -> Value {
+        send_json(
+            self.http
+                .get(format!("{}{path}", self.proxy))
+                .header("X-Api-Key", self.key),
+        )
+        .await
+    }
+
+    /// Creates a lead export; its id.
+    async fn create(&self) -> String {
+        let created: Value = self
+            .post("/bulk/v1/leads/export/create.json", json!({"format": "CSV"}))
+            .await
+            .json()
+            .await
+            .unwrap();
+        created["result"][0]["exportId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no export id in {created}"))
+            .to_owned()
+    }
+
+    async fn enqueue(&self, id: &str) -> Value {
+        self.post(&format!("/bulk/v1/leads/export/{id}/enqueue.json"), json!({}))
+            .await
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Polls the job's status until it completes; its last status.
+    async fn completed(&self, id: &str) -> Value {
+        eventually(Duration::from_secs(20), async || {
+            let status = self.get(&format!("/bulk/v1/leads/export/{id}/status.json")).await;
+            match status["result"][0]["status"].as_str() {
+                Some("Completed") => Ok(status),
+                _ => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    Err(status)
+                }
+            }
+        })
+        .await
+    }
+
+    /// Creates, enqueues and waits for one export; the enqueue's answer.
+    async fn export(&self) -> Value {
+        let id = self.create().await;
+        let enqueued = self.enqueue(&id).await;
+        if enqueued["success"] == json!(true) {
+            self.completed(&id).await;
+        }
+        enqueued
+    }
+}
+
+fn code(body: &Value) -> &str {
+    if body["success"] == json!(true) {
+        "ok"
+    } else {
+        body["errors"][0]["code"].as_str().unwrap_or("?")
+    }
+}
+
+#[tokio::test]
+async fn three_services_enqueuing_five_exports_at_once_never_meet_marketos_1029() {
+    let sim = Simulator::spawn(sim(Duration::from_millis(200))).await.unwrap();
+    let proxy = app::spawn(config(
+        &sim.url(),
+        "{ poll_pace: 50ms, poll_after: 1s }",
+        "{ file: ~, usage_sync_interval: 0s }",
+    ))
+    .await
+    .unwrap();
+    support::wait_ready(&proxy).await;
+
+    let integrations: Vec<Integration> = KEYS
+        .iter()
+        .flat_map(|(_, key)| std::iter::repeat_n(*key, 5))
+        .map(|key| Integration::new(&proxy.url(), key))
+        .collect();
+    let answers = futures_util::future::join_all(integrations.iter().map(Integration::export)).await;
+
+    for answer in &answers {
+        assert_eq!(code(answer), "ok", "every enqueue taken: {answer}");
+    }
+    let stats = sim.stats();
+    assert_eq!(stats.code("1029"), 0, "Marketo never said its queue was full");
+    let queue = &stats.bulk.extract;
+    assert_eq!(queue.completed, 15);
+    assert!(queue.max_processing <= 2, "{queue:?}");
+    assert!(queue.max_in_queue <= 10, "{queue:?}");
+    assert_eq!(queue.max_in_queue, 10, "the queue was used to the full");
+
+    let usage = support::usage(&proxy.admin_url()).await;
+    for (name, _) in KEYS {
+        assert_eq!(usage["bulk"]["services"][name]["jobs"], 5, "{usage}");
+        assert!(usage["bulk"]["services"][name]["export_bytes"].as_u64().unwrap() > 0);
+    }
+    let text = support::metrics_text(&proxy.admin_url()).await;
+    assert_eq!(
+        metric(
+            &text,
+            r#"marketo_proxy_bulk_jobs{kind="leads",state="completed"}"#
+        ),
+        Some(15.0),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn the_daily_export_bytes_are_enforced_locally_and_kept_across_a_restart() {
+    let sim = Simulator::spawn(sim(Duration::from_millis(50))).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = dir.path().join("usage.json");
+    let state = format!("{{ file: {}, usage_sync_interval: 0s }}", ledger.display());
+    // One export of 50 leads is more than the day allows.
+    let bulk = "{ export_daily_bytes: 100, poll_pace: 50ms }";
+    let proxy = app::spawn(config(&sim.url(), bulk, &state)).await.unwrap();
+    support::wait_ready(&proxy).await;
+    let crm = Integration::new(&proxy.url(), KEYS[0].1);
+    assert_eq!(code(&crm.export().await), "ok");
+
+    let creates = |sim: &marketo_proxy::sim::SimHandle| {
+        sim.stats()
+            .arrivals
+            .iter()
+            .filter(|arrival| arrival.target.ends_with("/create.json"))
+            .count()
+    };
+    let warehouse = Integration::new(&proxy.url(), KEYS[1].1);
+    let refused = warehouse
+        .post("/bulk/v1/activities/export/create.json", json!({}))
+        .await;
+    let retry_after: u64 = refused.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let refused: Value = refused.json().await.unwrap();
+    assert_eq!(code(&refused), "1029", "{refused}");
+    assert!(
+        refused["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Export daily quota exceeded")
+    );
+    assert!(
+        (1..=25 * 3600).contains(&retry_after),
+        "until the reset: {retry_after}"
+    );
+    assert_eq!(creates(&sim), 1, "the refused create never reached Marketo");
+    let text = support::metrics_text(&proxy.admin_url()).await;
+    assert_eq!(
+        metric(&text, "marketo_proxy_bulk_export_bytes_remaining"),
+        Some(0.0)
+    );
+    let crm_bytes = metric(
+        &text,
+        r#"marketo_proxy_bulk_export_bytes_total{service="crm-sync"}"#,
+    )
+    .unwrap();
+    assert!(crm_bytes > 100.0, "{text}");
+
+    proxy.shutdown().await.unwrap();
+    let proxy = app::spawn(config(&sim.url(), bulk, &state)).await.unwrap();
+    support::wait_ready(&proxy).await;
+    let usage = support::usage(&proxy.admin_url()).await;
+    assert_eq!(usage["bulk"]["services"]["crm-sync"]["jobs"], 1, "{usage}");
+    assert_eq!(
+        usage["bulk"]["services"]["crm-sync"]["export_bytes"].as_f64(),
+        Some(crm_bytes)
+    );
+    assert_eq!(usage["bulk"]["export_bytes_remaining"], 0);
+    let warehouse = Integration::new(&proxy.url(), KEYS[1].1);
+    let refused: Value = warehouse
+        .post("/bulk/v1/leads/export/create.json", json!({}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(code(&refused), "1029", "still spent after the restart");
+    assert_eq!(creates(&sim), 1);
+}
+
+#[tokio::test]
+async fn a_queue_filled_outside_the_proxy_is_waited_out_without_an_error_to_the_client() {
+    let sim = Simulator::spawn(sim(Duration::from_millis(300))).await.unwrap();
+    let proxy = app::spawn(config(
+        &sim.url(),
+        "{ poll_pace: 50ms, pause: 200ms }",
+        "{ file: ~, usage_sync_interval: 0s }",
+    ))
+    .await
+    .unwrap();
+    support::wait_ready(&proxy).await;
+
+    // Another integration, straight to Marketo, fills the queue.
+    let http = support::client();
+    let demo = SimClient::demo();
+    let token: Value = send_json(http.get(format!(
+        "{}/identity/oauth/token?grant_type=client_credentials&client_id={}&client_secret={}",
+        sim.url(),
+        demo.client_id,
+        demo.client_secret
+    )))
+    .await;
+    let token = token["access_token"].as_str().unwrap().to_owned();
+    for _ in 0..10 {
+        let created = send_json(
+            http.post(format!("{}/bulk/v1/leads/export/create.json", sim.url()))
+                .bearer_auth(&token)
+                .json(&json!({})),
+        )
+        .await;
+        let id = created["result"][0]["exportId"].as_str().unwrap();
+        let enqueued = send_json(
+            http.post(format!("{}/bulk/v1/leads/export/{id}/enqueue.json", sim.url()))
+                .bearer_auth(&token),
+        )
+        .await;
+        assert_eq!(code(&enqueued), "ok");
+    }
+
+    let crm = Integration::new(&proxy.url(), KEYS[0].1);
+    let enqueued = crm.export().await;
+
+    assert_eq!(code(&enqueued), "ok", "the client saw no error: {enqueued}");
+    let stats = sim.stats();
+    assert!(stats.code("1029") >= 1, "Marketo did say its queue was full");
+    assert_eq!(stats.bulk.extract.completed, 11);
+    let listed = stats
+        .arrivals
+        .iter()
+        .any(|arrival| arrival.target.starts_with("/bulk/v1/leads/export.json"));
+    assert!(listed, "the proxy read the queue's jobs again");
+}
