@@ -1807,7 +1807,15 @@ fn kubernetes_shared_deployment_runs_two_replicas_behind_a_service_with_a_disrup
         .find(|service| labels_match(&service["spec"]["selector"], labels))
         .expect("a Service for the proxy");
     assert_eq!(service["spec"]["ports"][0]["port"].as_u64(), Some(8080));
-    assert_eq!(yaml_str(&service["spec"], "sessionAffinity"), Some("ClientIP"));
+    // The replicas share auth.token_key: either one accepts a client's
+    // token, so the Service needs no affinity.
+    assert_eq!(yaml_str(&service["spec"], "sessionAffinity"), None);
+    let config = yaml_documents(&read("kubernetes/shared.yaml"))
+        .into_iter()
+        .find(|document| yaml_str(document, "kind") == Some("ConfigMap"))
+        .and_then(|map| map["data"]["config.yaml"].as_str().map(str::to_owned))
+        .expect("the proxy's ConfigMap");
+    assert!(config.contains("token_key: ${PROXY_TOKEN_KEY}"), "{config}");
     let budgets = of_kind("PodDisruptionBudget");
     assert_eq!(budgets.len(), 1);
     assert!(labels_match(
