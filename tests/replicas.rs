@@ -343,3 +343,70 @@ async fn replicas_share_the_limits_through_redis_over_tls_with_an_acl_user() {
     let metrics = support::metrics_text(&untrusting.admin_url()).await;
     assert_eq!(support::metric(&metrics, "marketo_proxy_backend_up"), Some(0.0));
 }
+
+/// Replica one fills most of the window; Redis then loses everything
+/// (`restart`: restarted without persistence, which drops the replicas'
+/// connections; otherwise `FLUSHALL`, as after a failover to an empty
+/// node, which keeps them); replica two must not take the window for empty.
+async fn the_window_survives_redis_losing_its_data(restart: bool) {
+    let redis = RedisServer::start();
+    let sim = Simulator::spawn(marketo_proxy::sim::SimConfig {
+        window_calls: 10,
+        window: Duration::from_secs(5),
+        ..support::sim_config()
+    })
+    .await
+    .unwrap();
+    let config = || {
+        let mut config = slow_config(&sim.url(), &redis.url(), "empty");
+        config.limits.window_calls = std::num::NonZeroU32::new(10).unwrap();
+        config.limits.window = Duration::from_secs(5);
+        config.limits.max_queue_wait = Duration::from_secs(30);
+        config
+    };
+    let one = app::spawn(config()).await.unwrap();
+    let two = app::spawn(config()).await.unwrap();
+    backend_up(&one).await;
+    backend_up(&two).await;
+    // Both have been busy: each knows how full the instance is.
+    reads(&two, 1).await;
+    reads(&one, 8).await;
+    let redis = if restart {
+        let port = redis.stop();
+        RedisServer::start_on(port)
+    } else {
+        let mut connection = redis.connection().await;
+        redis::cmd("FLUSHALL")
+            .query_async::<()>(&mut connection)
+            .await
+            .unwrap();
+        redis
+    };
+    // Replica one notices within a second and writes its slots again.
+    support::eventually(Duration::from_secs(5), async || {
+        match held_in_redis(&redis, "empty").await {
+            (window, _, _) if window >= 8 => Ok(()),
+            other => Err(other),
+        }
+    })
+    .await;
+    reads(&two, 10).await;
+    let stats = sim.stats();
+    assert_eq!(stats.calls, 19, "{:?}", stats.codes);
+    assert!(
+        stats.max_in_window <= 10,
+        "{} calls in one window",
+        stats.max_in_window
+    );
+    assert_eq!(stats.code("606"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restarted_empty_learns_the_window_again_from_the_replicas() {
+    the_window_survives_redis_losing_its_data(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_lost_its_data_without_a_restart_learns_the_window_again() {
+    the_window_survives_redis_losing_its_data(false).await;
+}

@@ -79,6 +79,8 @@ local function wait(key)
 end
 -- Its asker gave up on it already and released it.
 if redis.call('ZSCORE', KEYS[6], id) then return reply(0, 'released', 0) end
+-- Redis lost the data the asker wrote (its window slots among them).
+if redis.call('GET', KEYS[7]) ~= ARGV[13] then return reply(0, 'lost', 0) end
 if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[4]) then return reply(0, 'concurrency', 25) end
 if redis.call('ZCARD', KEYS[4]) >= tonumber(ARGV[7]) then return reply(0, 'service_concurrency', 25) end
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return reply(0, 'window', wait(KEYS[1])) end
@@ -94,7 +96,7 @@ if tonumber(redis.call('HGET', KEYS[5], ARGV[9]) or '0') >= tonumber(ARGV[10]) t
   return reply(0, 'service_cap', 0)
 end
 local held = 0
-for i = 13, #ARGV, 2 do
+for i = 14, #ARGV, 2 do
   local used = tonumber(redis.call('HGET', KEYS[5], ARGV[i]) or '0')
   held = held + math.max(0, tonumber(ARGV[i + 1]) - used)
 end
@@ -246,6 +248,17 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', tonumber(ARGV[2]))
 return 1
 ";
 
+/// The mark of this Redis's data: made by the first replica to find it
+/// missing, so a Redis that lost its data (restarted without persistence,
+/// or failed over to an empty replica) has a new one. KEYS: epoch. ARGV: a
+/// new mark, used if there is none.
+const EPOCH: &str = r"
+local epoch = redis.call('GET', KEYS[1])
+if epoch then return epoch end
+redis.call('SET', KEYS[1], ARGV[1])
+return ARGV[1]
+";
+
 /// Why Redis could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum SharedError {
@@ -312,6 +325,10 @@ pub struct SharedLimits {
     up: AtomicBool,
     /// Acquisitions on their way to Redis.
     asking: AtomicU32,
+    /// Held while one attempt to get back in touch with Redis runs.
+    recovering: tokio::sync::Mutex<()>,
+    /// Attempts made so far.
+    recoveries: std::sync::atomic::AtomicU64,
     /// Leases of this replica's calls in flight.
     leases: Mutex<Leases>,
     /// Calls per service made while Redis was unreachable, not yet in a
@@ -340,6 +357,9 @@ pub struct SharedLimits {
     /// This replica, for the reconciler's lock.
     replica: String,
     lead: redis::Script,
+    epoch_script: redis::Script,
+    /// The mark of Redis's data as this replica last saw it.
+    epoch: Mutex<Option<String>>,
     acquire: redis::Script,
     undo: redis::Script,
     release: redis::Script,
@@ -406,9 +426,13 @@ impl SharedLimits {
             // share: it never starts on the full limits.
             up: AtomicBool::new(false),
             asking: AtomicU32::new(0),
+            recovering: tokio::sync::Mutex::new(()),
+            recoveries: std::sync::atomic::AtomicU64::new(0),
             leases: Mutex::new(Leases::default()),
             replica: call_id(),
             lead: redis::Script::new(LEAD),
+            epoch_script: redis::Script::new(EPOCH),
+            epoch: Mutex::new(None),
             acquire: redis::Script::new(ACQUIRE),
             undo: redis::Script::new(UNDO),
             release: redis::Script::new(RELEASE),
@@ -541,7 +565,8 @@ impl SharedLimits {
             .arg(&limits.field)
             .arg(limits.cap)
             .arg(DAY_TTL.as_secs())
-            .arg(millis(self.probe_after));
+            .arg(millis(self.probe_after))
+            .arg(lock(&self.epoch).clone().unwrap_or_default());
         for (other, other_limits) in self.services.iter().enumerate() {
             if other != service && other_limits.reserved > 0 {
                 invocation.arg(&other_limits.field).arg(other_limits.reserved);
@@ -551,7 +576,10 @@ impl SharedLimits {
             .call::<(u8, String, u64, u32, u32, u64, i64)>(&invocation)
             .await
         else {
+            // Often only the connection broke (Redis restarted, a network
+            // blip): try at once, so the fallback lasts as short as can be.
             self.fall_back(admission);
+            self.recover(admission).await;
             return Grant::Readmit;
         };
         asked.answered = true;
@@ -564,6 +592,16 @@ impl SharedLimits {
             in_flight,
             day_used,
         };
+        if kind == "lost" {
+            // Write this replica's slots and leases again before anything
+            // is counted on data that lacks them, then admit once more.
+            tracing::warn!(
+                "Redis lost the shared counts (restarted empty?): writing this replica's window slots and leases again"
+            );
+            self.fall_back(admission);
+            self.recover(admission).await;
+            return Grant::Readmit;
+        }
         if granted == 1 {
             self.leases_mut().synced.insert((service, id.clone()), true);
             return Grant::Granted(Lease {
@@ -584,7 +622,7 @@ impl SharedLimits {
     }
 
     /// The keys an acquisition of `service` on `day` touches, in the order
-    /// ACQUIRE and UNDO take them.
+    /// ACQUIRE and UNDO take them (UNDO ignores the last).
     fn acquisition_keys(&self, invocation: &mut redis::ScriptInvocation<'_>, service: usize, day: NaiveDate) {
         invocation
             .key(self.key("window"))
@@ -592,7 +630,8 @@ impl SharedLimits {
             .key(self.service_key("window", service))
             .key(self.service_key("inflight", service))
             .key(self.day_key(day))
-            .key(self.key("done"));
+            .key(self.key("done"))
+            .key(self.key("epoch"));
     }
 
     /// Gives back what the acquisition `id` took, if it ran; tried again
@@ -828,7 +867,7 @@ impl SharedLimits {
             let tick = RETRY_EVERY.min(shared.lease / 3);
             loop {
                 if !shared.is_up() {
-                    shared.try_recover(&admission).await;
+                    shared.recover(&admission).await;
                     if !shared.is_up() {
                         shared.settle_share(&admission);
                     }
@@ -836,6 +875,21 @@ impl SharedLimits {
                     continue;
                 }
                 tokio::time::sleep(tick).await;
+                match shared.same_data().await {
+                    Err(_) => {
+                        shared.fall_back(&admission);
+                        continue;
+                    }
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::warn!(
+                            "Redis lost the shared counts (restarted empty?): writing this replica's window slots and leases again"
+                        );
+                        shared.fall_back(&admission);
+                        shared.recover(&admission).await;
+                        since_renewal = shared.lease;
+                    }
+                }
                 since_renewal += tick;
                 if since_renewal >= shared.lease / 3 {
                     since_renewal = Duration::ZERO;
@@ -845,6 +899,18 @@ impl SharedLimits {
                 }
             }
         }
+    }
+
+    /// Whether Redis still holds the data this replica saw there (`true`
+    /// the first time it looks).
+    async fn same_data(&self) -> Result<bool, SharedError> {
+        let mut invocation = self.epoch_script.prepare_invoke();
+        invocation.key(self.key("epoch")).arg(call_id());
+        let epoch = self.call::<String>(&invocation).await?;
+        let mut known = lock(&self.epoch);
+        let same = known.as_ref().is_none_or(|known| *known == epoch);
+        *known = Some(epoch);
+        Ok(same)
     }
 
     async fn renew_leases(&self) -> Result<(), SharedError> {
@@ -880,6 +946,18 @@ impl SharedLimits {
         }
     }
 
+    /// Gets back in touch with Redis, one attempt at a time; callers that
+    /// waited for another's attempt take its result.
+    async fn recover(&self, admission: &Arc<Admission>) {
+        let seen = self.recoveries.load(Ordering::Acquire);
+        let _attempt = self.recovering.lock().await;
+        if self.is_up() || self.recoveries.load(Ordering::Acquire) != seen {
+            return;
+        }
+        self.try_recover(admission).await;
+        self.recoveries.fetch_add(1, Ordering::AcqRel);
+    }
+
     async fn try_recover(&self, admission: &Arc<Admission>) {
         // A new connection, not the one that failed, and an answer to PING
         // before anything waits on the catch-up.
@@ -890,6 +968,12 @@ impl SharedLimits {
         let ping = redis::cmd("PING");
         let answered = tokio::time::timeout(REDIS_TIMEOUT, ping.query_async::<String>(&mut connection)).await;
         if !matches!(answered, Ok(Ok(_))) {
+            return;
+        }
+        // The mark of the data this replica now writes into: a later change
+        // means Redis lost it.
+        *lock(&self.epoch) = None;
+        if self.same_data().await.is_err() {
             return;
         }
         // Acquisitions whose answers were lost while it was going: give
