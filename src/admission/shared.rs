@@ -327,6 +327,8 @@ pub struct SharedLimits {
     asking: AtomicU32,
     /// Held while one attempt to get back in touch with Redis runs.
     recovering: tokio::sync::Mutex<()>,
+    /// An attempt made at once after a failure is running.
+    reconnecting: AtomicBool,
     /// Attempts made so far.
     recoveries: std::sync::atomic::AtomicU64,
     /// Leases of this replica's calls in flight.
@@ -427,6 +429,7 @@ impl SharedLimits {
             up: AtomicBool::new(false),
             asking: AtomicU32::new(0),
             recovering: tokio::sync::Mutex::new(()),
+            reconnecting: AtomicBool::new(false),
             recoveries: std::sync::atomic::AtomicU64::new(0),
             leases: Mutex::new(Leases::default()),
             replica: call_id(),
@@ -578,8 +581,7 @@ impl SharedLimits {
         else {
             // Often only the connection broke (Redis restarted, a network
             // blip): try at once, so the fallback lasts as short as can be.
-            self.fall_back(admission);
-            self.recover(admission).await;
+            self.reconnect_now(admission).await;
             return Grant::Readmit;
         };
         asked.answered = true;
@@ -598,8 +600,7 @@ impl SharedLimits {
             tracing::warn!(
                 "Redis lost the shared counts (restarted empty?): writing this replica's window slots and leases again"
             );
-            self.fall_back(admission);
-            self.recover(admission).await;
+            self.reconnect_now(admission).await;
             return Grant::Readmit;
         }
         if granted == 1 {
@@ -656,7 +657,7 @@ impl SharedLimits {
         let id = call_id();
         {
             let mut leases = self.leases_mut();
-            if leases.catching_up {
+            if leases.catching_up || self.reconnecting.load(Ordering::Acquire) {
                 return Grant::Wait(Duration::from_millis(50));
             }
             leases.synced.insert((service, id.clone()), false);
@@ -877,7 +878,7 @@ impl SharedLimits {
                 tokio::time::sleep(tick).await;
                 match shared.same_data().await {
                     Err(_) => {
-                        shared.fall_back(&admission);
+                        shared.reconnect_now(&admission).await;
                         continue;
                     }
                     Ok(true) => {}
@@ -885,8 +886,7 @@ impl SharedLimits {
                         tracing::warn!(
                             "Redis lost the shared counts (restarted empty?): writing this replica's window slots and leases again"
                         );
-                        shared.fall_back(&admission);
-                        shared.recover(&admission).await;
+                        shared.reconnect_now(&admission).await;
                         since_renewal = shared.lease;
                     }
                 }
@@ -944,6 +944,17 @@ impl SharedLimits {
                 self.fallback_replicas
             );
         }
+    }
+
+    /// Redis failed just now, or lost its data: one attempt at once to
+    /// get back in touch, during which no call starts on this replica's
+    /// own share (what it knows of the others may be out of date); if it
+    /// fails, the share holds until Redis answers.
+    async fn reconnect_now(&self, admission: &Arc<Admission>) {
+        self.reconnecting.store(true, Ordering::Release);
+        self.fall_back(admission);
+        self.recover(admission).await;
+        self.reconnecting.store(false, Ordering::Release);
     }
 
     /// Gets back in touch with Redis, one attempt at a time; callers that
