@@ -1,6 +1,7 @@
 //! `marketo-proxy`: parse the command line, load the config (exit 64 when
 //! it is bad), bind, and run. All logic lives in the library.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -76,11 +77,13 @@ fn main() -> ExitCode {
 fn check_config(file: &std::path::Path) -> ExitCode {
     match Config::load(file) {
         Ok(config) => {
-            println!("{}: ok", file.display());
+            let mut report = format!("{}: ok\n", file.display());
             for warning in config.warnings() {
-                println!("warning: {warning}");
+                report.push_str(&format!("warning: {warning}\n"));
             }
-            println!("{}", config.summary());
+            report.push_str(&config.summary());
+            // A reader that stops early (`| head`) is not an error of ours.
+            let _ = writeln!(std::io::stdout(), "{report}");
             ExitCode::SUCCESS
         }
         Err(error) => {

@@ -187,3 +187,22 @@ fn check_config_refuses_a_ca_file_without_certificates_and_an_unusable_egress_pr
     );
     assert!(!text.contains("hunter2"), "{text}");
 }
+
+#[test]
+fn check_config_into_a_reader_that_stops_early_still_exits_0() {
+    let mut child = Command::new(PROXY)
+        .args(["check-config", "config/example.yaml"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // `| head -0`: the reader is gone before anything is written.
+    drop(child.stdout.take());
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
