@@ -93,6 +93,7 @@ impl App {
         for warning in config.warnings() {
             tracing::warn!("{warning}");
         }
+        metrics.start_series(&config.counted_names());
         let upstream = Upstream::new(&config.marketo)?;
         let limits = match (&config.state.backend, &config.state.redis) {
             (Backend::Redis, Some(redis)) => Some(SharedLimits::new(&config, redis, metrics.clone())?),

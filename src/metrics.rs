@@ -246,6 +246,33 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition of every metric.
+    /// Starts the series the alert rules watch at 0 for every service: a
+    /// labelled counter that first appears at 1 is no increase to
+    /// Prometheus, and the first 606 or refusal after a start would go
+    /// unnoticed.
+    pub fn start_series(&self, services: &[String]) {
+        for service in services {
+            for outcome in [
+                "ok",
+                "upstream_error",
+                "rejected_rate",
+                "rejected_queue",
+                "rejected_quota",
+            ] {
+                self.requests.with_label_values(&[service.as_str(), outcome]);
+            }
+            for api in ["rest", "asset", "bulk"] {
+                for code in ["606", "607", "615"] {
+                    self.upstream_calls
+                        .with_label_values(&[service.as_str(), api, code]);
+                }
+            }
+        }
+        for result in ["ok", "rejected", "error"] {
+            self.token_refreshes.with_label_values(&[result]);
+        }
+    }
+
     pub fn render(&self) -> String {
         let mut buffer = Vec::new();
         let encoder = TextEncoder::new();

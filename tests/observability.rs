@@ -323,6 +323,22 @@ async fn marketo_counting_more_calls_shrinks_the_remaining_quota() {
 /// serves them on Linux.
 #[cfg(target_os = "linux")]
 #[tokio::test]
+async fn the_series_alerts_watch_start_at_zero_so_the_first_refusal_is_an_increase() {
+    let stack = Stack::start(support::sim_config()).await;
+    let metrics = stack.metrics().await;
+    for series in [
+        r#"marketo_proxy_upstream_calls_total{api="rest",code="606",service="crm-sync"}"#,
+        r#"marketo_proxy_upstream_calls_total{api="bulk",code="607",service="warehouse"}"#,
+        r#"marketo_proxy_upstream_calls_total{api="rest",code="615",service="marketo-proxy"}"#,
+        r#"marketo_proxy_requests_total{outcome="rejected_rate",service="warehouse"}"#,
+        r#"marketo_proxy_requests_total{outcome="upstream_error",service="crm-sync"}"#,
+        r#"marketo_proxy_token_refreshes_total{result="rejected"}"#,
+    ] {
+        assert_eq!(metric(&metrics, series), Some(0.0), "{series} in\n{metrics}");
+    }
+}
+
+#[tokio::test]
 async fn metrics_carry_the_process_families() {
     let stack = Stack::start(support::sim_config()).await;
     let metrics = stack.metrics().await;

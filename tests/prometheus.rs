@@ -265,10 +265,9 @@ async fn prometheus_scrapes_the_proxy_and_every_dashboard_query_and_rule_runs() 
     }
     let replays = "marketo_proxy_replays_total{job=\"marketo-proxy\",reason=\"606\"}";
     for count in [1.0, 2.0] {
-        // Twice, with a scrape in between: `increase` sees a counter grow
-        // only from its second sample on (the first 606 of a service
-        // creates the series at 1), so this is what starts the alert on
-        // Marketo's 606.
+        // Twice, with a scrape in between: the replay counter is created
+        // at 1 by the first replay, and `increase` sees it grow only from
+        // its second sample on (the 606 counter itself starts at 0).
         stack.sim.inject(support::fail_next(1, "606"));
         let replayed = stack.get(CRM_KEY, "/rest/v1/lead/1.json").await;
         assert_eq!(replayed.status(), 200);
@@ -445,7 +444,7 @@ async fn prometheus_scrapes_the_proxy_and_every_dashboard_query_and_rule_runs() 
         Some(&(WAREHOUSE_DAILY_CAP as f64))
     );
     let by_service_and_code =
-        "sum by (service, code) (marketo_proxy_upstream_calls_total{job=\"marketo-proxy\"})";
+        "sum by (service, code) (marketo_proxy_upstream_calls_total{job=\"marketo-proxy\"}) > 0";
     eventually(SCRAPED_WITHIN, async || {
         let data = prometheus.query(by_service_and_code).await.unwrap();
         let scraped: BTreeMap<(String, String), f64> = samples(&data)
