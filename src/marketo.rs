@@ -157,7 +157,12 @@ pub fn error_body(request_id: &str, code: &str, message: &str) -> Bytes {
 /// A fresh access token in Marketo's shape (a UUID and a suffix naming
 /// who issued it): 128 random bits.
 pub fn new_access_token(suffix: &str) -> String {
-    let bytes: [u8; 16] = rand::random();
+    access_token(rand::random(), suffix)
+}
+
+/// `bytes` written as an access token in Marketo's shape: a UUID, then
+/// `:suffix`.
+pub fn access_token(bytes: [u8; 16], suffix: &str) -> String {
     let hex: String = bytes.iter().map(|byte| format!("{byte:02x}")).collect();
     format!(
         "{}-{}-{}-{}-{}:{suffix}",

@@ -666,12 +666,6 @@ impl Admission {
         self.pump(&mut state);
     }
 
-    /// This replica's taken window slots: time left on each answered one,
-    /// and the number still in flight.
-    pub fn window_taken(&self) -> (Vec<Duration>, u32) {
-        self.lock().window.taken(Instant::now())
-    }
-
     /// When each taken slot of the instance's window frees, in wall-clock
     /// time; a call in flight holds its slot a whole window and margin
     /// from now. Saved with the day's counts, so a restart keeps to the

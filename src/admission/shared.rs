@@ -638,18 +638,22 @@ impl SharedLimits {
     /// Gives back what the acquisition `id` took, if it ran; tried again
     /// when Redis is back if it cannot be done now.
     async fn release_unanswered(&self, service: usize, day: NaiveDate, id: String) {
-        let mut invocation = self.undo.prepare_invoke();
-        self.acquisition_keys(&mut invocation, service, day);
-        invocation
-            .arg(&id)
-            .arg(self.field(service))
-            .arg(millis(self.tombstone()));
-        if self.call::<u8>(&invocation).await.is_err() {
+        if self.undo_acquisition(service, day, &id).await.is_err() {
             let mut to_release = lock(&self.to_release);
             if to_release.len() < MAX_TO_RELEASE {
                 to_release.push((service, day, id));
             }
         }
+    }
+
+    async fn undo_acquisition(&self, service: usize, day: NaiveDate, id: &str) -> Result<(), SharedError> {
+        let mut invocation = self.undo.prepare_invoke();
+        self.acquisition_keys(&mut invocation, service, day);
+        invocation
+            .arg(id)
+            .arg(self.field(service))
+            .arg(millis(self.tombstone()));
+        self.call::<u8>(&invocation).await.map(drop)
     }
 
     /// A lease of this replica's own while Redis is unreachable.
@@ -990,12 +994,9 @@ impl SharedLimits {
         // Acquisitions whose answers were lost while it was going: give
         // back what they took before anything else.
         let to_release = std::mem::take(&mut *lock(&self.to_release));
-        let mut remaining = to_release.into_iter();
-        while let Some((service, day, id)) = remaining.next() {
-            let before = lock(&self.to_release).len();
-            self.release_unanswered(service, day, id).await;
-            if lock(&self.to_release).len() > before {
-                lock(&self.to_release).extend(remaining);
+        for (index, (service, day, id)) in to_release.iter().enumerate() {
+            if self.undo_acquisition(*service, *day, id).await.is_err() {
+                lock(&self.to_release).extend_from_slice(&to_release[index..]);
                 return;
             }
         }

@@ -11,7 +11,6 @@
 //! 601 and fetch a new one, as after a Marketo token is revoked.
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -119,18 +118,9 @@ impl Derived {
         let name = self.services.get(service).map_or("", |name| &**name);
         let message = format!("marketo-proxy access token\0{name}\0{hour}");
         let tag = hmac::sign(&self.key, message.as_bytes());
-        let mut hex = String::with_capacity(32);
-        for byte in &tag.as_ref()[..16] {
-            let _ = write!(hex, "{byte:02x}");
-        }
-        format!(
-            "{}-{}-{}-{}-{}:mp",
-            &hex[0..8],
-            &hex[8..12],
-            &hex[12..16],
-            &hex[16..20],
-            &hex[20..32]
-        )
+        let mut bytes = [0u8; 16];
+        bytes.copy_from_slice(&tag.as_ref()[..16]);
+        crate::marketo::access_token(bytes, "mp")
     }
 
     /// The token of `service` at `now` (since the epoch) and its time left.
