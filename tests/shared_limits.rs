@@ -364,3 +364,36 @@ async fn marketo_607_on_one_replica_holds_every_replica_until_a_probe() {
         "Marketo was asked nothing while the day was held"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_usage_reader_keeps_its_lock_and_another_replica_takes_over_when_it_lapses() {
+    use marketo_proxy::admission::shared::SharedLimits;
+    use marketo_proxy::metrics::Metrics;
+
+    let redis = RedisServer::start();
+    let config = replica_config(
+        "http://127.0.0.1:1",
+        &redis.url(),
+        "  window_calls: 100",
+        "reader",
+    );
+    let redis_config = config.state.redis.clone().unwrap();
+    let replica = || SharedLimits::new(&config, &redis_config, Metrics::new()).unwrap();
+    let (reader, other) = (replica(), replica());
+    let hold = Duration::from_millis(300);
+    assert_eq!(reader.lead_reconciliation(hold).await, Some(true));
+    assert_eq!(other.lead_reconciliation(hold).await, Some(false));
+    // The reader renews it at each interval and stays the reader.
+    assert_eq!(reader.lead_reconciliation(hold).await, Some(true));
+    assert_eq!(other.lead_reconciliation(hold).await, Some(false));
+    // The reader is gone (no more renewals): the lock lapses, and the
+    // other replica takes over, which the old reader then cannot.
+    support::eventually(Duration::from_secs(3), async || {
+        match other.lead_reconciliation(hold).await {
+            Some(true) => Ok(()),
+            other => Err(other),
+        }
+    })
+    .await;
+    assert_eq!(reader.lead_reconciliation(hold).await, Some(false));
+}
