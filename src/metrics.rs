@@ -37,6 +37,16 @@ pub struct Metrics {
     pub inflight: IntGauge,
     pub window_used: IntGauge,
     pub window_limit: IntGauge,
+    /// The window limit in force: the configured one (or this replica's
+    /// share), lowered while Marketo's 606s show calls the proxy cannot see.
+    pub window_effective_limit: IntGauge,
+    /// The concurrency limit in force, lowered while Marketo's 615s show
+    /// calls in flight that the proxy cannot see.
+    pub concurrency_effective_limit: IntGauge,
+    /// Calls in the window that the proxy cannot see, as its 606s show.
+    pub foreign_calls_estimate: IntGauge,
+    /// Today's calls from outside the proxy, from Marketo's usage report.
+    pub daily_foreign: IntGauge,
     pub daily_used: IntGaugeVec,
     pub daily_quota: IntGauge,
     pub daily_remaining: IntGauge,
@@ -116,6 +126,26 @@ impl Metrics {
             .expect("valid metric"),
             window_limit: IntGauge::new("marketo_proxy_window_limit", "Calls allowed per rolling window")
                 .expect("valid metric"),
+            window_effective_limit: IntGauge::new(
+                "marketo_proxy_window_effective_limit",
+                "Calls per rolling window in force, lowered while Marketo's 606s show calls from outside the proxy",
+            )
+            .expect("valid metric"),
+            concurrency_effective_limit: IntGauge::new(
+                "marketo_proxy_concurrency_effective_limit",
+                "Calls in flight allowed, lowered while Marketo's 615s show calls from outside the proxy",
+            )
+            .expect("valid metric"),
+            foreign_calls_estimate: IntGauge::new(
+                "marketo_proxy_foreign_calls_estimate",
+                "Calls from outside the proxy in Marketo's rolling window, as its 606s show",
+            )
+            .expect("valid metric"),
+            daily_foreign: IntGauge::new(
+                "marketo_proxy_daily_foreign",
+                "Calls made today from outside the proxy, from Marketo's usage report",
+            )
+            .expect("valid metric"),
             daily_used: IntGaugeVec::new(
                 Opts::new("marketo_proxy_daily_used", "Calls made today by service"),
                 &["service"],
@@ -207,7 +237,7 @@ impl Metrics {
     }
 
     fn register_all(&self) {
-        let collectors: [Box<dyn prometheus::core::Collector>; 22] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 26] = [
             Box::new(self.requests.clone()),
             Box::new(self.upstream_calls.clone()),
             Box::new(self.queue_wait.clone()),
@@ -216,6 +246,10 @@ impl Metrics {
             Box::new(self.inflight.clone()),
             Box::new(self.window_used.clone()),
             Box::new(self.window_limit.clone()),
+            Box::new(self.window_effective_limit.clone()),
+            Box::new(self.concurrency_effective_limit.clone()),
+            Box::new(self.foreign_calls_estimate.clone()),
+            Box::new(self.daily_foreign.clone()),
             Box::new(self.daily_used.clone()),
             Box::new(self.daily_quota.clone()),
             Box::new(self.daily_remaining.clone()),

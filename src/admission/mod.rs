@@ -22,6 +22,7 @@
 //! The same state tells each service where it stands ([`Standing`]), for
 //! the `RateLimit` fields of its answers.
 
+pub mod learn;
 pub mod quota;
 pub mod shared;
 pub mod window;
@@ -37,6 +38,7 @@ use tokio::time::Instant;
 use crate::config::{Config, INTERNAL_SERVICE, LimitsMode};
 use crate::metrics::Metrics;
 use crate::recent::{LastMinuteWaits, WaitCounts};
+use learn::Learned;
 use prometheus::IntGauge;
 use quota::{DailyQuota, QuotaScope, ServiceQuota};
 use window::SlidingWindow;
@@ -137,6 +139,16 @@ struct State {
     /// The instance's limits; the ones in force may be a share of them.
     full_window: u32,
     full_concurrency: u32,
+    /// This replica's share of them (all of them unless Redis is
+    /// unreachable).
+    window_share: u32,
+    concurrency_share: u32,
+    /// What Marketo's 606s and 615s leave of them (see [`learn`]).
+    learned_window: Learned,
+    learned_concurrency: Learned,
+    /// The learned limits as last applied: window, concurrency.
+    learned_limits: (u32, u32),
+    /// The concurrency in force: the least of the share and the learned.
     concurrency: u32,
     in_flight: u32,
     quota: DailyQuota,
@@ -253,6 +265,15 @@ struct Waiter {
     enqueued: Instant,
     deadline: Instant,
     reply: oneshot::Sender<Result<Permit, AdmissionError>>,
+}
+
+/// A limit Marketo refused a call for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// 606: the rolling window.
+    Window,
+    /// 615: calls in flight.
+    Concurrency,
 }
 
 /// What admission looks like right now, for `/usage` and metrics.
@@ -396,6 +417,11 @@ impl Admission {
             window: SlidingWindow::new(limits.window_calls.get(), limits.window, limits.safety_margin),
             full_window: limits.window_calls.get(),
             full_concurrency: limits.concurrency.get(),
+            window_share: limits.window_calls.get(),
+            concurrency_share: limits.concurrency.get(),
+            learned_window: Learned::window(limits.window_calls.get(), limits.window, limits.safety_margin),
+            learned_concurrency: Learned::concurrency(limits.concurrency.get()),
+            learned_limits: (limits.window_calls.get(), limits.concurrency.get()),
             concurrency: limits.concurrency.get(),
             in_flight: 0,
             tallies: vec![Tally::default(); lanes.len()],
@@ -413,6 +439,12 @@ impl Admission {
             started: Instant::now(),
         };
         metrics.window_limit.set(i64::from(limits.window_calls.get()));
+        metrics
+            .window_effective_limit
+            .set(i64::from(limits.window_calls.get()));
+        metrics
+            .concurrency_effective_limit
+            .set(i64::from(limits.concurrency.get()));
         metrics
             .daily_quota
             .set(i64::try_from(limits.daily_quota.get()).unwrap_or(i64::MAX));
@@ -629,13 +661,11 @@ impl Admission {
     pub fn set_share(self: &Arc<Self>, replicas: u32) {
         let replicas = replicas.max(1);
         let mut state = self.lock();
-        let window = (state.full_window / replicas).max(1);
-        let concurrency = (state.full_concurrency / replicas).max(1);
-        state.window.set_limit(window);
-        state.concurrency = concurrency;
+        state.window_share = (state.full_window / replicas).max(1);
+        state.concurrency_share = (state.full_concurrency / replicas).max(1);
         let used = state.quota.used_total();
         state.quota.set_share(u64::from(replicas), used);
-        self.metrics.window_limit.set(i64::from(window));
+        self.metrics.window_limit.set(i64::from(state.window_share));
         self.pump(&mut state);
     }
 
@@ -658,9 +688,8 @@ impl Admission {
         let concurrency_left = state
             .full_concurrency
             .saturating_sub(instance.in_flight.max(own_in_flight));
-        let concurrency = (own_in_flight + concurrency_left / replicas).max(1);
-        state.window.set_limit(window);
-        state.concurrency = concurrency;
+        state.window_share = window;
+        state.concurrency_share = (own_in_flight + concurrency_left / replicas).max(1);
         state.quota.set_share(u64::from(replicas), instance.day_used);
         self.metrics.window_limit.set(i64::from(window));
         self.pump(&mut state);
@@ -721,6 +750,97 @@ impl Admission {
         let until = Instant::now() + pause;
         state.paused_until = Some(state.paused_until.map_or(until, |current| current.max(until)));
         self.pump(&mut state);
+    }
+
+    /// Marketo refused a call for a limit that calls the proxy cannot see
+    /// share: 606 (`Refused::Window`) or 615 (`Refused::Concurrency`). The
+    /// limit in force drops to the proxy's own calls counted against it
+    /// (see [`learn`]). `sent` is when the refused call went out;
+    /// `instance_window` the instance's window as the shared state last
+    /// counted it, when replicas share it.
+    pub fn refused(self: &Arc<Self>, limit: Refused, sent: Instant, instance_window: Option<u32>) {
+        let mut state = self.lock();
+        let now = Instant::now();
+        let (name, lowered) = match limit {
+            Refused::Window => {
+                // The refused call's own slot is among the answered ones.
+                let own = instance_window.unwrap_or_else(|| state.window.answered(now));
+                (
+                    "window",
+                    state.learned_window.refused(now, sent, own.saturating_sub(1)),
+                )
+            }
+            Refused::Concurrency => {
+                let own = state.in_flight.saturating_sub(1);
+                ("concurrency", state.learned_concurrency.refused(now, sent, own))
+            }
+        };
+        if let Some(lowered) = lowered {
+            tracing::warn!(
+                limit = name,
+                from = lowered.from,
+                to = lowered.to,
+                hold_seconds = lowered.hold.as_secs_f64(),
+                "Marketo refused a call that the proxy's own count allowed: calls from outside the proxy \
+                 share the {name}; lowering the {name} limit in force"
+            );
+        }
+        self.pump(&mut state);
+    }
+
+    /// The window and concurrency limits Marketo's refusals leave now (the
+    /// configured ones unless it refused calls lately).
+    pub fn learned_limits(&self) -> (u32, u32) {
+        let state = self.lock();
+        let now = Instant::now();
+        (
+            state.learned_window.limit(now),
+            state.learned_concurrency.limit(now),
+        )
+    }
+
+    /// Sets the limits in force: the least of the share and what Marketo's
+    /// refusals left. Says in the log when a learned limit is back at the
+    /// configured one.
+    fn apply_limits(&self, state: &mut State, now: Instant) {
+        let learned = (
+            state.learned_window.limit(now),
+            state.learned_concurrency.limit(now),
+        );
+        if learned != state.learned_limits {
+            let ceilings = (
+                state.learned_window.ceiling(),
+                state.learned_concurrency.ceiling(),
+            );
+            if learned.0 == ceilings.0 && state.learned_limits.0 < ceilings.0 {
+                tracing::info!(
+                    limit = "window",
+                    to = learned.0,
+                    "the window limit in force is back at the configured one"
+                );
+            }
+            if learned.1 == ceilings.1 && state.learned_limits.1 < ceilings.1 {
+                tracing::info!(
+                    limit = "concurrency",
+                    to = learned.1,
+                    "the concurrency limit in force is back at the configured one"
+                );
+            }
+            state.learned_limits = learned;
+            self.metrics
+                .foreign_calls_estimate
+                .set(i64::from(state.full_window.saturating_sub(learned.0)));
+        }
+        let window = state.window_share.min(learned.0);
+        let concurrency = state.concurrency_share.min(learned.1);
+        if window != state.window.limit() || concurrency != state.concurrency {
+            state.window.set_limit(window);
+            state.concurrency = concurrency;
+            self.metrics.window_effective_limit.set(i64::from(window));
+            self.metrics
+                .concurrency_effective_limit
+                .set(i64::from(concurrency));
+        }
     }
 
     /// Marketo said 607: nothing more until the probe time (see
@@ -918,6 +1038,7 @@ impl Admission {
         if state.paused_until.is_some_and(|until| until <= now) {
             state.paused_until = None;
         }
+        self.apply_limits(state, now);
         while state.queued > 0
             && state.paused_until.is_none()
             && state.in_flight < state.concurrency
@@ -1255,6 +1376,10 @@ impl State {
             }
         };
         consider(self.paused_until);
+        if self.queued > 0 {
+            consider(self.learned_window.next_rise(now));
+            consider(self.learned_concurrency.next_rise(now));
+        }
         for lane in &mut self.lanes {
             consider(lane.queue.front().map(|waiter| waiter.deadline));
         }
@@ -1323,6 +1448,11 @@ impl Permit {
         admission.pump(&mut state);
     }
 
+    /// When the call was sent.
+    pub fn sent_at(&self) -> Instant {
+        self.sent_at
+    }
+
     /// How long the request waited in the queue.
     pub fn queue_wait(&self) -> Duration {
         self.queue_wait
@@ -1386,6 +1516,11 @@ impl Slot {
 
     /// Whether this call probes, for every replica, whether Marketo's day
     /// is spent after its 607.
+    /// When the call was sent.
+    pub fn sent_at(&self) -> Instant {
+        self.permit.sent_at()
+    }
+
     pub fn is_shared_probe(&self) -> bool {
         self.lease.as_ref().is_some_and(shared::Lease::is_probe)
     }

@@ -534,6 +534,11 @@ impl SharedLimits {
         super::quota::local_day(self.timezone, chrono::Utc::now() + offset)
     }
 
+    /// The instance's window slots taken, as the last acquisition saw them.
+    pub fn instance_window(&self) -> u32 {
+        lock(&self.seen).window
+    }
+
     /// Asks Redis for a call of `service`.
     pub async fn acquire(self: &Arc<Self>, service: usize, admission: &Arc<Admission>) -> Grant {
         let day = self.day();
@@ -554,13 +559,15 @@ impl SharedLimits {
             id: id.clone(),
             answered: false,
         };
+        // Lower while Marketo's refusals show calls from outside the proxy.
+        let (window_calls, concurrency) = admission.learned_limits();
         let mut invocation = self.acquire.prepare_invoke();
         self.acquisition_keys(&mut invocation, service, day);
         invocation
             .arg(&id)
-            .arg(self.window_calls)
+            .arg(self.window_calls.min(window_calls))
             .arg(millis(self.pending))
-            .arg(self.concurrency)
+            .arg(self.concurrency.min(concurrency))
             .arg(millis(self.lease))
             .arg(limits.window_calls)
             .arg(limits.concurrency)

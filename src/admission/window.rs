@@ -89,6 +89,12 @@ impl SlidingWindow {
         self.pending + self.frees_at.len() as u32
     }
 
+    /// Slots held by answered calls at `now` (calls in flight aside).
+    pub fn answered(&mut self, now: Instant) -> u32 {
+        self.expire(now);
+        self.frees_at.len() as u32
+    }
+
     pub fn has_room(&mut self, now: Instant) -> bool {
         self.used(now) < self.limit
     }

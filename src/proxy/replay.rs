@@ -9,11 +9,17 @@
 //! | answer | next step |
 //! |---|---|
 //! | 601/602, token not yet replaced | the token was dropped below; call again with the next one |
-//! | 606 | calls we cannot see used the window: pause admission 2 s, call again |
-//! | 615 | calls we cannot see are in flight: pause admission 250 ms, call again |
+//! | 606 | calls we cannot see used the window: lower the window in force, call again |
+//! | 615 | calls we cannot see are in flight: lower the concurrency in force, pause 250 ms, call again |
 //! | 607 | the day is spent: pass it on, answer later calls locally until the probe time |
 //! | 604/608/611/713, HTTP 502/503, no answer | reads only: back off, call again |
 //! | anything else, or the last attempt | pass it on |
+//!
+//! A call refused for the window or concurrency (606, 615) was not
+//! executed: calling it again is safe, it does not count as an attempt,
+//! and it keeps its place at the head of its queue until its deadline,
+//! when the client gets the proxy's own 606 with `Retry-After`. The
+//! limits in force learn from the refusal (see [`crate::admission::learn`]).
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -29,7 +35,7 @@ use super::admit::Admitted;
 use super::call::Call;
 use super::rewrite::{self, BodyKind};
 use crate::admission::shared::SharedLimits;
-use crate::admission::{Admission, Slot};
+use crate::admission::{Admission, Refused, Slot};
 use crate::error::ProxyError;
 use crate::marketo::{self, code};
 use crate::recent::LastHour;
@@ -37,8 +43,6 @@ use crate::upstream::UpstreamError;
 
 /// Attempts per request, replays included.
 pub const MAX_ATTEMPTS: u32 = 5;
-/// Pause after Marketo said 606: calls outside the proxy used the window.
-pub const PAUSE_AFTER_606: Duration = Duration::from_secs(2);
 /// Pause after Marketo said 615: calls outside the proxy are in flight.
 pub const PAUSE_AFTER_615: Duration = Duration::from_millis(250);
 /// Pause before the first replay after a transient failure; doubles with
@@ -77,9 +81,9 @@ pub enum Next {
     Pass,
     /// The token was refused: call again with the next one.
     ReplaceTokenAndReplay,
-    /// Hold every call back this long, then call again from the head of
-    /// the queue.
-    Pause(Duration),
+    /// Marketo refused the call for this limit: learn from it, then call
+    /// again from the head of the queue.
+    Refused(Refused),
     /// Wait this long, then call again.
     Replay(Duration),
     /// Marketo says the day's quota is spent: pass the answer on and
@@ -94,12 +98,12 @@ pub fn classify(reply: Reply<'_>, attempt: Attempt) -> Next {
     };
     match code {
         Some(code::QUOTA_REACHED) => Next::DaySpent,
+        Some(code::RATE_LIMITED) => Next::Refused(Refused::Window),
+        Some(code::CONCURRENCY_LIMITED) => Next::Refused(Refused::Concurrency),
         _ if attempt.number >= MAX_ATTEMPTS => Next::Pass,
         Some(code::TOKEN_INVALID | code::TOKEN_EXPIRED) if !attempt.token_replaced => {
             Next::ReplaceTokenAndReplay
         }
-        Some(code::RATE_LIMITED) => Next::Pause(PAUSE_AFTER_606),
-        Some(code::CONCURRENCY_LIMITED) => Next::Pause(PAUSE_AFTER_615),
         Some(code::TIMED_OUT | code::UNAVAILABLE | code::SYSTEM_ERROR | code::TRANSIENT) => {
             transient(attempt)
         }
@@ -245,17 +249,20 @@ where
         token_replaced: false,
     };
     // What Marketo said last, passed on when a replay cannot be admitted
-    // before the deadline.
+    // before the deadline (unless it refused the call for a limit: then
+    // the client gets the proxy's own answer, with `Retry-After`).
     let mut last: Option<Box<Admitted>> = None;
+    let mut calls = 0u32;
     loop {
         attempt.number += 1;
+        calls += 1;
         // Only the attempt's own (boxed) future waits in the queue: its
         // copy of the call is moved into it at once.
         let mut inner = inner.clone();
         inner.ready().await?;
         let future = {
             let mut copy = call.clone();
-            copy.replay = attempt.number > 1;
+            copy.replay = calls > 1;
             inner.call(copy)
         };
         drop(inner);
@@ -289,21 +296,29 @@ where
                 return result;
             }
             Next::ReplaceTokenAndReplay => attempt.token_replaced = true,
-            Next::Pause(pause) => policy.admission.pause(pause),
+            Next::Refused(limit) => {
+                // Not executed: it does not count as an attempt.
+                attempt.number -= 1;
+                let sent = result.as_ref().ok().and_then(|admitted| admitted.slot.as_ref());
+                policy.refused(limit, sent.map_or_else(Instant::now, Slot::sent_at));
+            }
             Next::Replay(backoff) if Instant::now() + backoff >= call.deadline => return result,
             Next::Replay(_) => {}
         }
         policy.count(&call, reply.label());
         // Kept without its slot: the next attempt needs one of its own.
-        last = result
-            .ok()
-            .map(|admitted| {
-                Box::new(Admitted {
-                    answer: admitted.answer,
-                    slot: None,
+        last = match next {
+            Next::Refused(_) => None,
+            _ => result
+                .ok()
+                .map(|admitted| {
+                    Box::new(Admitted {
+                        answer: admitted.answer,
+                        slot: None,
+                    })
                 })
-            })
-            .or(last);
+                .or(last),
+        };
         if let Next::Replay(backoff) = next {
             tokio::time::sleep(backoff).await;
         }
@@ -332,6 +347,17 @@ impl ReplayLayer {
             if let Some(limits) = self.limits.clone() {
                 tokio::spawn(async move { limits.confirm_available().await });
             }
+        }
+    }
+
+    /// Marketo refused a call for `limit`: the limits in force learn from
+    /// it; after a 615, nothing goes for a moment (the calls we cannot see
+    /// end within it, usually).
+    fn refused(&self, limit: Refused, sent: Instant) {
+        let instance_window = self.limits.as_ref().map(|limits| limits.instance_window());
+        self.admission.refused(limit, sent, instance_window);
+        if limit == Refused::Concurrency {
+            self.admission.pause(PAUSE_AFTER_615);
         }
     }
 
@@ -388,10 +414,13 @@ mod tests {
             (answered(Some("602")), first_read, Next::ReplaceTokenAndReplay),
             (answered(Some("601")), attempt(2, true, true), Next::Pass),
             (answered(Some("602")), attempt(3, false, true), Next::Pass),
-            // Calls we cannot see: reads and writes alike (not executed).
-            (answered(Some("606")), first_write, Next::Pause(PAUSE_AFTER_606)),
-            (answered(Some("606")), attempt(4, true, false), Next::Pause(PAUSE_AFTER_606)),
-            (answered(Some("615")), first_write, Next::Pause(PAUSE_AFTER_615)),
+            // Calls we cannot see: reads and writes alike (not executed),
+            // whatever the attempt.
+            (answered(Some("606")), first_write, Next::Refused(Refused::Window)),
+            (answered(Some("606")), attempt(4, true, false), Next::Refused(Refused::Window)),
+            (answered(Some("615")), first_write, Next::Refused(Refused::Concurrency)),
+            (answered(Some("606")), last_read, Next::Refused(Refused::Window)),
+            (answered(Some("615")), last_read, Next::Refused(Refused::Concurrency)),
             // The day is spent, whatever the attempt.
             (answered(Some("607")), first_write, Next::DaySpent),
             (answered(Some("607")), last_read, Next::DaySpent),
@@ -407,9 +436,7 @@ mod tests {
             (answered(Some("611")), first_write, Next::Pass),
             (Reply::Answered { status: StatusCode::BAD_GATEWAY, code: None }, first_write, Next::Pass),
             (Reply::NoAnswer, first_write, Next::Pass),
-            // The last attempt passes on whatever it got.
-            (answered(Some("606")), last_read, Next::Pass),
-            (answered(Some("615")), last_read, Next::Pass),
+            // The last attempt passes on whatever else it got.
             (answered(Some("601")), last_read, Next::Pass),
             (answered(Some("604")), last_read, Next::Pass),
             (Reply::NoAnswer, last_read, Next::Pass),

@@ -1,0 +1,257 @@
+//! Calls the proxy cannot see: an integration that calls Marketo directly
+//! shares the instance's window. The proxy learns the part it leaves from
+//! Marketo's 606s instead of calling into a full window again and again,
+//! and keeps every request until its own deadline.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use marketo_proxy::sim::{Arrival, SimClient, SimHandle};
+use support::{CRM_KEY, Stack};
+
+/// An API user of an integration the proxy does not front.
+fn vendor() -> SimClient {
+    SimClient {
+        client_id: "vendor-tool".into(),
+        client_secret: "vendor-tool-secret".into(),
+        user: "vendor@example.com".into(),
+    }
+}
+
+/// A simulator whose window lasts `window` and calls `latency`, which the
+/// vendor's tool calls too, and a ready proxy with `limits` (YAML) in
+/// front of it; and the vendor's tool, logged in.
+async fn start(window: Duration, latency: Duration, limits: &str) -> (Stack, Foreign) {
+    let mut sim = support::sim_config();
+    sim.clients.push(vendor());
+    sim.window = window;
+    sim.latency = latency;
+    let stack = Stack::start_configured(sim, |sim_url| {
+        support::proxy_config_with(sim_url, "", limits, "{ file: ~, usage_sync_interval: 0s }")
+    })
+    .await;
+    support::wait_ready(&stack.proxy).await;
+    let foreign = Foreign::login(&stack.sim).await;
+    (stack, foreign)
+}
+
+/// The vendor's integration, calling the simulator directly.
+struct Foreign {
+    http: reqwest::Client,
+    url: String,
+    token: String,
+}
+
+impl Foreign {
+    async fn login(sim: &SimHandle) -> Self {
+        let http = support::client();
+        let vendor = vendor();
+        let answer = support::send_json(http.get(format!(
+            "{}/identity/oauth/token?grant_type=client_credentials&client_id={}&client_secret={}",
+            sim.url(),
+            vendor.client_id,
+            vendor.client_secret
+        )))
+        .await;
+        Self {
+            http,
+            url: sim.url(),
+            token: answer["access_token"].as_str().unwrap().to_owned(),
+        }
+    }
+
+    /// One lead read; says whether Marketo executed it.
+    async fn call(&self, lead: u32) -> bool {
+        let answer = support::send_json(
+            self.http
+                .get(format!("{}/rest/v1/lead/{lead}.json", self.url))
+                .bearer_auth(&self.token),
+        )
+        .await;
+        answer["success"] == true
+    }
+}
+
+/// Reads distinct leads through the proxy (distinct, so that none shares
+/// another's call), `clients` at a time, until `requests` are answered or
+/// `until` passes. Answers the HTTP status and Marketo success of each.
+async fn load(stack: &Stack, requests: u32, clients: u32, until: tokio::time::Instant) -> Vec<(u16, bool)> {
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..clients {
+        let (http, url, next) = (stack.http.clone(), stack.proxy.url(), next.clone());
+        tasks.spawn(async move {
+            let mut answers = Vec::new();
+            loop {
+                let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if n >= requests || tokio::time::Instant::now() >= until {
+                    return answers;
+                }
+                let answer = http
+                    .get(format!("{url}/rest/v1/lead/{}.json", n % 1000 + 1))
+                    .header("X-Api-Key", CRM_KEY)
+                    .send()
+                    .await
+                    .unwrap();
+                let status = answer.status().as_u16();
+                let body: serde_json::Value = answer.json().await.unwrap_or_default();
+                answers.push((status, body["success"] == true));
+            }
+        });
+    }
+    tasks.join_all().await.into_iter().flatten().collect()
+}
+
+/// The proxy's calls as the simulator saw them.
+fn proxy_calls(sim: &SimHandle) -> Vec<Arrival> {
+    let proxy_user = SimClient::demo().user;
+    sim.stats()
+        .arrivals
+        .into_iter()
+        .filter(|arrival| arrival.user.as_deref() == Some(proxy_user.as_str()))
+        .collect()
+}
+
+/// The most executed calls in any `window` that ends by `by` (seconds of
+/// the simulator's clock).
+fn most_in_a_window(calls: &[Arrival], window: f64, by: f64) -> usize {
+    let ok: Vec<f64> = calls
+        .iter()
+        .filter(|call| call.code == "ok")
+        .map(|call| call.at)
+        .collect();
+    ok.iter()
+        .filter(|start| **start + window <= by)
+        .map(|start| {
+            ok.iter()
+                .filter(|at| **at >= *start && **at < start + window)
+                .count()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+fn refusals(calls: &[Arrival]) -> usize {
+    calls
+        .iter()
+        .filter(|call| call.code == "606" || call.code == "615")
+        .count()
+}
+
+/// Marketo's real limits (100 calls a rolling 20 s, 10 in flight), 50 ms
+/// a call. The vendor's tool spends 60 of the 100 calls just before 250
+/// requests reach the proxy, with two minutes to spare each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_burst_costs_a_few_refusals_and_no_request() {
+    let window = Duration::from_secs(20);
+    let (stack, foreign) = start(window, Duration::from_millis(50), "{ max_queue_wait: 120s }").await;
+    for round in 0..12 {
+        let calls = (0..5).map(|n| foreign.call(round * 5 + n + 1));
+        assert!(
+            futures_util::future::join_all(calls)
+                .await
+                .into_iter()
+                .all(|ok| ok)
+        );
+    }
+    let foreign_done = stack.sim.stats().arrivals.last().unwrap().at;
+
+    let until = tokio::time::Instant::now() + Duration::from_secs(150);
+    let answers = load(&stack, 250, 50, until).await;
+
+    assert_eq!(answers.len(), 250);
+    let failed: Vec<_> = answers
+        .iter()
+        .filter(|(status, ok)| *status != 200 || !ok)
+        .collect();
+    assert!(failed.is_empty(), "{} of 250 failed: {failed:?}", failed.len());
+    let calls = proxy_calls(&stack.sim);
+    assert!(
+        refusals(&calls) <= 10,
+        "Marketo refused {} of the proxy's calls for the window or concurrency",
+        refusals(&calls)
+    );
+    // Two windows after the vendor stopped, the proxy had the whole window
+    // again (the margin aside).
+    let most = most_in_a_window(
+        &calls,
+        window.as_secs_f64(),
+        foreign_done + 2.0 * window.as_secs_f64() + 1.0,
+    );
+    assert!(
+        most >= 98,
+        "at most {most} of the proxy's calls in a window by then"
+    );
+
+    let metrics = stack.metrics().await;
+    assert!(
+        metrics.contains("marketo_proxy_window_effective_limit 100\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("marketo_proxy_foreign_calls_estimate 0\n"),
+        "{metrics}"
+    );
+}
+
+/// A vendor's steady trickle of a fifth of the window: the proxy settles
+/// just below what it leaves, and Marketo refuses it less and less often.
+/// Time runs ten times faster than Marketo's (a 2 s window), so a minute
+/// of Marketo's is 6 s here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_steady_foreign_trickle_leaves_the_proxy_near_the_rest_of_the_window() {
+    let window = Duration::from_secs(2);
+    let limits = "{ window: 2s, safety_margin: 50ms, max_queue_wait: 60s }";
+    let (stack, foreign) = start(window, Duration::from_millis(10), limits).await;
+    let run = Duration::from_secs(30);
+    let until = tokio::time::Instant::now() + run;
+    let trickle = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(window / 20);
+        let mut lead = 0;
+        while tokio::time::Instant::now() < until {
+            tick.tick().await;
+            lead += 1;
+            foreign.call(lead % 1000 + 1).await;
+        }
+    });
+    let answers = load(&stack, u32::MAX, 20, until).await;
+    trickle.await.unwrap();
+
+    let failed: Vec<_> = answers
+        .iter()
+        .filter(|(status, ok)| *status != 200 || !ok)
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed: {failed:?}",
+        failed.len(),
+        answers.len()
+    );
+    let calls = proxy_calls(&stack.sim);
+    let refused: Vec<f64> = calls
+        .iter()
+        .filter(|call| call.code == "606")
+        .map(|call| call.at)
+        .collect();
+    // The first refusal finds the calls already in flight, which it
+    // cannot recall; after that window, one a minute at most.
+    let learned = refused.first().map_or(0.0, |first| first + window.as_secs_f64());
+    let later = refused.iter().filter(|at| **at > learned).count();
+    assert!(
+        later <= 5,
+        "{later} × 606 after the first window, in 30 s (5 minutes of Marketo's): {refused:?}"
+    );
+    // The second half, once it has settled: near the 80 the vendor leaves.
+    let half = calls[0].at + run.as_secs_f64() / 2.0;
+    let ok = calls
+        .iter()
+        .filter(|call| call.code == "ok" && call.at >= half)
+        .count();
+    let per_window = ok as f64 / (run.as_secs_f64() / 2.0 / window.as_secs_f64());
+    assert!(
+        (70.0..=82.0).contains(&per_window),
+        "{per_window:.1} of the proxy's calls per window once settled"
+    );
+}
