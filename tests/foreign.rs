@@ -8,7 +8,10 @@ mod support;
 
 use std::time::Duration;
 
-use marketo_proxy::sim::{Arrival, SimClient, SimHandle};
+use marketo_proxy::app::{self, RunningProxy};
+use marketo_proxy::config::Config;
+use marketo_proxy::sim::{Arrival, SimClient, SimHandle, Simulator};
+use support::redis::RedisServer;
 use support::{CRM_KEY, Stack};
 
 /// An API user of an integration the proxy does not front.
@@ -62,6 +65,18 @@ impl Foreign {
         }
     }
 
+    /// Spends `calls` of the window, five at a time.
+    async fn spend(&self, calls: u32) {
+        for round in 0..calls / 5 {
+            let batch = (0..5).map(|n| self.call(round * 5 + n + 1));
+            let executed = futures_util::future::join_all(batch).await;
+            assert!(
+                executed.into_iter().all(|ok| ok),
+                "Marketo refused the vendor's call"
+            );
+        }
+    }
+
     /// One lead read; says whether Marketo executed it.
     async fn call(&self, lead: u32) -> bool {
         let answer = support::send_json(
@@ -78,10 +93,22 @@ impl Foreign {
 /// another's call), `clients` at a time, until `requests` are answered or
 /// `until` passes. Answers the HTTP status and Marketo success of each.
 async fn load(stack: &Stack, requests: u32, clients: u32, until: tokio::time::Instant) -> Vec<(u16, bool)> {
-    let next = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    load_through(&stack.proxy, 0, requests, clients, until).await
+}
+
+/// [`load`] through `proxy`, reading leads from `first` on.
+async fn load_through(
+    proxy: &RunningProxy,
+    first: u32,
+    requests: u32,
+    clients: u32,
+    until: tokio::time::Instant,
+) -> Vec<(u16, bool)> {
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(first));
+    let requests = first.saturating_add(requests);
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..clients {
-        let (http, url, next) = (stack.http.clone(), stack.proxy.url(), next.clone());
+        let (http, url, next) = (support::client(), proxy.url(), next.clone());
         tasks.spawn(async move {
             let mut answers = Vec::new();
             loop {
@@ -147,15 +174,7 @@ fn refusals(calls: &[Arrival]) -> usize {
 async fn a_foreign_burst_costs_a_few_refusals_and_no_request() {
     let window = Duration::from_secs(20);
     let (stack, foreign) = start(window, Duration::from_millis(50), "{ max_queue_wait: 120s }").await;
-    for round in 0..12 {
-        let calls = (0..5).map(|n| foreign.call(round * 5 + n + 1));
-        assert!(
-            futures_util::future::join_all(calls)
-                .await
-                .into_iter()
-                .all(|ok| ok)
-        );
-    }
+    foreign.spend(60).await;
     let foreign_done = stack.sim.stats().arrivals.last().unwrap().at;
 
     let until = tokio::time::Instant::now() + Duration::from_secs(150);
@@ -254,4 +273,84 @@ async fn a_steady_foreign_trickle_leaves_the_proxy_near_the_rest_of_the_window()
         (70.0..=82.0).contains(&per_window),
         "{per_window:.1} of the proxy's calls per window once settled"
     );
+}
+
+/// A replica sharing the instance's limits through Redis at `redis_url`.
+fn replica_config(sim_url: &str, redis_url: &str) -> Config {
+    let yaml = format!(
+        r#"
+marketo: {{ base_url: "{sim_url}", client_id: demo-client, client_secret: demo-secret }}
+limits: {{ max_queue_wait: 120s }}
+services:
+  - {{ name: crm-sync, api_key: {CRM_KEY} }}
+auth: {{ token_key: "0123456789abcdef0123456789abcdef-foreign" }}
+state:
+  backend: redis
+  file: ~
+  usage_sync_interval: 0s
+  redis: {{ url: "{redis_url}", key_prefix: foreign, fallback_replicas: 2 }}
+"#
+    );
+    Config::from_yaml_with_env(&yaml, |_| None).unwrap()
+}
+
+async fn effective_window(replica: &RunningProxy) -> Option<f64> {
+    support::metric(
+        &support::metrics_text(&replica.admin_url()).await,
+        "marketo_proxy_window_effective_limit",
+    )
+}
+
+/// Two replicas share one instance through Redis. What one learns from
+/// Marketo's 606s, the other keeps to before it calls: the vendor's burst
+/// costs the pair no more refusals than it costs one proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_one_replica_learns_the_others_keep_to() {
+    let redis = RedisServer::start();
+    let mut sim = support::sim_config();
+    sim.clients.push(vendor());
+    sim.latency = Duration::from_millis(50);
+    let sim = Simulator::spawn(sim).await.unwrap();
+    let one = app::spawn(replica_config(&sim.url(), &redis.url()))
+        .await
+        .unwrap();
+    let two = app::spawn(replica_config(&sim.url(), &redis.url()))
+        .await
+        .unwrap();
+    support::wait_ready(&one).await;
+    support::wait_ready(&two).await;
+    let foreign = Foreign::login(&sim).await;
+    foreign.spend(60).await;
+
+    let until = tokio::time::Instant::now() + Duration::from_secs(100);
+    let first = tokio::spawn(async move {
+        let answers = load_through(&one, 0, 60, 20, until).await;
+        (one, answers)
+    });
+    // The first replica meets the full window and learns; the second
+    // takes what it learned without a call of its own.
+    let lowered = support::eventually(Duration::from_secs(10), async || {
+        match effective_window(&two).await {
+            Some(limit) if limit < 100.0 => Ok(limit),
+            seen => Err(seen),
+        }
+    })
+    .await;
+    assert!(lowered <= 50.0, "the second replica keeps to {lowered}");
+    let answers = load_through(&two, 500, 40, 20, until).await;
+    let (one, mut first_answers) = first.await.unwrap();
+    first_answers.extend(answers);
+
+    let failed: Vec<_> = first_answers
+        .iter()
+        .filter(|(status, ok)| *status != 200 || !ok)
+        .collect();
+    assert!(failed.is_empty(), "{} of 100 failed: {failed:?}", failed.len());
+    let calls = proxy_calls(&sim);
+    assert!(
+        refusals(&calls) <= 10,
+        "Marketo refused {} of the replicas' calls",
+        refusals(&calls)
+    );
+    drop((one, two, redis));
 }

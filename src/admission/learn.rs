@@ -58,6 +58,18 @@ pub struct Lowered {
     pub hold: Duration,
 }
 
+/// The last lowering of a learned limit, as replicas share it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Episode {
+    pub floor: u32,
+    pub lowered_at: Instant,
+    pub hold: Duration,
+}
+
+/// Lowerings this close together are the same one, seen through clocks
+/// that round to the millisecond.
+const SAME_LOWERING: Duration = Duration::from_millis(5);
+
 impl Learned {
     pub fn new(ceiling: u32, shortest_hold: Duration, longest_hold: Duration, ramp: Duration) -> Self {
         Self {
@@ -123,6 +135,34 @@ impl Learned {
         // Rounded up: at that instant the limit has risen.
         let nanos = (self.ramp.as_nanos() * step).div_ceil(gap);
         Some(at + self.hold + Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX)))
+    }
+
+    /// The last lowering, if any.
+    pub fn episode(&self) -> Option<Episode> {
+        self.lowered_at.map(|lowered_at| Episode {
+            floor: self.floor,
+            lowered_at,
+            hold: self.hold,
+        })
+    }
+
+    /// Takes another replica's lowering when it is later than this one's;
+    /// the same lowering seen twice keeps the lower floor.
+    pub fn adopt(&mut self, episode: Episode) {
+        let floor = episode.floor.clamp(1, self.ceiling);
+        let hold = episode.hold.clamp(self.shortest_hold, self.longest_hold);
+        match self.lowered_at {
+            Some(at) if episode.lowered_at + SAME_LOWERING < at => {}
+            Some(at) if episode.lowered_at <= at + SAME_LOWERING => {
+                self.floor = self.floor.min(floor);
+                self.hold = self.hold.max(hold);
+            }
+            _ => {
+                self.floor = floor;
+                self.hold = hold;
+                self.lowered_at = Some(episode.lowered_at);
+            }
+        }
     }
 
     /// Marketo refused a call sent at `sent` for this limit while
@@ -252,6 +292,31 @@ mod tests {
         assert_eq!(learned.limit(late), 100);
         let lowered = learned.refused(late, late, 70).unwrap();
         assert_eq!((lowered.from, lowered.to, lowered.hold), (100, 70, 20 * SECOND));
+    }
+
+    #[test]
+    fn a_later_lowering_from_another_replica_replaces_this_ones_and_the_same_keeps_the_lower_floor() {
+        let start = Instant::now();
+        let mut here = window();
+        here.refused(start, start, 60);
+        let mut there = window();
+        there.refused(start + SECOND, start + SECOND, 50);
+        here.adopt(there.episode().unwrap());
+        assert_eq!(here.episode(), there.episode());
+        // The same lowering, rounded to the millisecond, with a higher floor.
+        here.adopt(Episode {
+            floor: 55,
+            lowered_at: start + SECOND + MILLI,
+            hold: 20 * SECOND,
+        });
+        assert_eq!(here.limit(start + 2 * SECOND), 50);
+        // An older one changes nothing.
+        here.adopt(Episode {
+            floor: 10,
+            lowered_at: start,
+            hold: 60 * SECOND,
+        });
+        assert_eq!(here.episode(), there.episode());
     }
 
     #[test]

@@ -38,7 +38,7 @@ use tokio::time::Instant;
 use crate::config::{Config, INTERNAL_SERVICE, LimitsMode};
 use crate::metrics::Metrics;
 use crate::recent::{LastMinuteWaits, WaitCounts};
-use learn::Learned;
+use learn::{Episode, Learned};
 use prometheus::IntGauge;
 use quota::{DailyQuota, QuotaScope, ServiceQuota};
 use window::SlidingWindow;
@@ -797,6 +797,28 @@ impl Admission {
             state.learned_window.limit(now),
             state.learned_concurrency.limit(now),
         )
+    }
+
+    /// The last lowerings of the learned window and concurrency, to share
+    /// with other replicas.
+    pub fn learned_episodes(&self) -> [Option<Episode>; 2] {
+        let state = self.lock();
+        [
+            state.learned_window.episode(),
+            state.learned_concurrency.episode(),
+        ]
+    }
+
+    /// Takes what another replica learned (see [`Learned::adopt`]).
+    pub fn adopt_learned(self: &Arc<Self>, [window, concurrency]: [Option<Episode>; 2]) {
+        let mut state = self.lock();
+        if let Some(window) = window {
+            state.learned_window.adopt(window);
+        }
+        if let Some(concurrency) = concurrency {
+            state.learned_concurrency.adopt(concurrency);
+        }
+        self.pump(&mut state);
     }
 
     /// Sets the limits in force: the least of the share and what Marketo's

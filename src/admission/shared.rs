@@ -37,10 +37,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::NaiveDate;
+use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
 
 use tokio::time::Instant;
 
+use super::learn::Episode;
 use super::quota::QuotaScope;
 use super::{Admission, InstanceUse};
 use crate::config::{Config, INTERNAL_SERVICE, RedisConfig};
@@ -56,6 +58,9 @@ const MAX_ASK_INTERVAL: Duration = Duration::from_millis(500);
 /// this, the oldest lapse on their own (leases) or hold until midnight
 /// (a unit of the quota each).
 const MAX_TO_RELEASE: usize = 10_000;
+/// What replicas learned from Marketo's refusals outlives the longest
+/// hold by far.
+const LEARNED_TTL: Duration = Duration::from_secs(3600);
 /// Day hashes outlive their day by this much.
 const DAY_TTL: Duration = Duration::from_secs(3 * 24 * 3600);
 
@@ -70,7 +75,8 @@ redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', now)
 local total = tonumber(redis.call('HGET', KEYS[5], 'total') or '0')
 local foreign = tonumber(redis.call('HGET', KEYS[5], 'foreign') or '0')
 local function reply(granted, kind, wait)
-  return {granted, kind, wait, redis.call('ZCARD', KEYS[1]), redis.call('ZCARD', KEYS[2]), total + foreign, now}
+  local learned = tonumber(redis.call('HGET', KEYS[8], 'version') or '0')
+  return {granted, kind, wait, redis.call('ZCARD', KEYS[1]), redis.call('ZCARD', KEYS[2]), total + foreign, now, learned}
 end
 local function wait(key)
   local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
@@ -114,6 +120,27 @@ redis.call('EXPIRE', KEYS[5], tonumber(ARGV[11]))
 for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], tonumber(ARGV[3]) + 60000) end
 if spent > 0 then return reply(1, 'probe', 0) end
 return reply(1, 'ok', 0)
+";
+
+/// Keeps the latest lowering of each learned limit (see
+/// [`super::learn`]), so that what one replica learns from Marketo's
+/// refusals holds for all. KEYS: learned. ARGV: for the window, then the
+/// concurrency: floor, when it was lowered (Redis ms; 0: never), hold ms;
+/// then the hash's lifetime in ms. Answers the hash.
+const LEARN: &str = r"
+local changed = false
+for i, kind in ipairs({'window', 'concurrency'}) do
+  local floor, at = tonumber(ARGV[3 * i - 2]), tonumber(ARGV[3 * i - 1])
+  local stored = tonumber(redis.call('HGET', KEYS[1], kind .. '_at') or '0')
+  local stored_floor = tonumber(redis.call('HGET', KEYS[1], kind .. '_floor') or '0')
+  if at > stored or (at == stored and at > 0 and floor < stored_floor) then
+    redis.call('HSET', KEYS[1], kind .. '_floor', floor, kind .. '_at', at, kind .. '_hold', ARGV[3 * i])
+    changed = true
+  end
+end
+if changed then redis.call('HINCRBY', KEYS[1], 'version', 1) end
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[7]))
+return redis.call('HGETALL', KEYS[1])
 ";
 
 /// Gives back everything an acquisition took, when its asker never got
@@ -250,13 +277,16 @@ return 1
 
 /// The mark of this Redis's data: made by the first replica to find it
 /// missing, so a Redis that lost its data (restarted without persistence,
-/// or failed over to an empty replica) has a new one. KEYS: epoch. ARGV: a
-/// new mark, used if there is none.
+/// or failed over to an empty replica) has a new one. Also answers the
+/// version of the learned limits, so that a replica without calls of its
+/// own learns of a change within a tick. KEYS: epoch, learned. ARGV: a new
+/// mark, used if there is none.
 const EPOCH: &str = r"
+local learned = tonumber(redis.call('HGET', KEYS[2], 'version') or '0')
 local epoch = redis.call('GET', KEYS[1])
-if epoch then return epoch end
+if epoch then return {epoch, learned} end
 redis.call('SET', KEYS[1], ARGV[1])
-return ARGV[1]
+return {ARGV[1], learned}
 ";
 
 /// Why Redis could not be used.
@@ -362,6 +392,9 @@ pub struct SharedLimits {
     epoch_script: redis::Script,
     /// The mark of Redis's data as this replica last saw it.
     epoch: Mutex<Option<String>>,
+    /// The version of the learned limits this replica last took.
+    learned_version: AtomicI64,
+    learn: redis::Script,
     acquire: redis::Script,
     undo: redis::Script,
     release: redis::Script,
@@ -436,6 +469,8 @@ impl SharedLimits {
             lead: redis::Script::new(LEAD),
             epoch_script: redis::Script::new(EPOCH),
             epoch: Mutex::new(None),
+            learned_version: AtomicI64::new(0),
+            learn: redis::Script::new(LEARN),
             acquire: redis::Script::new(ACQUIRE),
             undo: redis::Script::new(UNDO),
             release: redis::Script::new(RELEASE),
@@ -582,8 +617,8 @@ impl SharedLimits {
                 invocation.arg(&other_limits.field).arg(other_limits.reserved);
             }
         }
-        let Ok((granted, kind, wait_ms, window, in_flight, day_used, redis_now)) = self
-            .call::<(u8, String, u64, u32, u32, u64, i64)>(&invocation)
+        let Ok((granted, kind, wait_ms, window, in_flight, day_used, redis_now, learned)) = self
+            .call::<(u8, String, u64, u32, u32, u64, i64, i64)>(&invocation)
             .await
         else {
             // Often only the connection broke (Redis restarted, a network
@@ -601,6 +636,7 @@ impl SharedLimits {
             in_flight,
             day_used,
         };
+        self.learned_changed(learned, admission).await;
         if kind == "lost" {
             // Write this replica's slots and leases again before anything
             // is counted on data that lacks them, then admit once more.
@@ -630,7 +666,7 @@ impl SharedLimits {
     }
 
     /// The keys an acquisition of `service` on `day` touches, in the order
-    /// ACQUIRE and UNDO take them (UNDO ignores the last).
+    /// ACQUIRE and UNDO take them (UNDO ignores the last two).
     fn acquisition_keys(&self, invocation: &mut redis::ScriptInvocation<'_>, service: usize, day: NaiveDate) {
         invocation
             .key(self.key("window"))
@@ -639,7 +675,78 @@ impl SharedLimits {
             .key(self.service_key("inflight", service))
             .key(self.day_key(day))
             .key(self.key("done"))
-            .key(self.key("epoch"));
+            .key(self.key("epoch"))
+            .key(self.key("learned"));
+    }
+
+    /// Shares what Marketo's refusals taught this replica (see
+    /// [`super::learn`]) and takes what the others learned meanwhile.
+    pub async fn share_learned(&self, admission: &Arc<Admission>) {
+        if !self.is_up() {
+            return;
+        }
+        let mut invocation = self.learn.prepare_invoke();
+        invocation.key(self.key("learned"));
+        for episode in admission.learned_episodes() {
+            match episode {
+                Some(episode) => invocation
+                    .arg(episode.floor)
+                    .arg(self.redis_millis(episode.lowered_at))
+                    .arg(millis(episode.hold)),
+                None => invocation.arg(0).arg(0).arg(0),
+            };
+        }
+        invocation.arg(millis(LEARNED_TTL));
+        if let Ok(fields) = self.call::<HashMap<String, i64>>(&invocation).await {
+            self.adopt_learned(admission, &fields);
+        }
+    }
+
+    /// Fetches the learned limits when their version is not the one this
+    /// replica took last: another replica learned from Marketo's refusals.
+    async fn learned_changed(&self, version: i64, admission: &Arc<Admission>) {
+        if self.learned_version.swap(version, Ordering::AcqRel) != version {
+            self.fetch_learned(admission).await;
+        }
+    }
+
+    /// Takes the learned limits another replica shared.
+    async fn fetch_learned(&self, admission: &Arc<Admission>) {
+        let Ok(mut connection) = self.connection().await else {
+            return;
+        };
+        let read = connection.hgetall::<_, HashMap<String, i64>>(self.key("learned"));
+        if let Ok(Ok(fields)) = tokio::time::timeout(REDIS_TIMEOUT, read).await {
+            self.adopt_learned(admission, &fields);
+        }
+    }
+
+    fn adopt_learned(&self, admission: &Arc<Admission>, fields: &HashMap<String, i64>) {
+        if let Some(version) = fields.get("version") {
+            self.learned_version.store(*version, Ordering::Release);
+        }
+        let field = |kind: &str, name: &str| fields.get(&format!("{kind}_{name}")).copied();
+        let episode = |kind: &str| {
+            Some(Episode {
+                floor: u32::try_from(field(kind, "floor")?).ok()?,
+                lowered_at: self.instant_of(field(kind, "at")?),
+                hold: Duration::from_millis(u64::try_from(field(kind, "hold")?).ok()?),
+            })
+        };
+        admission.adopt_learned([episode("window"), episode("concurrency")]);
+    }
+
+    /// `at` by Redis's clock, in milliseconds.
+    fn redis_millis(&self, at: Instant) -> i64 {
+        let ago = i64::try_from(Instant::now().saturating_duration_since(at).as_millis()).unwrap_or(i64::MAX);
+        chrono::Utc::now().timestamp_millis() + self.clock_offset.load(Ordering::Relaxed) - ago
+    }
+
+    /// The moment Redis's clock read `millis` (now, for a later one).
+    fn instant_of(&self, millis: i64) -> Instant {
+        let redis_now = chrono::Utc::now().timestamp_millis() + self.clock_offset.load(Ordering::Relaxed);
+        let ago = Duration::from_millis(u64::try_from(redis_now - millis).unwrap_or(0));
+        Instant::now().checked_sub(ago).unwrap_or_else(Instant::now)
     }
 
     /// Gives back what the acquisition `id` took, if it ran; tried again
@@ -887,7 +994,7 @@ impl SharedLimits {
                     continue;
                 }
                 tokio::time::sleep(tick).await;
-                match shared.same_data().await {
+                match shared.same_data(&admission).await {
                     Err(_) => {
                         shared.reconnect_now(&admission).await;
                         continue;
@@ -913,11 +1020,16 @@ impl SharedLimits {
     }
 
     /// Whether Redis still holds the data this replica saw there (`true`
-    /// the first time it looks).
-    async fn same_data(&self) -> Result<bool, SharedError> {
+    /// the first time it looks). Takes what other replicas learned since
+    /// the last look.
+    async fn same_data(&self, admission: &Arc<Admission>) -> Result<bool, SharedError> {
         let mut invocation = self.epoch_script.prepare_invoke();
-        invocation.key(self.key("epoch")).arg(call_id());
-        let epoch = self.call::<String>(&invocation).await?;
+        invocation
+            .key(self.key("epoch"))
+            .key(self.key("learned"))
+            .arg(call_id());
+        let (epoch, learned) = self.call::<(String, i64)>(&invocation).await?;
+        self.learned_changed(learned, admission).await;
         let mut known = lock(&self.epoch);
         let same = known.as_ref().is_none_or(|known| *known == epoch);
         *known = Some(epoch);
@@ -995,7 +1107,7 @@ impl SharedLimits {
         // The mark of the data this replica now writes into: a later change
         // means Redis lost it.
         *lock(&self.epoch) = None;
-        if self.same_data().await.is_err() {
+        if self.same_data(admission).await.is_err() {
             return;
         }
         // Acquisitions whose answers were lost while it was going: give

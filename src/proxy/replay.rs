@@ -356,6 +356,10 @@ impl ReplayLayer {
     fn refused(&self, limit: Refused, sent: Instant) {
         let instance_window = self.limits.as_ref().map(|limits| limits.instance_window());
         self.admission.refused(limit, sent, instance_window);
+        if let Some(limits) = self.limits.clone() {
+            let admission = Arc::clone(&self.admission);
+            tokio::spawn(async move { limits.share_learned(&admission).await });
+        }
         if limit == Refused::Concurrency {
             self.admission.pause(PAUSE_AFTER_615);
         }
