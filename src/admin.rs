@@ -146,8 +146,19 @@ impl Admin {
             "proxy_used": proxy_used,
             "marketo_reported": self.reported.get(),
             "outside_proxy": snapshot.daily_foreign,
-            "window": {"used": snapshot.window_used, "limit": snapshot.window_limit},
-            "concurrency": {"in_flight": snapshot.in_flight, "limit": snapshot.concurrency},
+            // The limits in force, and the configured ones they fall below
+            // while Marketo's refusals show calls from outside the proxy.
+            "window": {
+                "used": snapshot.window_used,
+                "limit": snapshot.window_limit,
+                "configured": snapshot.configured_window,
+                "outside_proxy": snapshot.foreign_in_window,
+            },
+            "concurrency": {
+                "in_flight": snapshot.in_flight,
+                "limit": snapshot.concurrency,
+                "configured": snapshot.configured_concurrency,
+            },
             "queued": snapshot.queued,
             "services": services,
             "bulk": self.bulk_usage(),

@@ -286,9 +286,16 @@ pub struct Snapshot {
     /// Calls Marketo counted today that did not go through this proxy.
     pub daily_foreign: u64,
     pub window_used: u32,
+    /// The limits in force (see [`learn`]): below the configured ones while
+    /// Marketo's refusals show calls from outside the proxy, or while this
+    /// replica keeps to its share (Redis unreachable).
     pub window_limit: u32,
     pub in_flight: u32,
     pub concurrency: u32,
+    pub configured_window: u32,
+    pub configured_concurrency: u32,
+    /// Calls from outside the proxy in Marketo's window, as its 606s show.
+    pub foreign_in_window: u32,
     pub queued: usize,
     /// `enforce` or `observe`.
     pub mode: &'static str,
@@ -308,10 +315,6 @@ pub struct Status {
     pub window_in_flight: u32,
     /// How long an answered call keeps its window slot (window + margin).
     pub window_hold: Duration,
-    /// The limits configured; the ones in the snapshot are lower while
-    /// this replica keeps to its share (Redis unreachable).
-    pub configured_window: u32,
-    pub configured_concurrency: u32,
     /// The daily quota this replica counts against (its share of it while
     /// Redis is unreachable).
     pub daily_limit_here: u64,
@@ -956,8 +959,6 @@ impl Admission {
             calls_per_second: state.calls_per_second(second, seconds),
             window_in_flight: state.window.pending(),
             window_hold: state.window.hold(),
-            configured_window: state.full_window,
-            configured_concurrency: state.full_concurrency,
             daily_limit_here: state.quota.limit_here(),
             paused_for: state
                 .paused_until
@@ -1011,6 +1012,9 @@ impl Admission {
             window_limit: state.window.limit(),
             in_flight: state.in_flight,
             concurrency: state.concurrency,
+            configured_window: state.full_window,
+            configured_concurrency: state.full_concurrency,
+            foreign_in_window: state.full_window.saturating_sub(state.learned_window.limit(now)),
             queued: state.queued,
             mode: if self.observe { "observe" } else { "enforce" },
             services,
@@ -1154,6 +1158,9 @@ impl Admission {
         metrics
             .daily_remaining
             .set(i64::try_from(state.quota.remaining()).unwrap_or(i64::MAX));
+        metrics
+            .daily_foreign
+            .set(i64::try_from(state.quota.foreign()).unwrap_or(i64::MAX));
         for (index, lane) in state.lanes.iter().enumerate() {
             lane.depth_gauge
                 .set(i64::try_from(lane.queue.len()).unwrap_or(i64::MAX));

@@ -153,12 +153,12 @@ impl StatusPage {
         for (name, configured, effective) in [
             (
                 "window",
-                u64::from(status.configured_window),
+                u64::from(snapshot.configured_window),
                 u64::from(snapshot.window_limit),
             ),
             (
                 "concurrency",
-                u64::from(status.configured_concurrency),
+                u64::from(snapshot.configured_concurrency),
                 u64::from(snapshot.concurrency),
             ),
             ("daily_quota", snapshot.daily_quota, status.daily_limit_here),
