@@ -3,6 +3,10 @@
 //! log of arrivals: calls per window, the most in any sliding window,
 //! 606/615, how fully the window is used, and fairness against the
 //! weights; from the clients: queue wait per service.
+//!
+//! Then the same load again while a vendor's tool calls the simulator
+//! directly, a fifth of the window at a steady pace: what the proxy gets
+//! of the rest, and how often Marketo refuses it.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -66,8 +70,20 @@ struct Completed {
     latency: Duration,
 }
 
+/// The vendor's API user, which calls the simulator without the proxy.
+const VENDOR: (&str, &str, &str) = ("vendor-tool", "vendor-secret", "vendor@example.com");
+/// The proxy's API user at the simulator.
+const PROXY_USER: &str = "bench@example.com";
+
 pub async fn run(mode: Mode) -> Vec<Verdict> {
     let plan = PacePlan::new(mode);
+    let mut verdicts = pace(mode, &plan, false).await;
+    verdicts.extend(pace(mode, &plan, true).await);
+    verdicts
+}
+
+/// One run of the pacing load; with `foreign`, next to the vendor's calls.
+async fn pace(mode: Mode, plan: &PacePlan, foreign: bool) -> Vec<Verdict> {
     let dir = tempfile::tempdir().expect("temp dir");
     println!(
         "== pacing: {} calls / {:?} (margin {:?}), 10 concurrent, simulator latency {:?}; \
@@ -75,10 +91,13 @@ pub async fn run(mode: Mode) -> Vec<Verdict> {
         plan.window_calls, plan.window, plan.safety_margin, plan.latency, plan.clients_per_service, plan.run
     );
     let sim_addr = local_addr(free_port());
+    let vendor = format!("{}:{}:{}", VENDOR.0, VENDOR.1, VENDOR.2);
     let mut sim = start_sim(
         dir.path(),
         sim_addr,
         &[
+            "--client",
+            &vendor,
             "--window-calls",
             &plan.window_calls.to_string(),
             "--window-seconds",
@@ -114,6 +133,7 @@ pub async fn run(mode: Mode) -> Vec<Verdict> {
     // arrivals tells the services apart.
     let started = Instant::now();
     let end = started + plan.run;
+    let trickle = foreign.then(|| tokio::spawn(vendor_trickle(sim_addr, vendor_pace(plan), end)));
     let mut clients = Vec::new();
     for (service, (_, _, key)) in SERVICES.iter().enumerate() {
         let request = RequestSpec::get(&format!("/rest/v1/lead/{}.json", service + 1))
@@ -151,6 +171,9 @@ pub async fn run(mode: Mode) -> Vec<Verdict> {
     }
     let mut completed = Vec::new();
     let mut client_errors = 0;
+    if let Some(trickle) = trickle {
+        trickle.await.expect("vendor task");
+    }
     for client in clients {
         let (done, errors) = client.await.expect("client task");
         completed.extend(done);
@@ -163,8 +186,11 @@ pub async fn run(mode: Mode) -> Vec<Verdict> {
         serde_json::from_slice(&get(sim_addr, "/_sim/stats").await.expect("simulator stats")).expect("stats");
     sim.check_alive();
 
-    let report = PaceReport::new(&stats, &plan);
-    let verdicts = report.print(&plan, &completed, client_errors);
+    if foreign {
+        return foreign_report(&stats, plan, client_errors);
+    }
+    let report = PaceReport::new(&stats, plan);
+    let verdicts = report.print(plan, &completed, client_errors);
     if mode == Mode::Smoke {
         assert_eq!(client_errors, 0, "requests refused through the proxy");
         assert_eq!(stats.code("606"), 0, "{:?}", stats.codes);
@@ -186,6 +212,121 @@ pub async fn run(mode: Mode) -> Vec<Verdict> {
         );
     }
     verdicts
+}
+
+/// How often the vendor calls: a fifth of the window.
+fn vendor_pace(plan: &PacePlan) -> Duration {
+    plan.window / (plan.window_calls / 5).max(1)
+}
+
+/// The vendor's tool: one lead read every `every`, straight to the
+/// simulator, until `end`.
+async fn vendor_trickle(sim: std::net::SocketAddr, every: Duration, end: Instant) {
+    let http = reqwest::Client::new();
+    let token: serde_json::Value = http
+        .get(format!(
+            "http://{sim}/identity/oauth/token?grant_type=client_credentials&client_id={}&client_secret={}",
+            VENDOR.0, VENDOR.1
+        ))
+        .send()
+        .await
+        .expect("vendor token")
+        .json()
+        .await
+        .expect("token JSON");
+    let token = token["access_token"].as_str().unwrap_or_default().to_owned();
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while Instant::now() < end {
+        tick.tick().await;
+        let call = http
+            .get(format!("http://{sim}/rest/v1/lead/9.json"))
+            .bearer_auth(&token);
+        if let Err(error) = call.send().await {
+            eprintln!("pacing: vendor call: {error}");
+        }
+    }
+}
+
+/// With the vendor's load: the proxy's calls per window against what the
+/// vendor leaves, and Marketo's refusals of each.
+fn foreign_report(stats: &Stats, plan: &PacePlan, client_errors: u64) -> Vec<Verdict> {
+    let window = plan.window.as_secs_f64();
+    let of = |user: &str, code: Option<&str>| -> Vec<f64> {
+        let calls = stats
+            .arrivals
+            .iter()
+            .filter(|arrival| arrival.user.as_deref() == Some(user));
+        calls
+            .filter(|arrival| code.is_none_or(|code| arrival.code == code))
+            .map(|arrival| arrival.at)
+            .collect()
+    };
+    let proxy = of(PROXY_USER, Some("ok"));
+    let Some(&t0) = proxy.first() else {
+        println!("no calls reached the simulator");
+        return Vec::new();
+    };
+    let in_window = |times: &[f64], k: u32| {
+        let from = t0 + window * f64::from(k);
+        times
+            .iter()
+            .filter(|at| **at >= from && **at < from + window)
+            .count()
+    };
+    let vendor_ok = of(VENDOR.2, Some("ok"));
+    let vendor_sent = of(VENDOR.2, None);
+    let sent_per_window: Vec<usize> = (0..plan.windows).map(|k| in_window(&vendor_sent, k)).collect();
+    let per_window: Vec<(usize, usize)> = (0..plan.windows)
+        .map(|k| (in_window(&proxy, k), in_window(&vendor_ok, k)))
+        .collect();
+    let refused = of(PROXY_USER, Some("606"));
+    let (refused_606, refused_615) = (refused.len(), of(PROXY_USER, Some("615")).len());
+    // The first refusal finds the proxy's calls already in flight.
+    let taught = refused.first().map_or(f64::INFINITY, |first| first + window);
+    let later_606 = refused.iter().filter(|at| **at > taught).count();
+    let vendor_refused = vendor_sent.len() - vendor_ok.len();
+    let limit = plan.window_calls as usize;
+    // What the vendor's calls leave the proxy, from the second window on
+    // (the first teaches the proxy the vendor is there).
+    let (used, left): (usize, usize) = per_window
+        .iter()
+        .zip(&sent_per_window)
+        .skip(1)
+        .fold((0, 0), |(used, left), ((proxy, _), sent)| {
+            (used + proxy, left + limit.saturating_sub(*sent))
+        });
+    let utilisation = if left > 0 {
+        100.0 * used as f64 / left as f64
+    } else {
+        0.0
+    };
+    println!(
+        "== with a vendor calling the simulator directly, a fifth of the window at a steady pace \
+         (one call per {:?})",
+        vendor_pace(plan)
+    );
+    println!("calls per window from the first arrival (proxy, vendor): {per_window:?} of {limit}");
+    println!(
+        "utilisation of what the vendor left, from the second window: {utilisation:.1}%; \
+         Marketo refused the proxy 606 × {refused_606} ({later_606} after the first window), 615 × {refused_615}, \
+         and the vendor {vendor_refused}; \
+         requests refused by the proxy: {client_errors}"
+    );
+    // Marketo's minute is three windows.
+    let minutes = (plan.run.as_secs_f64() / (3.0 * window)).ceil();
+    vec![
+        Verdict::new(
+            "with a vendor's steady fifth: the proxy uses >= 90% of what it leaves",
+            format!("{utilisation:.1}%"),
+            utilisation >= 90.0,
+        ),
+        Verdict::new(
+            "with a vendor's steady fifth: at most one 606 a minute (three windows) after the first window",
+            format!("{later_606} in {:.0} s", plan.run.as_secs_f64()),
+            (later_606 as f64) <= minutes,
+        ),
+    ]
 }
 
 /// What the simulator saw during the pacing load.
