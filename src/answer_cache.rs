@@ -75,6 +75,8 @@ impl SharedAnswer {
             head: self.head.clone(),
             body: AnswerBody::Whole(self.body.clone()),
             error_code: self.error_code.clone(),
+            // Not a call of its own: nothing to stamp.
+            marketo_time: None,
         }
     }
 

@@ -174,13 +174,15 @@ pub fn access_token(bytes: [u8; 16], suffix: &str) -> String {
     )
 }
 
-/// A request id in Marketo's style (`e42b#14272d07d78`).
+/// A request id in Marketo's style (`e42b#14272d07d78`), with the time now.
 pub fn request_id() -> String {
+    request_id_at(chrono::Utc::now().timestamp_millis())
+}
+
+/// A request id in Marketo's style with the time `millis` (epoch ms):
+/// Marketo's clock when it took the call.
+pub fn request_id_at(millis: i64) -> String {
     let prefix: u16 = rand::random();
-    let millis = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_millis())
-        .unwrap_or_default();
     format!("{prefix:x}#{millis:x}")
 }
 

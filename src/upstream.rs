@@ -180,6 +180,8 @@ pub struct Answer {
     pub body: AnswerBody,
     /// The Marketo error code, when the answer is a `success:false` envelope.
     pub error_code: Option<String>,
+    /// Marketo's clock in the answer's `requestId`, epoch milliseconds.
+    pub marketo_time: Option<i64>,
 }
 
 impl Answer {
@@ -201,6 +203,9 @@ impl Answer {
             }
         };
         let peeked = peeked.freeze();
+        let marketo_time = is_json(&head)
+            .then(|| crate::admission::marketo_clock::in_request_id(&peeked))
+            .flatten();
         if !complete {
             return Ok(Self {
                 head,
@@ -210,6 +215,7 @@ impl Answer {
                     idle_timeout,
                 },
                 error_code: None,
+                marketo_time,
             });
         }
         // Only an answer that names `errors` can be an error envelope; the
@@ -222,6 +228,7 @@ impl Answer {
             head,
             body: AnswerBody::Whole(peeked),
             error_code,
+            marketo_time,
         })
     }
 }

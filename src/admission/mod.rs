@@ -23,6 +23,7 @@
 //! the `RateLimit` fields of its answers.
 
 pub mod learn;
+pub mod marketo_clock;
 pub mod quota;
 pub mod shared;
 pub mod window;
@@ -39,6 +40,7 @@ use crate::config::{Config, INTERNAL_SERVICE, LimitsMode};
 use crate::metrics::Metrics;
 use crate::recent::{LastMinuteWaits, WaitCounts};
 use learn::{Episode, Learned};
+use marketo_clock::MarketoClock;
 use prometheus::IntGauge;
 use quota::{DailyQuota, QuotaScope, ServiceQuota};
 use window::SlidingWindow;
@@ -162,6 +164,9 @@ struct State {
     closed: bool,
     /// Smoothed time Marketo takes to answer, for estimates.
     latency: Duration,
+    /// What answers say of Marketo's clock; `None` when
+    /// `limits.marketo_clock` is off.
+    marketo_clock: Option<MarketoClock>,
     next_id: u64,
     /// When the timer task should next pump the queue.
     wake_at: Option<Instant>,
@@ -436,6 +441,7 @@ impl Admission {
             virtual_time: 0.0,
             closed: false,
             latency: Duration::ZERO,
+            marketo_clock: limits.marketo_clock.then(MarketoClock::default),
             next_id: 0,
             wake_at: None,
             recent: VecDeque::new(),
@@ -592,6 +598,7 @@ impl Admission {
             admission: Arc::clone(self),
             service,
             sent_at: now,
+            sent_wall: wall.timestamp_millis(),
             queue_wait: Duration::ZERO,
             stamped: false,
             armed: true,
@@ -1110,6 +1117,7 @@ impl Admission {
                 admission: Arc::clone(self),
                 service,
                 sent_at: now,
+                sent_wall: wall.timestamp_millis(),
                 queue_wait: now.saturating_duration_since(waiter.enqueued),
                 stamped: false,
                 armed: true,
@@ -1451,6 +1459,8 @@ pub struct Permit {
     admission: Arc<Admission>,
     service: usize,
     sent_at: Instant,
+    /// When it was sent by the wall clock, epoch milliseconds.
+    sent_wall: i64,
     queue_wait: Duration,
     stamped: bool,
     armed: bool,
@@ -1489,20 +1499,47 @@ impl Permit {
 
     /// Marketo's answer arrived: the window slot starts its countdown.
     pub fn answered(&mut self) {
+        self.answered_by(None);
+    }
+
+    /// Marketo's answer arrived, saying its clock read `marketo` (epoch
+    /// ms) when it took the call: the window slot counts from then by our
+    /// clock, at the latest (see [`marketo_clock`]), or from now. Says how
+    /// much earlier than now that is.
+    pub fn answered_by(&mut self, marketo: Option<i64>) -> Duration {
         if self.stamped || !self.armed {
-            return;
+            return Duration::ZERO;
         }
         self.stamped = true;
         let now = Instant::now();
+        let received = (self.admission.wall)().timestamp_millis();
         let mut state = self.admission.lock();
-        state.window.stamp(now);
+        let earlier = match (marketo, state.marketo_clock.as_mut()) {
+            (Some(marketo), Some(clock)) => match clock.took(self.sent_wall, received, marketo, now) {
+                Ok(took) => Duration::from_millis(u64::try_from(received - took).unwrap_or(0)),
+                Err(marketo_clock::Refused::Outside(by)) => {
+                    tracing::warn!(
+                        off_by_ms = by,
+                        off_for_seconds = marketo_clock::OFF_FOR.as_secs(),
+                        "the time in Marketo's requestId cannot be when it took the call (its clock jumped, \
+                         or the field is not a clock): window slots count from the answer for a while"
+                    );
+                    Duration::ZERO
+                }
+                Err(marketo_clock::Refused::Off) => Duration::ZERO,
+            },
+            _ => Duration::ZERO,
+        };
+        let at = now.checked_sub(earlier).unwrap_or(now);
+        state.window.stamp(at);
         if let Some(window) = state.lanes[self.service].window.as_mut() {
-            window.stamp(now);
+            window.stamp(at);
         }
         // Smooth over roughly the last ten answers.
         let latency = now.saturating_duration_since(self.sent_at);
         state.latency = (state.latency * 9 + latency) / 10;
         self.admission.pump(&mut state);
+        earlier
     }
 }
 
@@ -1556,9 +1593,15 @@ impl Slot {
 
     /// Marketo's answer arrived: the window slots start their countdown.
     pub async fn answered(&mut self) {
-        self.permit.answered();
+        self.answered_by(None).await;
+    }
+
+    /// Marketo's answer arrived with its clock at `marketo` (see
+    /// [`Permit::answered_by`]).
+    pub async fn answered_by(&mut self, marketo: Option<i64>) {
+        let earlier = self.permit.answered_by(marketo);
         if let Some(lease) = self.lease.as_mut() {
-            lease.answered().await;
+            lease.answered(earlier).await;
         }
     }
 

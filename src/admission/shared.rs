@@ -799,13 +799,13 @@ impl SharedLimits {
     }
 
     /// A call was answered (or is over): its window slot runs from now.
-    fn hold_recent_slot(&self, id: &str) {
+    fn hold_recent_slot(&self, id: &str, earlier: Duration) {
         let now = Instant::now();
         let mut slots = lock(&self.recent_slots);
         while slots.front().is_some_and(|(_, frees_at)| *frees_at <= now) {
             slots.pop_front();
         }
-        slots.push_back((id.to_owned(), now + self.hold));
+        slots.push_back((id.to_owned(), now + self.hold.saturating_sub(earlier)));
     }
 
     fn leases_mut(&self) -> std::sync::MutexGuard<'_, Leases> {
@@ -936,7 +936,7 @@ impl SharedLimits {
         serde_json::from_str(&text).ok()
     }
 
-    async fn stamp(&self, service: usize, id: &str) {
+    async fn stamp(&self, service: usize, id: &str, earlier: Duration) {
         let mut invocation = self.rescore.prepare_invoke();
         invocation.key(self.key("window"));
         if self
@@ -946,7 +946,7 @@ impl SharedLimits {
         {
             invocation.key(self.service_key("window", service));
         }
-        invocation.arg(id).arg(millis(self.hold));
+        invocation.arg(id).arg(millis(self.hold.saturating_sub(earlier)));
         let _ = self.call::<u8>(&invocation).await;
     }
 
@@ -1246,12 +1246,13 @@ impl Lease {
 
     /// Marketo answered: the shared window slot starts its countdown (in
     /// Redis, or here until Redis hears of it).
-    pub async fn answered(&mut self) {
+    /// `earlier` than now, Marketo took the call at the latest.
+    pub async fn answered(&mut self, earlier: Duration) {
         if !self.stamped {
             self.stamped = true;
-            self.shared.hold_recent_slot(&self.id);
+            self.shared.hold_recent_slot(&self.id, earlier);
             if self.shared.is_synced(self.service, &self.id) {
-                self.shared.stamp(self.service, &self.id).await;
+                self.shared.stamp(self.service, &self.id, earlier).await;
             }
         }
     }
@@ -1272,7 +1273,7 @@ impl Drop for Lease {
         let (service, id, stamped) = (self.service, std::mem::take(&mut self.id), self.stamped);
         let synced = shared.leases_mut().synced.remove(&(service, id.clone()));
         if !stamped {
-            shared.hold_recent_slot(&id);
+            shared.hold_recent_slot(&id, Duration::ZERO);
         }
         if synced == Some(false) {
             // Redis never saw this call: its slot is written with the
@@ -1288,7 +1289,7 @@ impl Drop for Lease {
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
                 if !stamped {
-                    shared.stamp(service, &id).await;
+                    shared.stamp(service, &id, Duration::ZERO).await;
                 }
                 shared.release(service, &id).await;
             });

@@ -111,13 +111,16 @@ impl SlidingWindow {
         self.pending = self.pending.saturating_sub(1);
     }
 
-    /// The call holding a pending slot was answered at `answered_at`.
-    pub fn stamp(&mut self, answered_at: Instant) {
+    /// The call holding a pending slot was counted by Marketo at
+    /// `counted_at` at the latest: its answer, or earlier when Marketo's
+    /// clock says so.
+    pub fn stamp(&mut self, counted_at: Instant) {
         self.pending = self.pending.saturating_sub(1);
-        // Keep the log ordered; a later-stamped slot never frees earlier.
-        let frees = answered_at + self.hold;
-        let frees = self.frees_at.back().map_or(frees, |last| frees.max(*last));
-        self.frees_at.push_back(frees);
+        // Keep the log ordered: a slow call taken early frees before the
+        // quick ones answered since.
+        let frees = counted_at + self.hold;
+        let position = self.frees_at.partition_point(|free| *free <= frees);
+        self.frees_at.insert(position, frees);
     }
 
     /// Takes slots that free at `frees_at`: calls a previous run of the

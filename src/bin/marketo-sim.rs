@@ -35,6 +35,18 @@ struct Args {
     /// Time every call takes (e.g. 50ms).
     #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
     latency: Duration,
+    /// Each call takes up to this much more or less than --latency, uniformly.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    latency_jitter: Duration,
+    /// Every this many calls, one takes --slow-latency instead (0: none).
+    #[arg(long, default_value_t = 0)]
+    slow_every: u32,
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    slow_latency: Duration,
+    /// The instance's clock, in its request ids, ahead of the true time by
+    /// this many milliseconds (negative: behind).
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+    clock_skew_ms: i64,
     /// Time a bulk export spends processing.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     export_time: Duration,
@@ -78,6 +90,10 @@ async fn main() -> anyhow::Result<()> {
         daily_quota: args.daily_quota,
         token_ttl: args.token_ttl,
         latency: args.latency,
+        latency_jitter: args.latency_jitter,
+        slow_every: args.slow_every,
+        slow_latency: args.slow_latency,
+        clock_skew_ms: args.clock_skew_ms,
         export_time: args.export_time,
         import_time: args.import_time,
         export_daily_bytes: args.export_daily_bytes,

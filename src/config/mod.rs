@@ -313,6 +313,10 @@ pub struct LimitsConfig {
     /// Every answer to a known service carries `RateLimit-Policy` and
     /// `RateLimit` fields: what it has left of the window and the day.
     pub ratelimit_headers: bool,
+    /// A window slot counts from when Marketo's clock (in each answer's
+    /// `requestId`) says it took the call, when that is earlier than the
+    /// answer and provably safe (see `admission::marketo_clock`).
+    pub marketo_clock: bool,
 }
 
 /// Whether the limits are enforced or only watched.
@@ -343,6 +347,7 @@ impl Default for LimitsConfig {
             quota_probe_interval: Duration::from_secs(5 * 60),
             mode: LimitsMode::Enforce,
             ratelimit_headers: true,
+            marketo_clock: true,
         }
     }
 }

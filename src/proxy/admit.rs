@@ -195,7 +195,7 @@ where
     };
     match result {
         Ok(answer) => {
-            slot.answered().await;
+            slot.answered_by(answer.marketo_time).await;
             Ok(Admitted {
                 answer,
                 slot: Some(slot),

@@ -134,6 +134,7 @@ pub fn answer(status: StatusCode, code: Option<&str>) -> Answer {
         head,
         body: AnswerBody::Whole(body),
         error_code: code.map(str::to_owned),
+        marketo_time: None,
     }
 }
 

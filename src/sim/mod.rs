@@ -54,6 +54,15 @@ pub struct SimConfig {
     pub token_ttl: Duration,
     /// Time each call takes inside the instance.
     pub latency: Duration,
+    /// Each call takes up to this much more or less than `latency`,
+    /// uniformly.
+    pub latency_jitter: Duration,
+    /// Every this many calls, one takes `slow_latency` instead (0: none).
+    pub slow_every: u32,
+    pub slow_latency: Duration,
+    /// The instance's clock (in request ids) minus the true time, in
+    /// milliseconds.
+    pub clock_skew_ms: i64,
     /// Time a bulk export spends processing.
     pub export_time: Duration,
     /// Time a bulk import spends processing.
@@ -77,6 +86,10 @@ impl Default for SimConfig {
             daily_quota: limits::DAILY_QUOTA,
             token_ttl: limits::TOKEN_TTL,
             latency: Duration::from_millis(50),
+            latency_jitter: Duration::ZERO,
+            slow_every: 0,
+            slow_latency: Duration::ZERO,
+            clock_skew_ms: 0,
             export_time: Duration::from_secs(2),
             import_time: Duration::from_secs(2),
             export_daily_bytes: limits::EXPORT_DAILY_BYTES,
@@ -321,10 +334,13 @@ impl Simulator {
                 .collect(),
         };
 
+        // Marketo's request ids carry its clock.
+        let request_id = self.state.request_id();
         if target.len() > MAX_URI_BYTES {
             arrival.code = "http_414".into();
             self.state.record(arrival);
             return Ok(error_response(
+                &request_id,
                 StatusCode::URI_TOO_LONG,
                 "414",
                 "Request-URI Too Long",
@@ -341,6 +357,7 @@ impl Simulator {
                 arrival.code = format!("http_{}", status.as_u16());
                 self.state.record(arrival);
                 return Ok(error_response(
+                    &request_id,
                     status,
                     &status.as_u16().to_string(),
                     "Request body rejected",
@@ -402,7 +419,7 @@ impl Simulator {
                     code::TOKEN_EXPIRED => "Access token expired",
                     _ => "Access token invalid",
                 };
-                return Ok(envelope_error(error_code, message));
+                return Ok(envelope_error(&request_id, error_code, message));
             }
         };
         arrival.user = Some(user.clone());
@@ -412,15 +429,17 @@ impl Simulator {
             Admission::Rejected(error_code, message) => {
                 arrival.code = error_code.into();
                 self.state.record(arrival);
-                return Ok(envelope_error(error_code, &message));
+                return Ok(envelope_error(&request_id, error_code, &message));
             }
         };
+        // Counted in the window now: its id says so.
+        let request_id = self.state.request_id();
 
         let (failure, extra_latency) = {
             let mut inner = self.state.lock();
             (inner.faults.fail_next.pop_front(), inner.faults.extra_latency)
         };
-        let latency = self.state.config.latency + extra_latency;
+        let latency = self.state.latency() + extra_latency;
         if !latency.is_zero() {
             // hyper drops this future when the client goes away during the
             // sleep; the call was admitted and counted, so record it anyway.
@@ -435,9 +454,10 @@ impl Simulator {
             abandoned.arrival = None;
         }
         let padding = failure.as_ref().and_then(|failure| failure.header_bytes);
-        let (mut response, recorded) = match failure.and_then(injected_answer) {
+        let (mut response, recorded) = match failure.and_then(|failure| injected_answer(&request_id, failure))
+        {
             Some(injected) => injected,
-            None => self.answer(&parts.method, &path, &params, &body),
+            None => self.answer(&request_id, &parts.method, &path, &params, &body),
         };
         arrival.code = recorded;
         self.state.record(arrival);
@@ -452,6 +472,7 @@ impl Simulator {
     /// The call's own answer, and the code it is recorded under.
     fn answer(
         &self,
+        request_id: &str,
         method: &Method,
         path: &str,
         params: &BTreeMap<String, String>,
@@ -466,13 +487,14 @@ impl Simulator {
             Routed::Json(Ok(result)) => (
                 json_response(
                     StatusCode::OK,
-                    &json!({"requestId": marketo::request_id(), "result": result, "success": true}),
+                    &json!({"requestId": request_id, "result": result, "success": true}),
                 ),
                 "ok".into(),
             ),
-            Routed::Json(Err((error_code, message))) => {
-                (envelope_error(error_code, &message), error_code.into())
-            }
+            Routed::Json(Err((error_code, message))) => (
+                envelope_error(request_id, error_code, &message),
+                error_code.into(),
+            ),
             Routed::File(rows) => (csv_response(rows), "ok".into()),
         }
     }
@@ -637,7 +659,7 @@ pub const PADDING_HEADER: &str = "x-sim-padding";
 /// The answer an injected [`Failure`] gives instead of the call's own, and
 /// the code the arrival is recorded under; `None` when it only pads the
 /// call's own answer with a large header.
-fn injected_answer(failure: Failure) -> Option<(Response<SimBody>, String)> {
+fn injected_answer(request_id: &str, failure: Failure) -> Option<(Response<SimBody>, String)> {
     let Failure {
         code: error_code,
         http_status,
@@ -663,13 +685,16 @@ fn injected_answer(failure: Failure) -> Option<(Response<SimBody>, String)> {
     }
     match (status, error_code) {
         (Some(status), _) => Some((
-            error_response(status, status.as_str(), "Injected failure"),
+            error_response(request_id, status, status.as_str(), "Injected failure"),
             format!("http_{}", status.as_u16()),
         )),
-        (None, Some(error_code)) => Some((envelope_error(&error_code, "Injected failure"), error_code)),
+        (None, Some(error_code)) => Some((
+            envelope_error(request_id, &error_code, "Injected failure"),
+            error_code,
+        )),
         (None, None) if header_bytes.is_some() => None,
         (None, None) => Some((
-            envelope_error(code::SYSTEM_ERROR, "Injected failure"),
+            envelope_error(request_id, code::SYSTEM_ERROR, "Injected failure"),
             code::SYSTEM_ERROR.into(),
         )),
     }
@@ -726,12 +751,17 @@ fn json_response(status: StatusCode, value: &impl serde::Serialize) -> Response<
     response
 }
 
-fn envelope_error(error_code: &str, message: &str) -> Response<SimBody> {
-    error_response(StatusCode::OK, error_code, message)
+fn envelope_error(request_id: &str, error_code: &str, message: &str) -> Response<SimBody> {
+    error_response(request_id, StatusCode::OK, error_code, message)
 }
 
-fn error_response(status: StatusCode, error_code: &str, message: &str) -> Response<SimBody> {
-    let body = marketo::error_body(&marketo::request_id(), error_code, message);
+fn error_response(
+    request_id: &str,
+    status: StatusCode,
+    error_code: &str,
+    message: &str,
+) -> Response<SimBody> {
+    let body = marketo::error_body(request_id, error_code, message);
     let mut response = Response::new(full(body));
     *response.status_mut() = status;
     response.headers_mut().insert(

@@ -43,6 +43,8 @@ pub(crate) struct Inner {
     pub stats: Stats,
     pub leads: LeadStore,
     pub bulk: BulkQueues,
+    /// Calls whose latency was drawn (every `slow_every`th is slow).
+    calls_timed: u64,
 }
 
 impl Inner {
@@ -232,6 +234,7 @@ impl State {
                 stats: Stats::default(),
                 leads,
                 bulk: BulkQueues::new(day),
+                calls_timed: 0,
             }),
         }
     }
@@ -365,6 +368,28 @@ impl State {
         Admission::Admitted(InFlight {
             state: Arc::clone(self),
         })
+    }
+
+    /// A request id with the instance's clock now.
+    pub fn request_id(&self) -> String {
+        crate::marketo::request_id_at(chrono::Utc::now().timestamp_millis() + self.config.clock_skew_ms)
+    }
+
+    /// How long the next call takes inside the instance.
+    pub fn latency(&self) -> Duration {
+        let config = &self.config;
+        if config.slow_every > 0 {
+            let mut inner = self.lock();
+            inner.calls_timed += 1;
+            if inner.calls_timed % u64::from(config.slow_every) == 0 {
+                return config.slow_latency;
+            }
+        }
+        if config.latency_jitter.is_zero() {
+            return config.latency;
+        }
+        let jitter = config.latency_jitter.as_secs_f64() * (rand::random::<f64>() * 2.0 - 1.0);
+        Duration::from_secs_f64((config.latency.as_secs_f64() + jitter).max(0.0))
     }
 
     /// Today's usage per API user, for `/rest/v1/stats/usage.json`.
