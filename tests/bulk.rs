@@ -324,3 +324,27 @@ async fn a_queue_filled_outside_the_proxy_is_waited_out_without_an_error_to_the_
         .any(|arrival| arrival.target.starts_with("/bulk/v1/leads/export.json"));
     assert!(listed, "the proxy read the queue's jobs again");
 }
+
+#[tokio::test]
+async fn an_import_counts_as_a_job_of_the_service_that_started_it() {
+    let sim = Simulator::spawn(sim(Duration::from_millis(50))).await.unwrap();
+    let proxy = app::spawn(config(
+        &sim.url(),
+        "{ poll_pace: 50ms }",
+        "{ file: ~, usage_sync_interval: 0s }",
+    ))
+    .await
+    .unwrap();
+    support::wait_ready(&proxy).await;
+    let warehouse = Integration::new(&proxy.url(), KEYS[1].1);
+    let imported: Value = warehouse
+        .post("/bulk/v1/leads.json?format=csv", json!({}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(code(&imported), "ok", "{imported}");
+    let usage = support::usage(&proxy.admin_url()).await;
+    assert_eq!(usage["bulk"]["services"]["warehouse"]["jobs"], 1, "{usage}");
+    assert_eq!(usage["bulk"]["services"]["crm-sync"]["jobs"], 0, "{usage}");
+}

@@ -388,6 +388,9 @@ impl BulkJobs {
             };
             let Some(new_state) = state_now else { continue };
             let kind = endpoint.kind;
+            // A job first seen now was in no queue before (an import is
+            // queued by the call that creates it).
+            let was = state.jobs.get(&id).map_or(JobState::Created, |job| job.state);
             let job = state.jobs.entry(id).or_insert_with(|| Job {
                 kind,
                 base: endpoint.base.clone(),
@@ -396,7 +399,6 @@ impl BulkJobs {
                 heard: now,
                 charged: false,
             });
-            let was = job.state;
             job.heard = now;
             // An answer may be older than one already taken (two polls
             // crossing); states only move forward.
