@@ -450,6 +450,43 @@ async fn two_replicas_sharing_redis_keep_to_one_queue_and_report_the_same_usage(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_place_goes_to_the_service_with_the_fewest_jobs_whichever_replica_it_waits_on() {
+    let redis = RedisServer::start();
+    let sim = Simulator::spawn(sim(Duration::from_millis(600))).await.unwrap();
+    let [one, two] = replicas(&sim.url(), "{ poll_pace: 50ms }", &redis, "fair").await;
+    // crm-sync fills the queue through one replica and waits there for
+    // two places more; warehouse, with no job in the queue, waits on the
+    // other replica.
+    let crm = Integration::new(&one.url(), KEYS[0].1);
+    for _ in 0..10 {
+        let id = crm.create().await;
+        assert_eq!(code(&crm.enqueue(&id).await), "ok");
+    }
+    let warehouse = Integration::new(&two.url(), KEYS[1].1);
+    let (crm_ids, warehouse_id) = ([crm.create().await, crm.create().await], warehouse.create().await);
+    let (crm_answers, warehouse_answer) = tokio::join!(
+        futures_util::future::join_all(crm_ids.iter().map(|id| crm.enqueue(id))),
+        warehouse.enqueue(&warehouse_id),
+    );
+    assert_eq!(code(&warehouse_answer), "ok", "{warehouse_answer}");
+    for answer in &crm_answers {
+        assert_eq!(code(answer), "ok", "{answer}");
+    }
+    let enqueued: Vec<String> = sim
+        .stats()
+        .arrivals
+        .into_iter()
+        .filter(|arrival| arrival.target.ends_with("/enqueue.json") && arrival.code == "ok")
+        .map(|arrival| arrival.target)
+        .collect();
+    assert_eq!(enqueued.len(), 13);
+    assert!(
+        enqueued[10].contains(&warehouse_id),
+        "the first place freed went to warehouse: {enqueued:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn export_bytes_downloaded_through_one_replica_count_on_the_other() {
     let redis = RedisServer::start();
     let sim = Simulator::spawn(sim(Duration::from_millis(50))).await.unwrap();

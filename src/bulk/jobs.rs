@@ -316,7 +316,7 @@ impl BulkJobs {
         service: usize,
         deadline: Instant,
     ) -> Result<Reservation, BulkError> {
-        if let Some(reservation) = self.admit_shared(queue).await {
+        if let Some(reservation) = self.admit_shared(queue, service).await {
             return Ok(reservation);
         }
         let receiver = {
@@ -439,6 +439,12 @@ impl BulkJobs {
     /// The next waiter for a place: the service with the fewest jobs in
     /// the queue first, the longest waiting among equals.
     fn next_waiter(&self, state: &mut State, queue: Queue) -> Option<Waiter> {
+        let service = self.next_lane(state, queue)?;
+        state.lines[index(queue)].waiting[service].pop_front()
+    }
+
+    /// The line of [`Self::next_waiter`].
+    fn next_lane(&self, state: &State, queue: Queue) -> Option<usize> {
         let owned = |service: usize| {
             state
                 .jobs
@@ -457,8 +463,7 @@ impl BulkJobs {
                 waiting.front().map(|head| (owned(service), head.since, service))
             })
             .min();
-        let (_, _, service) = next?;
-        state.lines[index(queue)].waiting[service].pop_front()
+        next.map(|(_, _, service)| service)
     }
 
     /// Marketo said `queue` is full: jobs the proxy has not seen hold it.

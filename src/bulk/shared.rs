@@ -14,6 +14,10 @@
 //!   holding one loses it after the longest an enqueue can take);
 //!   `bulk:released`, ids given back, so that a place taken late (its
 //!   answer lost to a timeout) takes nothing;
+//! - `bulk:waiting:{queue}`, the services with an enqueue waiting on some
+//!   replica, each for a moment after its replica last asked, so that a
+//!   place goes to the service with the fewest jobs in the queue whichever
+//!   replica it waits on;
 //! - `bulk:paused:{queue}`, set for `bulk.pause` after Marketo said the
 //!   queue was full, cleared when a job leaves it;
 //! - `bulk:day:{date}`, the day's export bytes, whether Marketo said they
@@ -40,16 +44,33 @@ const KEEP: Duration = Duration::from_secs(3 * 24 * 3600);
 /// A job created and never enqueued is forgotten after this.
 const STALE_CREATED: Duration = Duration::from_secs(24 * 3600);
 
-/// Takes a place in a queue if it has room. KEYS: queue, reserved, paused,
-/// released. ARGV: place id, queue limit, ms the place is held.
+/// Takes a place in a queue for a service if the queue has room and no
+/// service waiting elsewhere has fewer jobs in it. KEYS: queue, reserved,
+/// paused, released, waiting. ARGV: place id, queue limit, ms the place is
+/// held, service ('' for none), ms the service is remembered as waiting
+/// (0: it does not wait).
 const ADMIT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
+for _, key in ipairs({KEYS[2], KEYS[4], KEYS[5]}) do redis.call('ZREMRANGEBYSCORE', key, '-inf', now) end
+local service, waits = ARGV[4], tonumber(ARGV[5])
+if service ~= '' and waits > 0 then
+  redis.call('ZADD', KEYS[5], now + waits, service)
+  redis.call('PEXPIRE', KEYS[5], waits + 60000)
+end
 if redis.call('ZSCORE', KEYS[4], ARGV[1]) then return 0 end
 if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
-if redis.call('HLEN', KEYS[1]) + redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[2]) then return 0 end
+local owners = redis.call('HVALS', KEYS[1])
+if #owners + redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[2]) then return 0 end
+local function owned(name)
+  local jobs = 0
+  for _, owner in ipairs(owners) do if owner == name then jobs = jobs + 1 end end
+  return jobs
+end
+local mine = owned(service)
+for _, other in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do
+  if other ~= service and owned(other) < mine then return 0 end
+end
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1])
 redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[3]) + 60000)
 return 1
@@ -282,17 +303,29 @@ impl SharedBulk {
         (self.hold * 2).max(Duration::from_secs(60))
     }
 
-    /// Takes a place in `queue` (`limit` jobs) under `id`, if it has room.
-    pub async fn admit(&self, queue: Queue, id: &str, limit: usize) -> Result<bool, SharedError> {
+    /// Takes a place in `queue` (`limit` jobs) under `id` for `service`, if
+    /// it has room and no service waiting has fewer jobs in it. `waits`:
+    /// the service waits, and counts as waiting for that long.
+    pub async fn admit(
+        &self,
+        queue: Queue,
+        id: &str,
+        limit: usize,
+        service: Option<usize>,
+        waits: Option<Duration>,
+    ) -> Result<bool, SharedError> {
         let mut invocation = self.admit.prepare_invoke();
         invocation
             .key(self.queue_key("queue", queue))
             .key(self.queue_key("reserved", queue))
             .key(self.queue_key("paused", queue))
             .key(self.key("released"))
+            .key(self.queue_key("waiting", queue))
             .arg(id)
             .arg(limit)
-            .arg(millis(self.hold));
+            .arg(millis(self.hold))
+            .arg(self.name(service))
+            .arg(waits.map_or(0, millis));
         self.redis
             .call::<u8>(&invocation)
             .await

@@ -39,7 +39,7 @@ const RETRY_EVERY: Duration = Duration::from_secs(1);
 impl BulkJobs {
     /// With Redis and nobody waiting here: a place from Redis at once, if
     /// the queue has room.
-    pub(super) async fn admit_shared(self: &Arc<Self>, queue: Queue) -> Option<Reservation> {
+    pub(super) async fn admit_shared(self: &Arc<Self>, queue: Queue, service: usize) -> Option<Reservation> {
         let (shared, _) = self.shared_up()?;
         if someone_waits_in(&self.lock().lines[index(queue)]) {
             return None;
@@ -49,7 +49,9 @@ impl BulkJobs {
             queue,
             id: Some(place_id()),
         };
-        let granted = shared.admit(queue, asking.id(), self.limits[index(queue)]).await;
+        let owner = (service != self.internal).then_some(service);
+        let limit = self.limits[index(queue)];
+        let granted = shared.admit(queue, asking.id(), limit, owner, None).await;
         let id = asking.answered();
         let mut state = self.lock();
         match granted {
@@ -254,22 +256,26 @@ impl BulkJobs {
     async fn pump_shared(self: &Arc<Self>, shared: &SharedBulk) -> Result<(), SharedError> {
         for queue in Queue::ALL {
             loop {
-                {
+                let service = {
                     let state = self.lock();
                     let line = &state.lines[index(queue)];
                     let paused = line.paused_until.is_some_and(|until| until > Instant::now());
-                    if state.offline.is_some() || paused || !someone_waits_in(line) {
-                        break;
+                    match self.next_lane(&state, queue) {
+                        Some(service) if state.offline.is_none() && !paused => service,
+                        _ => break,
                     }
-                }
+                };
                 let asking = Asking {
                     jobs: self,
                     queue,
                     id: Some(place_id()),
                 };
-                let granted = shared
-                    .admit(queue, asking.id(), self.limits[index(queue)])
-                    .await?;
+                // It is asked for again while it waits; it counts as waiting
+                // a little longer, so that it does in between.
+                let owner = (service != self.internal).then_some(service);
+                let limit = self.limits[index(queue)];
+                let waits = Some(WAITING_POLL * 3);
+                let granted = shared.admit(queue, asking.id(), limit, owner, waits).await?;
                 let id = asking.answered();
                 if !granted {
                     break;
