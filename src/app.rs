@@ -104,7 +104,7 @@ impl App {
             // Until Redis has answered, this replica keeps to its share.
             admission.set_share(limits.fallback_replicas());
         }
-        let bulk = BulkJobs::new(&config, metrics.clone());
+        let bulk = BulkJobs::new(&config, metrics.clone(), limits.clone());
         let ledger = config.state.file.as_ref().map(|path| {
             Arc::new(
                 Ledger::new(path, config.counted_names(), Arc::clone(&admission))
@@ -164,6 +164,10 @@ impl App {
             }
             spawn(Box::pin(ledger.saver()));
         }
+        // After the ledger: Redis's counts, when it has them, are the
+        // instance's.
+        components.bulk.connect().await;
+        spawn(Box::pin(components.bulk.sharing()));
         let first_sync = (!config.state.usage_sync_interval.is_zero()).then(|| {
             let sync = UsageSync::new(
                 BoxCloneSyncService::new(proxy::forward(&components)),

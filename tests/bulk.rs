@@ -8,15 +8,20 @@
 //! 1029 from Marketo, that the proxy refuses an export itself once the
 //! day's bytes are spent (and still does after a restart), and that jobs
 //! started outside the proxy are absorbed without an error to the client.
+//! Then the same with two replicas sharing a real redis-server: together
+//! they keep to the one queue and the one day's export bytes, report the
+//! same usage, and a replica that loses Redis keeps to its share and
+//! counts what it did meanwhile once.
 
 mod support;
 
 use std::time::Duration;
 
-use marketo_proxy::app;
+use marketo_proxy::app::{self, RunningProxy};
 use marketo_proxy::config::Config;
-use marketo_proxy::sim::{SimClient, SimConfig, Simulator};
+use marketo_proxy::sim::{SimClient, SimConfig, SimHandle, Simulator};
 use serde_json::{Value, json};
+use support::redis::RedisServer;
 use support::{eventually, metric, send_json};
 
 const KEYS: [(&str, &str); 3] = [
@@ -151,22 +156,15 @@ fn code(body: &Value) -> &str {
     }
 }
 
-#[tokio::test]
-async fn three_services_enqueuing_five_exports_at_once_never_meet_marketos_1029() {
-    let sim = Simulator::spawn(sim(Duration::from_millis(200))).await.unwrap();
-    let proxy = app::spawn(config(
-        &sim.url(),
-        "{ poll_pace: 50ms, poll_after: 1s }",
-        "{ file: ~, usage_sync_interval: 0s }",
-    ))
-    .await
-    .unwrap();
-    support::wait_ready(&proxy).await;
-
+/// Three services each start 5 exports at once, through `proxies` in
+/// turn: every enqueue is taken, Marketo never says its queue is full,
+/// and the queue is used to the full, never beyond, at any time.
+async fn fifteen_exports_at_once(sim: &SimHandle, proxies: &[String]) {
     let integrations: Vec<Integration> = KEYS
         .iter()
         .flat_map(|(_, key)| std::iter::repeat_n(*key, 5))
-        .map(|key| Integration::new(&proxy.url(), key))
+        .enumerate()
+        .map(|(n, key)| Integration::new(&proxies[n % proxies.len()], key))
         .collect();
     let answers = futures_util::future::join_all(integrations.iter().map(Integration::export)).await;
 
@@ -179,7 +177,30 @@ async fn three_services_enqueuing_five_exports_at_once_never_meet_marketos_1029(
     assert_eq!(queue.completed, 15);
     assert!(queue.max_processing <= 2, "{queue:?}");
     assert!(queue.max_in_queue <= 10, "{queue:?}");
+    assert!(
+        queue
+            .samples
+            .iter()
+            .all(|sample| sample.processing <= 2 && sample.queued + sample.processing <= 10),
+        "{:?}",
+        queue.samples
+    );
     assert_eq!(queue.max_in_queue, 10, "the queue was used to the full");
+}
+
+#[tokio::test]
+async fn three_services_enqueuing_five_exports_at_once_never_meet_marketos_1029() {
+    let sim = Simulator::spawn(sim(Duration::from_millis(200))).await.unwrap();
+    let proxy = app::spawn(config(
+        &sim.url(),
+        "{ poll_pace: 50ms, poll_after: 1s }",
+        "{ file: ~, usage_sync_interval: 0s }",
+    ))
+    .await
+    .unwrap();
+    support::wait_ready(&proxy).await;
+
+    fifteen_exports_at_once(&sim, &[proxy.url()]).await;
 
     let usage = support::usage(&proxy.admin_url()).await;
     for (name, _) in KEYS {
@@ -323,4 +344,241 @@ async fn a_queue_filled_outside_the_proxy_is_waited_out_without_an_error_to_the_
         .iter()
         .any(|arrival| arrival.target.starts_with("/bulk/v1/leads/export.json"));
     assert!(listed, "the proxy read the queue's jobs again");
+}
+
+#[tokio::test]
+async fn an_import_counts_as_a_job_of_the_service_that_started_it() {
+    let sim = Simulator::spawn(sim(Duration::from_millis(50))).await.unwrap();
+    let proxy = app::spawn(config(
+        &sim.url(),
+        "{ poll_pace: 50ms }",
+        "{ file: ~, usage_sync_interval: 0s }",
+    ))
+    .await
+    .unwrap();
+    support::wait_ready(&proxy).await;
+    let warehouse = Integration::new(&proxy.url(), KEYS[1].1);
+    let imported: Value = warehouse
+        .post("/bulk/v1/leads.json?format=csv", json!({}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(code(&imported), "ok", "{imported}");
+    let usage = support::usage(&proxy.admin_url()).await;
+    assert_eq!(usage["bulk"]["services"]["warehouse"]["jobs"], 1, "{usage}");
+    assert_eq!(usage["bulk"]["services"]["crm-sync"]["jobs"], 0, "{usage}");
+}
+
+/// `state:` for a replica sharing `redis` under `prefix`.
+fn shared_state(redis: &RedisServer, prefix: &str) -> String {
+    format!(
+        "{{ backend: redis, file: ~, usage_sync_interval: 0s, redis: {{ url: '{}', key_prefix: {prefix}, fallback_replicas: 2 }} }}",
+        redis.url()
+    )
+}
+
+/// Two replicas in front of `sim`, sharing `redis`.
+async fn replicas(sim: &str, bulk: &str, redis: &RedisServer, prefix: &str) -> [RunningProxy; 2] {
+    let mut replicas = Vec::new();
+    for _ in 0..2 {
+        let replica = app::spawn(config(sim, bulk, &shared_state(redis, prefix)))
+            .await
+            .unwrap();
+        support::wait_ready(&replica).await;
+        replicas.push(replica);
+    }
+    replicas.try_into().unwrap_or_else(|_| unreachable!())
+}
+
+/// The `bulk` object of `/usage` once every replica reports the same one
+/// and `check` accepts it.
+async fn agreed_bulk_usage(replicas: &[RunningProxy], check: impl Fn(&Value) -> bool) -> Value {
+    eventually(Duration::from_secs(10), async || {
+        let mut seen = Vec::new();
+        for replica in replicas {
+            let mut usage = support::usage(&replica.admin_url()).await["bulk"].take();
+            // Jobs in the queue right now may differ for a moment.
+            usage["extract_in_queue"].take();
+            seen.push(usage);
+        }
+        if seen.windows(2).all(|pair| pair[0] == pair[1]) && check(&seen[0]) {
+            Ok(seen.swap_remove(0))
+        } else {
+            Err(seen)
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_sharing_redis_keep_to_one_queue_and_report_the_same_usage() {
+    let redis = RedisServer::start();
+    let sim = Simulator::spawn(sim(Duration::from_millis(200))).await.unwrap();
+    let replicas = replicas(
+        &sim.url(),
+        "{ poll_pace: 50ms, poll_after: 1s }",
+        &redis,
+        "queues",
+    )
+    .await;
+
+    // Each service's five exports go half through one replica, half
+    // through the other.
+    fifteen_exports_at_once(&sim, &[replicas[0].url(), replicas[1].url()]).await;
+    let stats = sim.stats();
+
+    let exported = stats.bulk.export_bytes_today;
+    let usage = agreed_bulk_usage(&replicas, |usage| usage["export_bytes"] == exported).await;
+    let mut bytes = 0;
+    for (name, _) in KEYS {
+        assert_eq!(usage["services"][name]["jobs"], 5, "{usage}");
+        bytes += usage["services"][name]["export_bytes"].as_u64().unwrap();
+    }
+    assert_eq!(bytes, exported, "{usage}");
+    for replica in &replicas {
+        let text = support::metrics_text(&replica.admin_url()).await;
+        for (name, _) in KEYS {
+            let series = format!(r#"marketo_proxy_bulk_export_bytes_total{{service="{name}"}}"#);
+            assert_eq!(
+                metric(&text, &series),
+                usage["services"][name]["export_bytes"].as_f64(),
+                "{text}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_place_goes_to_the_service_with_the_fewest_jobs_whichever_replica_it_waits_on() {
+    let redis = RedisServer::start();
+    let sim = Simulator::spawn(sim(Duration::from_millis(600))).await.unwrap();
+    let [one, two] = replicas(&sim.url(), "{ poll_pace: 50ms }", &redis, "fair").await;
+    // crm-sync fills the queue through one replica and waits there for
+    // two places more; warehouse, with no job in the queue, waits on the
+    // other replica.
+    let crm = Integration::new(&one.url(), KEYS[0].1);
+    for _ in 0..10 {
+        let id = crm.create().await;
+        assert_eq!(code(&crm.enqueue(&id).await), "ok");
+    }
+    let warehouse = Integration::new(&two.url(), KEYS[1].1);
+    let (crm_ids, warehouse_id) = ([crm.create().await, crm.create().await], warehouse.create().await);
+    let (crm_answers, warehouse_answer) = tokio::join!(
+        futures_util::future::join_all(crm_ids.iter().map(|id| crm.enqueue(id))),
+        warehouse.enqueue(&warehouse_id),
+    );
+    assert_eq!(code(&warehouse_answer), "ok", "{warehouse_answer}");
+    for answer in &crm_answers {
+        assert_eq!(code(answer), "ok", "{answer}");
+    }
+    let enqueued: Vec<String> = sim
+        .stats()
+        .arrivals
+        .into_iter()
+        .filter(|arrival| arrival.target.ends_with("/enqueue.json") && arrival.code == "ok")
+        .map(|arrival| arrival.target)
+        .collect();
+    assert_eq!(enqueued.len(), 13);
+    assert!(
+        enqueued[10].contains(&warehouse_id),
+        "the first place freed went to warehouse: {enqueued:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_bytes_downloaded_through_one_replica_count_on_the_other() {
+    let redis = RedisServer::start();
+    let sim = Simulator::spawn(sim(Duration::from_millis(50))).await.unwrap();
+    // One export of 50 leads is more than the day allows.
+    let [one, two] = replicas(
+        &sim.url(),
+        "{ export_daily_bytes: 100, poll_pace: 50ms }",
+        &redis,
+        "bytes",
+    )
+    .await;
+    let crm = Integration::new(&one.url(), KEYS[0].1);
+    assert_eq!(code(&crm.export().await), "ok");
+
+    let warehouse = Integration::new(&two.url(), KEYS[1].1);
+    let refused: Value = warehouse
+        .post("/bulk/v1/leads/export/create.json", json!({}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(code(&refused), "1029", "{refused}");
+    assert!(
+        refused["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Export daily quota exceeded")
+    );
+    let creates = sim
+        .stats()
+        .arrivals
+        .iter()
+        .filter(|arrival| arrival.target.ends_with("/create.json"))
+        .count();
+    assert_eq!(creates, 1, "the refused create never reached Marketo");
+    let exported = sim.stats().bulk.export_bytes_today;
+    let usage = agreed_bulk_usage(&[one, two], |usage| usage["export_bytes"] == exported).await;
+    assert_eq!(usage["export_bytes_remaining"], 0, "{usage}");
+    assert_eq!(usage["services"]["crm-sync"]["export_bytes"], exported, "{usage}");
+    assert_eq!(usage["services"]["crm-sync"]["jobs"], 1, "{usage}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_without_redis_keeps_to_its_share_and_counts_what_it_did_once() {
+    let redis = RedisServer::start();
+    let sim = Simulator::spawn(sim(Duration::from_millis(200))).await.unwrap();
+    let replicas = replicas(
+        &sim.url(),
+        "{ poll_pace: 50ms, poll_after: 1s }",
+        &redis,
+        "outage",
+    )
+    .await;
+
+    // Redis stops answering: seven exports through one replica, which
+    // keeps to half of the queue (fallback_replicas: 2).
+    redis.pause();
+    let crm: Vec<Integration> = (0..7)
+        .map(|_| Integration::new(&replicas[0].url(), KEYS[0].1))
+        .collect();
+    let answers = futures_util::future::join_all(crm.iter().map(Integration::export)).await;
+    for answer in &answers {
+        assert_eq!(code(answer), "ok", "{answer}");
+    }
+    let queue = sim.stats().bulk.extract;
+    assert_eq!(queue.completed, 7);
+    assert!(queue.max_in_queue <= 5, "its share of the queue: {queue:?}");
+
+    // Back: what it did meanwhile is written once, and the other replica
+    // reports it too.
+    redis.resume();
+    let usage = agreed_bulk_usage(&replicas, |usage| usage["services"]["crm-sync"]["jobs"] == 7).await;
+    let exported = sim.stats().bulk.export_bytes_today;
+    assert_eq!(usage["export_bytes"], exported, "{usage}");
+    assert_eq!(usage["services"]["crm-sync"]["export_bytes"], exported, "{usage}");
+
+    // Another outage, two exports through the other replica: added to
+    // the first seven, which nobody counts again.
+    redis.pause();
+    let warehouse: Vec<Integration> = (0..2)
+        .map(|_| Integration::new(&replicas[1].url(), KEYS[1].1))
+        .collect();
+    for answer in futures_util::future::join_all(warehouse.iter().map(Integration::export)).await {
+        assert_eq!(code(&answer), "ok", "{answer}");
+    }
+    redis.resume();
+    let usage = agreed_bulk_usage(&replicas, |usage| usage["services"]["warehouse"]["jobs"] == 2).await;
+    assert_eq!(usage["services"]["crm-sync"]["jobs"], 7, "{usage}");
+    assert_eq!(
+        usage["export_bytes"],
+        sim.stats().bulk.export_bytes_today,
+        "{usage}"
+    );
+    assert_eq!(sim.stats().bulk.extract.completed, 9);
 }

@@ -521,7 +521,8 @@ impl SharedLimits {
         self.up.load(Ordering::Acquire)
     }
 
-    fn key(&self, name: &str) -> String {
+    /// `name` under the configured key prefix.
+    pub(crate) fn key(&self, name: &str) -> String {
         format!("{}:{name}", self.prefix)
     }
 
@@ -551,8 +552,9 @@ impl SharedLimits {
         Ok(connected)
     }
 
-    /// Runs one Redis call within [`REDIS_TIMEOUT`].
-    async fn call<T: redis::FromRedisValue>(
+    /// Runs one Redis call within [`REDIS_TIMEOUT`], on the connection
+    /// every shared count uses.
+    pub(crate) async fn call<T: redis::FromRedisValue>(
         &self,
         invocation: &redis::ScriptInvocation<'_>,
     ) -> Result<T, SharedError> {

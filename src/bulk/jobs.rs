@@ -21,9 +21,12 @@
 //! refused locally until the reset. Per service the proxy counts the jobs
 //! it enqueued today and the export bytes of its completed jobs.
 //!
+//! With the Redis backend the jobs, the places and the day's counts are
+//! the instance's, shared by every replica: see [`sharing`].
+//!
 //! One mutex, never held across an await.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -38,9 +41,13 @@ use super::BulkError;
 use super::endpoint::{
     EXPORT_QUOTA_MESSAGE, Endpoint, JobState, Kind, Op, Queue, TOO_MANY_IMPORTS, list_path, status_path,
 };
+use super::shared::{Seen, SharedBulk};
+use crate::admission::shared::SharedLimits;
 use crate::config::Config;
 use crate::marketo::code;
 use crate::metrics::Metrics;
+
+mod sharing;
 
 /// What one service did today.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,16 +82,24 @@ struct Job {
     heard: Instant,
     /// Its export bytes are counted.
     charged: bool,
+    /// Its start is counted.
+    counted: bool,
+    file_size: Option<u64>,
+    /// Changed while Redis was unreachable: written there once it is back.
+    unsynced: bool,
+    /// Started by this replica while Redis was unreachable.
+    offline: bool,
 }
 
 struct Waiter {
     since: Instant,
-    reply: oneshot::Sender<()>,
+    /// Gets the id of the place granted.
+    reply: oneshot::Sender<String>,
 }
 
 struct Line {
-    /// Enqueues sent and not yet answered.
-    reserved: usize,
+    /// Places held for enqueues sent and not yet answered, by id.
+    held: HashSet<String>,
     /// After Marketo said the queue was full.
     paused_until: Option<Instant>,
     /// One line per service.
@@ -104,6 +119,21 @@ struct State {
     reread: bool,
     /// Which list the next re-read calls.
     list_cursor: usize,
+    /// With Redis: `Some` while it is unreachable.
+    offline: Option<Offline>,
+    /// Places held in each queue by every replica, as Redis last said.
+    reserved_seen: [usize; 2],
+    /// Places given back while Redis was unreachable.
+    to_release: Vec<(Queue, String)>,
+}
+
+/// What this replica's share is taken from while Redis is unreachable.
+#[derive(Debug, Default)]
+struct Offline {
+    /// The day's export bytes when Redis was lost.
+    export_bytes: u64,
+    /// Places the other replicas held in each queue then.
+    reserved_elsewhere: [usize; 2],
 }
 
 /// The bulk jobs of one Marketo instance; see the module documentation.
@@ -120,6 +150,11 @@ pub struct BulkJobs {
     metrics: Metrics,
     /// Wakes the status poller early.
     wake_poller: Notify,
+    /// The instance's bulk state in Redis, with the Redis backend.
+    shared: Option<SharedBulk>,
+    fallback_replicas: usize,
+    /// Wakes the task that hands out places taken in Redis.
+    wake_shared: Notify,
 }
 
 fn index(queue: Queue) -> usize {
@@ -130,11 +165,14 @@ fn index(queue: Queue) -> usize {
 }
 
 impl BulkJobs {
-    pub fn new(config: &Config, metrics: Metrics) -> Arc<Self> {
+    /// `redis`: the limits shared through Redis, whose connection and day
+    /// the bulk state shares too.
+    pub fn new(config: &Config, metrics: Metrics, redis: Option<Arc<SharedLimits>>) -> Arc<Self> {
         let names = config.counted_names();
         let bulk = &config.bulk;
+        let shared = redis.map(|redis| SharedBulk::new(config, redis));
         let line = || Line {
-            reserved: 0,
+            held: HashSet::new(),
             paused_until: None,
             waiting: (0..names.len()).map(|_| VecDeque::new()).collect(),
         };
@@ -142,12 +180,18 @@ impl BulkJobs {
             state: Mutex::new(State {
                 jobs: HashMap::new(),
                 lines: [line(), line()],
-                day: today(config.limits.timezone),
+                day: shared
+                    .as_ref()
+                    .map_or_else(|| today(config.limits.timezone), SharedBulk::day),
                 export_bytes: 0,
                 export_spent: false,
                 services: vec![ServiceDay::default(); names.len()],
                 reread: false,
                 list_cursor: 0,
+                // Until Redis has answered, this replica keeps to its share.
+                offline: shared.as_ref().map(|_| Offline::default()),
+                reserved_seen: [0; 2],
+                to_release: Vec::new(),
             }),
             internal: names.len() - 1,
             names,
@@ -162,6 +206,13 @@ impl BulkJobs {
             timezone: config.limits.timezone,
             metrics,
             wake_poller: Notify::new(),
+            shared,
+            fallback_replicas: config
+                .state
+                .redis
+                .as_ref()
+                .map_or(1, |redis| redis.fallback_replicas.get() as usize),
+            wake_shared: Notify::new(),
         });
         // Every service's series exists from the start, at 0.
         for name in &jobs.names {
@@ -178,10 +229,16 @@ impl BulkJobs {
     /// A fresh day: the export bytes and per-service counts start again;
     /// jobs still in a queue stay.
     fn roll(&self, state: &mut State) {
-        let today = today(self.timezone);
+        let today = self
+            .shared
+            .as_ref()
+            .map_or_else(|| today(self.timezone), SharedBulk::day);
         if state.day != today {
             state.day = today;
             state.export_bytes = 0;
+            if let Some(offline) = &mut state.offline {
+                offline.export_bytes = 0;
+            }
             state.export_spent = false;
             state
                 .services
@@ -206,16 +263,49 @@ impl BulkJobs {
     }
 
     /// Refuses a create or enqueue of an export once today's bytes are
-    /// spent.
-    pub fn check_export_bytes(&self) -> Result<(), BulkError> {
+    /// spent (with Redis, by every replica).
+    pub async fn check_export_bytes(&self) -> Result<(), BulkError> {
+        if let Some((shared, day)) = self.shared_up() {
+            let counted = shared.export_day(day).await;
+            let mut state = self.lock();
+            match counted {
+                Ok((bytes, spent)) if state.day == day && state.offline.is_none() => {
+                    state.export_bytes = state.export_bytes.max(bytes);
+                    state.export_spent |= spent;
+                    self.publish(&state);
+                }
+                Ok(_) => {}
+                Err(_) => self.go_offline(&mut state),
+            }
+        }
         let mut state = self.lock();
         self.roll(&mut state);
-        if state.export_spent || state.export_bytes >= self.export_daily_bytes {
+        if state.export_spent || state.export_bytes >= self.export_allowance(&state) {
             return Err(BulkError::ExportQuota {
                 retry_after: self.until_reset(),
             });
         }
         Ok(())
+    }
+
+    /// The export bytes this replica lets the day have: all of them, or
+    /// while Redis is unreachable, its part of what was left.
+    fn export_allowance(&self, state: &State) -> u64 {
+        match &state.offline {
+            None => self.export_daily_bytes,
+            Some(offline) => {
+                let left = self.export_daily_bytes.saturating_sub(offline.export_bytes);
+                offline.export_bytes + left / self.fallback_replicas as u64
+            }
+        }
+    }
+
+    /// The shared state and today, while Redis answers.
+    fn shared_up(&self) -> Option<(&SharedBulk, NaiveDate)> {
+        let mut state = self.lock();
+        self.roll(&mut state);
+        let shared = self.shared.as_ref().filter(|_| state.offline.is_none())?;
+        Some((shared, state.day))
     }
 
     /// Waits for a place in `queue` for an enqueue of `service`, until
@@ -226,6 +316,9 @@ impl BulkJobs {
         service: usize,
         deadline: Instant,
     ) -> Result<Reservation, BulkError> {
+        if let Some(reservation) = self.admit_shared(queue, service).await {
+            return Ok(reservation);
+        }
         let receiver = {
             let mut state = self.lock();
             self.roll(&mut state);
@@ -233,8 +326,7 @@ impl BulkJobs {
             let line = &state.lines[index(queue)];
             let nobody_waits = line.waiting.iter().all(VecDeque::is_empty);
             if nobody_waits && self.has_room(&state, queue, now) {
-                state.lines[index(queue)].reserved += 1;
-                return Ok(self.reservation(queue));
+                return Ok(self.hold(&mut state, queue, place_id()));
             }
             if deadline <= now {
                 return Err(self.queue_full(queue));
@@ -244,6 +336,7 @@ impl BulkJobs {
             state.lines[index(queue)].waiting[lane].push_back(Waiter { since: now, reply });
             // The poller reads the queue's jobs more often while someone waits.
             self.wake_poller.notify_one();
+            self.wake_shared.notify_one();
             Waiting {
                 jobs: self,
                 queue,
@@ -253,9 +346,9 @@ impl BulkJobs {
         let mut waiting = receiver;
         let granted = tokio::time::timeout_at(deadline, waiting.receiver.as_mut().expect("set above")).await;
         match granted {
-            Ok(Ok(())) => {
+            Ok(Ok(id)) => {
                 waiting.receiver = None;
-                Ok(self.reservation(queue))
+                Ok(self.reservation(queue, id))
             }
             // Refused: dropping `waiting` leaves the line, or hands back a
             // place granted meanwhile.
@@ -263,10 +356,17 @@ impl BulkJobs {
         }
     }
 
-    fn reservation(self: &Arc<Self>, queue: Queue) -> Reservation {
+    /// This replica holds the place `id` in `queue` from now on.
+    fn hold(self: &Arc<Self>, state: &mut State, queue: Queue, id: String) -> Reservation {
+        state.lines[index(queue)].held.insert(id.clone());
+        self.reservation(queue, id)
+    }
+
+    fn reservation(self: &Arc<Self>, queue: Queue, id: String) -> Reservation {
         Reservation {
             jobs: Arc::downgrade(self),
             queue,
+            id,
         }
     }
 
@@ -277,12 +377,36 @@ impl BulkJobs {
         }
     }
 
+    /// Whether this replica may hand out a place in `queue` on its own:
+    /// without Redis, or while Redis is unreachable (then within its part
+    /// of what the instance had left: the places not held by jobs it knew
+    /// of or by other replicas, divided by `fallback_replicas`).
     fn has_room(&self, state: &State, queue: Queue, now: Instant) -> bool {
         let line = &state.lines[index(queue)];
         if line.paused_until.is_some_and(|until| until > now) {
             return false;
         }
-        self.in_queue(state, queue) + line.reserved < self.limits[index(queue)]
+        let limit = self.limits[index(queue)];
+        if self.shared.is_none() {
+            return self.in_queue(state, queue) + line.held.len() < limit;
+        }
+        let Some(offline) = &state.offline else {
+            // Redis hands out the places.
+            return false;
+        };
+        let (mine, known) = state
+            .jobs
+            .values()
+            .filter(|job| job.kind.queue() == queue && job.state.is_active())
+            .fold((0, 0), |(mine, known), job| {
+                if job.offline {
+                    (mine + 1, known)
+                } else {
+                    (mine, known + 1)
+                }
+            });
+        let elsewhere = known + offline.reserved_elsewhere[index(queue)];
+        mine + line.held.len() < limit.saturating_sub(elsewhere) / self.fallback_replicas
     }
 
     fn in_queue(&self, state: &State, queue: Queue) -> usize {
@@ -293,38 +417,53 @@ impl BulkJobs {
             .count()
     }
 
-    /// Hands free places to waiters: the service with the fewest jobs in
-    /// the queue first, the longest waiting among equals.
+    /// Hands free places to waiters (with Redis answering, wakes the task
+    /// that takes them there).
     fn pump(&self, state: &mut State, queue: Queue) {
+        if self.shared.is_some() && state.offline.is_none() {
+            self.wake_shared.notify_one();
+            return;
+        }
         let now = Instant::now();
         while self.has_room(state, queue, now) {
-            let owned = |service: usize| {
-                state
-                    .jobs
-                    .values()
-                    .filter(|job| {
-                        job.kind.queue() == queue && job.state.is_active() && job.owner == Some(service)
-                    })
-                    .count()
-            };
-            let line = &state.lines[index(queue)];
-            let next = line
-                .waiting
-                .iter()
-                .enumerate()
-                .filter_map(|(service, waiting)| {
-                    waiting.front().map(|head| (owned(service), head.since, service))
-                })
-                .min();
-            let Some((_, _, service)) = next else { break };
-            let line = &mut state.lines[index(queue)];
-            let Some(waiter) = line.waiting[service].pop_front() else {
+            let Some(waiter) = self.next_waiter(state, queue) else {
                 break;
             };
-            if waiter.reply.send(()).is_ok() {
-                line.reserved += 1;
+            let id = place_id();
+            if waiter.reply.send(id.clone()).is_ok() {
+                state.lines[index(queue)].held.insert(id);
             }
         }
+    }
+
+    /// The next waiter for a place: the service with the fewest jobs in
+    /// the queue first, the longest waiting among equals.
+    fn next_waiter(&self, state: &mut State, queue: Queue) -> Option<Waiter> {
+        let service = self.next_lane(state, queue)?;
+        state.lines[index(queue)].waiting[service].pop_front()
+    }
+
+    /// The line of [`Self::next_waiter`].
+    fn next_lane(&self, state: &State, queue: Queue) -> Option<usize> {
+        let owned = |service: usize| {
+            state
+                .jobs
+                .values()
+                .filter(|job| {
+                    job.kind.queue() == queue && job.state.is_active() && job.owner == Some(service)
+                })
+                .count()
+        };
+        let line = &state.lines[index(queue)];
+        let next = line
+            .waiting
+            .iter()
+            .enumerate()
+            .filter_map(|(service, waiting)| {
+                waiting.front().map(|head| (owned(service), head.since, service))
+            })
+            .min();
+        next.map(|(_, _, service)| service)
     }
 
     /// Marketo said `queue` is full: jobs the proxy has not seen hold it.
@@ -343,7 +482,14 @@ impl BulkJobs {
         self.wake_poller.notify_one();
         let jobs = Arc::downgrade(self);
         let pause = self.pause;
+        let shared = self.shared_up().is_some();
         tokio::spawn(async move {
+            // The other replicas hold their enqueues too.
+            if let Some(jobs) = jobs.upgrade().filter(|_| shared) {
+                if let Some(shared) = &jobs.shared {
+                    let _ = shared.pause(queue, pause).await;
+                }
+            }
             tokio::time::sleep(pause).await;
             if let Some(jobs) = jobs.upgrade() {
                 let mut state = jobs.lock();
@@ -353,30 +499,62 @@ impl BulkJobs {
     }
 
     /// Takes what a bulk call's answer says about its jobs. `body` is the
-    /// answer when it was read whole (file downloads are not).
-    pub fn observe(&self, endpoint: &Endpoint, service: usize, body: Option<&Bytes>) {
+    /// answer when it was read whole (file downloads are not). With Redis,
+    /// writes it there before it returns, so a place the call held is given
+    /// back only once the job holds it.
+    pub async fn observe(&self, endpoint: &Endpoint, service: usize, body: Option<&Bytes>) {
         let Some(answer) = body.and_then(|body| serde_json::from_slice::<Value>(body).ok()) else {
             return;
         };
-        let mut state = self.lock();
-        self.roll(&mut state);
-        let now = Instant::now();
-        let owner = (service != self.internal).then_some(service);
-        if answer["success"] != Value::Bool(true) {
-            let error = &answer["errors"][0];
-            let quota = error["code"] == code::TOO_MANY_JOBS
-                && error["message"]
-                    .as_str()
-                    .is_some_and(|message| message.contains(EXPORT_QUOTA_MESSAGE));
-            if quota && matches!(endpoint.op, Op::Create | Op::Enqueue) {
+        let (day, seen, spent) = {
+            let mut state = self.lock();
+            self.roll(&mut state);
+            let owner = (service != self.internal).then_some(service);
+            let shared_up = self.shared.is_some() && state.offline.is_none();
+            if answer["success"] != Value::Bool(true) {
+                let error = &answer["errors"][0];
+                let quota = error["code"] == code::TOO_MANY_JOBS
+                    && error["message"]
+                        .as_str()
+                        .is_some_and(|message| message.contains(EXPORT_QUOTA_MESSAGE));
+                if !(quota && matches!(endpoint.op, Op::Create | Op::Enqueue)) {
+                    return;
+                }
                 tracing::info!("Marketo says today's export bytes are spent");
                 state.export_spent = true;
                 self.publish(&state);
+                if !shared_up {
+                    return;
+                }
+                (state.day, Vec::new(), true)
+            } else {
+                let seen = self.take_answer(&mut state, endpoint, owner, &answer);
+                if !shared_up {
+                    self.count(&mut state, &seen);
+                }
+                self.publish(&state);
+                if !shared_up || seen.is_empty() {
+                    return;
+                }
+                (state.day, seen, false)
             }
-            return;
-        }
+        };
+        self.write(day, &seen, spent).await;
+    }
+
+    /// Updates the jobs an answer names; what it said of each, for
+    /// counting and for Redis.
+    fn take_answer(
+        &self,
+        state: &mut State,
+        endpoint: &Endpoint,
+        owner: Option<usize>,
+        answer: &Value,
+    ) -> Vec<Seen> {
+        let now = Instant::now();
         let results = answer["result"].as_array().cloned().unwrap_or_default();
         let mut left = false;
+        let mut seen = Vec::new();
         for result in &results {
             let id = endpoint.job.clone().or_else(|| job_id(result));
             let Some(id) = id else { continue };
@@ -388,51 +566,79 @@ impl BulkJobs {
             };
             let Some(new_state) = state_now else { continue };
             let kind = endpoint.kind;
-            let job = state.jobs.entry(id).or_insert_with(|| Job {
+            // A job first seen now was in no queue before (an import is
+            // queued by the call that creates it).
+            let was = state.jobs.get(&id).map_or(JobState::Created, |job| job.state);
+            let job = state.jobs.entry(id.clone()).or_insert_with(|| Job {
                 kind,
                 base: endpoint.base.clone(),
                 state: new_state,
                 owner,
                 heard: now,
                 charged: false,
+                counted: false,
+                file_size: None,
+                unsynced: false,
+                offline: false,
             });
-            let was = job.state;
             job.heard = now;
             // An answer may be older than one already taken (two polls
             // crossing); states only move forward.
             if new_state >= was || (was == JobState::Created && new_state.is_final()) {
                 job.state = new_state;
             }
+            if let Some(size) = result["fileSize"].as_u64() {
+                job.file_size = Some(size);
+            }
             left |= was.is_active() && !job.state.is_active();
-            let started = matches!(endpoint.op, Op::Enqueue | Op::Import) && !was.is_active();
-            let size = result["fileSize"].as_u64();
-            let charge = (job.state == JobState::Completed && kind.queue() == Queue::Extract && !job.charged)
-                .then_some(size)
-                .flatten();
-            let job_owner = job.owner;
-            if let Some(size) = charge {
-                job.charged = true;
-                state.export_bytes += size;
-                if let Some(owner) = job_owner {
-                    state.services[owner].export_bytes += size;
-                    self.metrics
-                        .bulk_export_bytes
-                        .with_label_values(&[self.names[owner].as_str()])
-                        .inc_by(size);
-                }
-            }
-            if started {
-                if let Some(owner) = job_owner.or(owner) {
-                    state.services[owner].jobs += 1;
-                }
-            }
+            seen.push(Seen {
+                id,
+                kind,
+                base: job.base.clone(),
+                state: job.state,
+                owner: job.owner.or(owner),
+                started: matches!(endpoint.op, Op::Enqueue | Op::Import) && !was.is_active(),
+                file_size: job.file_size,
+            });
         }
         if left {
             let queue = endpoint.kind.queue();
             state.lines[index(queue)].paused_until = None;
-            self.pump(&mut state, queue);
+            self.pump(state, queue);
         }
-        self.publish(&state);
+        seen
+    }
+
+    /// Counts here the starts and export bytes of `seen`: without Redis,
+    /// or while it is unreachable (then written there once it is back).
+    fn count(&self, state: &mut State, seen: &[Seen]) {
+        let offline = state.offline.is_some();
+        for seen in seen {
+            let Some(job) = state.jobs.get_mut(&seen.id) else {
+                continue;
+            };
+            job.unsynced |= offline;
+            if seen.started && !job.counted {
+                job.counted = true;
+                job.offline |= offline;
+                if let Some(owner) = seen.owner {
+                    state.services[owner].jobs += 1;
+                }
+            }
+            let export = job.state == JobState::Completed && job.kind.queue() == Queue::Extract;
+            let Some(size) = job.file_size.filter(|_| export && !job.charged) else {
+                continue;
+            };
+            job.charged = true;
+            state.export_bytes += size;
+            if let Some(owner) = job.owner {
+                state.services[owner].export_bytes += size;
+                self.metrics
+                    .bulk_export_bytes
+                    .with_label_values(&[self.names[owner].as_str()])
+                    .inc_by(size);
+            }
+        }
     }
 
     /// The next status or list call the proxy should make of its own, if
@@ -452,11 +658,7 @@ impl BulkJobs {
             }
             return list_path(kind).map(|path| format!("{path}?status=Queued,Processing"));
         }
-        let someone_waits = state
-            .lines
-            .iter()
-            .any(|line| line.waiting.iter().any(|waiting| !waiting.is_empty()));
-        let quiet_for = if someone_waits {
+        let quiet_for = if state.lines.iter().any(someone_waits_in) {
             self.poll_pace
         } else {
             self.poll_after
@@ -562,14 +764,15 @@ impl BulkJobs {
 pub struct Reservation {
     jobs: Weak<BulkJobs>,
     queue: Queue,
+    id: String,
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
         if let Some(jobs) = self.jobs.upgrade() {
             let mut state = jobs.lock();
-            let line = &mut state.lines[index(self.queue)];
-            line.reserved = line.reserved.saturating_sub(1);
+            state.lines[index(self.queue)].held.remove(&self.id);
+            jobs.give_back(&mut state, self.queue, std::mem::take(&mut self.id));
             jobs.pump(&mut state, self.queue);
         }
     }
@@ -580,7 +783,7 @@ impl Drop for Reservation {
 struct Waiting<'a> {
     jobs: &'a Arc<BulkJobs>,
     queue: Queue,
-    receiver: Option<oneshot::Receiver<()>>,
+    receiver: Option<oneshot::Receiver<String>>,
 }
 
 impl Drop for Waiting<'_> {
@@ -588,8 +791,8 @@ impl Drop for Waiting<'_> {
         let Some(mut receiver) = self.receiver.take() else {
             return;
         };
-        if receiver.try_recv().is_ok() {
-            drop(self.jobs.reservation(self.queue));
+        if let Ok(id) = receiver.try_recv() {
+            drop(self.jobs.reservation(self.queue, id));
         }
         // A waiter not granted has a closed reply now; `pump` passes over it.
         receiver.close();
@@ -625,6 +828,15 @@ fn job_id(result: &Value) -> Option<String> {
         (_, Value::String(id)) => Some(id.clone()),
         _ => None,
     }
+}
+
+fn someone_waits_in(line: &Line) -> bool {
+    line.waiting.iter().any(|waiting| !waiting.is_empty())
+}
+
+/// An id for a place in a queue, unique across replicas.
+fn place_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
 }
 
 fn today(timezone: chrono_tz::Tz) -> NaiveDate {

@@ -100,11 +100,11 @@ where
     let service = call.caller.id;
     let starts_export = queue == Queue::Extract && matches!(endpoint.op, Op::Create | Op::Enqueue);
     if starts_export {
-        jobs.check_export_bytes()?;
+        jobs.check_export_bytes().await?;
     }
     if !matches!(endpoint.op, Op::Enqueue | Op::Import) {
         let admitted = inner.oneshot(call).await?;
-        jobs.observe(&endpoint, service, whole(&admitted));
+        jobs.observe(&endpoint, service, whole(&admitted)).await;
         return Ok(admitted);
     }
     loop {
@@ -118,7 +118,7 @@ where
             jobs.marketo_says_full(queue);
             continue;
         }
-        jobs.observe(&endpoint, service, whole(&admitted));
+        jobs.observe(&endpoint, service, whole(&admitted)).await;
         drop(place);
         return Ok(admitted);
     }

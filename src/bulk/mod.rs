@@ -14,12 +14,15 @@
 //!   for a place, takes what the answer says, and absorbs Marketo's own
 //!   "queue full" (jobs started elsewhere) by pausing and trying again;
 //! - [`poll`] reads the status of jobs nobody has asked about for a while,
-//!   at a steady pace, under the proxy's own name.
+//!   at a steady pace, under the proxy's own name;
+//! - [`shared`] keeps the jobs, the places and the day's counts in Redis
+//!   when replicas share an instance.
 
 pub mod endpoint;
 pub mod jobs;
 pub mod layer;
 pub mod poll;
+pub mod shared;
 
 use std::time::Duration;
 

@@ -228,7 +228,7 @@ mod tests {
             share: share::ShareLayer::new(&config, tokens.users(), Arc::clone(&admission)),
             tokens,
             admission,
-            bulk: crate::bulk::BulkJobs::new(&config, metrics.clone()),
+            bulk: crate::bulk::BulkJobs::new(&config, metrics.clone(), None),
             limits: None,
             upstream,
             metrics,
