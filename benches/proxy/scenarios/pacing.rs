@@ -6,7 +6,10 @@
 //!
 //! Then the same load again while a vendor's tool calls the simulator
 //! directly, a fifth of the window at a steady pace: what the proxy gets
-//! of the rest, and how often Marketo refuses it.
+//! of the rest, and how often Marketo refuses it. And once more with calls
+//! as slow and uneven as Marketo's (500 ± 300 ms, every tenth 3 s): when
+//! the third batch of a window's calls starts, against the two windows
+//! and margins that are the least it could be.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -75,15 +78,30 @@ const VENDOR: (&str, &str, &str) = ("vendor-tool", "vendor-secret", "vendor@exam
 /// The proxy's API user at the simulator.
 const PROXY_USER: &str = "bench@example.com";
 
+/// What runs next to the pacing load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Variant {
+    /// Nothing: calls of a steady latency.
+    Plain,
+    /// A vendor's tool calling the simulator directly.
+    Foreign,
+    /// Slow, uneven calls, with `limits.marketo_clock` on or off.
+    Slow { marketo_clock: bool },
+}
+
 pub async fn run(mode: Mode) -> Vec<Verdict> {
     let plan = PacePlan::new(mode);
-    let mut verdicts = pace(mode, &plan, false).await;
-    verdicts.extend(pace(mode, &plan, true).await);
+    let mut verdicts = Vec::new();
+    let slow = |marketo_clock| Variant::Slow { marketo_clock };
+    for variant in [Variant::Plain, Variant::Foreign, slow(false), slow(true)] {
+        verdicts.extend(pace(mode, &plan, variant).await);
+    }
     verdicts
 }
 
-/// One run of the pacing load; with `foreign`, next to the vendor's calls.
-async fn pace(mode: Mode, plan: &PacePlan, foreign: bool) -> Vec<Verdict> {
+/// One run of the pacing load.
+async fn pace(mode: Mode, plan: &PacePlan, variant: Variant) -> Vec<Verdict> {
+    let foreign = variant == Variant::Foreign;
     let dir = tempfile::tempdir().expect("temp dir");
     println!(
         "== pacing: {} calls / {:?} (margin {:?}), 10 concurrent, simulator latency {:?}; \
@@ -104,9 +122,10 @@ async fn pace(mode: Mode, plan: &PacePlan, foreign: bool) -> Vec<Verdict> {
             &plan.window.as_secs().to_string(),
             "--concurrency",
             "10",
-            "--latency",
-            &format!("{}ms", plan.latency.as_millis()),
-        ],
+        ]
+        .into_iter()
+        .chain(latencies(plan, variant).iter().map(String::as_str))
+        .collect::<Vec<_>>(),
     )
     .await;
     let proxy_addr = local_addr(free_port());
@@ -119,13 +138,19 @@ async fn pace(mode: Mode, plan: &PacePlan, foreign: bool) -> Vec<Verdict> {
         "listen: {proxy_addr}\nadmin_listen: {admin_addr}\n\
          marketo: {{ base_url: 'http://{sim_addr}', client_id: {CLIENT_ID}, client_secret: {CLIENT_SECRET} }}\n\
          limits:\n  window_calls: {}\n  window: {}ms\n  safety_margin: {}ms\n  concurrency: 10\n  \
-         max_queue_wait: 120s\n\
+         max_queue_wait: 120s\n{}\
          services:\n{services}\
          coalesce_reads: false\n\
          state: {{ file: ~, usage_sync_interval: 0s }}\n",
         plan.window_calls,
         plan.window.as_millis(),
-        plan.safety_margin.as_millis()
+        plan.safety_margin.as_millis(),
+        // Only when off: a binary from before the setting takes the rest.
+        if variant == (Variant::Slow { marketo_clock: false }) {
+            "  marketo_clock: false\n"
+        } else {
+            ""
+        },
     );
     let mut proxy = start_proxy(dir.path(), "proxy", &config, admin_addr).await;
 
@@ -186,8 +211,10 @@ async fn pace(mode: Mode, plan: &PacePlan, foreign: bool) -> Vec<Verdict> {
         serde_json::from_slice(&get(sim_addr, "/_sim/stats").await.expect("simulator stats")).expect("stats");
     sim.check_alive();
 
-    if foreign {
-        return foreign_report(&stats, plan, client_errors);
+    match variant {
+        Variant::Foreign => return foreign_report(&stats, plan, client_errors),
+        Variant::Slow { marketo_clock } => return slow_report(&stats, plan, marketo_clock),
+        Variant::Plain => {}
     }
     let report = PaceReport::new(&stats, plan);
     let verdicts = report.print(plan, &completed, client_errors);
@@ -212,6 +239,66 @@ async fn pace(mode: Mode, plan: &PacePlan, foreign: bool) -> Vec<Verdict> {
         );
     }
     verdicts
+}
+
+/// The simulator's latency arguments: the plan's, or for slow, uneven
+/// calls Marketo's 500 ± 300 ms and every tenth 3 s, over its 20 s window,
+/// scaled with it.
+fn latencies(plan: &PacePlan, variant: Variant) -> Vec<String> {
+    if !matches!(variant, Variant::Slow { .. }) {
+        return vec!["--latency".into(), format!("{}ms", plan.latency.as_millis())];
+    }
+    let scale = plan.window.as_secs_f64() / 20.0;
+    let ms = |at_marketo: f64| format!("{:.0}ms", at_marketo * scale);
+    vec![
+        "--latency".into(),
+        ms(500.0),
+        "--latency-jitter".into(),
+        ms(300.0),
+        "--slow-every".into(),
+        "10".into(),
+        "--slow-latency".into(),
+        ms(3000.0),
+    ]
+}
+
+/// With slow, uneven calls: when the third batch of the window's calls
+/// starts, against two windows and margins.
+fn slow_report(stats: &Stats, plan: &PacePlan, marketo_clock: bool) -> Vec<Verdict> {
+    let limit = plan.window_calls as usize;
+    let times: Vec<f64> = stats.arrivals.iter().map(|arrival| arrival.at).collect();
+    let refused = stats.code("606") + stats.code("615");
+    println!(
+        "== slow, uneven calls (Marketo's 500 ± 300 ms and every tenth 3 s, scaled to the window); \
+         limits.marketo_clock {}",
+        if marketo_clock { "on" } else { "off" }
+    );
+    let Some(third) = times.get(2 * limit).map(|at| at - times[0]) else {
+        println!("fewer than {} calls reached the simulator", 2 * limit + 1);
+        return Vec::new();
+    };
+    let window = plan.window.as_secs_f64();
+    let of_raw = 100.0 * 2.0 * window / third;
+    let least = 2.0 * (window + plan.safety_margin.as_secs_f64());
+    println!(
+        "third batch of {limit} starts {third:.2} s after the first call ({of_raw:.1}% of the raw window; \
+         the least it could be is {least:.2} s); simulator 606/615: {refused}"
+    );
+    let (utilisation, safe) = if marketo_clock {
+        (
+            "slow calls, marketo_clock on: the third batch starts by >= 98% of the raw window",
+            "slow calls, marketo_clock on: zero 606/615 at the simulator",
+        )
+    } else {
+        (
+            "slow calls, marketo_clock off: the third batch starts by >= 98% of the raw window",
+            "slow calls, marketo_clock off: zero 606/615 at the simulator",
+        )
+    };
+    vec![
+        Verdict::new(utilisation, format!("{third:.2} s, {of_raw:.1}%"), of_raw >= 98.0),
+        Verdict::new(safe, refused.to_string(), refused == 0),
+    ]
 }
 
 /// How often the vendor calls: a fifth of the window.
@@ -315,11 +402,17 @@ fn foreign_report(stats: &Stats, plan: &PacePlan, client_errors: u64) -> Vec<Ver
     );
     // Marketo's minute is three windows.
     let minutes = (plan.run.as_secs_f64() / (3.0 * window)).ceil();
+    let vendor_executed = 100.0 * vendor_ok.len() as f64 / vendor_sent.len().max(1) as f64;
     vec![
         Verdict::new(
             "with a vendor's steady fifth: the proxy uses >= 90% of what it leaves",
             format!("{utilisation:.1}%"),
             utilisation >= 90.0,
+        ),
+        Verdict::new(
+            "with a vendor's steady fifth: >= 90% of the vendor's calls executed (the proxy leaves it room)",
+            format!("{vendor_executed:.0}%"),
+            vendor_executed >= 90.0,
         ),
         Verdict::new(
             "with a vendor's steady fifth: at most one 606 a minute (three windows) after the first window",
