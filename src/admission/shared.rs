@@ -32,7 +32,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -42,7 +42,7 @@ use redis::aio::ConnectionManager;
 use tokio::time::Instant;
 
 use super::quota::QuotaScope;
-use super::{Admission, InstanceUse};
+use super::{Admission, InstanceUse, Permit};
 use crate::config::{Config, INTERNAL_SERVICE, RedisConfig};
 use crate::metrics::Metrics;
 
@@ -323,8 +323,6 @@ pub struct SharedLimits {
     /// Lifetime of a concurrency lease; renewed every third of it.
     lease: Duration,
     up: AtomicBool,
-    /// Acquisitions on their way to Redis.
-    asking: AtomicU32,
     /// Held while one attempt to get back in touch with Redis runs.
     recovering: tokio::sync::Mutex<()>,
     /// An attempt made at once after a failure is running.
@@ -427,7 +425,6 @@ impl SharedLimits {
             // Until Redis has answered once, this replica keeps to its
             // share: it never starts on the full limits.
             up: AtomicBool::new(false),
-            asking: AtomicU32::new(0),
             recovering: tokio::sync::Mutex::new(()),
             reconnecting: AtomicBool::new(false),
             recoveries: std::sync::atomic::AtomicU64::new(0),
@@ -534,10 +531,20 @@ impl SharedLimits {
         super::quota::local_day(self.timezone, chrono::Utc::now() + offset)
     }
 
-    /// Asks Redis for a call of `service`.
-    pub async fn acquire(self: &Arc<Self>, service: usize, admission: &Arc<Admission>) -> Grant {
+    /// Asks Redis for a call of `service`, admitted here with `permit`.
+    pub async fn acquire(
+        self: &Arc<Self>,
+        service: usize,
+        permit: &Permit,
+        admission: &Arc<Admission>,
+    ) -> Grant {
         let day = self.day();
         if !self.is_up() {
+            // Admitted under the shared limits and granted nothing there:
+            // the share did not count it, so it is admitted again under it.
+            if permit.admitted_before_fallback() {
+                return Grant::Readmit;
+            }
             return self.local_lease(service);
         }
         let Some(limits) = self.services.get(service) else {
@@ -546,7 +553,6 @@ impl SharedLimits {
         let id = call_id();
         // Released in the background if the answer never arrives here,
         // however this future ends.
-        self.asking.fetch_add(1, Ordering::AcqRel);
         let mut asked = Asked {
             shared: Arc::clone(self),
             service,
@@ -721,11 +727,8 @@ impl SharedLimits {
             );
             self.metrics.backend_up.set(0);
             *lock(&self.lost_at) = Some(Instant::now());
-            admission.share_what_is_left(
-                self.fallback_replicas,
-                *lock(&self.seen),
-                self.asking.load(Ordering::Acquire),
-            );
+            let granted = u32::try_from(self.leases_mut().synced.len()).unwrap_or(u32::MAX);
+            admission.share_what_is_left(self.fallback_replicas, *lock(&self.seen), granted);
         }
     }
 
@@ -1092,7 +1095,6 @@ struct Asked {
 
 impl Drop for Asked {
     fn drop(&mut self) {
-        self.shared.asking.fetch_sub(1, Ordering::AcqRel);
         if self.answered {
             return;
         }
