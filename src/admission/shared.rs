@@ -28,7 +28,9 @@
 //! of it; never the full limits), says so in `marketo_proxy_backend_up`
 //! and the log, and keeps trying. Back in touch, it first writes what it
 //! did meanwhile, by id and in numbered batches so that writing it twice
-//! counts it once, and the others see it.
+//! counts it once, and the others see it. A Redis that lost its data
+//! (restarted empty) learns every replica's window slots and leases again
+//! this way, and grants nothing until they all had time to write them.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -58,6 +60,11 @@ const MAX_ASK_INTERVAL: Duration = Duration::from_millis(500);
 const MAX_TO_RELEASE: usize = 10_000;
 /// Day hashes outlive their day by this much.
 const DAY_TTL: Duration = Duration::from_secs(3 * 24 * 3600);
+/// How long a Redis that lost its data grants nothing: every replica that
+/// reaches it finds out within [`RETRY_EVERY`] (and a timeout) and writes
+/// its window slots and leases again meanwhile, so that no acquisition
+/// takes a window for empty that the others still hold.
+const SETTLE: Duration = Duration::from_secs(2);
 
 /// Checks and takes a window slot, a concurrency lease and a unit of the
 /// day's quota, or says which limit is in the way and for how long.
@@ -81,6 +88,9 @@ end
 if redis.call('ZSCORE', KEYS[6], id) then return reply(0, 'released', 0) end
 -- Redis lost the data the asker wrote (its window slots among them).
 if redis.call('GET', KEYS[7]) ~= ARGV[13] then return reply(0, 'lost', 0) end
+-- It lost it just now: the replicas are still writing what they hold.
+local settling = redis.call('PTTL', KEYS[8])
+if settling > 0 then return reply(0, 'settling', settling) end
 if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[4]) then return reply(0, 'concurrency', 25) end
 if redis.call('ZCARD', KEYS[4]) >= tonumber(ARGV[7]) then return reply(0, 'service_concurrency', 25) end
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return reply(0, 'window', wait(KEYS[1])) end
@@ -174,11 +184,12 @@ return 1
 
 /// Writes what a replica did while Redis was unreachable, so that writing
 /// it again changes nothing: the window slots of its answered calls that
-/// still run, by call id (milliseconds left on each), its calls still in flight by id (window
-/// slot and concurrency lease), and the day's calls per service in
+/// still run, by call id (milliseconds left on each), its calls still in
+/// flight by id (a window slot if they have none, and the concurrency
+/// lease unless the call is over), and the day's calls per service in
 /// numbered batches, each counted once. KEYS: window, inflight, day,
-/// applied batches. ARGV: pending ms, lease ms, n, n x (id, ms left), m,
-/// m x id, then batches: (batch id, k, k x (field, calls)).
+/// applied batches, done. ARGV: pending ms, lease ms, n, n x (id, ms
+/// left), m, m x id, then batches: (batch id, k, k x (field, calls)).
 const CATCH_UP: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -192,8 +203,9 @@ end
 i = i + 2 * slots + 1
 local live = tonumber(ARGV[i])
 for n = 1, live do
-  redis.call('ZADD', KEYS[1], now + pending, ARGV[i + n])
-  redis.call('ZADD', KEYS[2], now + lease, ARGV[i + n])
+  local id = ARGV[i + n]
+  redis.call('ZADD', KEYS[1], 'NX', now + pending, id)
+  if not redis.call('ZSCORE', KEYS[5], id) then redis.call('ZADD', KEYS[2], now + lease, id) end
 end
 i = i + live + 1
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
@@ -250,12 +262,14 @@ return 1
 
 /// The mark of this Redis's data: made by the first replica to find it
 /// missing, so a Redis that lost its data (restarted without persistence,
-/// or failed over to an empty replica) has a new one. KEYS: epoch. ARGV: a
-/// new mark, used if there is none.
+/// or failed over to an empty replica) has a new one, and grants nothing
+/// for [`SETTLE`]. KEYS: epoch, settling. ARGV: a new mark, used if there
+/// is none; settle ms.
 const EPOCH: &str = r"
 local epoch = redis.call('GET', KEYS[1])
 if epoch then return epoch end
 redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[2], '1', 'PX', tonumber(ARGV[2]))
 return ARGV[1]
 ";
 
@@ -629,7 +643,7 @@ impl SharedLimits {
     }
 
     /// The keys an acquisition of `service` on `day` touches, in the order
-    /// ACQUIRE and UNDO take them (UNDO ignores the last).
+    /// ACQUIRE and UNDO take them (UNDO ignores the last two).
     fn acquisition_keys(&self, invocation: &mut redis::ScriptInvocation<'_>, service: usize, day: NaiveDate) {
         invocation
             .key(self.key("window"))
@@ -638,7 +652,8 @@ impl SharedLimits {
             .key(self.service_key("inflight", service))
             .key(self.day_key(day))
             .key(self.key("done"))
-            .key(self.key("epoch"));
+            .key(self.key("epoch"))
+            .key(self.key("settling"));
     }
 
     /// Gives back what the acquisition `id` took, if it ran; tried again
@@ -912,7 +927,11 @@ impl SharedLimits {
     /// the first time it looks).
     async fn same_data(&self) -> Result<bool, SharedError> {
         let mut invocation = self.epoch_script.prepare_invoke();
-        invocation.key(self.key("epoch")).arg(call_id());
+        invocation
+            .key(self.key("epoch"))
+            .key(self.key("settling"))
+            .arg(call_id())
+            .arg(millis(SETTLE));
         let epoch = self.call::<String>(&invocation).await?;
         let mut known = lock(&self.epoch);
         let same = known.as_ref().is_none_or(|known| *known == epoch);
@@ -1004,9 +1023,9 @@ impl SharedLimits {
             }
         }
         let day = self.day();
-        // This replica's answered calls whose slots still run, by id (Redis
-        // may have come back empty), and its calls in flight that Redis
-        // has not seen.
+        // This replica's answered calls whose slots still run, and its calls
+        // in flight, by id: Redis may have come back empty, or not have
+        // seen them.
         let now = Instant::now();
         let slots: Vec<(String, Duration)> = lock(&self.recent_slots)
             .iter()
@@ -1016,12 +1035,7 @@ impl SharedLimits {
         let live: Vec<(usize, String)> = {
             let mut leases = self.leases_mut();
             leases.catching_up = true;
-            leases
-                .synced
-                .iter()
-                .filter(|(_, synced)| !**synced)
-                .map(|(lease, _)| lease.clone())
-                .collect()
+            leases.synced.keys().cloned().collect()
         };
         // The day's calls made meanwhile, in batches Redis counts once.
         let batches = {
@@ -1038,6 +1052,7 @@ impl SharedLimits {
             .key(self.key("inflight"))
             .key(self.day_key(day))
             .key(self.key("batches"))
+            .key(self.key("done"))
             .arg(millis(self.pending))
             .arg(millis(self.lease))
             .arg(slots.len());
