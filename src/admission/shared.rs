@@ -1082,19 +1082,39 @@ impl SharedLimits {
         }
         lock(&self.batches).retain(|(batch, _)| !batches.iter().any(|(sent, _)| sent == batch));
         self.up.store(true, Ordering::Release);
+        let mut over = Vec::new();
         {
             let mut leases = self.leases_mut();
-            for lease in live {
-                if let Some(synced) = leases.synced.get_mut(&lease) {
-                    *synced = true;
+            for lease in &live {
+                match leases.synced.get_mut(lease) {
+                    Some(synced) => *synced = true,
+                    None => over.push(lease),
                 }
             }
             leases.catching_up = false;
         }
+        // Calls answered or over while the catch-up was on its way were
+        // written as still running: their slots start their countdown now
+        // and the leases of those over go.
+        let answered: Vec<&(usize, String)> = {
+            let recent = lock(&self.recent_slots);
+            live.iter()
+                .filter(|(_, id)| {
+                    recent.iter().any(|(answered, _)| answered == id)
+                        && !slots.iter().any(|(written, _)| written == id)
+                })
+                .collect()
+        };
         *lock(&self.lost_at) = None;
         self.metrics.backend_up.set(1);
         admission.set_share(1);
         tracing::info!("Redis answers: the instance's limits are shared with the other replicas");
+        for (service, id) in answered {
+            self.stamp(*service, id).await;
+        }
+        for (service, id) in over {
+            self.release(*service, id).await;
+        }
     }
 }
 
