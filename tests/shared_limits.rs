@@ -78,6 +78,20 @@ fn window_kept(sim: &SimHandle) -> marketo_proxy::sim::Stats {
     stats
 }
 
+/// Waits until `proxy` says it shares the limits through Redis (`up`) or
+/// keeps to its share.
+async fn backend_up(proxy: &RunningProxy, up: bool) {
+    let expected = if up { 1.0 } else { 0.0 };
+    support::eventually(Duration::from_secs(5), async || {
+        let metrics = support::metrics_text(&proxy.admin_url()).await;
+        match support::metric(&metrics, "marketo_proxy_backend_up") {
+            Some(value) if value == expected => Ok(()),
+            value => Err(format!("marketo_proxy_backend_up {value:?}")),
+        }
+    })
+    .await;
+}
+
 /// Fires `count` requests at once, spread over the replicas; returns the
 /// (HTTP status, Marketo success, error code) of each.
 async fn fire(replicas: &[&RunningProxy], count: usize) -> Vec<(u16, bool, String)> {
@@ -180,14 +194,7 @@ async fn without_redis_a_replica_keeps_to_its_share_and_comes_back_when_it_retur
 
     // Redis starts: the replica writes what it did and shares again.
     let redis = RedisServer::start_on(port);
-    support::eventually(Duration::from_secs(5), async || {
-        let metrics = support::metrics_text(&proxy.admin_url()).await;
-        match support::metric(&metrics, "marketo_proxy_backend_up") {
-            Some(1.0) => Ok(()),
-            up => Err(format!("marketo_proxy_backend_up {up:?}")),
-        }
-    })
-    .await;
+    backend_up(&proxy, true).await;
     drop(redis);
 }
 
@@ -255,6 +262,54 @@ async fn calls_waiting_for_the_shared_window_when_redis_goes_away_wait_for_the_s
         assert_eq!(answer["success"], true, "{answer}");
     }
     window_kept(&sim);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_replica_back_from_an_outage_waits_for_the_calls_the_others_made_meanwhile() {
+    let redis = RedisServer::start_with_users(&[("one", "password-one-0123"), ("two", "password-two-0123")]);
+    let sim = Simulator::spawn(SimConfig {
+        concurrency: 2,
+        latency: Duration::from_secs(3),
+        ..support::sim_config()
+    })
+    .await
+    .unwrap();
+    let limits = "  concurrency: 2\n  max_queue_wait: 30s";
+    let replica = |user: &str| {
+        let url = format!("redis://{user}:password-{user}-0123@127.0.0.1:{}", redis.port);
+        app::spawn(replica_config(&sim.url(), &url, limits, "outage"))
+    };
+    let (one, two) = (replica("one").await.unwrap(), replica("two").await.unwrap());
+    backend_up(&one, true).await;
+    backend_up(&two, true).await;
+    // Both lose Redis; the second makes a call on its share (one of the
+    // two slots), which Redis cannot know of.
+    redis.shut_out("one", true).await;
+    redis.shut_out("two", true).await;
+    backend_up(&one, false).await;
+    backend_up(&two, false).await;
+    let url = format!("{}/rest/v1/lead/1.json", two.url());
+    let running = tokio::spawn(support::send_json(
+        support::client().get(url).header("X-Api-Key", KEY),
+    ));
+    support::eventually(Duration::from_secs(5), async || match sim.stats().in_flight {
+        1 => Ok(()),
+        other => Err(other),
+    })
+    .await;
+    // The first is back, the second a moment later (its next attempt):
+    // until the second has written its call, the first must not take its
+    // slot for free.
+    redis.shut_out("one", false).await;
+    backend_up(&one, true).await;
+    redis.shut_out("two", false).await;
+    let answers = fire(&[&one], 2).await;
+    assert!(answers.iter().all(|(_, ok, _)| *ok), "{answers:?}");
+    let answer = running.await.unwrap();
+    assert_eq!(answer["success"], true, "{answer}");
+    let stats = sim.stats();
+    assert_eq!(stats.code("615"), 0, "{:?}", stats.codes);
+    assert_eq!(stats.max_in_flight, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

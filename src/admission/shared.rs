@@ -60,10 +60,11 @@ const MAX_ASK_INTERVAL: Duration = Duration::from_millis(500);
 const MAX_TO_RELEASE: usize = 10_000;
 /// Day hashes outlive their day by this much.
 const DAY_TTL: Duration = Duration::from_secs(3 * 24 * 3600);
-/// How long a Redis that lost its data grants nothing: every replica that
-/// reaches it finds out within [`RETRY_EVERY`] (and a timeout) and writes
-/// its window slots and leases again meanwhile, so that no acquisition
-/// takes a window for empty that the others still hold.
+/// How long a Redis that lost its data, or that a replica reaches again
+/// after an outage, grants nothing: every replica that reaches it finds
+/// out within [`RETRY_EVERY`] (and a timeout) and writes its window slots,
+/// leases and calls made on its share meanwhile, so that no acquisition
+/// takes for free what the others still hold.
 const SETTLE: Duration = Duration::from_secs(2);
 
 /// Checks and takes a window slot, a concurrency lease and a unit of the
@@ -341,6 +342,9 @@ pub struct SharedLimits {
     recovering: tokio::sync::Mutex<()>,
     /// An attempt made at once after a failure is running.
     reconnecting: AtomicBool,
+    /// This replica fell back to its share and has not written since what
+    /// it did meanwhile.
+    fell_back: AtomicBool,
     /// Attempts made so far.
     recoveries: std::sync::atomic::AtomicU64,
     /// Leases of this replica's calls in flight.
@@ -441,6 +445,7 @@ impl SharedLimits {
             up: AtomicBool::new(false),
             recovering: tokio::sync::Mutex::new(()),
             reconnecting: AtomicBool::new(false),
+            fell_back: AtomicBool::new(false),
             recoveries: std::sync::atomic::AtomicU64::new(0),
             leases: Mutex::new(Leases::default()),
             replica: call_id(),
@@ -735,6 +740,7 @@ impl SharedLimits {
     /// had left alone.
     fn fall_back(&self, admission: &Arc<Admission>) {
         if self.up.swap(false, Ordering::AcqRel) {
+            self.fell_back.store(true, Ordering::Release);
             tracing::warn!(
                 replicas = self.fallback_replicas,
                 "Redis is unreachable: enforcing 1/{} of what the instance has left here until it is back",
@@ -923,6 +929,22 @@ impl SharedLimits {
         }
     }
 
+    /// Makes Redis grant nothing for [`SETTLE`], unless it already holds
+    /// acquisitions.
+    async fn hold_acquisitions(&self) -> Result<(), SharedError> {
+        let mut connection = self.connection().await?;
+        let mut hold = redis::cmd("SET");
+        hold.arg(self.key("settling"))
+            .arg(1)
+            .arg("PX")
+            .arg(millis(SETTLE))
+            .arg("NX");
+        match tokio::time::timeout(REDIS_TIMEOUT, hold.query_async::<Option<String>>(&mut connection)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) | Err(_) => Err(SharedError::Unreachable),
+        }
+    }
+
     /// Whether Redis still holds the data this replica saw there (`true`
     /// the first time it looks).
     async fn same_data(&self) -> Result<bool, SharedError> {
@@ -1011,6 +1033,16 @@ impl SharedLimits {
         // means Redis lost it.
         *lock(&self.epoch) = None;
         if self.same_data().await.is_err() {
+            return;
+        }
+        // Back after an outage that outlasted the attempt made at once: the
+        // others are likely back on their shares too, with calls Redis
+        // does not know until their next attempt. Nothing is granted
+        // before they had time to write them.
+        if self.fell_back.load(Ordering::Acquire)
+            && !self.reconnecting.load(Ordering::Acquire)
+            && self.hold_acquisitions().await.is_err()
+        {
             return;
         }
         // Acquisitions whose answers were lost while it was going: give
@@ -1106,6 +1138,7 @@ impl SharedLimits {
                 .collect()
         };
         *lock(&self.lost_at) = None;
+        self.fell_back.store(false, Ordering::Release);
         self.metrics.backend_up.set(1);
         admission.set_share(1);
         tracing::info!("Redis answers: the instance's limits are shared with the other replicas");
