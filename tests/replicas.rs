@@ -6,11 +6,12 @@
 
 mod support;
 
+use std::num::NonZeroU32;
 use std::time::Duration;
 
 use marketo_proxy::app::{self, RunningProxy};
-use marketo_proxy::config::Config;
-use marketo_proxy::sim::Simulator;
+use marketo_proxy::config::{Config, LimitsConfig};
+use marketo_proxy::sim::{SimConfig, SimHandle, Simulator};
 use serde_json::Value;
 use support::redis::RedisServer;
 
@@ -344,52 +345,63 @@ async fn replicas_share_the_limits_through_redis_over_tls_with_an_acl_user() {
     assert_eq!(support::metric(&metrics, "marketo_proxy_backend_up"), Some(0.0));
 }
 
-/// Replica one fills most of the window; Redis then loses everything
-/// (`restart`: restarted without persistence, which drops the replicas'
-/// connections; otherwise `FLUSHALL`, as after a failover to an empty
-/// node, which keeps them); replica two must not take the window for empty.
-async fn the_window_survives_redis_losing_its_data(restart: bool) {
+/// Redis loses everything: `restart`, restarted without persistence,
+/// which drops the replicas' connections; otherwise `FLUSHALL`, as after a
+/// failover to an empty node, which keeps them.
+async fn lose_data(redis: RedisServer, restart: bool) -> RedisServer {
+    if restart {
+        let port = redis.stop();
+        return RedisServer::start_on(port);
+    }
+    let mut connection = redis.connection().await;
+    redis::cmd("FLUSHALL")
+        .query_async::<()>(&mut connection)
+        .await
+        .unwrap();
+    redis
+}
+
+/// Redis, the simulator (`sim`) and two replicas in front of it that
+/// share its limits (`limits` changes them) through Redis under `prefix`,
+/// both in touch with Redis.
+async fn two_replicas(
+    sim: SimConfig,
+    prefix: &str,
+    limits: impl Fn(&mut LimitsConfig),
+) -> (RedisServer, SimHandle, RunningProxy, RunningProxy) {
     let redis = RedisServer::start();
-    let sim = Simulator::spawn(marketo_proxy::sim::SimConfig {
-        window_calls: 10,
-        window: Duration::from_secs(5),
-        ..support::sim_config()
-    })
-    .await
-    .unwrap();
+    let sim = Simulator::spawn(sim).await.unwrap();
     let config = || {
-        let mut config = slow_config(&sim.url(), &redis.url(), "empty");
-        config.limits.window_calls = std::num::NonZeroU32::new(10).unwrap();
-        config.limits.window = Duration::from_secs(5);
+        let mut config = slow_config(&sim.url(), &redis.url(), prefix);
         config.limits.max_queue_wait = Duration::from_secs(30);
+        limits(&mut config.limits);
         config
     };
     let one = app::spawn(config()).await.unwrap();
     let two = app::spawn(config()).await.unwrap();
     backend_up(&one).await;
     backend_up(&two).await;
+    (redis, sim, one, two)
+}
+
+/// Replica one fills most of the window; Redis then loses everything;
+/// replica two, asking at once, must not take the window for empty before
+/// replica one has written its slots again.
+async fn the_window_survives_redis_losing_its_data(restart: bool) {
+    let sim = SimConfig {
+        window_calls: 10,
+        window: Duration::from_secs(5),
+        ..support::sim_config()
+    };
+    let (redis, sim, one, two) = two_replicas(sim, "empty", |limits| {
+        limits.window_calls = NonZeroU32::new(10).unwrap();
+        limits.window = Duration::from_secs(5);
+    })
+    .await;
     // Both have been busy: each knows how full the instance is.
     reads(&two, 1).await;
     reads(&one, 8).await;
-    let redis = if restart {
-        let port = redis.stop();
-        RedisServer::start_on(port)
-    } else {
-        let mut connection = redis.connection().await;
-        redis::cmd("FLUSHALL")
-            .query_async::<()>(&mut connection)
-            .await
-            .unwrap();
-        redis
-    };
-    // Replica one notices within a second and writes its slots again.
-    support::eventually(Duration::from_secs(5), async || {
-        match held_in_redis(&redis, "empty").await {
-            (window, _, _) if window >= 8 => Ok(()),
-            other => Err(other),
-        }
-    })
-    .await;
+    let _redis = lose_data(redis, restart).await;
     reads(&two, 10).await;
     let stats = sim.stats();
     assert_eq!(stats.calls, 19, "{:?}", stats.codes);
@@ -409,4 +421,54 @@ async fn a_redis_restarted_empty_learns_the_window_again_from_the_replicas() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_that_lost_its_data_without_a_restart_learns_the_window_again() {
     the_window_survives_redis_losing_its_data(false).await;
+}
+
+/// Replica one has two calls running at Marketo when Redis loses
+/// everything; replica two must wait for them rather than take their
+/// concurrency while replica one's leases are missing (a lease is renewed
+/// only every third of its lifetime).
+async fn leases_survive_redis_losing_its_data(restart: bool) {
+    let sim = SimConfig {
+        concurrency: 2,
+        latency: Duration::from_secs(3),
+        ..support::sim_config()
+    };
+    let (redis, sim, one, two) = two_replicas(sim, "leases", |limits| {
+        limits.concurrency = NonZeroU32::new(2).unwrap();
+    })
+    .await;
+    // Other leads than the reads below: identical reads share one call.
+    let running: Vec<_> = [101, 102]
+        .into_iter()
+        .map(|lead| {
+            let url = format!("{}/rest/v1/lead/{lead}.json", one.url());
+            tokio::spawn(support::send_json(
+                support::client().get(url).header("X-Api-Key", KEY),
+            ))
+        })
+        .collect();
+    support::eventually(Duration::from_secs(5), async || match sim.stats().in_flight {
+        2 => Ok(()),
+        other => Err(other),
+    })
+    .await;
+    let _redis = lose_data(redis, restart).await;
+    reads(&two, 2).await;
+    for call in running {
+        let answer = call.await.unwrap();
+        assert_eq!(answer["success"], true, "{answer}");
+    }
+    let stats = sim.stats();
+    assert_eq!(stats.code("615"), 0, "{:?}", stats.codes);
+    assert_eq!((stats.calls, stats.max_in_flight), (4, 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restarted_empty_learns_the_calls_in_flight_again() {
+    leases_survive_redis_losing_its_data(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_lost_its_data_without_a_restart_learns_the_calls_in_flight_again() {
+    leases_survive_redis_losing_its_data(false).await;
 }

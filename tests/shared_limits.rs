@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use marketo_proxy::app::{self, RunningProxy};
 use marketo_proxy::config::Config;
-use marketo_proxy::sim::{SimConfig, Simulator};
+use marketo_proxy::sim::{SimConfig, SimHandle, Simulator};
 use serde_json::Value;
 use support::redis::RedisServer;
 
@@ -51,6 +51,45 @@ async fn two_replicas(
         .await
         .unwrap();
     (first, second)
+}
+
+/// A simulator that answers at once and allows 10 calls in `window`.
+async fn quick_sim(window: Duration) -> SimHandle {
+    Simulator::spawn(SimConfig {
+        window_calls: 10,
+        window,
+        latency: Duration::ZERO,
+        ..support::sim_config()
+    })
+    .await
+    .unwrap()
+}
+
+/// The simulator's stats, once checked that it never saw more than 10
+/// calls in one window nor answered 606.
+fn window_kept(sim: &SimHandle) -> marketo_proxy::sim::Stats {
+    let stats = sim.stats();
+    assert_eq!(stats.code("606"), 0, "{:?}", stats.codes);
+    assert!(
+        stats.max_in_window <= 10,
+        "{} calls in one window",
+        stats.max_in_window
+    );
+    stats
+}
+
+/// Waits until `proxy` says it shares the limits through Redis (`up`) or
+/// keeps to its share.
+async fn backend_up(proxy: &RunningProxy, up: bool) {
+    let expected = if up { 1.0 } else { 0.0 };
+    support::eventually(Duration::from_secs(5), async || {
+        let metrics = support::metrics_text(&proxy.admin_url()).await;
+        match support::metric(&metrics, "marketo_proxy_backend_up") {
+            Some(value) if value == expected => Ok(()),
+            value => Err(format!("marketo_proxy_backend_up {value:?}")),
+        }
+    })
+    .await;
 }
 
 /// Fires `count` requests at once, spread over the replicas; returns the
@@ -94,13 +133,7 @@ async fn two_replicas_share_one_window() {
         answers.iter().all(|(status, ok, _)| *status == 200 && *ok),
         "{answers:?}"
     );
-    let stats = sim.stats();
-    assert_eq!(stats.code("606"), 0, "{:?}", stats.codes);
-    assert!(
-        stats.max_in_window <= 10,
-        "{} calls in one window",
-        stats.max_in_window
-    );
+    let stats = window_kept(&sim);
     assert_eq!(stats.ok, 30);
 }
 
@@ -139,14 +172,7 @@ async fn two_replicas_share_one_daily_quota() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_redis_a_replica_keeps_to_its_share_and_comes_back_when_it_returns() {
     let port = support::redis::free_port();
-    let sim = Simulator::spawn(SimConfig {
-        window_calls: 10,
-        window: Duration::from_secs(2),
-        latency: Duration::ZERO,
-        ..support::sim_config()
-    })
-    .await
-    .unwrap();
+    let sim = quick_sim(Duration::from_secs(2)).await;
     let limits = "  window_calls: 10\n  window: 2s\n  safety_margin: 100ms\n  max_queue_wait: 500ms";
     let url = format!("redis://127.0.0.1:{port}");
     let proxy = app::spawn(replica_config(&sim.url(), &url, limits, "fallback"))
@@ -168,28 +194,14 @@ async fn without_redis_a_replica_keeps_to_its_share_and_comes_back_when_it_retur
 
     // Redis starts: the replica writes what it did and shares again.
     let redis = RedisServer::start_on(port);
-    support::eventually(Duration::from_secs(5), async || {
-        let metrics = support::metrics_text(&proxy.admin_url()).await;
-        match support::metric(&metrics, "marketo_proxy_backend_up") {
-            Some(1.0) => Ok(()),
-            up => Err(format!("marketo_proxy_backend_up {up:?}")),
-        }
-    })
-    .await;
+    backend_up(&proxy, true).await;
     drop(redis);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_that_loses_redis_falls_back_to_its_share() {
     let redis = RedisServer::start();
-    let sim = Simulator::spawn(SimConfig {
-        window_calls: 10,
-        window: Duration::from_secs(2),
-        latency: Duration::ZERO,
-        ..support::sim_config()
-    })
-    .await
-    .unwrap();
+    let sim = quick_sim(Duration::from_secs(2)).await;
     // Noticing that Redis is gone can take up to its 500 ms timeout: the
     // queue wait leaves room for that.
     let limits = "  window_calls: 10\n  window: 2s\n  safety_margin: 100ms\n  max_queue_wait: 5s";
@@ -211,6 +223,93 @@ async fn a_replica_that_loses_redis_falls_back_to_its_share() {
     assert_eq!(sim.stats().max_in_window, 5);
     let metrics = support::metrics_text(&proxy.admin_url()).await;
     assert_eq!(support::metric(&metrics, "marketo_proxy_backend_up"), Some(0.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_waiting_for_the_shared_window_when_redis_goes_away_wait_for_the_share() {
+    let redis = RedisServer::start();
+    let sim = quick_sim(Duration::from_secs(4)).await;
+    let limits = "  window_calls: 10\n  window: 4s\n  safety_margin: 100ms\n  max_queue_wait: 20s";
+    let (first, second) = two_replicas(&sim.url(), &redis, limits, "waiting").await;
+    // The window is full: half of it each.
+    assert!(fire(&[&first], 5).await.iter().all(|(_, ok, _)| *ok));
+    assert!(fire(&[&second], 5).await.iter().all(|(_, ok, _)| *ok));
+    // Three more wait at the second for the shared window to free.
+    let url = format!("{}/rest/v1/lead/1.json", second.url());
+    let waiting: Vec<_> = (0..3)
+        .map(|_| {
+            let (http, url) = (support::client(), url.clone());
+            tokio::spawn(async move {
+                let answer = http.get(url).header("X-Api-Key", KEY).send().await.unwrap();
+                answer.json::<Value>().await.unwrap()
+            })
+        })
+        .collect();
+    support::eventually(Duration::from_secs(5), async || {
+        let metrics = support::metrics_text(&second.admin_url()).await;
+        match support::metric(&metrics, "marketo_proxy_inflight") {
+            Some(3.0) => Ok(()),
+            other => Err(other),
+        }
+    })
+    .await;
+    // Redis goes away: they were admitted under the shared limits and hold
+    // nothing there, so they wait for room in the second's share (its own
+    // five slots: nothing was left), not go out at once.
+    redis.stop();
+    for call in waiting {
+        let answer = call.await.unwrap();
+        assert_eq!(answer["success"], true, "{answer}");
+    }
+    window_kept(&sim);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_replica_back_from_an_outage_waits_for_the_calls_the_others_made_meanwhile() {
+    let redis = RedisServer::start_with_users(&[("one", "password-one-0123"), ("two", "password-two-0123")]);
+    let sim = Simulator::spawn(SimConfig {
+        concurrency: 2,
+        latency: Duration::from_secs(3),
+        ..support::sim_config()
+    })
+    .await
+    .unwrap();
+    let limits = "  concurrency: 2\n  max_queue_wait: 30s";
+    let replica = |user: &str| {
+        let url = format!("redis://{user}:password-{user}-0123@127.0.0.1:{}", redis.port);
+        app::spawn(replica_config(&sim.url(), &url, limits, "outage"))
+    };
+    let (one, two) = (replica("one").await.unwrap(), replica("two").await.unwrap());
+    backend_up(&one, true).await;
+    backend_up(&two, true).await;
+    // Both lose Redis; the second makes a call on its share (one of the
+    // two slots), which Redis cannot know of.
+    redis.shut_out("one", true).await;
+    redis.shut_out("two", true).await;
+    backend_up(&one, false).await;
+    backend_up(&two, false).await;
+    let url = format!("{}/rest/v1/lead/1.json", two.url());
+    let running = tokio::spawn(support::send_json(
+        support::client().get(url).header("X-Api-Key", KEY),
+    ));
+    support::eventually(Duration::from_secs(5), async || match sim.stats().in_flight {
+        1 => Ok(()),
+        other => Err(other),
+    })
+    .await;
+    // The first is back, the second a moment later (its next attempt):
+    // until the second has written its call, the first must not take its
+    // slot for free.
+    redis.shut_out("one", false).await;
+    backend_up(&one, true).await;
+    redis.shut_out("two", false).await;
+    let answers = fire(&[&one], 2).await;
+    assert!(answers.iter().all(|(_, ok, _)| *ok), "{answers:?}");
+    let answer = running.await.unwrap();
+    assert_eq!(answer["success"], true, "{answer}");
+    let stats = sim.stats();
+    assert_eq!(stats.code("615"), 0, "{:?}", stats.codes);
+    assert_eq!(stats.max_in_flight, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -238,18 +337,27 @@ async fn a_crashed_replicas_leases_lapse_while_a_running_call_keeps_its_own() {
     assert!(living.is_up() && crashed.is_up());
     // Only the living replica renews its leases.
     let _maintenance = tokio::spawn(living.maintenance(Arc::clone(&living_admission)));
+    // Admitted here: what the acquisitions below are asked for.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let living_permit = living_admission.admit(0, deadline, false).await.unwrap();
+    let crashed_permit = crashed_admission.admit(0, deadline, false).await.unwrap();
 
-    // The crashed replica took a slot and will never give it back.
-    match crashed.acquire(0, &crashed_admission).await {
-        Grant::Granted(lease) => std::mem::forget(lease),
-        _ => panic!("the first slot is free"),
-    }
-    let running = match living.acquire(0, &living_admission).await {
+    // The crashed replica took a slot and will never give it back (as
+    // soon as Redis, new here, grants anything).
+    let lease = support::eventually(Duration::from_secs(5), async || {
+        match crashed.acquire(0, &crashed_permit, &crashed_admission).await {
+            Grant::Granted(lease) => Ok(lease),
+            _ => Err("the first slot is not granted"),
+        }
+    })
+    .await;
+    std::mem::forget(lease);
+    let running = match living.acquire(0, &living_permit, &living_admission).await {
         Grant::Granted(lease) => lease,
         _ => panic!("the second slot is free"),
     };
     assert!(matches!(
-        living.acquire(0, &living_admission).await,
+        living.acquire(0, &living_permit, &living_admission).await,
         Grant::Wait(_)
     ));
 
@@ -258,12 +366,15 @@ async fn a_crashed_replicas_leases_lapse_while_a_running_call_keeps_its_own() {
     // for the first free slot would stop as soon as the crashed lease
     // lapses, before an unrenewed running lease would lapse too.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let third = match living.acquire(0, &living_admission).await {
+    let third = match living.acquire(0, &living_permit, &living_admission).await {
         Grant::Granted(lease) => lease,
         _ => panic!("the crashed replica's lease should have lapsed"),
     };
     assert!(
-        matches!(living.acquire(0, &living_admission).await, Grant::Wait(_)),
+        matches!(
+            living.acquire(0, &living_permit, &living_admission).await,
+            Grant::Wait(_)
+        ),
         "the running call kept its lease"
     );
     drop((running, third));

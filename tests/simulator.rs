@@ -1268,6 +1268,8 @@ async fn sim_stats_endpoint_reports_counters_and_arrivals_as_json() {
     assert_eq!(raw["max_admitted_in_flight"], 1);
     assert_eq!(raw["max_admitted_in_window"], 1);
     assert_eq!(raw["access_token_params"], 0);
+    assert_eq!(raw["in_flight"], 0, "both calls are over");
+    assert_eq!(raw["used_today"], 1, "the 601 does not count");
     let stats: Stats = serde_json::from_value(raw).unwrap();
     let arrivals = &stats.arrivals;
     assert_eq!(arrivals.len(), 2, "control calls are not arrivals");

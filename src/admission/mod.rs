@@ -180,6 +180,10 @@ struct State {
     tallies: Vec<Tally>,
     /// The day the tallies count.
     tallies_day: chrono::NaiveDate,
+    /// Times this replica lost the limits shared with the others and fell
+    /// back to its share: a call admitted before the last of them and
+    /// still without a grant of the shared limits is admitted again.
+    fallbacks: u64,
 }
 
 /// Today's count of one service's requests that did not simply take a
@@ -446,6 +450,7 @@ impl Admission {
             wake_at: None,
             recent: VecDeque::new(),
             started: Instant::now(),
+            fallbacks: 0,
         };
         metrics.window_limit.set(i64::from(limits.window_calls.get()));
         metrics
@@ -602,6 +607,7 @@ impl Admission {
             queue_wait: Duration::ZERO,
             stamped: false,
             armed: true,
+            fallbacks: state.fallbacks,
         }
     }
 
@@ -685,11 +691,15 @@ impl Admission {
     /// theirs until [`set_share`] once their calls are surely over.
     ///
     /// [`set_share`]: Self::set_share
-    /// `unsent` calls admitted here were still waiting for the shared
-    /// state's grant: they hold nothing there and are admitted again.
-    pub fn share_what_is_left(self: &Arc<Self>, replicas: u32, instance: InstanceUse, unsent: u32) {
+    /// `granted` of the calls admitted here hold a grant of the shared
+    /// state. The others were still waiting for one (asking, or between
+    /// two asks): they hold nothing there and are admitted again (see
+    /// [`Permit::admitted_before_fallback`]).
+    pub fn share_what_is_left(self: &Arc<Self>, replicas: u32, instance: InstanceUse, granted: u32) {
         let replicas = replicas.max(1);
         let mut state = self.lock();
+        state.fallbacks += 1;
+        let unsent = state.in_flight.saturating_sub(granted);
         let now = Instant::now();
         let own_window = state.window.used(now).saturating_sub(unsent);
         let own_in_flight = state.in_flight.saturating_sub(unsent);
@@ -1121,6 +1131,7 @@ impl Admission {
                 queue_wait: now.saturating_duration_since(waiter.enqueued),
                 stamped: false,
                 armed: true,
+                fallbacks: state.fallbacks,
             };
             if let Err(Ok(mut permit)) = waiter.reply.send(Ok(permit)) {
                 // The waiter left between the check and the send: the call
@@ -1464,6 +1475,8 @@ pub struct Permit {
     queue_wait: Duration,
     stamped: bool,
     armed: bool,
+    /// This replica's fall backs to its share when the call was admitted.
+    fallbacks: u64,
 }
 
 impl std::fmt::Debug for Permit {
@@ -1495,6 +1508,13 @@ impl Permit {
     /// How long the request waited in the queue.
     pub fn queue_wait(&self) -> Duration {
         self.queue_wait
+    }
+
+    /// Whether this replica fell back to its share of the limits since
+    /// the call was admitted: admitted under other limits and counted as
+    /// holding nothing by the share, it must be admitted again under it.
+    pub fn admitted_before_fallback(&self) -> bool {
+        self.fallbacks != self.admission.lock().fallbacks
     }
 
     /// Marketo's answer arrived: the window slot starts its countdown.
@@ -1654,7 +1674,8 @@ mod tests {
         let admission = Admission::new(&config, Metrics::new());
         let deadline = || Instant::now() + Duration::from_secs(60);
         // Here: 10 calls answered, 2 in flight, 1 still waiting for the
-        // shared grant. The instance: 72 slots and 6 calls in flight.
+        // shared grant (2 of the 3 hold one). The instance: 72 slots and 6
+        // calls in flight.
         for _ in 0..10 {
             drop(admission.admit(0, deadline(), false).await.unwrap());
         }
@@ -1667,7 +1688,11 @@ mod tests {
             in_flight: 6,
             day_used: 5000,
         };
-        admission.share_what_is_left(4, instance, 1);
+        admission.share_what_is_left(4, instance, 2);
+        assert!(
+            running.iter().all(Permit::admitted_before_fallback),
+            "the one without a grant is admitted again"
+        );
         let (window, concurrency) = {
             let state = admission.lock();
             (state.window.limit(), state.concurrency)
@@ -1677,9 +1702,14 @@ mod tests {
         assert_eq!(concurrency, 2 + 1);
         // Once the others' calls are surely over: a plain quarter.
         admission.set_share(4);
-        let state = admission.lock();
-        assert_eq!((state.window.limit(), state.concurrency), (25, 2));
-        assert_eq!(state.quota.limit_here(), 13 + (50_000 - 5000) / 4);
+        {
+            let state = admission.lock();
+            assert_eq!((state.window.limit(), state.concurrency), (25, 2));
+            assert_eq!(state.quota.limit_here(), 13 + (50_000 - 5000) / 4);
+        }
+        drop(running);
+        let admitted_since = admission.admit(0, deadline(), false).await.unwrap();
+        assert!(!admitted_since.admitted_before_fallback());
     }
 
     #[tokio::test(start_paused = true)]

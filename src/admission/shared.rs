@@ -28,11 +28,13 @@
 //! of it; never the full limits), says so in `marketo_proxy_backend_up`
 //! and the log, and keeps trying. Back in touch, it first writes what it
 //! did meanwhile, by id and in numbered batches so that writing it twice
-//! counts it once, and the others see it.
+//! counts it once, and the others see it. A Redis that lost its data
+//! (restarted empty) learns every replica's window slots and leases again
+//! this way, and grants nothing until they all had time to write them.
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -44,7 +46,7 @@ use tokio::time::Instant;
 
 use super::learn::Episode;
 use super::quota::QuotaScope;
-use super::{Admission, InstanceUse};
+use super::{Admission, InstanceUse, Permit};
 use crate::config::{Config, INTERNAL_SERVICE, RedisConfig};
 use crate::metrics::Metrics;
 
@@ -63,6 +65,12 @@ const MAX_TO_RELEASE: usize = 10_000;
 const LEARNED_TTL: Duration = Duration::from_secs(3600);
 /// Day hashes outlive their day by this much.
 const DAY_TTL: Duration = Duration::from_secs(3 * 24 * 3600);
+/// How long a Redis that lost its data, or that a replica reaches again
+/// after an outage, grants nothing: every replica that reaches it finds
+/// out within [`RETRY_EVERY`] (and a timeout) and writes its window slots,
+/// leases and calls made on its share meanwhile, so that no acquisition
+/// takes for free what the others still hold.
+const SETTLE: Duration = Duration::from_secs(2);
 
 /// Checks and takes a window slot, a concurrency lease and a unit of the
 /// day's quota, or says which limit is in the way and for how long.
@@ -75,7 +83,7 @@ redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', now)
 local total = tonumber(redis.call('HGET', KEYS[5], 'total') or '0')
 local foreign = tonumber(redis.call('HGET', KEYS[5], 'foreign') or '0')
 local function reply(granted, kind, wait)
-  local learned = tonumber(redis.call('HGET', KEYS[8], 'version') or '0')
+  local learned = tonumber(redis.call('HGET', KEYS[9], 'version') or '0')
   return {granted, kind, wait, redis.call('ZCARD', KEYS[1]), redis.call('ZCARD', KEYS[2]), total + foreign, now, learned}
 end
 local function wait(key)
@@ -87,6 +95,9 @@ end
 if redis.call('ZSCORE', KEYS[6], id) then return reply(0, 'released', 0) end
 -- Redis lost the data the asker wrote (its window slots among them).
 if redis.call('GET', KEYS[7]) ~= ARGV[13] then return reply(0, 'lost', 0) end
+-- It lost it just now: the replicas are still writing what they hold.
+local settling = redis.call('PTTL', KEYS[8])
+if settling > 0 then return reply(0, 'settling', settling) end
 if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[4]) then return reply(0, 'concurrency', 25) end
 if redis.call('ZCARD', KEYS[4]) >= tonumber(ARGV[7]) then return reply(0, 'service_concurrency', 25) end
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return reply(0, 'window', wait(KEYS[1])) end
@@ -201,11 +212,12 @@ return 1
 
 /// Writes what a replica did while Redis was unreachable, so that writing
 /// it again changes nothing: the window slots of its answered calls that
-/// still run, by call id (milliseconds left on each), its calls still in flight by id (window
-/// slot and concurrency lease), and the day's calls per service in
+/// still run, by call id (milliseconds left on each), its calls still in
+/// flight by id (a window slot if they have none, and the concurrency
+/// lease unless the call is over), and the day's calls per service in
 /// numbered batches, each counted once. KEYS: window, inflight, day,
-/// applied batches. ARGV: pending ms, lease ms, n, n x (id, ms left), m,
-/// m x id, then batches: (batch id, k, k x (field, calls)).
+/// applied batches, done. ARGV: pending ms, lease ms, n, n x (id, ms
+/// left), m, m x id, then batches: (batch id, k, k x (field, calls)).
 const CATCH_UP: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -219,8 +231,9 @@ end
 i = i + 2 * slots + 1
 local live = tonumber(ARGV[i])
 for n = 1, live do
-  redis.call('ZADD', KEYS[1], now + pending, ARGV[i + n])
-  redis.call('ZADD', KEYS[2], now + lease, ARGV[i + n])
+  local id = ARGV[i + n]
+  redis.call('ZADD', KEYS[1], 'NX', now + pending, id)
+  if not redis.call('ZSCORE', KEYS[5], id) then redis.call('ZADD', KEYS[2], now + lease, id) end
 end
 i = i + live + 1
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
@@ -277,15 +290,17 @@ return 1
 
 /// The mark of this Redis's data: made by the first replica to find it
 /// missing, so a Redis that lost its data (restarted without persistence,
-/// or failed over to an empty replica) has a new one. Also answers the
-/// version of the learned limits, so that a replica without calls of its
-/// own learns of a change within a tick. KEYS: epoch, learned. ARGV: a new
-/// mark, used if there is none.
+/// or failed over to an empty replica) has a new one, and grants nothing
+/// for [`SETTLE`]. Also answers the version of the learned limits, so that
+/// a replica without calls of its own learns of a change within a tick.
+/// KEYS: epoch, settling, learned. ARGV: a new mark, used if there is
+/// none; settle ms.
 const EPOCH: &str = r"
-local learned = tonumber(redis.call('HGET', KEYS[2], 'version') or '0')
+local learned = tonumber(redis.call('HGET', KEYS[3], 'version') or '0')
 local epoch = redis.call('GET', KEYS[1])
 if epoch then return {epoch, learned} end
 redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[2], '1', 'PX', tonumber(ARGV[2]))
 return {ARGV[1], learned}
 ";
 
@@ -353,12 +368,13 @@ pub struct SharedLimits {
     /// Lifetime of a concurrency lease; renewed every third of it.
     lease: Duration,
     up: AtomicBool,
-    /// Acquisitions on their way to Redis.
-    asking: AtomicU32,
     /// Held while one attempt to get back in touch with Redis runs.
     recovering: tokio::sync::Mutex<()>,
     /// An attempt made at once after a failure is running.
     reconnecting: AtomicBool,
+    /// This replica fell back to its share and has not written since what
+    /// it did meanwhile.
+    fell_back: AtomicBool,
     /// Attempts made so far.
     recoveries: std::sync::atomic::AtomicU64,
     /// Leases of this replica's calls in flight.
@@ -460,9 +476,9 @@ impl SharedLimits {
             // Until Redis has answered once, this replica keeps to its
             // share: it never starts on the full limits.
             up: AtomicBool::new(false),
-            asking: AtomicU32::new(0),
             recovering: tokio::sync::Mutex::new(()),
             reconnecting: AtomicBool::new(false),
+            fell_back: AtomicBool::new(false),
             recoveries: std::sync::atomic::AtomicU64::new(0),
             leases: Mutex::new(Leases::default()),
             replica: call_id(),
@@ -576,10 +592,20 @@ impl SharedLimits {
         lock(&self.seen).window
     }
 
-    /// Asks Redis for a call of `service`.
-    pub async fn acquire(self: &Arc<Self>, service: usize, admission: &Arc<Admission>) -> Grant {
+    /// Asks Redis for a call of `service`, admitted here with `permit`.
+    pub async fn acquire(
+        self: &Arc<Self>,
+        service: usize,
+        permit: &Permit,
+        admission: &Arc<Admission>,
+    ) -> Grant {
         let day = self.day();
         if !self.is_up() {
+            // Admitted under the shared limits and granted nothing there:
+            // the share did not count it, so it is admitted again under it.
+            if permit.admitted_before_fallback() {
+                return Grant::Readmit;
+            }
             return self.local_lease(service);
         }
         let Some(limits) = self.services.get(service) else {
@@ -588,7 +614,6 @@ impl SharedLimits {
         let id = call_id();
         // Released in the background if the answer never arrives here,
         // however this future ends.
-        self.asking.fetch_add(1, Ordering::AcqRel);
         let mut asked = Asked {
             shared: Arc::clone(self),
             service,
@@ -668,7 +693,7 @@ impl SharedLimits {
     }
 
     /// The keys an acquisition of `service` on `day` touches, in the order
-    /// ACQUIRE and UNDO take them (UNDO ignores the last two).
+    /// ACQUIRE and UNDO take them (UNDO ignores the last three).
     fn acquisition_keys(&self, invocation: &mut redis::ScriptInvocation<'_>, service: usize, day: NaiveDate) {
         invocation
             .key(self.key("window"))
@@ -678,6 +703,7 @@ impl SharedLimits {
             .key(self.day_key(day))
             .key(self.key("done"))
             .key(self.key("epoch"))
+            .key(self.key("settling"))
             .key(self.key("learned"));
     }
 
@@ -830,6 +856,7 @@ impl SharedLimits {
     /// had left alone.
     fn fall_back(&self, admission: &Arc<Admission>) {
         if self.up.swap(false, Ordering::AcqRel) {
+            self.fell_back.store(true, Ordering::Release);
             tracing::warn!(
                 replicas = self.fallback_replicas,
                 "Redis is unreachable: enforcing 1/{} of what the instance has left here until it is back",
@@ -837,11 +864,8 @@ impl SharedLimits {
             );
             self.metrics.backend_up.set(0);
             *lock(&self.lost_at) = Some(Instant::now());
-            admission.share_what_is_left(
-                self.fallback_replicas,
-                *lock(&self.seen),
-                self.asking.load(Ordering::Acquire),
-            );
+            let granted = u32::try_from(self.leases_mut().synced.len()).unwrap_or(u32::MAX);
+            admission.share_what_is_left(self.fallback_replicas, *lock(&self.seen), granted);
         }
     }
 
@@ -1021,6 +1045,22 @@ impl SharedLimits {
         }
     }
 
+    /// Makes Redis grant nothing for [`SETTLE`], unless it already holds
+    /// acquisitions.
+    async fn hold_acquisitions(&self) -> Result<(), SharedError> {
+        let mut connection = self.connection().await?;
+        let mut hold = redis::cmd("SET");
+        hold.arg(self.key("settling"))
+            .arg(1)
+            .arg("PX")
+            .arg(millis(SETTLE))
+            .arg("NX");
+        match tokio::time::timeout(REDIS_TIMEOUT, hold.query_async::<Option<String>>(&mut connection)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) | Err(_) => Err(SharedError::Unreachable),
+        }
+    }
+
     /// Whether Redis still holds the data this replica saw there (`true`
     /// the first time it looks). Takes what other replicas learned since
     /// the last look.
@@ -1028,8 +1068,10 @@ impl SharedLimits {
         let mut invocation = self.epoch_script.prepare_invoke();
         invocation
             .key(self.key("epoch"))
+            .key(self.key("settling"))
             .key(self.key("learned"))
-            .arg(call_id());
+            .arg(call_id())
+            .arg(millis(SETTLE));
         let (epoch, learned) = self.call::<(String, i64)>(&invocation).await?;
         self.learned_changed(learned, admission).await;
         let mut known = lock(&self.epoch);
@@ -1112,6 +1154,16 @@ impl SharedLimits {
         if self.same_data(admission).await.is_err() {
             return;
         }
+        // Back after an outage that outlasted the attempt made at once: the
+        // others are likely back on their shares too, with calls Redis
+        // does not know until their next attempt. Nothing is granted
+        // before they had time to write them.
+        if self.fell_back.load(Ordering::Acquire)
+            && !self.reconnecting.load(Ordering::Acquire)
+            && self.hold_acquisitions().await.is_err()
+        {
+            return;
+        }
         // Acquisitions whose answers were lost while it was going: give
         // back what they took before anything else.
         let to_release = std::mem::take(&mut *lock(&self.to_release));
@@ -1122,9 +1174,9 @@ impl SharedLimits {
             }
         }
         let day = self.day();
-        // This replica's answered calls whose slots still run, by id (Redis
-        // may have come back empty), and its calls in flight that Redis
-        // has not seen.
+        // This replica's answered calls whose slots still run, and its calls
+        // in flight, by id: Redis may have come back empty, or not have
+        // seen them.
         let now = Instant::now();
         let slots: Vec<(String, Duration)> = lock(&self.recent_slots)
             .iter()
@@ -1134,12 +1186,7 @@ impl SharedLimits {
         let live: Vec<(usize, String)> = {
             let mut leases = self.leases_mut();
             leases.catching_up = true;
-            leases
-                .synced
-                .iter()
-                .filter(|(_, synced)| !**synced)
-                .map(|(lease, _)| lease.clone())
-                .collect()
+            leases.synced.keys().cloned().collect()
         };
         // The day's calls made meanwhile, in batches Redis counts once.
         let batches = {
@@ -1156,6 +1203,7 @@ impl SharedLimits {
             .key(self.key("inflight"))
             .key(self.day_key(day))
             .key(self.key("batches"))
+            .key(self.key("done"))
             .arg(millis(self.pending))
             .arg(millis(self.lease))
             .arg(slots.len());
@@ -1185,19 +1233,40 @@ impl SharedLimits {
         }
         lock(&self.batches).retain(|(batch, _)| !batches.iter().any(|(sent, _)| sent == batch));
         self.up.store(true, Ordering::Release);
+        let mut over = Vec::new();
         {
             let mut leases = self.leases_mut();
-            for lease in live {
-                if let Some(synced) = leases.synced.get_mut(&lease) {
-                    *synced = true;
+            for lease in &live {
+                match leases.synced.get_mut(lease) {
+                    Some(synced) => *synced = true,
+                    None => over.push(lease),
                 }
             }
             leases.catching_up = false;
         }
+        // Calls answered or over while the catch-up was on its way were
+        // written as still running: their slots start their countdown now
+        // and the leases of those over go.
+        let answered: Vec<&(usize, String)> = {
+            let recent = lock(&self.recent_slots);
+            live.iter()
+                .filter(|(_, id)| {
+                    recent.iter().any(|(answered, _)| answered == id)
+                        && !slots.iter().any(|(written, _)| written == id)
+                })
+                .collect()
+        };
         *lock(&self.lost_at) = None;
+        self.fell_back.store(false, Ordering::Release);
         self.metrics.backend_up.set(1);
         admission.set_share(1);
         tracing::info!("Redis answers: the instance's limits are shared with the other replicas");
+        for (service, id) in answered {
+            self.stamp(*service, id, Duration::ZERO).await;
+        }
+        for (service, id) in over {
+            self.release(*service, id).await;
+        }
     }
 }
 
@@ -1213,7 +1282,6 @@ struct Asked {
 
 impl Drop for Asked {
     fn drop(&mut self) {
-        self.shared.asking.fetch_sub(1, Ordering::AcqRel);
         if self.answered {
             return;
         }

@@ -29,7 +29,7 @@ use tower::{Layer, Service, ServiceExt};
 
 use super::call::Call;
 use crate::admission::shared::{Grant, Lease, SharedLimits};
-use crate::admission::{Admission, AdmissionError, Slot};
+use crate::admission::{Admission, AdmissionError, Permit, Slot};
 use crate::error::ProxyError;
 use crate::upstream::{Answer, UpstreamError};
 
@@ -125,7 +125,7 @@ impl Gate {
             }
             // Rare or large awaits are boxed, so that a request waiting in
             // the queue does not carry their state.
-            match Box::pin(self.shared_grant(service, deadline)).await {
+            match Box::pin(self.shared_grant(service, &permit, deadline)).await {
                 Ok(SharedGrant::Go(lease)) => return Ok(Slot::new(permit, lease)),
                 // Admitted under limits that no longer hold (Redis went
                 // away just now): once more under this replica's share.
@@ -146,14 +146,19 @@ impl Gate {
     /// A grant from the limits shared with other replicas, if any: waits
     /// while another replica holds what this call needs, within the
     /// deadline.
-    async fn shared_grant(&self, service: usize, deadline: Instant) -> Result<SharedGrant, ProxyError> {
+    async fn shared_grant(
+        &self,
+        service: usize,
+        permit: &Permit,
+        deadline: Instant,
+    ) -> Result<SharedGrant, ProxyError> {
         let Some(limits) = &self.limits else {
             return Ok(SharedGrant::Go(None));
         };
         let admission = &self.admission;
         let asked = Instant::now();
         loop {
-            match limits.acquire(service, admission).await {
+            match limits.acquire(service, permit, admission).await {
                 Grant::Granted(lease) => return Ok(SharedGrant::Go(Some(lease))),
                 Grant::Readmit => return Ok(SharedGrant::Readmit),
                 Grant::Refused(scope, wait) => {

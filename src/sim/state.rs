@@ -168,6 +168,12 @@ pub struct Stats {
     /// The bulk queues' occupancy over time and their jobs.
     #[serde(default)]
     pub bulk: BulkStats,
+    /// Calls executing right now.
+    #[serde(default)]
+    pub in_flight: u32,
+    /// Calls counted against today's quota so far, by every API user.
+    #[serde(default)]
+    pub used_today: u64,
     /// Every arrival, in order.
     pub arrivals: Vec<Arrival>,
 }
@@ -250,8 +256,11 @@ impl State {
         let mut inner = self.lock();
         let Inner { bulk, leads, .. } = &mut *inner;
         bulk.advance(&self.bulk_context(leads));
+        inner.roll_day(today(&self.config));
         let mut stats = inner.stats.clone();
         stats.bulk = inner.bulk.stats.clone();
+        stats.in_flight = inner.in_flight;
+        stats.used_today = inner.used_today;
         stats
     }
 

@@ -24,6 +24,43 @@ impl RedisServer {
         Self::start_with(port, &[], None)
     }
 
+    /// Redis with ACL users besides the default one: `(name, password)`,
+    /// each allowed everything until [`shut_out`].
+    ///
+    /// [`shut_out`]: Self::shut_out
+    pub fn start_with_users(users: &[(&str, &str)]) -> Self {
+        let args: Vec<String> = users
+            .iter()
+            .flat_map(|(name, password)| {
+                ["--user", name, "on", &format!(">{password}"), "~*", "&*", "+@all"].map(str::to_owned)
+            })
+            .collect();
+        Self::start_with(free_port(), &args, None)
+    }
+
+    /// Shuts the ACL user `name` out (`off`, its connections closed) or
+    /// lets it in again, as a network partition between it and Redis
+    /// would.
+    pub async fn shut_out(&self, name: &str, out: bool) {
+        let mut connection = self.connection().await;
+        redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg(name)
+            .arg(if out { "off" } else { "on" })
+            .query_async::<()>(&mut connection)
+            .await
+            .expect("ACL SETUSER");
+        if out {
+            redis::cmd("CLIENT")
+                .arg("KILL")
+                .arg("USER")
+                .arg(name)
+                .query_async::<()>(&mut connection)
+                .await
+                .expect("CLIENT KILL");
+        }
+    }
+
     /// Redis serving TLS only, with `cert_pem` / `key_pem`, and one ACL
     /// user `user` with `password` besides the default one, which is off.
     pub fn start_tls(cert_pem: &str, key_pem: &str, user: &str, password: &str) -> Self {
@@ -59,7 +96,7 @@ impl RedisServer {
 
     fn start_with(port: u16, extra: &[String], files: Option<tempfile::TempDir>) -> Self {
         let dir = files.unwrap_or_else(|| tempfile::tempdir().expect("temporary directory"));
-        let tls = !extra.is_empty();
+        let tls = extra.iter().any(|arg| arg == "--tls-port");
         let mut command = Command::new("redis-server");
         if !tls {
             command.args(["--port", &port.to_string()]);
