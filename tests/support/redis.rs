@@ -9,7 +9,33 @@ use std::time::{Duration, Instant};
 pub struct RedisServer {
     pub port: u16,
     child: Child,
-    _dir: tempfile::TempDir,
+    /// Where the server keeps its files; taken by [`RedisServer::crash`].
+    dir: Option<tempfile::TempDir>,
+    /// Every write goes to an append-only file in `dir` before it is
+    /// answered.
+    appendonly: bool,
+}
+
+/// A server killed by [`RedisServer::crash`], with the files it wrote.
+pub struct Crashed {
+    port: u16,
+    dir: tempfile::TempDir,
+    appendonly: bool,
+}
+
+impl Crashed {
+    /// Starts the server again on its port: with the data it had written
+    /// (`keep_data`, which needs [`RedisServer::start_persistent`]), or
+    /// empty, as one without persistence comes back.
+    pub fn restart(self, keep_data: bool) -> RedisServer {
+        assert!(!keep_data || self.appendonly, "no data was kept");
+        let dir = if keep_data {
+            self.dir
+        } else {
+            tempfile::tempdir().expect("temporary directory")
+        };
+        RedisServer::start_with(self.port, &[], Some(dir), self.appendonly)
+    }
 }
 
 impl RedisServer {
@@ -21,7 +47,16 @@ impl RedisServer {
     }
 
     pub fn start_on(port: u16) -> Self {
-        Self::start_with(port, &[], None)
+        Self::start_with(port, &[], None, false)
+    }
+
+    /// Starts `redis-server` with an append-only file that holds every
+    /// write before it is answered, so that it can [`crash`] and come back
+    /// with its data.
+    ///
+    /// [`crash`]: Self::crash
+    pub fn start_persistent() -> Self {
+        Self::start_with(free_port(), &[], None, true)
     }
 
     /// Redis with ACL users besides the default one: `(name, password)`,
@@ -35,7 +70,7 @@ impl RedisServer {
                 ["--user", name, "on", &format!(">{password}"), "~*", "&*", "+@all"].map(str::to_owned)
             })
             .collect();
-        Self::start_with(free_port(), &args, None)
+        Self::start_with(free_port(), &args, None, false)
     }
 
     /// Shuts the ACL user `name` out (`off`, its connections closed) or
@@ -91,10 +126,10 @@ impl RedisServer {
             "&*".to_owned(),
             "+@all".to_owned(),
         ];
-        Self::start_with(port, &args, Some(files))
+        Self::start_with(port, &args, Some(files), false)
     }
 
-    fn start_with(port: u16, extra: &[String], files: Option<tempfile::TempDir>) -> Self {
+    fn start_with(port: u16, extra: &[String], files: Option<tempfile::TempDir>, appendonly: bool) -> Self {
         let dir = files.unwrap_or_else(|| tempfile::tempdir().expect("temporary directory"));
         let tls = extra.iter().any(|arg| arg == "--tls-port");
         let mut command = Command::new("redis-server");
@@ -103,7 +138,8 @@ impl RedisServer {
         }
         let child = command
             .args(extra)
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--bind", "127.0.0.1", "--save", ""])
+            .args(["--appendonly", if appendonly { "yes" } else { "no" }])
             .arg("--dir")
             .arg(dir.path())
             .stdout(Stdio::null())
@@ -113,7 +149,8 @@ impl RedisServer {
         let server = Self {
             port,
             child,
-            _dir: dir,
+            dir: Some(dir),
+            appendonly,
         };
         let started = Instant::now();
         // A TLS port is ready once it accepts; a plain one answers PING.
@@ -173,6 +210,18 @@ impl RedisServer {
             .get_multiplexed_async_connection()
             .await
             .expect("redis connection")
+    }
+
+    /// Kills the server with SIGKILL, as a crash would; its files stay
+    /// with the [`Crashed`] server, to start it again.
+    pub fn crash(&mut self) -> Crashed {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        Crashed {
+            port: self.port,
+            dir: self.dir.take().expect("the server's files"),
+            appendonly: self.appendonly,
+        }
     }
 
     /// Stops the server (as a crash would).
