@@ -44,6 +44,17 @@ fn sim(export_time: Duration) -> SimConfig {
 
 /// Three services in front of `sim_url`, with `bulk:` and `state:` as
 /// YAML flow mappings.
+/// A simulator whose exports take `export_time` and a ready proxy with
+/// `bulk` settings (YAML) in front of it, keeping no state on disk.
+async fn start(export_time: Duration, bulk: &str) -> (SimHandle, RunningProxy) {
+    let sim = Simulator::spawn(sim(export_time)).await.unwrap();
+    let proxy = app::spawn(config(&sim.url(), bulk, "{ file: ~, usage_sync_interval: 0s }"))
+        .await
+        .unwrap();
+    support::wait_ready(&proxy).await;
+    (sim, proxy)
+}
+
 fn config(sim_url: &str, bulk: &str, state: &str) -> Config {
     let services: String = KEYS
         .iter()
@@ -190,15 +201,7 @@ async fn fifteen_exports_at_once(sim: &SimHandle, proxies: &[String]) {
 
 #[tokio::test]
 async fn three_services_enqueuing_five_exports_at_once_never_meet_marketos_1029() {
-    let sim = Simulator::spawn(sim(Duration::from_millis(200))).await.unwrap();
-    let proxy = app::spawn(config(
-        &sim.url(),
-        "{ poll_pace: 50ms, poll_after: 1s }",
-        "{ file: ~, usage_sync_interval: 0s }",
-    ))
-    .await
-    .unwrap();
-    support::wait_ready(&proxy).await;
+    let (sim, proxy) = start(Duration::from_millis(200), "{ poll_pace: 50ms, poll_after: 1s }").await;
 
     fifteen_exports_at_once(&sim, &[proxy.url()]).await;
 
@@ -295,15 +298,7 @@ async fn the_daily_export_bytes_are_enforced_locally_and_kept_across_a_restart()
 
 #[tokio::test]
 async fn a_queue_filled_outside_the_proxy_is_waited_out_without_an_error_to_the_client() {
-    let sim = Simulator::spawn(sim(Duration::from_millis(300))).await.unwrap();
-    let proxy = app::spawn(config(
-        &sim.url(),
-        "{ poll_pace: 50ms, pause: 200ms }",
-        "{ file: ~, usage_sync_interval: 0s }",
-    ))
-    .await
-    .unwrap();
-    support::wait_ready(&proxy).await;
+    let (sim, proxy) = start(Duration::from_millis(300), "{ poll_pace: 50ms, pause: 200ms }").await;
 
     // Another integration, straight to Marketo, fills the queue.
     let http = support::client();
@@ -348,15 +343,7 @@ async fn a_queue_filled_outside_the_proxy_is_waited_out_without_an_error_to_the_
 
 #[tokio::test]
 async fn an_import_counts_as_a_job_of_the_service_that_started_it() {
-    let sim = Simulator::spawn(sim(Duration::from_millis(50))).await.unwrap();
-    let proxy = app::spawn(config(
-        &sim.url(),
-        "{ poll_pace: 50ms }",
-        "{ file: ~, usage_sync_interval: 0s }",
-    ))
-    .await
-    .unwrap();
-    support::wait_ready(&proxy).await;
+    let (_sim, proxy) = start(Duration::from_millis(50), "{ poll_pace: 50ms }").await;
     let warehouse = Integration::new(&proxy.url(), KEYS[1].1);
     let imported: Value = warehouse
         .post("/bulk/v1/leads.json?format=csv", json!({}))

@@ -854,19 +854,17 @@ impl Admission {
                 state.learned_window.ceiling(),
                 state.learned_concurrency.ceiling(),
             );
-            if learned.0 == ceilings.0 && state.learned_limits.0 < ceilings.0 {
-                tracing::info!(
-                    limit = "window",
-                    to = learned.0,
-                    "the window limit in force is back at the configured one"
-                );
-            }
-            if learned.1 == ceilings.1 && state.learned_limits.1 < ceilings.1 {
-                tracing::info!(
-                    limit = "concurrency",
-                    to = learned.1,
-                    "the concurrency limit in force is back at the configured one"
-                );
+            for (name, limit, was, ceiling) in [
+                ("window", learned.0, state.learned_limits.0, ceilings.0),
+                ("concurrency", learned.1, state.learned_limits.1, ceilings.1),
+            ] {
+                if limit == ceiling && was < ceiling {
+                    tracing::info!(
+                        limit = name,
+                        to = limit,
+                        "the {name} limit in force is back at the configured one"
+                    );
+                }
             }
             state.learned_limits = learned;
             self.metrics
@@ -1532,22 +1530,12 @@ impl Permit {
         }
         self.stamped = true;
         let now = Instant::now();
-        let received = (self.admission.wall)().timestamp_millis();
         let mut state = self.admission.lock();
         let earlier = match (marketo, state.marketo_clock.as_mut()) {
-            (Some(marketo), Some(clock)) => match clock.took(self.sent_wall, received, marketo, now) {
-                Ok(took) => Duration::from_millis(u64::try_from(received - took).unwrap_or(0)),
-                Err(marketo_clock::Refused::Outside(by)) => {
-                    tracing::warn!(
-                        off_by_ms = by,
-                        off_for_seconds = marketo_clock::OFF_FOR.as_secs(),
-                        "the time in Marketo's requestId cannot be when it took the call (its clock jumped, \
-                         or the field is not a clock): window slots count from the answer for a while"
-                    );
-                    Duration::ZERO
-                }
-                Err(marketo_clock::Refused::Off) => Duration::ZERO,
-            },
+            (Some(marketo), Some(clock)) => {
+                let received = (self.admission.wall)().timestamp_millis();
+                Self::earlier(clock.took(self.sent_wall, received, marketo, now), received)
+            }
             _ => Duration::ZERO,
         };
         let at = now.checked_sub(earlier).unwrap_or(now);
@@ -1560,6 +1548,26 @@ impl Permit {
         state.latency = (state.latency * 9 + latency) / 10;
         self.admission.pump(&mut state);
         earlier
+    }
+}
+
+impl Permit {
+    /// How much earlier than `received` (epoch ms) Marketo's clock says it
+    /// took the call; nothing when its time could not be used.
+    fn earlier(took: Result<i64, marketo_clock::Refused>, received: i64) -> Duration {
+        match took {
+            Ok(took) => Duration::from_millis(u64::try_from(received - took).unwrap_or(0)),
+            Err(marketo_clock::Refused::Outside(by)) => {
+                tracing::warn!(
+                    off_by_ms = by,
+                    off_for_seconds = marketo_clock::OFF_FOR.as_secs(),
+                    "the time in Marketo's requestId cannot be when it took the call (its clock jumped, \
+                     or the field is not a clock): window slots count from the answer for a while"
+                );
+                Duration::ZERO
+            }
+            Err(marketo_clock::Refused::Off) => Duration::ZERO,
+        }
     }
 }
 
