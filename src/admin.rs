@@ -153,6 +153,7 @@ impl Admin {
                 "limit": snapshot.window_limit,
                 "configured": snapshot.configured_window,
                 "outside_proxy": snapshot.foreign_in_window,
+                "kept_free": snapshot.kept_free,
             },
             "concurrency": {
                 "in_flight": snapshot.in_flight,

@@ -125,12 +125,20 @@ pub struct IdentityError {
     pub error_description: String,
 }
 
-/// Marketo's count of one day's calls (`/rest/v1/stats/usage.json`), and
-/// when it was read.
+/// Marketo's count of one day's calls (`/rest/v1/stats/usage.json`) and
+/// of its refusals for the window and concurrency (606 and 615 in
+/// `/rest/v1/stats/errors.json`), and when they were read.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MarketoUsage {
     pub date: NaiveDate,
     pub total: u64,
+    /// `None` when the error report could not be read.
+    #[serde(default)]
+    pub refused: Option<u64>,
+    /// The day's calls from outside the proxy, executed or refused, as
+    /// the reader reckoned them from both reports.
+    #[serde(default)]
+    pub foreign: Option<u64>,
     pub read_at: DateTime<Utc>,
 }
 

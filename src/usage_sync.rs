@@ -24,6 +24,7 @@ use tower::ServiceExt;
 use tower::util::BoxCloneSyncService;
 
 use crate::admission::Admission;
+use crate::admission::foreign::Reading;
 use crate::admission::shared::SharedLimits;
 use crate::auth::Caller;
 use crate::error::ProxyError;
@@ -36,6 +37,10 @@ use crate::upstream::UpstreamError;
 
 /// Where Marketo reports today's usage.
 const USAGE_PATH: &str = "/rest/v1/stats/usage.json";
+/// Where Marketo reports today's errors, by code.
+const ERRORS_PATH: &str = "/rest/v1/stats/errors.json";
+/// The refusals of its window and concurrency limits.
+const REFUSALS: [&str; 2] = ["606", "615"];
 
 /// Why the usage report could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +98,64 @@ struct UsageDay {
     total: u64,
 }
 
+#[derive(Deserialize)]
+struct ErrorsAnswer {
+    success: bool,
+    #[serde(default)]
+    result: Vec<ErrorsDay>,
+}
+
+#[derive(Deserialize)]
+struct ErrorsDay {
+    date: String,
+    #[serde(default)]
+    errors: Vec<ErrorCount>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ErrorCount {
+    /// A string in Marketo's examples; a number is taken too.
+    error_code: serde_json::Value,
+    count: u64,
+}
+
+impl ErrorCount {
+    fn is_refusal(&self) -> bool {
+        let code = match &self.error_code {
+            serde_json::Value::String(code) => code.clone(),
+            other => other.to_string(),
+        };
+        REFUSALS.contains(&code.as_str())
+    }
+}
+
+/// Marketo's count of `date`'s refusals for its window and concurrency.
+fn refusals(body: &[u8], date: NaiveDate) -> Result<u64, SyncError> {
+    let answer: ErrorsAnswer = serde_json::from_slice(body).map_err(|_| SyncError::Unexpected)?;
+    if !answer.success {
+        return Err(SyncError::Unexpected);
+    }
+    // No errors yet today: no entry for today, or none at all.
+    let Some(today) = answer.result.first() else {
+        return Ok(0);
+    };
+    if report_date(&today.date) != Some(date) {
+        return Err(SyncError::Unexpected);
+    }
+    Ok(today
+        .errors
+        .iter()
+        .filter(|error| error.is_refusal())
+        .map(|error| error.count)
+        .sum())
+}
+
+/// The date a report gives, sometimes with a time after it.
+fn report_date(date: &str) -> Option<NaiveDate> {
+    date.get(..10).and_then(|date| date.parse().ok())
+}
+
 impl UsageSync {
     pub fn new(
         forward: Forward,
@@ -139,50 +202,90 @@ impl UsageSync {
         }
     }
 
-    /// Reads Marketo's count for today and applies it.
+    /// Reads Marketo's counts for today and applies them.
     pub async fn reconcile(&self) -> Result<MarketoUsage, SyncError> {
-        let body = self.get(USAGE_PATH).await.map_err(SyncError::Call)?;
+        let (body, own) = self.get(USAGE_PATH).await.map_err(SyncError::Call)?;
         let answer: UsageAnswer = serde_json::from_slice(&body).map_err(|_| SyncError::Unexpected)?;
         if !answer.success {
             return Err(SyncError::Unexpected);
         }
         let today = answer.result.first().ok_or(SyncError::Unexpected)?;
-        // Marketo writes a date, sometimes with a time after it.
-        let date: NaiveDate = today
-            .date
-            .get(..10)
-            .and_then(|date| date.parse().ok())
-            .ok_or(SyncError::Unexpected)?;
+        let date = report_date(&today.date).ok_or(SyncError::Unexpected)?;
+        let read_at = Utc::now();
+        // Taken at once, while the proxy's own count is the one Marketo's
+        // total was counted against.
+        let counts = self.take_total(date, today.total, own).await;
+        // After the usage report, so that a day Marketo counts as spent
+        // does not spend a call on it.
+        let errors = self.get(ERRORS_PATH).await.map_err(SyncError::Call);
+        let refused = match errors.and_then(|(body, _)| refusals(&body, date)) {
+            Ok(refused) => Some(refused),
+            Err(error) => {
+                tracing::warn!(
+                    %error,
+                    "cannot read Marketo's error report: calls from outside the proxy that Marketo \
+                     refused go uncounted"
+                );
+                None
+            }
+        };
+        let foreign = counts.map(|(executed, own_refusals)| {
+            executed + refused.map_or(0, |refused| refused.saturating_sub(own_refusals))
+        });
         let usage = MarketoUsage {
             date,
             total: today.total,
-            read_at: Utc::now(),
+            refused,
+            foreign,
+            read_at,
         };
-        self.apply(&usage).await;
+        self.observe(&usage);
         Ok(usage)
     }
 
     /// Takes Marketo's count of today's calls into the quota, here and in
-    /// the state shared with the other replicas.
-    async fn apply(&self, usage: &MarketoUsage) {
-        self.apply_here(usage);
-        if let Some(limits) = &self.limits {
-            if self.admission.day() == usage.date {
-                limits.reconcile(usage.date, usage.total).await;
-            }
+    /// the state shared with the other replicas. Answers, for today, the
+    /// calls from outside the proxy it shows and the proxy's calls Marketo
+    /// refused (every replica's, with Redis). `own` is the proxy's count
+    /// when the report was asked for.
+    async fn take_total(&self, date: NaiveDate, total: u64, own: Option<u64>) -> Option<(u64, u64)> {
+        if self.admission.day() != date {
+            return None;
         }
+        self.admission.reconcile(total, own);
+        let here = self.admission.foreign_today();
+        let shared = match &self.limits {
+            Some(limits) => limits.reconcile(date, total).await,
+            None => None,
+        };
+        Some(shared.unwrap_or(here))
     }
 
+    /// Takes the usage another replica read and published.
     fn apply_here(&self, usage: &MarketoUsage) {
         if self.admission.day() == usage.date {
-            self.admission.reconcile(usage.total);
+            self.admission.reconcile(usage.total, None);
+        }
+        self.observe(usage);
+    }
+
+    /// Keeps the part of the window that others' calls take free (see
+    /// [`crate::admission::foreign`]), and the report for `/usage`.
+    fn observe(&self, usage: &MarketoUsage) {
+        if let (true, Some(foreign)) = (self.admission.day() == usage.date, usage.foreign) {
+            self.admission.observe_foreign(Reading {
+                date: usage.date,
+                at: usage.read_at,
+                foreign,
+            });
         }
         self.reported.set(usage.clone());
     }
 
     /// One GET as the proxy itself: admitted, counted and replayed like
-    /// any call. Returns the answer's body.
-    async fn get(&self, path: &str) -> Result<Bytes, ProxyError> {
+    /// any call. Returns the answer's body, and this replica's calls today
+    /// when it was sent, itself included (unless it was not sent).
+    async fn get(&self, path: &str) -> Result<(Bytes, Option<u64>), ProxyError> {
         let mut request = Request::new(Bytes::new());
         *request.method_mut() = Method::GET;
         request
@@ -193,6 +296,7 @@ impl UsageSync {
         extensions.insert(self.caller.clone());
         extensions.insert(Deadline::after(Instant::now(), self.max_wait));
         let admitted = self.forward.clone().oneshot(Call::from_request(request)?).await?;
+        let own = admitted.slot.as_ref().map(|slot| slot.day_count());
         let body = admitted
             .answer
             .body
@@ -201,7 +305,7 @@ impl UsageSync {
             .await
             .map_err(|error| ProxyError::Upstream(UpstreamError::Stream(error)))?
             .to_bytes();
-        Ok(body)
+        Ok((body, own))
     }
 
     /// Reconciles at start and every `interval` after, for as long as it
@@ -237,6 +341,9 @@ impl UsageSync {
             if let Some(first) = first.take() {
                 let _ = first.send(reconciled);
             }
+            // A whole interval from now: a reading that waited for a slot
+            // is not followed by another at once.
+            ticks.reset();
         }
     }
 }

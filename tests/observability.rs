@@ -275,7 +275,8 @@ async fn with_the_ledger_lost_the_first_call_waits_for_marketos_usage_report() {
     let body: Value = answer.json().await.unwrap();
     assert_eq!(body["errors"][0]["code"], "607", "{body}");
     assert!(retry_after.is_some());
-    // Refused by the proxy: Marketo saw the usage call and nothing else.
+    // Refused by the proxy: Marketo saw the usage call and nothing else
+    // (the error report's call after it was refused by the proxy too).
     let targets: Vec<String> = sim
         .stats()
         .arrivals
@@ -308,15 +309,17 @@ async fn marketo_counting_more_calls_shrinks_the_remaining_quota() {
         }
     })
     .await;
-    // Marketo counted its 600 and the usage call itself (which the proxy
-    // counted too, under its own name).
+    // Marketo counted its 600 and the usage call itself; the proxy counted
+    // that and the error report's call after it, under its own name.
     assert_eq!(today["marketo_reported"]["total"], 601, "{today}");
-    assert_eq!(today["proxy_used"], 1);
+    assert_eq!(today["marketo_reported"]["refused"], 0, "{today}");
+    assert_eq!(today["marketo_reported"]["foreign"], 600, "{today}");
+    assert_eq!(today["proxy_used"], 2);
     assert_eq!(today["outside_proxy"], 600);
-    assert_eq!(today["remaining"], 1000 - 601);
+    assert_eq!(today["remaining"], 1000 - 602);
     let proxy_lane = today["services"].as_array().unwrap().last().unwrap().clone();
     assert_eq!(proxy_lane["name"], "marketo-proxy");
-    assert_eq!(proxy_lane["used"], 1);
+    assert_eq!(proxy_lane["used"], 2);
 }
 
 /// The process collector's families, with their types, as `/metrics`

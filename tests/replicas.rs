@@ -292,6 +292,62 @@ async fn one_replica_reads_marketos_usage_report_for_all_of_them() {
     assert_eq!(usage_calls(), 1, "the others took the report from Redis");
 }
 
+/// Another integration calls once a second. The replica that reads
+/// Marketo's reports publishes what they show, and every replica keeps
+/// the same 20 calls of each 20 s window free for it; both reports are
+/// read once per interval, however many replicas there are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_replica_keeps_free_the_part_of_the_window_marketos_reports_show() {
+    let redis = RedisServer::start();
+    let sim = Simulator::spawn(support::sim_config()).await.unwrap();
+    let config = || {
+        let mut config = slow_config(&sim.url(), &redis.url(), "reports");
+        config.state.usage_sync_interval = Duration::from_secs(10);
+        config
+    };
+    let simulator = sim.simulator().clone();
+    let other = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            simulator.add_foreign_usage("other@example.com", 1);
+        }
+    });
+    let replicas = [
+        app::spawn(config()).await.unwrap(),
+        app::spawn(config()).await.unwrap(),
+    ];
+    for replica in &replicas {
+        let kept = support::eventually(Duration::from_secs(50), async || {
+            let usage = support::usage(&replica.admin_url()).await;
+            match usage["window"]["kept_free"].as_u64() {
+                Some(kept) if kept > 0 => Ok(kept),
+                _ => Err(usage),
+            }
+        })
+        .await;
+        assert!((18..=22).contains(&kept), "{kept} calls a window kept free");
+        let usage = support::usage(&replica.admin_url()).await;
+        assert_eq!(usage["window"]["limit"], 100 - kept, "{usage}");
+    }
+    other.abort();
+    let reads = |path: &str| {
+        let arrivals = sim.stats().arrivals;
+        arrivals
+            .iter()
+            .filter(|arrival| arrival.target.starts_with(path))
+            .count()
+    };
+    let (usage_reads, error_reads) = (
+        reads("/rest/v1/stats/usage.json"),
+        reads("/rest/v1/stats/errors.json"),
+    );
+    assert!(
+        usage_reads <= 6 && error_reads <= usage_reads,
+        "{usage_reads} usage and {error_reads} error reports read"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_share_the_limits_through_redis_over_tls_with_an_acl_user() {
     let pki = support::tls::Pki::new();

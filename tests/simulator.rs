@@ -366,6 +366,42 @@ async fn call_beyond_window_limit_gets_606_until_the_window_passes() {
     assert_eq!(stats.ok, 103);
 }
 
+#[tokio::test]
+async fn errors_report_counts_the_days_refusals_by_code_and_usage_only_executed_calls() {
+    let window = Duration::from_secs(1);
+    let harness = Harness::start(SimConfig {
+        window_calls: 3,
+        window,
+        ..quick_config()
+    })
+    .await;
+    let token = harness.token().await;
+    let none = harness.get("/rest/v1/stats/errors.json", &token).await;
+    assert_eq!(none["result"][0]["total"], 0, "{none}");
+    assert_eq!(none["result"][0]["errors"], json!([]), "{none}");
+
+    // The errors call above took one of the 3 slots: two more execute,
+    // two are refused.
+    let codes: Vec<String> = futures_util::future::join_all((0..4).map(|_| harness.get(LEAD_ONE, &token)))
+        .await
+        .iter()
+        .map(|body| code(body).to_owned())
+        .collect();
+    assert_eq!(codes.iter().filter(|code| *code == "606").count(), 2, "{codes:?}");
+    tokio::time::sleep(window + Duration::from_millis(50)).await;
+    let errors = harness.get("/rest/v1/stats/errors.json", &token).await;
+    let usage = harness.get("/rest/v1/stats/usage.json", &token).await;
+
+    let today = &errors["result"][0];
+    assert_eq!(today["date"], usage["result"][0]["date"]);
+    assert_eq!(today["total"], 2, "{errors}");
+    assert_eq!(today["errors"], json!([{"errorCode": "606", "count": 2}]));
+    assert_eq!(
+        usage["result"][0]["total"], 5,
+        "two error reports, two lead calls and the usage call: {usage}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eleventh_concurrent_call_gets_615_while_ten_succeed() {
     let harness = Harness::start(SimConfig {

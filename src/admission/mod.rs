@@ -22,6 +22,7 @@
 //! The same state tells each service where it stands ([`Standing`]), for
 //! the `RateLimit` fields of its answers.
 
+pub mod foreign;
 pub mod learn;
 pub mod marketo_clock;
 pub mod quota;
@@ -39,6 +40,7 @@ use tokio::time::Instant;
 use crate::config::{Config, INTERNAL_SERVICE, LimitsMode};
 use crate::metrics::Metrics;
 use crate::recent::{LastMinuteWaits, WaitCounts};
+use foreign::ForeignRate;
 use learn::{Episode, Learned};
 use marketo_clock::MarketoClock;
 use prometheus::IntGauge;
@@ -148,6 +150,9 @@ struct State {
     /// What Marketo's 606s and 615s leave of them (see [`learn`]).
     learned_window: Learned,
     learned_concurrency: Learned,
+    /// The calls of every window kept free for others, from Marketo's
+    /// reports (see [`foreign`]).
+    foreign: ForeignRate,
     /// The learned limits as last applied: window, concurrency.
     learned_limits: (u32, u32),
     /// The concurrency in force: the least of the share and the learned.
@@ -303,8 +308,11 @@ pub struct Snapshot {
     pub concurrency: u32,
     pub configured_window: u32,
     pub configured_concurrency: u32,
-    /// Calls from outside the proxy in Marketo's window, as its 606s show.
+    /// Calls from outside the proxy in Marketo's window, as its 606s and
+    /// its reports show.
     pub foreign_in_window: u32,
+    /// The part of them Marketo's reports show, kept free every window.
+    pub kept_free: u32,
     pub queued: usize,
     /// `enforce` or `observe`.
     pub mode: &'static str,
@@ -433,6 +441,7 @@ impl Admission {
             concurrency_share: limits.concurrency.get(),
             learned_window: Learned::window(limits.window_calls.get(), limits.window, limits.safety_margin),
             learned_concurrency: Learned::concurrency(limits.concurrency.get()),
+            foreign: ForeignRate::new(limits.window, limits.window_calls.get()),
             learned_limits: (limits.window_calls.get(), limits.concurrency.get()),
             concurrency: limits.concurrency.get(),
             in_flight: 0,
@@ -608,6 +617,7 @@ impl Admission {
             stamped: false,
             armed: true,
             fallbacks: state.fallbacks,
+            day_count: state.quota.own_total(),
         }
     }
 
@@ -781,6 +791,8 @@ impl Admission {
     pub fn refused(self: &Arc<Self>, limit: Refused, sent: Instant, instance_window: Option<u32>) {
         let mut state = self.lock();
         let now = Instant::now();
+        state.quota.roll((self.wall)());
+        state.quota.count_refusal();
         let (name, lowered) = match limit {
             Refused::Window => {
                 // The refused call's own slot is among the answered ones.
@@ -813,10 +825,7 @@ impl Admission {
     pub fn learned_limits(&self) -> (u32, u32) {
         let state = self.lock();
         let now = Instant::now();
-        (
-            state.learned_window.limit(now),
-            state.learned_concurrency.limit(now),
-        )
+        (state.learned_window(now), state.learned_concurrency.limit(now))
     }
 
     /// The last lowerings of the learned window and concurrency, to share
@@ -845,10 +854,7 @@ impl Admission {
     /// refusals left. Says in the log when a learned limit is back at the
     /// configured one.
     fn apply_limits(&self, state: &mut State, now: Instant) {
-        let learned = (
-            state.learned_window.limit(now),
-            state.learned_concurrency.limit(now),
-        );
+        let learned = (state.learned_window(now), state.learned_concurrency.limit(now));
         if learned != state.learned_limits {
             let ceilings = (
                 state.learned_window.ceiling(),
@@ -924,12 +930,39 @@ impl Admission {
         &self.spent_reported
     }
 
-    /// Marketo's own count of today's calls (its usage report).
-    pub fn reconcile(self: &Arc<Self>, marketo_total: u64) {
+    /// Marketo's reports read once: keeps the calls of every window that
+    /// others make free for them (see [`foreign`]).
+    pub fn observe_foreign(self: &Arc<Self>, reading: foreign::Reading) {
+        let mut state = self.lock();
+        let before = state.foreign.reserve();
+        let reserve = state.foreign.observe(reading);
+        if reserve != before {
+            tracing::info!(
+                from = before,
+                to = reserve,
+                "Marketo's reports show {reserve} calls a window from outside the proxy: \
+                 the proxy keeps them free"
+            );
+            self.pump(&mut state);
+        }
+    }
+
+    /// Marketo's own count of today's calls (its usage report), taken
+    /// when the proxy had made `own` of them (all it has made now, if
+    /// `None`).
+    pub fn reconcile(self: &Arc<Self>, marketo_total: u64, own: Option<u64>) {
         let mut state = self.lock();
         state.quota.roll((self.wall)());
-        state.quota.reconcile(marketo_total);
+        state.quota.reconcile(marketo_total, own);
         self.pump(&mut state);
+    }
+
+    /// Today's calls from outside the proxy as Marketo's usage report
+    /// showed them last, and the proxy's calls Marketo refused today.
+    pub fn foreign_today(&self) -> (u64, u64) {
+        let mut state = self.lock();
+        state.quota.roll((self.wall)());
+        (state.quota.foreign(), state.quota.refused())
     }
 
     /// Today's counts per service and the calls from outside the proxy.
@@ -1029,7 +1062,8 @@ impl Admission {
             concurrency: state.concurrency,
             configured_window: state.full_window,
             configured_concurrency: state.full_concurrency,
-            foreign_in_window: state.full_window.saturating_sub(state.learned_window.limit(now)),
+            foreign_in_window: state.full_window.saturating_sub(state.learned_window(now)),
+            kept_free: state.foreign.reserve(),
             queued: state.queued,
             mode: if self.observe { "observe" } else { "enforce" },
             services,
@@ -1130,6 +1164,7 @@ impl Admission {
                 stamped: false,
                 armed: true,
                 fallbacks: state.fallbacks,
+                day_count: state.quota.own_total(),
             };
             if let Err(Ok(mut permit)) = waiter.reply.send(Ok(permit)) {
                 // The waiter left between the check and the send: the call
@@ -1264,6 +1299,13 @@ impl Admission {
 }
 
 impl State {
+    /// The window limit that calls the proxy cannot see leave it: what
+    /// Marketo's refusals leave, and no more than its reports leave.
+    fn learned_window(&self, now: Instant) -> u32 {
+        let reported = self.full_window - self.foreign.reserve();
+        self.learned_window.limit(now).min(reported)
+    }
+
     /// Today's tally of `service` (a new day starts them at 0).
     fn tally(&mut self, service: usize) -> &mut Tally {
         let day = self.quota.day();
@@ -1475,6 +1517,8 @@ pub struct Permit {
     armed: bool,
     /// This replica's fall backs to its share when the call was admitted.
     fallbacks: u64,
+    /// The proxy's calls today when this one was sent, itself included.
+    day_count: u64,
 }
 
 impl std::fmt::Debug for Permit {
@@ -1601,6 +1645,13 @@ pub struct Slot {
 impl Slot {
     pub fn new(permit: Permit, lease: Option<shared::Lease>) -> Self {
         Self { permit, lease }
+    }
+
+    /// This replica's calls today when this one was sent, itself
+    /// included: what Marketo had counted of them when it counted this
+    /// one, but for calls sent at the same moment.
+    pub fn day_count(&self) -> u64 {
+        self.permit.day_count
     }
 
     /// A slot in this replica's limits only.

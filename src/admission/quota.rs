@@ -50,6 +50,9 @@ pub struct DailyQuota {
     used: Vec<u64>,
     /// Calls Marketo counted today that did not go through this proxy.
     foreign: u64,
+    /// Calls of this proxy Marketo refused today for its window or
+    /// concurrency (606, 615): its error report counts them too.
+    refused: u64,
     /// Marketo answered 607: no call before this instant, whatever the
     /// counts say; then one probe, which moves it on again until its
     /// answer clears it.
@@ -88,6 +91,7 @@ impl DailyQuota {
             day: local_day(tz, now),
             used,
             foreign: 0,
+            refused: 0,
             spent_until: None,
             probe_after,
             share: None,
@@ -121,6 +125,7 @@ impl DailyQuota {
             self.day = today;
             self.used.iter_mut().for_each(|used| *used = 0);
             self.foreign = 0;
+            self.refused = 0;
             self.spent_until = None;
         }
     }
@@ -270,9 +275,15 @@ impl DailyQuota {
 
     /// Sets today's count of calls Marketo saw from outside this proxy,
     /// from its usage report (`total` for the day).
-    pub fn reconcile(&mut self, marketo_total: u64) {
-        let ours: u64 = self.used.iter().sum();
+    /// `own` is the proxy's count when Marketo took its total, if known.
+    pub fn reconcile(&mut self, marketo_total: u64, own: Option<u64>) {
+        let ours = own.unwrap_or_else(|| self.own_total());
         self.foreign = marketo_total.saturating_sub(ours);
+    }
+
+    /// The calls this proxy made today.
+    pub fn own_total(&self) -> u64 {
+        self.used.iter().sum()
     }
 
     /// Restores counts saved earlier today (after a restart).
@@ -287,6 +298,15 @@ impl DailyQuota {
 
     pub fn foreign(&self) -> u64 {
         self.foreign
+    }
+
+    /// Marketo refused one of today's calls for its window or concurrency.
+    pub fn count_refusal(&mut self) {
+        self.refused += 1;
+    }
+
+    pub fn refused(&self) -> u64 {
+        self.refused
     }
 
     /// The next local midnight, as an instant.
@@ -472,7 +492,7 @@ mod tests {
         let now = at("2026-11-28T12:00:00Z");
         let mut quota = quota(100, &[(100, 0)], now);
         quota.consume(0, now);
-        quota.reconcile(91);
+        quota.reconcile(91, None);
         assert_eq!(quota.foreign(), 90);
         assert_eq!(quota.remaining(), 9);
     }

@@ -269,14 +269,18 @@ return 1
 ";
 
 /// Takes Marketo's count of today's calls: what it counted beyond all
-/// replicas' calls came from outside.
+/// replicas' calls came from outside. Answers today's calls from outside
+/// and the replicas' calls Marketo refused today.
 const RECONCILE: &str = r"
 local total = tonumber(redis.call('HGET', KEYS[1], 'total') or '0')
 local foreign = math.max(0, tonumber(ARGV[1]) - total)
 local known = tonumber(redis.call('HGET', KEYS[1], 'foreign') or '0')
-if foreign > known then redis.call('HSET', KEYS[1], 'foreign', foreign) end
+if foreign > known then
+  redis.call('HSET', KEYS[1], 'foreign', foreign)
+  known = foreign
+end
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
-return 1
+return {known, tonumber(redis.call('HGET', KEYS[1], 'refused') or '0')}
 ";
 
 /// Takes or keeps the lock of the replica that reads Marketo's usage
@@ -908,13 +912,36 @@ impl SharedLimits {
     }
 
     /// Marketo's count of today's calls, shared with every replica.
-    pub async fn reconcile(&self, day: NaiveDate, marketo_total: u64) {
+    /// Answers today's calls from outside the proxy and the replicas'
+    /// calls Marketo refused today, unless Redis cannot say.
+    pub async fn reconcile(&self, day: NaiveDate, marketo_total: u64) -> Option<(u64, u64)> {
         let mut invocation = self.reconcile.prepare_invoke();
         invocation
             .key(self.day_key(day))
             .arg(marketo_total)
             .arg(DAY_TTL.as_secs());
-        let _ = self.call::<u8>(&invocation).await;
+        self.call::<(u64, u64)>(&invocation).await.ok()
+    }
+
+    /// Marketo refused a call of `day` for its window or concurrency: the
+    /// replicas count such refusals together, as its error report does.
+    pub async fn count_refusal(&self, day: NaiveDate) {
+        let Ok(mut connection) = self.connection().await else {
+            return;
+        };
+        let _ = tokio::time::timeout(
+            REDIS_TIMEOUT,
+            redis::pipe()
+                .hincr(self.day_key(day), "refused", 1)
+                .ignore()
+                .expire(
+                    self.day_key(day),
+                    i64::try_from(DAY_TTL.as_secs()).unwrap_or(i64::MAX),
+                )
+                .ignore()
+                .query_async::<()>(&mut connection),
+        )
+        .await;
     }
 
     /// Whether this replica reads Marketo's usage report for every
@@ -1369,7 +1396,7 @@ impl Drop for Lease {
 
 /// A service's field in the day hash. Service names hold no `:`, so no
 /// service's field can be one of the hash's own (`total`, `foreign`,
-/// `spent`).
+/// `refused`, `spent`).
 fn day_field(service: &str) -> String {
     format!("service:{service}")
 }

@@ -535,6 +535,18 @@ impl Simulator {
                     json!([{"date": day.to_string(), "total": total, "users": users}]),
                 ));
             }
+            (&Method::GET, ["rest", "v1", "stats", "errors.json"]) => {
+                drop(inner);
+                let (day, errors) = self.state.errors_today();
+                let total: u64 = errors.values().sum();
+                let errors: Vec<Value> = errors
+                    .iter()
+                    .map(|(code, count)| json!({"errorCode": code, "count": count}))
+                    .collect();
+                return Routed::Json(Ok(
+                    json!([{"date": day.to_string(), "total": total, "errors": errors}]),
+                ));
+            }
             _ => Err((code::NOT_FOUND, "Requested resource not found".to_owned())),
         };
         Routed::Json(answer)

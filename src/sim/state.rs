@@ -39,6 +39,8 @@ pub(crate) struct Inner {
     day: NaiveDate,
     used_today: u64,
     users_today: BTreeMap<String, u64>,
+    /// Today's refusals by error code, for `/rest/v1/stats/errors.json`.
+    errors_today: BTreeMap<&'static str, u64>,
     pub faults: FaultState,
     pub stats: Stats,
     pub leads: LeadStore,
@@ -56,6 +58,7 @@ impl Inner {
             self.day = today;
             self.used_today = 0;
             self.users_today.clear();
+            self.errors_today.clear();
         }
     }
 }
@@ -236,6 +239,7 @@ impl State {
                 day,
                 used_today: 0,
                 users_today: BTreeMap::new(),
+                errors_today: BTreeMap::new(),
                 faults: FaultState::default(),
                 stats: Stats::default(),
                 leads,
@@ -348,24 +352,28 @@ impl State {
         let offered = count(inner.offered.len());
         inner.stats.max_in_window = inner.stats.max_in_window.max(offered);
         inner.stats.max_in_flight = inner.stats.max_in_flight.max(inner.in_flight + 1);
-        if inner.in_flight >= config.concurrency {
-            return Admission::Rejected(
+        let refusal = if inner.in_flight >= config.concurrency {
+            Some((
                 code::CONCURRENCY_LIMITED,
-                "Concurrent access limit reached".into(),
-            );
-        }
-        if inner.window.len() >= config.window_calls as usize {
-            return Admission::Rejected(
+                "Concurrent access limit reached".to_owned(),
+            ))
+        } else if inner.window.len() >= config.window_calls as usize {
+            Some((
                 code::RATE_LIMITED,
                 format!(
                     "Max rate limit '{}' exceeded with in '{}' secs",
                     config.window_calls,
                     config.window.as_secs()
                 ),
-            );
-        }
-        if inner.used_today >= config.daily_quota {
-            return Admission::Rejected(code::QUOTA_REACHED, "Daily quota reached".into());
+            ))
+        } else if inner.used_today >= config.daily_quota {
+            Some((code::QUOTA_REACHED, "Daily quota reached".to_owned()))
+        } else {
+            None
+        };
+        if let Some((code, message)) = refusal {
+            *inner.errors_today.entry(code).or_default() += 1;
+            return Admission::Rejected(code, message);
         }
         inner.window.push_back(now);
         inner.in_flight += 1;
@@ -406,6 +414,13 @@ impl State {
         let mut inner = self.lock();
         inner.roll_day(today(&self.config));
         (inner.day, inner.used_today, inner.users_today.clone())
+    }
+
+    /// Today's refusals by error code, for `/rest/v1/stats/errors.json`.
+    pub fn errors_today(&self) -> (NaiveDate, BTreeMap<&'static str, u64>) {
+        let mut inner = self.lock();
+        inner.roll_day(today(&self.config));
+        (inner.day, inner.errors_today.clone())
     }
 
     /// Adds calls to today's usage as if another integration had made them.
