@@ -152,6 +152,20 @@ async fn load_through(
     tasks.join_all().await.into_iter().flatten().collect()
 }
 
+/// Every request got Marketo's success through the proxy.
+fn all_succeeded(answers: &[(u16, bool)]) {
+    let failed: Vec<_> = answers
+        .iter()
+        .filter(|(status, ok)| *status != 200 || !ok)
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed: {failed:?}",
+        failed.len(),
+        answers.len()
+    );
+}
+
 /// The proxy's calls as the simulator saw them.
 fn proxy_calls(sim: &SimHandle) -> Vec<Arrival> {
     let proxy_user = SimClient::demo().user;
@@ -214,11 +228,7 @@ async fn a_foreign_burst_costs_a_few_refusals_and_no_request() {
     assert!(lowered <= 50, "the window in force fell only to {lowered}");
 
     assert_eq!(answers.len(), 250);
-    let failed: Vec<_> = answers
-        .iter()
-        .filter(|(status, ok)| *status != 200 || !ok)
-        .collect();
-    assert!(failed.is_empty(), "{} of 250 failed: {failed:?}", failed.len());
+    all_succeeded(&answers);
     let calls = proxy_calls(&stack.sim);
     assert!(
         refusals(&calls) <= 10,
@@ -267,16 +277,7 @@ async fn a_steady_foreign_trickle_leaves_the_proxy_near_the_rest_of_the_window()
     let answers = load(&stack, u32::MAX, 20, until).await;
     trickle.await.unwrap();
 
-    let failed: Vec<_> = answers
-        .iter()
-        .filter(|(status, ok)| *status != 200 || !ok)
-        .collect();
-    assert!(
-        failed.is_empty(),
-        "{} of {} failed: {failed:?}",
-        failed.len(),
-        answers.len()
-    );
+    all_succeeded(&answers);
     let calls = proxy_calls(&stack.sim);
     let refused: Vec<f64> = calls
         .iter()
@@ -365,16 +366,7 @@ async fn marketo_reports_of_a_steady_foreign_trickle_keep_its_part_of_the_window
     // The vendor's 10 calls a second are 20 a window.
     assert!((18..=22).contains(&kept), "{kept} calls a window kept free");
 
-    let failed: Vec<_> = answers
-        .iter()
-        .filter(|(status, ok)| *status != 200 || !ok)
-        .collect();
-    assert!(
-        failed.is_empty(),
-        "{} of {} failed: {failed:?}",
-        failed.len(),
-        answers.len()
-    );
+    all_succeeded(&answers);
     // The last 25 s, once the part is kept: the proxy near the 80 the
     // vendor leaves (a little below while other tests share the CPU), the
     // vendor's calls executed, nearly all, and Marketo refusing the proxy
