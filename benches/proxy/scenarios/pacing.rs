@@ -6,7 +6,9 @@
 //!
 //! Then the same load again while a vendor's tool calls the simulator
 //! directly, a fifth of the window at a steady pace: what the proxy gets
-//! of the rest, and how often Marketo refuses it. And once more with calls
+//! of the rest, how often Marketo refuses it, and how much of the vendor's
+//! calls it executes; without Marketo's usage and error reports, and with
+//! them read every 10 s for three times as long. And once more with calls
 //! as slow and uneven as Marketo's (500 ± 300 ms, every tenth 3 s): when
 //! the third batch of a window's calls starts, against the two windows
 //! and margins that are the least it could be.
