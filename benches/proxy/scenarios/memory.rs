@@ -82,7 +82,10 @@ async fn run_transport(transport: Transport, queued: usize) -> Verdict {
          limits:\n  window_calls: 1000000\n  window: 1s\n  safety_margin: 0s\n  concurrency: 1\n  \
          daily_quota: 1000000000\n  max_queue_wait: 1h\n  max_queue_length: {}\n\
          services:\n  - {{ name: bench, api_key: {API_KEY} }}\n\
-         state: {{ file: ~, usage_sync_interval: 0s }}\n",
+         state: {{ file: ~, usage_sync_interval: 0s }}\n\
+         server: {{ max_connections: {} }}\n",
+        queued * 2,
+        // One connection per queued request over HTTP/1.1, and the blocker.
         queued * 2
     );
     let mut proxy = start_proxy(dir.path(), "proxy", &config, admin_addr).await;
