@@ -23,9 +23,9 @@ use tokio::time::Instant;
 use tower::ServiceExt;
 use tower::util::BoxCloneSyncService;
 
-use crate::admission::Admission;
 use crate::admission::foreign::Reading;
 use crate::admission::shared::SharedLimits;
+use crate::admission::{Admission, Slot};
 use crate::auth::Caller;
 use crate::error::ProxyError;
 use crate::marketo::MarketoUsage;
@@ -85,24 +85,28 @@ pub struct UsageSync {
     probe_after: Duration,
 }
 
+/// One of Marketo's reports: days, today's first.
 #[derive(Deserialize)]
-struct UsageAnswer {
+struct Report<Day> {
     success: bool,
-    #[serde(default)]
-    result: Vec<UsageDay>,
+    #[serde(default = "Vec::new")]
+    result: Vec<Day>,
+}
+
+impl<Day: serde::de::DeserializeOwned> Report<Day> {
+    /// The report's days, if Marketo answered with one.
+    fn days(body: &[u8]) -> Result<Vec<Day>, SyncError> {
+        match serde_json::from_slice::<Self>(body) {
+            Ok(report) if report.success => Ok(report.result),
+            _ => Err(SyncError::Unexpected),
+        }
+    }
 }
 
 #[derive(Deserialize)]
 struct UsageDay {
     date: String,
     total: u64,
-}
-
-#[derive(Deserialize)]
-struct ErrorsAnswer {
-    success: bool,
-    #[serde(default)]
-    result: Vec<ErrorsDay>,
 }
 
 #[derive(Deserialize)]
@@ -122,22 +126,17 @@ struct ErrorCount {
 
 impl ErrorCount {
     fn is_refusal(&self) -> bool {
-        let code = match &self.error_code {
-            serde_json::Value::String(code) => code.clone(),
-            other => other.to_string(),
-        };
-        REFUSALS.contains(&code.as_str())
+        match &self.error_code {
+            serde_json::Value::String(code) => REFUSALS.contains(&code.as_str()),
+            other => REFUSALS.contains(&other.to_string().as_str()),
+        }
     }
 }
 
 /// Marketo's count of `date`'s refusals for its window and concurrency.
 fn refusals(body: &[u8], date: NaiveDate) -> Result<u64, SyncError> {
-    let answer: ErrorsAnswer = serde_json::from_slice(body).map_err(|_| SyncError::Unexpected)?;
-    if !answer.success {
-        return Err(SyncError::Unexpected);
-    }
     // No errors yet today: no entry for today, or none at all.
-    let Some(today) = answer.result.first() else {
+    let Some(today) = Report::<ErrorsDay>::days(body)?.into_iter().next() else {
         return Ok(0);
     };
     if report_date(&today.date) != Some(date) {
@@ -205,11 +204,8 @@ impl UsageSync {
     /// Reads Marketo's counts for today and applies them.
     pub async fn reconcile(&self) -> Result<MarketoUsage, SyncError> {
         let (body, own) = self.get(USAGE_PATH).await.map_err(SyncError::Call)?;
-        let answer: UsageAnswer = serde_json::from_slice(&body).map_err(|_| SyncError::Unexpected)?;
-        if !answer.success {
-            return Err(SyncError::Unexpected);
-        }
-        let today = answer.result.first().ok_or(SyncError::Unexpected)?;
+        let days = Report::<UsageDay>::days(&body)?;
+        let today = days.first().ok_or(SyncError::Unexpected)?;
         let date = report_date(&today.date).ok_or(SyncError::Unexpected)?;
         let read_at = Utc::now();
         // Taken at once, while the proxy's own count is the one Marketo's
@@ -296,7 +292,7 @@ impl UsageSync {
         extensions.insert(self.caller.clone());
         extensions.insert(Deadline::after(Instant::now(), self.max_wait));
         let admitted = self.forward.clone().oneshot(Call::from_request(request)?).await?;
-        let own = admitted.slot.as_ref().map(|slot| slot.day_count());
+        let own = admitted.slot.as_ref().and_then(Slot::day_count);
         let body = admitted
             .answer
             .body

@@ -608,16 +608,31 @@ impl Admission {
             .with_label_values(&[self.name(service)])
             .observe(0.0);
         self.publish(state);
+        self.permit(state, service, now, wall, Duration::ZERO)
+    }
+
+    /// The permit of a call of `service` dispatched at `now`, after
+    /// `queue_wait` in its queue.
+    fn permit(
+        self: &Arc<Self>,
+        state: &State,
+        service: usize,
+        now: Instant,
+        wall: DateTime<Utc>,
+        queue_wait: Duration,
+    ) -> Permit {
         Permit {
             admission: Arc::clone(self),
             service,
             sent_at: now,
             sent_wall: wall.timestamp_millis(),
-            queue_wait: Duration::ZERO,
+            queue_wait,
             stamped: false,
             armed: true,
             fallbacks: state.fallbacks,
-            day_count: state.quota.own_total(),
+            // Only the proxy's own calls (its reading of Marketo's usage
+            // report) need it.
+            day_count: (service == self.internal_service()).then(|| state.quota.own_total()),
         }
     }
 
@@ -1155,17 +1170,7 @@ impl Admission {
                 .observe(wait.as_secs_f64());
             let second = state.second(now);
             state.lanes[service].waits.observe(second, wait);
-            let permit = Permit {
-                admission: Arc::clone(self),
-                service,
-                sent_at: now,
-                sent_wall: wall.timestamp_millis(),
-                queue_wait: now.saturating_duration_since(waiter.enqueued),
-                stamped: false,
-                armed: true,
-                fallbacks: state.fallbacks,
-                day_count: state.quota.own_total(),
-            };
+            let permit = self.permit(state, service, now, wall, wait);
             if let Err(Ok(mut permit)) = waiter.reply.send(Ok(permit)) {
                 // The waiter left between the check and the send: the call
                 // was never made, so give everything back here, under the
@@ -1517,8 +1522,9 @@ pub struct Permit {
     armed: bool,
     /// This replica's fall backs to its share when the call was admitted.
     fallbacks: u64,
-    /// The proxy's calls today when this one was sent, itself included.
-    day_count: u64,
+    /// The proxy's calls today when this one was sent, itself included;
+    /// for the proxy's own calls only.
+    day_count: Option<u64>,
 }
 
 impl std::fmt::Debug for Permit {
@@ -1649,8 +1655,9 @@ impl Slot {
 
     /// This replica's calls today when this one was sent, itself
     /// included: what Marketo had counted of them when it counted this
-    /// one, but for calls sent at the same moment.
-    pub fn day_count(&self) -> u64 {
+    /// one, but for calls sent at the same moment. Known for the proxy's
+    /// own calls only.
+    pub fn day_count(&self) -> Option<u64> {
         self.permit.day_count
     }
 
@@ -1659,13 +1666,13 @@ impl Slot {
         Self { permit, lease: None }
     }
 
-    /// Whether this call probes, for every replica, whether Marketo's day
-    /// is spent after its 607.
     /// When the call was sent.
     pub fn sent_at(&self) -> Instant {
         self.permit.sent_at()
     }
 
+    /// Whether this call probes, for every replica, whether Marketo's day
+    /// is spent after its 607.
     pub fn is_shared_probe(&self) -> bool {
         self.lease.as_ref().is_some_and(shared::Lease::is_probe)
     }
