@@ -133,12 +133,16 @@ if spent > 0 then return reply(1, 'probe', 0) end
 return reply(1, 'ok', 0)
 ";
 
-/// Keeps the latest lowering of each learned limit (see
-/// [`super::learn`]), so that what one replica learns from Marketo's
-/// refusals holds for all. KEYS: learned. ARGV: for the window, then the
-/// concurrency: floor, when it was lowered (Redis ms; 0: never), hold ms;
-/// then the hash's lifetime in ms. Answers the hash.
+/// Counts a refusal of Marketo's in the day hash (its error report counts
+/// every replica's), and keeps the latest lowering of each learned limit
+/// (see [`super::learn`]), so that what one replica learns from Marketo's
+/// refusals holds for all. KEYS: learned, day. ARGV: for the window, then
+/// the concurrency: floor, when it was lowered (Redis ms; 0: never), hold
+/// ms; then the hash's lifetime in ms, the day hash's in seconds. Answers
+/// the learned hash.
 const LEARN: &str = r"
+redis.call('HINCRBY', KEYS[2], 'refused', 1)
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[8]))
 local changed = false
 for i, kind in ipairs({'window', 'concurrency'}) do
   local floor, at = tonumber(ARGV[3 * i - 2]), tonumber(ARGV[3 * i - 1])
@@ -711,14 +715,18 @@ impl SharedLimits {
             .key(self.key("learned"));
     }
 
-    /// Shares what Marketo's refusals taught this replica (see
-    /// [`super::learn`]) and takes what the others learned meanwhile.
-    pub async fn share_learned(&self, admission: &Arc<Admission>) {
+    /// Marketo refused a call for its window or concurrency: counts the
+    /// refusal with every replica's, as its error report does, shares what
+    /// it taught this replica (see [`super::learn`]) and takes what the
+    /// others learned meanwhile.
+    pub async fn refused(&self, admission: &Arc<Admission>) {
         if !self.is_up() {
             return;
         }
         let mut invocation = self.learn.prepare_invoke();
-        invocation.key(self.key("learned"));
+        invocation
+            .key(self.key("learned"))
+            .key(self.day_key(admission.day()));
         for episode in admission.learned_episodes() {
             match episode {
                 Some(episode) => invocation
@@ -728,7 +736,7 @@ impl SharedLimits {
                 None => invocation.arg(0).arg(0).arg(0),
             };
         }
-        invocation.arg(millis(LEARNED_TTL));
+        invocation.arg(millis(LEARNED_TTL)).arg(DAY_TTL.as_secs());
         if let Ok(fields) = self.call::<HashMap<String, i64>>(&invocation).await {
             self.adopt_learned(admission, &fields);
         }
@@ -921,27 +929,6 @@ impl SharedLimits {
             .arg(marketo_total)
             .arg(DAY_TTL.as_secs());
         self.call::<(u64, u64)>(&invocation).await.ok()
-    }
-
-    /// Marketo refused a call of `day` for its window or concurrency: the
-    /// replicas count such refusals together, as its error report does.
-    pub async fn count_refusal(&self, day: NaiveDate) {
-        let Ok(mut connection) = self.connection().await else {
-            return;
-        };
-        let _ = tokio::time::timeout(
-            REDIS_TIMEOUT,
-            redis::pipe()
-                .hincr(self.day_key(day), "refused", 1)
-                .ignore()
-                .expire(
-                    self.day_key(day),
-                    i64::try_from(DAY_TTL.as_secs()).unwrap_or(i64::MAX),
-                )
-                .ignore()
-                .query_async::<()>(&mut connection),
-        )
-        .await;
     }
 
     /// Whether this replica reads Marketo's usage report for every
@@ -1401,7 +1388,8 @@ fn day_field(service: &str) -> String {
     format!("service:{service}")
 }
 
-fn call_id() -> String {
+/// An id unique across replicas.
+pub(crate) fn call_id() -> String {
     format!("{:032x}", rand::random::<u128>())
 }
 
@@ -1409,7 +1397,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn millis(duration: Duration) -> u64 {
+pub(crate) fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 

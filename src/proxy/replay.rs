@@ -358,10 +358,7 @@ impl ReplayLayer {
         self.admission.refused(limit, sent, instance_window);
         if let Some(limits) = self.limits.clone() {
             let admission = Arc::clone(&self.admission);
-            tokio::spawn(async move {
-                limits.count_refusal(admission.day()).await;
-                limits.share_learned(&admission).await;
-            });
+            tokio::spawn(async move { limits.refused(&admission).await });
         }
         if limit == Refused::Concurrency {
             self.admission.pause(PAUSE_AFTER_615);
