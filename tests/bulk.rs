@@ -188,14 +188,6 @@ async fn fifteen_exports_at_once(sim: &SimHandle, proxies: &[String]) {
     assert_eq!(queue.completed, 15);
     assert!(queue.max_processing <= 2, "{queue:?}");
     assert!(queue.max_in_queue <= 10, "{queue:?}");
-    assert!(
-        queue
-            .samples
-            .iter()
-            .all(|sample| sample.processing <= 2 && sample.queued + sample.processing <= 10),
-        "{:?}",
-        queue.samples
-    );
     assert_eq!(queue.max_in_queue, 10, "the queue was used to the full");
 }
 

@@ -42,7 +42,7 @@ use super::endpoint::{
     EXPORT_QUOTA_MESSAGE, Endpoint, JobState, Kind, Op, Queue, TOO_MANY_IMPORTS, list_path, status_path,
 };
 use super::shared::{Seen, SharedBulk};
-use crate::admission::shared::SharedLimits;
+use crate::admission::shared::{SharedLimits, call_id};
 use crate::config::Config;
 use crate::marketo::code;
 use crate::metrics::Metrics;
@@ -170,6 +170,9 @@ impl BulkJobs {
     pub fn new(config: &Config, metrics: Metrics, redis: Option<Arc<SharedLimits>>) -> Arc<Self> {
         let names = config.counted_names();
         let bulk = &config.bulk;
+        let fallback_replicas = redis
+            .as_ref()
+            .map_or(1, |redis| redis.fallback_replicas() as usize);
         let shared = redis.map(|redis| SharedBulk::new(config, redis));
         let line = || Line {
             held: HashSet::new(),
@@ -207,11 +210,7 @@ impl BulkJobs {
             metrics,
             wake_poller: Notify::new(),
             shared,
-            fallback_replicas: config
-                .state
-                .redis
-                .as_ref()
-                .map_or(1, |redis| redis.fallback_replicas.get() as usize),
+            fallback_replicas,
             wake_shared: Notify::new(),
         });
         // Every service's series exists from the start, at 0.
@@ -326,7 +325,7 @@ impl BulkJobs {
             let line = &state.lines[index(queue)];
             let nobody_waits = line.waiting.iter().all(VecDeque::is_empty);
             if nobody_waits && self.has_room(&state, queue, now) {
-                return Ok(self.hold(&mut state, queue, place_id()));
+                return Ok(self.hold(&mut state, queue, call_id()));
             }
             if deadline <= now {
                 return Err(self.queue_full(queue));
@@ -429,7 +428,7 @@ impl BulkJobs {
             let Some(waiter) = self.next_waiter(state, queue) else {
                 break;
             };
-            let id = place_id();
+            let id = call_id();
             if waiter.reply.send(id.clone()).is_ok() {
                 state.lines[index(queue)].held.insert(id);
             }
@@ -832,11 +831,6 @@ fn job_id(result: &Value) -> Option<String> {
 
 fn someone_waits_in(line: &Line) -> bool {
     line.waiting.iter().any(|waiting| !waiting.is_empty())
-}
-
-/// An id for a place in a queue, unique across replicas.
-fn place_id() -> String {
-    format!("{:032x}", rand::random::<u128>())
 }
 
 fn today(timezone: chrono_tz::Tz) -> NaiveDate {

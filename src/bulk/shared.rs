@@ -36,7 +36,7 @@ use chrono::NaiveDate;
 
 use super::endpoint::{JobState, Kind, Queue};
 use super::jobs::ServiceDay;
-use crate::admission::shared::{SharedError, SharedLimits};
+use crate::admission::shared::{SharedError, SharedLimits, millis};
 use crate::config::Config;
 
 /// Day hashes, the jobs and the queues outlive their last write by this.
@@ -468,8 +468,4 @@ impl SharedBulk {
         }
         counts
     }
-}
-
-fn millis(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }

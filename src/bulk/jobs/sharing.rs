@@ -22,10 +22,8 @@ use std::time::Duration;
 use chrono::NaiveDate;
 use tokio::time::Instant;
 
-use super::{
-    BulkJobs, Job, JobState, Offline, Queue, Reservation, Seen, State, index, place_id, someone_waits_in,
-};
-use crate::admission::shared::SharedError;
+use super::{BulkJobs, Job, JobState, Offline, Queue, Reservation, Seen, State, index, someone_waits_in};
+use crate::admission::shared::{SharedError, call_id};
 use crate::bulk::shared::{DayCounts, SharedBulk, Snapshot};
 
 /// While an enqueue waits here, Redis is asked this often whether a place
@@ -47,7 +45,7 @@ impl BulkJobs {
         let asking = Asking {
             jobs: self,
             queue,
-            id: Some(place_id()),
+            id: Some(call_id()),
         };
         let owner = (service != self.internal).then_some(service);
         let limit = self.limits[index(queue)];
@@ -268,7 +266,7 @@ impl BulkJobs {
                 let asking = Asking {
                     jobs: self,
                     queue,
-                    id: Some(place_id()),
+                    id: Some(call_id()),
                 };
                 // It is asked for again while it waits; it counts as waiting
                 // a little longer, so that it does in between.
@@ -308,7 +306,7 @@ impl BulkJobs {
             "Redis is unreachable: bulk admission keeps to 1/{} of what the instance had left here until it is back",
             self.fallback_replicas
         );
-        let reserved_elsewhere = [Queue::Extract, Queue::Import].map(|queue| {
+        let reserved_elsewhere = Queue::ALL.map(|queue| {
             state.reserved_seen[index(queue)].saturating_sub(state.lines[index(queue)].held.len())
         });
         state.offline = Some(Offline {
@@ -332,7 +330,7 @@ impl BulkJobs {
             let (day, release, held, seen, spent) = {
                 let mut state = self.lock();
                 self.roll(&mut state);
-                let held = [Queue::Extract, Queue::Import]
+                let held = Queue::ALL
                     .map(|queue| state.lines[index(queue)].held.iter().cloned().collect::<Vec<_>>());
                 let seen: Vec<Seen> = state
                     .jobs
