@@ -303,8 +303,12 @@ impl BulkJobs {
     fn shared_up(&self) -> Option<(&SharedBulk, NaiveDate)> {
         let mut state = self.lock();
         self.roll(&mut state);
-        let shared = self.shared.as_ref().filter(|_| state.offline.is_none())?;
-        Some((shared, state.day))
+        Some((self.sharing_now(&state)?, state.day))
+    }
+
+    /// The shared state, unless this replica is offline from it.
+    fn sharing_now(&self, state: &State) -> Option<&SharedBulk> {
+        self.shared.as_ref().filter(|_| state.offline.is_none())
     }
 
     /// Waits for a place in `queue` for an enqueue of `service`, until
@@ -419,7 +423,7 @@ impl BulkJobs {
     /// Hands free places to waiters (with Redis answering, wakes the task
     /// that takes them there).
     fn pump(&self, state: &mut State, queue: Queue) {
-        if self.shared.is_some() && state.offline.is_none() {
+        if self.sharing_now(state).is_some() {
             self.wake_shared.notify_one();
             return;
         }
@@ -469,11 +473,13 @@ impl BulkJobs {
     /// Nothing more goes there until a job leaves or the pause ends, and
     /// the poller lists the jobs and reads their status again.
     pub fn marketo_says_full(self: &Arc<Self>, queue: Queue) {
-        {
+        let shared = {
             let mut state = self.lock();
+            self.roll(&mut state);
             state.lines[index(queue)].paused_until = Some(Instant::now() + self.pause);
             state.reread = true;
-        }
+            self.sharing_now(&state).is_some()
+        };
         tracing::info!(
             queue = queue.label(),
             "Marketo says the bulk queue is full: pausing it and reading its jobs again"
@@ -481,7 +487,6 @@ impl BulkJobs {
         self.wake_poller.notify_one();
         let jobs = Arc::downgrade(self);
         let pause = self.pause;
-        let shared = self.shared_up().is_some();
         tokio::spawn(async move {
             // The other replicas hold their enqueues too.
             if let Some(jobs) = jobs.upgrade().filter(|_| shared) {
@@ -509,7 +514,7 @@ impl BulkJobs {
             let mut state = self.lock();
             self.roll(&mut state);
             let owner = (service != self.internal).then_some(service);
-            let shared_up = self.shared.is_some() && state.offline.is_none();
+            let shared_up = self.sharing_now(&state).is_some();
             if answer["success"] != Value::Bool(true) {
                 let error = &answer["errors"][0];
                 let quota = error["code"] == code::TOO_MANY_JOBS
