@@ -113,7 +113,7 @@ impl App {
         });
         let tokens = Arc::new(TokenCaches::new(&config, &upstream, &metrics));
         let components = Components {
-            callers: Arc::new(Callers::new(&config)),
+            callers: Arc::new(Callers::new(&config, &metrics)),
             share: ShareLayer::new(&config, tokens.users(), Arc::clone(&admission)),
             tokens,
             admission,

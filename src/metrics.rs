@@ -13,10 +13,15 @@
 //! each scrape, so a leak of memory or descriptors shows next to the traffic
 //! that caused it.
 
+use std::fmt;
+use std::sync::{Arc, OnceLock};
+
 use prometheus::{
-    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
+
+use crate::target::Api;
 
 /// Latency buckets from 1 ms to 60 s.
 pub const BUCKETS: &[f64] = &[
@@ -295,10 +300,10 @@ impl Metrics {
             ] {
                 self.requests.with_label_values(&[service.as_str(), outcome]);
             }
-            for api in ["rest", "asset", "bulk"] {
+            for api in Api::CALLED {
                 for code in ["606", "607", "615"] {
                     self.upstream_calls
-                        .with_label_values(&[service.as_str(), api, code]);
+                        .with_label_values(&[service.as_str(), api.label(), code]);
                 }
             }
         }
@@ -314,6 +319,72 @@ impl Metrics {
             tracing::error!(%error, "cannot encode metrics");
         }
         String::from_utf8(buffer).unwrap_or_default()
+    }
+}
+
+/// The series one service's every call counts in, looked up by label once
+/// instead of on each call. A call's own figures (its API, Marketo's code,
+/// the outcome) pick among them; the rare ones (an error code, a refusal)
+/// are still looked up by label.
+pub struct ServiceSeries {
+    name: Arc<str>,
+    /// `marketo_proxy_requests_total{outcome="ok"}`.
+    pub requests_ok: IntCounter,
+    /// Per API that calls Marketo, in [`Api::CALLED`]'s order, resolved at
+    /// its first call so that an API a service never uses shows no series.
+    calls: [OnceLock<CallSeries>; Api::CALLED.len()],
+    upstream_duration: HistogramVec,
+    upstream_calls: IntCounterVec,
+}
+
+/// A service's calls to one API.
+pub struct CallSeries {
+    /// `marketo_proxy_upstream_duration_seconds`.
+    pub duration: Histogram,
+    /// `marketo_proxy_upstream_calls_total{code="ok"}`.
+    pub ok: IntCounter,
+}
+
+impl ServiceSeries {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The series of this service's calls to `api`; `None` for the
+    /// identity endpoint, which the proxy answers itself.
+    pub fn calls(&self, api: Api) -> Option<&CallSeries> {
+        let index = Api::CALLED.iter().position(|called| *called == api)?;
+        Some(self.calls[index].get_or_init(|| {
+            CallSeries {
+                duration: self
+                    .upstream_duration
+                    .with_label_values(&[&self.name, api.label()]),
+                ok: self
+                    .upstream_calls
+                    .with_label_values(&[&self.name, api.label(), "ok"]),
+            }
+        }))
+    }
+}
+
+impl fmt::Debug for ServiceSeries {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServiceSeries")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    /// The series of service `name`'s calls.
+    pub fn service_series(&self, name: Arc<str>) -> ServiceSeries {
+        ServiceSeries {
+            requests_ok: self.requests.with_label_values(&[&name, "ok"]),
+            calls: Default::default(),
+            upstream_duration: self.upstream_duration.clone(),
+            upstream_calls: self.upstream_calls.clone(),
+            name,
+        }
     }
 }
 

@@ -29,6 +29,9 @@ pub enum Api {
 }
 
 impl Api {
+    /// The APIs whose calls go to Marketo.
+    pub const CALLED: [Self; 3] = [Self::Rest, Self::Asset, Self::Bulk];
+
     pub fn label(self) -> &'static str {
         match self {
             Self::Rest => "rest",

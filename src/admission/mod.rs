@@ -43,7 +43,7 @@ use crate::recent::{LastMinuteWaits, WaitCounts};
 use foreign::ForeignRate;
 use learn::{Episode, Learned};
 use marketo_clock::MarketoClock;
-use prometheus::IntGauge;
+use prometheus::{Histogram, IntCounter, IntGauge};
 use quota::{DailyQuota, QuotaScope, ServiceQuota};
 use window::SlidingWindow;
 
@@ -260,9 +260,11 @@ const RATE_HORIZON: Duration = Duration::from_secs(15 * 60);
 
 /// One service's queue and limits.
 struct Lane {
-    /// The service's gauges, looked up once.
+    /// The service's series, looked up once.
     depth_gauge: IntGauge,
     used_gauge: IntGauge,
+    wait_histogram: Histogram,
+    queued_counter: IntCounter,
     weight: f64,
     window: Option<SlidingWindow>,
     concurrency: u32,
@@ -272,6 +274,26 @@ struct Lane {
     finish: f64,
     /// Queue waits of the last minute, for the status page.
     waits: LastMinuteWaits,
+}
+
+impl Lane {
+    /// The lane of service `name`, with its series, taking at most
+    /// `concurrency` calls at once, of weight 1 and no window of its own.
+    fn new(metrics: &Metrics, name: &str, concurrency: u32) -> Self {
+        Self {
+            depth_gauge: metrics.queue_depth.with_label_values(&[name]),
+            used_gauge: metrics.daily_used.with_label_values(&[name]),
+            wait_histogram: metrics.queue_wait.with_label_values(&[name]),
+            queued_counter: metrics.queued.with_label_values(&[name]),
+            weight: 1.0,
+            window: None,
+            concurrency,
+            in_flight: 0,
+            queue: VecDeque::new(),
+            finish: 0.0,
+            waits: LastMinuteWaits::default(),
+        }
+    }
 }
 
 struct Waiter {
@@ -382,32 +404,21 @@ impl Admission {
         let mut lanes: Vec<Lane> = config
             .services
             .iter()
-            .map(|service| Lane {
-                depth_gauge: metrics.queue_depth.with_label_values(&[service.name.as_str()]),
-                used_gauge: metrics.daily_used.with_label_values(&[service.name.as_str()]),
-                weight: f64::from(service.weight.get()),
-                window: service
+            .map(|service| {
+                let mut lane = Lane::new(
+                    &metrics,
+                    &service.name,
+                    service.effective_concurrency(limits).get(),
+                );
+                lane.weight = f64::from(service.weight.get());
+                lane.window = service
                     .window_calls
-                    .map(|calls| SlidingWindow::new(calls.get(), limits.window, limits.safety_margin)),
-                concurrency: service.effective_concurrency(limits).get(),
-                in_flight: 0,
-                queue: VecDeque::new(),
-                finish: 0.0,
-                waits: LastMinuteWaits::default(),
+                    .map(|calls| SlidingWindow::new(calls.get(), limits.window, limits.safety_margin));
+                lane
             })
             .collect();
         // The proxy's own calls (the usage report) get a lane of their own.
-        lanes.push(Lane {
-            depth_gauge: metrics.queue_depth.with_label_values(&[INTERNAL_SERVICE]),
-            used_gauge: metrics.daily_used.with_label_values(&[INTERNAL_SERVICE]),
-            weight: 1.0,
-            window: None,
-            concurrency: limits.concurrency.get(),
-            in_flight: 0,
-            queue: VecDeque::new(),
-            finish: 0.0,
-            waits: LastMinuteWaits::default(),
-        });
+        lanes.push(Lane::new(&metrics, INTERNAL_SERVICE, limits.concurrency.get()));
         let mut quota_services: Vec<ServiceQuota> = quota_services;
         quota_services.push(ServiceQuota {
             cap: limits.daily_quota.get(),
@@ -421,7 +432,6 @@ impl Admission {
             for saved in [Saved::Coalesced, Saved::Cached] {
                 metrics.calls_saved.with_label_values(&[name, saved.label()]);
             }
-            metrics.queued.with_label_values(&[name]);
             for verdict in ["would_wait", "would_refuse"] {
                 metrics.observed.with_label_values(&[name, verdict]);
             }
@@ -548,7 +558,7 @@ impl Admission {
             state.queued += 1;
             if waits {
                 state.tally(service).queued += 1;
-                self.metrics.queued.with_label_values(&[self.name(service)]).inc();
+                state.lanes[service].queued_counter.inc();
             }
             self.pump(&mut state);
             (receiver, id)
@@ -603,10 +613,7 @@ impl Admission {
                 .inc();
         }
         state.dispatch(service, now, wall);
-        self.metrics
-            .queue_wait
-            .with_label_values(&[self.name(service)])
-            .observe(0.0);
+        state.lanes[service].wait_histogram.observe(0.0);
         self.publish(state);
         self.permit(state, service, now, wall, Duration::ZERO)
     }
@@ -1164,12 +1171,10 @@ impl Admission {
             }
             state.dispatch(service, now, wall);
             let wait = now.saturating_duration_since(waiter.enqueued);
-            self.metrics
-                .queue_wait
-                .with_label_values(&[self.name(service)])
-                .observe(wait.as_secs_f64());
             let second = state.second(now);
-            state.lanes[service].waits.observe(second, wait);
+            let lane = &mut state.lanes[service];
+            lane.wait_histogram.observe(wait.as_secs_f64());
+            lane.waits.observe(second, wait);
             let permit = self.permit(state, service, now, wall, wait);
             if let Err(Ok(mut permit)) = waiter.reply.send(Ok(permit)) {
                 // The waiter left between the check and the send: the call
@@ -1294,11 +1299,9 @@ impl Admission {
         if let Some(position) = lane.queue.iter().position(|waiter| waiter.id == id) {
             lane.queue.remove(position);
             state.queued -= 1;
-            let depth = i64::try_from(state.lanes[service].queue.len()).unwrap_or(i64::MAX);
-            self.metrics
-                .queue_depth
-                .with_label_values(&[self.name(service)])
-                .set(depth);
+            let lane = &state.lanes[service];
+            lane.depth_gauge
+                .set(i64::try_from(lane.queue.len()).unwrap_or(i64::MAX));
         }
     }
 }

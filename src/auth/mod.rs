@@ -28,6 +28,7 @@ use tokio::time::Instant;
 
 use crate::config::Config;
 use crate::marketo::TokenAnswer;
+use crate::metrics::{Metrics, ServiceSeries};
 use crate::secret::Secret;
 use tokens::IssuedTokens;
 
@@ -57,18 +58,34 @@ struct ServiceCredentials {
 
 /// A service that proved who it is, as the request's extensions carry it
 /// from the caller layer down (and back up with the answer).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Caller {
     pub id: ServiceId,
-    /// The service's name: its metrics label.
-    pub name: Arc<str>,
+    /// The series its calls count in; their label is its name.
+    pub series: Arc<ServiceSeries>,
 }
+
+impl Caller {
+    /// The service's name: its metrics label.
+    pub fn name(&self) -> &str {
+        self.series.name()
+    }
+}
+
+/// The same service of the same proxy.
+impl PartialEq for Caller {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id && Arc::ptr_eq(&self.series, &other.series)
+    }
+}
+
+impl Eq for Caller {}
 
 /// The credentials of every service and the tokens issued to them.
 pub struct Callers {
     services: Vec<ServiceCredentials>,
-    /// Every counted name, the proxy's own last.
-    names: Vec<Arc<str>>,
+    /// Every counted service as a caller, the proxy's own last.
+    callers: Vec<Caller>,
     /// Longest a request may wait for admission, per service.
     max_waits: Vec<Duration>,
     issued: IssuedTokens,
@@ -78,7 +95,7 @@ pub struct Callers {
 }
 
 impl Callers {
-    pub fn new(config: &Config) -> Self {
+    pub fn new(config: &Config, metrics: &Metrics) -> Self {
         let services = config
             .services
             .iter()
@@ -92,7 +109,15 @@ impl Callers {
         Self {
             services,
             // The proxy's own calls come last, under a name no service has.
-            names: config.counted_names().into_iter().map(Arc::from).collect(),
+            callers: config
+                .counted_names()
+                .into_iter()
+                .enumerate()
+                .map(|(id, name)| Caller {
+                    id,
+                    series: Arc::new(metrics.service_series(Arc::from(name))),
+                })
+                .collect(),
             max_waits: config
                 .services
                 .iter()
@@ -113,24 +138,21 @@ impl Callers {
     }
 
     pub fn name(&self, service: ServiceId) -> &str {
-        self.names.get(service).map_or("unknown", |name| name)
+        self.callers.get(service).map_or("unknown", Caller::name)
     }
 
-    /// The caller `service`, as request extensions carry it.
+    /// The caller `service`, as request extensions carry it. Every
+    /// [`ServiceId`] comes from this table ([`Callers::authenticate`]).
     pub fn caller(&self, service: ServiceId) -> Caller {
-        Caller {
-            id: service,
-            name: self
-                .names
-                .get(service)
-                .cloned()
-                .unwrap_or_else(|| Arc::from("unknown")),
-        }
+        self.callers[service].clone()
     }
 
     /// The proxy's own calls (its usage report), as a caller.
     pub fn internal(&self) -> Caller {
-        self.caller(self.names.len().saturating_sub(1))
+        self.callers
+            .last()
+            .expect("the proxy's own caller comes last")
+            .clone()
     }
 
     /// The longest a request of `service` may wait to be admitted.
@@ -242,7 +264,7 @@ services:
             |_| None,
         )
         .unwrap();
-        Callers::new(&config)
+        Callers::new(&config, &Metrics::new())
     }
 
     #[tokio::test]

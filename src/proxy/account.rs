@@ -102,10 +102,15 @@ where
         if let (Ok(response), Some(counters)) = (&result, this.counters.take()) {
             let extensions = response.extensions();
             let caller = extensions.get::<Caller>();
-            let service = caller.map_or(NO_SERVICE, |caller| &*caller.name);
             let outcome = extensions.get::<Outcome>().copied().unwrap_or(Outcome::OK);
             tracing::Span::current().record("outcome", outcome.0);
-            counters.requests.with_label_values(&[service, outcome.0]).inc();
+            match caller {
+                Some(caller) if outcome == Outcome::OK => caller.series.requests_ok.inc(),
+                _ => {
+                    let service = caller.map_or(NO_SERVICE, Caller::name);
+                    counters.requests.with_label_values(&[service, outcome.0]).inc();
+                }
+            }
             if let (Some(caller), Some(refusal)) = (caller, extensions.get::<Refusal>()) {
                 counters.last_hour.refused(caller.id, *refusal);
             }
@@ -135,7 +140,7 @@ mod tests {
         let last_hour = Arc::new(LastHour::new(2));
         let service = AccountLayer::new(metrics.requests.clone(), Arc::clone(&last_hour))
             .layer(tower::service_fn(answer));
-        let crm = testing::callers().caller(0);
+        let crm = testing::callers_counting_in(&metrics).caller(0);
         let requests = [
             Request::builder().extension(crm.clone()).extension(Outcome::OK),
             Request::builder().extension(crm.clone()).extension(Outcome::OK),

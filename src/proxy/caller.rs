@@ -179,7 +179,7 @@ fn identify<B>(
 
 /// The request with its caller and deadline, which start now.
 fn admit<B>(callers: &Callers, mut request: Request<B>, caller: &Caller) -> Request<B> {
-    tracing::Span::current().record("service", &*caller.name);
+    tracing::Span::current().record("service", caller.name());
     let deadline = Deadline::after(Instant::now(), callers.max_wait(caller.id));
     request.extensions_mut().insert(deadline);
     request.extensions_mut().insert(caller.clone());
@@ -287,7 +287,7 @@ mod tests {
             let (response, stub) = call(&callers, request.body(Full::new(body)).unwrap()).await;
             assert_eq!(response.status(), StatusCode::OK, "way {index}");
             let caller = stub.last::<Caller>().expect("the caller travels down");
-            assert_eq!(&*caller.name, "crm");
+            assert_eq!(caller.name(), "crm");
             assert!(stub.last::<Deadline>().is_some());
             assert_eq!(
                 response.extensions().get::<Caller>(),

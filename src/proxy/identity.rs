@@ -199,7 +199,7 @@ mod tests {
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(stub.calls(), 0, "answered here");
         assert_eq!(
-            response.extensions().get::<Caller>().map(|caller| &*caller.name),
+            response.extensions().get::<Caller>().map(|caller| caller.name()),
             Some("crm")
         );
         let by_get = token(response).await;

@@ -224,7 +224,7 @@ mod tests {
         let tokens = Arc::new(TokenCaches::new(&config, &upstream, &metrics));
         let admission = Admission::new(&config, metrics.clone());
         Components {
-            callers: Arc::new(Callers::new(&config)),
+            callers: Arc::new(Callers::new(&config, &metrics)),
             share: share::ShareLayer::new(&config, tokens.users(), Arc::clone(&admission)),
             tokens,
             admission,

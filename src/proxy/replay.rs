@@ -330,7 +330,7 @@ impl ReplayLayer {
     /// time, on every replica (Redis knows before the 607 is passed on).
     async fn day_spent(&self, call: &Call) {
         tracing::warn!(
-            service = &*call.caller.name,
+            service = call.caller.name(),
             "Marketo says the daily quota is spent"
         );
         let admission = &self.admission;
@@ -366,7 +366,7 @@ impl ReplayLayer {
     }
 
     fn count(&self, call: &Call, reason: &str) {
-        tracing::info!(service = &*call.caller.name, reason, "replaying a call");
+        tracing::info!(service = call.caller.name(), reason, "replaying a call");
         self.replays.with_label_values(&[reason]).inc();
         self.last_hour.replayed(call.caller.id);
     }

@@ -59,8 +59,9 @@ impl Shared {
             ..
         } = call;
         let (mut parts, body) = request.into_parts();
-        let service = &*caller.name;
+        let service = caller.name();
         let api = target.api.label();
+        let series = caller.series.calls(target.api);
         let path = tracing::enabled!(tracing::Level::DEBUG).then(|| target.path.clone());
         parts.uri = self.upstream.uri_for(target)?;
         // The client's HTTP version is its own connection's business.
@@ -70,10 +71,15 @@ impl Shared {
 
         let started = Instant::now();
         let result = self.upstream.send(request).await;
-        self.metrics
-            .upstream_duration
-            .with_label_values(&[service, api])
-            .observe(started.elapsed().as_secs_f64());
+        let took = started.elapsed().as_secs_f64();
+        match series {
+            Some(series) => series.duration.observe(took),
+            None => self
+                .metrics
+                .upstream_duration
+                .with_label_values(&[service, api])
+                .observe(took),
+        }
         let code = match &result {
             Ok(answer) => match &answer.error_code {
                 Some(code) => crate::marketo::code_label(code),
@@ -83,10 +89,14 @@ impl Shared {
             Err(UpstreamError::Timeout(_)) => "timeout",
             Err(_) => "connect_error",
         };
-        self.metrics
-            .upstream_calls
-            .with_label_values(&[service, api, code])
-            .inc();
+        match series {
+            Some(series) if code == "ok" => series.ok.inc(),
+            _ => self
+                .metrics
+                .upstream_calls
+                .with_label_values(&[service, api, code])
+                .inc(),
+        }
         if let Some(path) = path {
             tracing::debug!(service, api, path, code, "upstream call");
         }

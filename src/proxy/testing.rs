@@ -19,6 +19,7 @@ use super::call::Call;
 use crate::auth::Callers;
 use crate::config::Config;
 use crate::error::ProxyError;
+use crate::metrics::Metrics;
 use crate::response::{BoxError, Outcome, ResponseBody, json_response};
 use crate::upstream::{Answer, AnswerBody};
 
@@ -36,7 +37,12 @@ pub fn config() -> Config {
 }
 
 pub fn callers() -> Arc<Callers> {
-    Arc::new(Callers::new(&config()))
+    callers_counting_in(&Metrics::new())
+}
+
+/// The callers, their calls counted in `metrics`.
+pub fn callers_counting_in(metrics: &Metrics) -> Arc<Callers> {
+    Arc::new(Callers::new(&config(), metrics))
 }
 
 /// The Marketo error code of an answer's body.
