@@ -68,7 +68,7 @@ where
     fn call(&mut self, mut call: Call) -> Self::Future {
         let cache = Arc::clone(self.tokens.for_service(call.caller.id));
         if let Some(token) = cache.cached() {
-            call.request
+            call.request_mut()
                 .headers_mut()
                 .insert(header::AUTHORIZATION, token.header.clone());
             return Either::Left(Checked {
@@ -88,7 +88,7 @@ where
                         "no token before the request's deadline".into(),
                     ))
                 })?;
-            call.request
+            call.request_mut()
                 .headers_mut()
                 .insert(header::AUTHORIZATION, token.header.clone());
             Checked {

@@ -2,9 +2,12 @@
 //! it: the cleaned request and the facts that decide its fate, typed.
 //!
 //! Above `forward`, facts travel in the request's extensions as each layer
-//! learns them; the answer layer gathers them into a [`Call`]. A replay
-//! sends a copy of it again, which costs a copy of the headers and the
-//! target, and nothing else.
+//! learns them; the answer layer gathers them into a [`Call`]. A copy of it
+//! (each attempt is one, so that a replay can send it again) shares the
+//! request until a layer changes it: only an admitted call copies its
+//! headers, once, and a request waiting in the queue holds them once.
+
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::Request;
@@ -20,8 +23,9 @@ use crate::target::{PathError, Target};
 #[derive(Debug, Clone)]
 pub struct Call {
     /// Method, headers and body as they go to Marketo; its extensions are
-    /// empty and its URI is not used (the [`Target`] is).
-    pub request: Request<Bytes>,
+    /// empty and its URI is not used (the [`Target`] is). Shared by the
+    /// call's copies; [`Call::request_mut`] changes this copy's own.
+    pub request: Arc<Request<Bytes>>,
     pub target: Target,
     pub caller: Caller,
     /// When it must have been admitted.
@@ -34,6 +38,12 @@ pub struct Call {
 }
 
 impl Call {
+    /// This copy's request, to change: copied first if another copy of
+    /// the call shares it.
+    pub fn request_mut(&mut self) -> &mut Request<Bytes> {
+        Arc::make_mut(&mut self.request)
+    }
+
     /// The call for a request whose guard and caller layers put a
     /// [`Target`], a [`Caller`] and a [`Deadline`] in its extensions.
     pub fn from_request(mut request: Request<Bytes>) -> Result<Self, ProxyError> {
@@ -49,7 +59,7 @@ impl Call {
             .map_or_else(Instant::now, |deadline| deadline.0);
         let held = extensions.remove::<HeldBytes>();
         Ok(Self {
-            request,
+            request: Arc::new(request),
             target,
             caller,
             deadline,

@@ -460,7 +460,7 @@ mod tests {
             let request = request.body(Bytes::from_static(body.as_bytes())).unwrap();
             let mut call = testing::call(0, Duration::from_secs(1));
             call.target = target::normalise(request.uri().path(), request.uri().query()).unwrap();
-            call.request = request;
+            *call.request_mut() = request;
             call
         };
         let form = Some("application/x-www-form-urlencoded");

@@ -58,7 +58,9 @@ impl Shared {
             caller,
             ..
         } = call;
-        let (mut parts, body) = request.into_parts();
+        // Copied only if a replay still holds the call (a layer that
+        // changed it has already made it this copy's own).
+        let (mut parts, body) = Arc::unwrap_or_clone(request).into_parts();
         let service = caller.name();
         let api = target.api.label();
         let series = caller.series.calls(target.api);
@@ -134,7 +136,7 @@ mod tests {
         let send = SendToMarketo::new(Upstream::new(&config.marketo).unwrap(), metrics.clone());
         // The request's own URI and Host say elsewhere; only the target counts.
         let mut call = testing::call(0, Duration::from_secs(5));
-        call.request = Request::get("http://elsewhere.example/other")
+        *call.request_mut() = Request::get("http://elsewhere.example/other")
             .header("host", "elsewhere.example")
             .version(http::Version::HTTP_2)
             .body(Bytes::new())

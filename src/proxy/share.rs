@@ -434,17 +434,17 @@ mod tests {
     async fn writes_and_other_users_never_share() {
         let (service, calls, _) = sharing("", Duration::from_millis(100), None);
         let mut write = read(0, "a");
-        *write.request.method_mut() = http::Method::POST;
+        *write.request_mut().method_mut() = http::Method::POST;
         let other_user = read(1, "a");
         let other_body = {
             let mut call = read(0, "a");
-            *call.request.method_mut() = http::Method::POST;
+            *call.request_mut().method_mut() = http::Method::POST;
             call.target.query = Some("a&_method=GET".into());
             call
         };
         let same_as_other_body = {
             let mut call = other_body.clone();
-            *call.request.body_mut() = Bytes::from_static(b"filterValues=1");
+            *call.request_mut().body_mut() = Bytes::from_static(b"filterValues=1");
             call
         };
         let all = [
