@@ -238,90 +238,112 @@ where
 }
 
 /// Calls until an answer passes, as [`classify`] says.
-async fn run<S>(shared: Arc<(ReplayLayer, S)>, call: Call) -> Result<Admitted, ProxyError>
+///
+/// An `async` block, not an `async fn`: the block uses the call where it
+/// captured it, where an `async fn` would also hold a copy of its
+/// arguments for as long as the request waits.
+#[expect(clippy::manual_async_fn, reason = "an async fn would hold the call twice")]
+fn run<S>(shared: Arc<(ReplayLayer, S)>, call: Call) -> impl Future<Output = Result<Admitted, ProxyError>>
 where
     S: Service<Call, Response = Admitted, Error = ProxyError> + Clone,
 {
-    let (policy, inner) = &*shared;
-    let mut attempt = Attempt {
-        number: 0,
-        read: is_read(&call),
-        token_replaced: false,
-    };
-    // What Marketo said last, passed on when a replay cannot be admitted
-    // before the deadline (unless it refused the call for a limit: then
-    // the client gets the proxy's own answer, with `Retry-After`).
-    let mut last: Option<Box<Admitted>> = None;
-    let mut calls = 0u32;
-    loop {
-        attempt.number += 1;
-        calls += 1;
-        // Only the attempt's own (boxed) future waits in the queue: its
-        // copy of the call is moved into it at once.
-        let mut inner = inner.clone();
-        inner.ready().await?;
-        let future = {
-            let mut copy = call.clone();
-            copy.replay = calls > 1;
-            inner.call(copy)
+    async move {
+        let (policy, inner) = &*shared;
+        let mut attempt = Attempt {
+            number: 0,
+            read: is_read(&call),
+            token_replaced: false,
         };
-        drop(inner);
-        let result = future.await;
-        let reply = match &result {
-            Ok(admitted) => Reply::Answered {
-                status: admitted.answer.head.status,
-                code: admitted.answer.error_code.as_deref(),
-            },
-            // Marketo's certificate was refused: calling again fails the
-            // same way.
-            Err(ProxyError::Upstream(UpstreamError::Connect(failure))) if failure.tls => return result,
-            Err(ProxyError::Upstream(_)) => Reply::NoAnswer,
-            // A replay that no longer fits its deadline: pass on what
-            // Marketo said last.
-            Err(ProxyError::Admission(_)) => return last.map_or(result, |last| Ok(*last)),
-            Err(_) => return result,
+        // What Marketo said last, passed on when a replay cannot be admitted
+        // before the deadline (unless it refused the call for a limit: then
+        // the client gets the proxy's own answer, with `Retry-After`).
+        let mut last: Option<Box<Admitted>> = None;
+        let mut calls = 0u32;
+        let day_spent = loop {
+            attempt.number += 1;
+            calls += 1;
+            // Only the attempt's own (boxed) future waits in the queue: its
+            // copy of the call is moved into it at once.
+            let mut inner = inner.clone();
+            inner.ready().await?;
+            let future = {
+                let mut copy = call.clone();
+                copy.replay = calls > 1;
+                inner.call(copy)
+            };
+            drop(inner);
+            // The answer lives in this block only, so that the pause before a
+            // replay (and every other wait of a request) does not carry room
+            // for it.
+            let backoff = {
+                let result = future.await;
+                let reply = match &result {
+                    Ok(admitted) => Reply::Answered {
+                        status: admitted.answer.head.status,
+                        code: admitted.answer.error_code.as_deref(),
+                    },
+                    // Marketo's certificate was refused: calling again fails
+                    // the same way.
+                    Err(ProxyError::Upstream(UpstreamError::Connect(failure))) if failure.tls => {
+                        return result;
+                    }
+                    Err(ProxyError::Upstream(_)) => Reply::NoAnswer,
+                    // A replay that no longer fits its deadline: pass on what
+                    // Marketo said last.
+                    Err(ProxyError::Admission(_)) => return last.map_or(result, |last| Ok(*last)),
+                    Err(_) => return result,
+                };
+                let next = classify(reply, attempt);
+                if next != Next::DaySpent {
+                    if let Ok(admitted) = &result {
+                        let probe = admitted.slot.as_ref().is_some_and(Slot::is_shared_probe);
+                        policy.confirm_available(probe);
+                    }
+                }
+                match next {
+                    Next::Pass => return result,
+                    // Boxed with the answer it passes on: rare, and Redis'
+                    // round trip is large.
+                    Next::DaySpent => {
+                        break Box::pin(async move {
+                            policy.day_spent(&call).await;
+                            result
+                        });
+                    }
+                    Next::ReplaceTokenAndReplay => attempt.token_replaced = true,
+                    Next::Refused(limit) => {
+                        // Not executed: it does not count as an attempt.
+                        attempt.number -= 1;
+                        let sent = result.as_ref().ok().and_then(|admitted| admitted.slot.as_ref());
+                        policy.refused(limit, sent.map_or_else(Instant::now, Slot::sent_at));
+                    }
+                    Next::Replay(backoff) if Instant::now() + backoff >= call.deadline => return result,
+                    Next::Replay(_) => {}
+                }
+                policy.count(&call, reply.label());
+                // Kept without its slot: the next attempt needs one of its own.
+                last = match next {
+                    Next::Refused(_) => None,
+                    _ => result
+                        .ok()
+                        .map(|admitted| {
+                            Box::new(Admitted {
+                                answer: admitted.answer,
+                                slot: None,
+                            })
+                        })
+                        .or(last),
+                };
+                match next {
+                    Next::Replay(backoff) => Some(backoff),
+                    _ => None,
+                }
+            };
+            if let Some(backoff) = backoff {
+                tokio::time::sleep(backoff).await;
+            }
         };
-        let next = classify(reply, attempt);
-        if next != Next::DaySpent {
-            if let Ok(admitted) = &result {
-                let probe = admitted.slot.as_ref().is_some_and(Slot::is_shared_probe);
-                policy.confirm_available(probe);
-            }
-        }
-        match next {
-            Next::Pass => return result,
-            Next::DaySpent => {
-                // Boxed: rare, and Redis' round trip is large.
-                Box::pin(policy.day_spent(&call)).await;
-                return result;
-            }
-            Next::ReplaceTokenAndReplay => attempt.token_replaced = true,
-            Next::Refused(limit) => {
-                // Not executed: it does not count as an attempt.
-                attempt.number -= 1;
-                let sent = result.as_ref().ok().and_then(|admitted| admitted.slot.as_ref());
-                policy.refused(limit, sent.map_or_else(Instant::now, Slot::sent_at));
-            }
-            Next::Replay(backoff) if Instant::now() + backoff >= call.deadline => return result,
-            Next::Replay(_) => {}
-        }
-        policy.count(&call, reply.label());
-        // Kept without its slot: the next attempt needs one of its own.
-        last = match next {
-            Next::Refused(_) => None,
-            _ => result
-                .ok()
-                .map(|admitted| {
-                    Box::new(Admitted {
-                        answer: admitted.answer,
-                        slot: None,
-                    })
-                })
-                .or(last),
-        };
-        if let Next::Replay(backoff) = next {
-            tokio::time::sleep(backoff).await;
-        }
+        day_spent.await
     }
 }
 
