@@ -62,8 +62,8 @@ impl Shared {
         // changed it has already made it this copy's own).
         let (mut parts, body) = Arc::unwrap_or_clone(request).into_parts();
         let service = caller.name();
-        let api = target.api.label();
-        let series = caller.series.calls(target.api);
+        let called = target.api;
+        let api = called.label();
         let path = tracing::enabled!(tracing::Level::DEBUG).then(|| target.path.clone());
         parts.uri = self.upstream.uri_for(target)?;
         // The client's HTTP version is its own connection's business.
@@ -74,6 +74,7 @@ impl Shared {
         let started = Instant::now();
         let result = self.upstream.send(request).await;
         let took = started.elapsed().as_secs_f64();
+        let series = caller.series.calls(called);
         match series {
             Some(series) => series.duration.observe(took),
             None => self
