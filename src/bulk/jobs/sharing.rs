@@ -42,14 +42,7 @@ impl BulkJobs {
         if someone_waits_in(&self.lock().lines[index(queue)]) {
             return None;
         }
-        let asking = Asking {
-            jobs: self,
-            queue,
-            id: Some(call_id()),
-        };
-        let owner = (service != self.internal).then_some(service);
-        let limit = self.limits[index(queue)];
-        let granted = shared.admit(queue, asking.id(), limit, owner, None).await;
+        let (asking, granted) = self.ask_for_place(shared, queue, service, None).await;
         let id = asking.answered();
         let mut state = self.lock();
         match granted {
@@ -62,6 +55,27 @@ impl BulkJobs {
                 None
             }
         }
+    }
+
+    /// Asks Redis for a place in `queue` for `service` under a new id,
+    /// counted as waiting there for `waits`: Redis' answer, and the asking,
+    /// which gives the place back unless the caller takes its id.
+    async fn ask_for_place<'a>(
+        self: &'a Arc<Self>,
+        shared: &SharedBulk,
+        queue: Queue,
+        service: usize,
+        waits: Option<Duration>,
+    ) -> (Asking<'a>, Result<bool, SharedError>) {
+        let asking = Asking {
+            jobs: self,
+            queue,
+            id: Some(call_id()),
+        };
+        let owner = (service != self.internal).then_some(service);
+        let limit = self.limits[index(queue)];
+        let granted = shared.admit(queue, asking.id(), limit, owner, waits).await;
+        (asking, granted)
     }
 
     /// Gives the place `id` back in Redis (later, if Redis is unreachable).
@@ -263,17 +277,12 @@ impl BulkJobs {
                         _ => break,
                     }
                 };
-                let asking = Asking {
-                    jobs: self,
-                    queue,
-                    id: Some(call_id()),
-                };
                 // It is asked for again while it waits; it counts as waiting
                 // a little longer, so that it does in between.
-                let owner = (service != self.internal).then_some(service);
-                let limit = self.limits[index(queue)];
                 let waits = Some(WAITING_POLL * 3);
-                let granted = shared.admit(queue, asking.id(), limit, owner, waits).await?;
+                let (asking, granted) = self.ask_for_place(shared, queue, service, waits).await;
+                // Unanswered (Redis failed): the place is given back.
+                let granted = granted?;
                 let id = asking.answered();
                 if !granted {
                     break;
