@@ -477,28 +477,9 @@ async fn what_one_replica_learns_the_others_keep_to() {
     );
     // Both replicas' refusals counted together, as Marketo's error report
     // counts them, for the reading of its reports.
-    let mut connection = redis::Client::open(redis.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
     let counted = support::eventually(Duration::from_secs(5), async || {
-        let days: Vec<String> = redis::cmd("KEYS")
-            .arg("{foreign}:day:*")
-            .query_async(&mut connection)
-            .await
-            .unwrap();
-        let mut counted = 0;
-        for day in days {
-            let refused: Option<usize> = redis::cmd("HGET")
-                .arg(day)
-                .arg("refused")
-                .query_async(&mut connection)
-                .await
-                .unwrap();
-            counted += refused.unwrap_or(0);
-        }
-        if counted == refusals(&calls) {
+        let counted: u64 = redis.day_counts("foreign", "refused").await.iter().sum();
+        if counted == refusals(&calls) as u64 {
             Ok(counted)
         } else {
             Err(counted)

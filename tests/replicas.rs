@@ -158,23 +158,9 @@ async fn held_in_redis(redis: &RedisServer, prefix: &str) -> (u64, u64, u64) {
     };
     let window = running(format!("{{{prefix}}}:window")).await;
     let in_flight = running(format!("{{{prefix}}}:inflight")).await;
-    let days: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{{{prefix}}}:day:*"))
-        .query_async(&mut connection)
-        .await
-        .unwrap();
+    let days = redis.day_counts(prefix, "total").await;
     assert!(days.len() <= 1, "{days:?}");
-    let mut total = 0;
-    for day in days {
-        let counted: Option<u64> = redis::cmd("HGET")
-            .arg(day)
-            .arg("total")
-            .query_async(&mut connection)
-            .await
-            .unwrap();
-        total += counted.unwrap_or(0);
-    }
-    (window, in_flight, total)
+    (window, in_flight, days.iter().sum())
 }
 
 fn slow_config(sim_url: &str, redis_url: &str, prefix: &str) -> Config {

@@ -212,6 +212,28 @@ impl RedisServer {
             .expect("redis connection")
     }
 
+    /// Field `field` of the day counts the replicas keep under `prefix`,
+    /// one for each day Redis holds.
+    pub async fn day_counts(&self, prefix: &str, field: &str) -> Vec<u64> {
+        let mut connection = self.connection().await;
+        let days: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{{{prefix}}}:day:*"))
+            .query_async(&mut connection)
+            .await
+            .expect("day keys");
+        let mut counts = Vec::new();
+        for day in days {
+            let counted: Option<u64> = redis::cmd("HGET")
+                .arg(day)
+                .arg(field)
+                .query_async(&mut connection)
+                .await
+                .expect("day count");
+            counts.push(counted.unwrap_or(0));
+        }
+        counts
+    }
+
     /// Kills the server with SIGKILL, as a crash would; its files stay
     /// with the [`Crashed`] server, to start it again.
     pub fn crash(&mut self) -> Crashed {
