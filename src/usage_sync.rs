@@ -28,7 +28,7 @@ use crate::admission::shared::SharedLimits;
 use crate::admission::{Admission, Slot};
 use crate::auth::Caller;
 use crate::error::ProxyError;
-use crate::marketo::MarketoUsage;
+use crate::marketo::{MarketoUsage, code};
 use crate::proxy::admit::Admitted;
 use crate::proxy::call::Call;
 use crate::proxy::caller::Deadline;
@@ -40,7 +40,7 @@ const USAGE_PATH: &str = "/rest/v1/stats/usage.json";
 /// Where Marketo reports today's errors, by code.
 const ERRORS_PATH: &str = "/rest/v1/stats/errors.json";
 /// The refusals of its window and concurrency limits.
-const REFUSALS: [&str; 2] = ["606", "615"];
+const REFUSALS: [&str; 2] = [code::RATE_LIMITED, code::CONCURRENCY_LIMITED];
 
 /// Why the usage report could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -248,8 +248,7 @@ impl UsageSync {
         if self.admission.day() != date {
             return None;
         }
-        self.admission.reconcile(total, own);
-        let here = self.admission.foreign_today();
+        let here = self.admission.reconcile(total, own);
         let shared = match &self.limits {
             Some(limits) => limits.reconcile(date, total).await,
             None => None,
@@ -341,5 +340,23 @@ impl UsageSync {
             // is not followed by another at once.
             ticks.reset();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_error_report_counts_606_and_615_written_as_strings_or_numbers() {
+        let date = NaiveDate::from_ymd_opt(2026, 12, 2).unwrap();
+        let body = br#"{"success":true,"result":[{"date":"2026-12-02","total":19,"errors":[
+            {"errorCode":"606","count":5},{"errorCode":615,"count":3},
+            {"errorCode":"601","count":10},{"errorCode":607,"count":1}]}]}"#;
+        assert_eq!(refusals(body, date).unwrap(), 8);
+        let none = br#"{"success":true,"result":[]}"#;
+        assert_eq!(refusals(none, date).unwrap(), 0);
+        let yesterday = br#"{"success":true,"result":[{"date":"2026-12-01","errors":[]}]}"#;
+        assert!(refusals(yesterday, date).is_err());
     }
 }

@@ -153,8 +153,8 @@ struct State {
     /// The calls of every window kept free for others, from Marketo's
     /// reports (see [`foreign`]).
     foreign: ForeignRate,
-    /// The learned limits as last applied: window, concurrency.
-    learned_limits: (u32, u32),
+    /// The limits others leave, as last applied: window, concurrency.
+    limits_left: (u32, u32),
     /// The concurrency in force: the least of the share and the learned.
     concurrency: u32,
     in_flight: u32,
@@ -452,7 +452,7 @@ impl Admission {
             learned_window: Learned::window(limits.window_calls.get(), limits.window, limits.safety_margin),
             learned_concurrency: Learned::concurrency(limits.concurrency.get()),
             foreign: ForeignRate::new(limits.window, limits.window_calls.get()),
-            learned_limits: (limits.window_calls.get(), limits.concurrency.get()),
+            limits_left: (limits.window_calls.get(), limits.concurrency.get()),
             concurrency: limits.concurrency.get(),
             in_flight: 0,
             tallies: vec![Tally::default(); lanes.len()],
@@ -842,12 +842,13 @@ impl Admission {
         self.pump(&mut state);
     }
 
-    /// The window and concurrency limits Marketo's refusals leave now (the
-    /// configured ones unless it refused calls lately).
-    pub fn learned_limits(&self) -> (u32, u32) {
+    /// The window and concurrency limits that calls from outside the proxy
+    /// leave now: what Marketo's refusals leave, and of the window no more
+    /// than its reports leave (the configured ones when neither shows any).
+    pub fn limits_left(&self) -> (u32, u32) {
         let state = self.lock();
         let now = Instant::now();
-        (state.learned_window(now), state.learned_concurrency.limit(now))
+        (state.window_left(now), state.learned_concurrency.limit(now))
     }
 
     /// The last lowerings of the learned window and concurrency, to share
@@ -876,15 +877,15 @@ impl Admission {
     /// refusals left. Says in the log when a learned limit is back at the
     /// configured one.
     fn apply_limits(&self, state: &mut State, now: Instant) {
-        let learned = (state.learned_window(now), state.learned_concurrency.limit(now));
-        if learned != state.learned_limits {
+        let learned = (state.window_left(now), state.learned_concurrency.limit(now));
+        if learned != state.limits_left {
             let ceilings = (
                 state.learned_window.ceiling(),
                 state.learned_concurrency.ceiling(),
             );
             for (name, limit, was, ceiling) in [
-                ("window", learned.0, state.learned_limits.0, ceilings.0),
-                ("concurrency", learned.1, state.learned_limits.1, ceilings.1),
+                ("window", learned.0, state.limits_left.0, ceilings.0),
+                ("concurrency", learned.1, state.limits_left.1, ceilings.1),
             ] {
                 if limit == ceiling && was < ceiling {
                     tracing::info!(
@@ -894,7 +895,7 @@ impl Admission {
                     );
                 }
             }
-            state.learned_limits = learned;
+            state.limits_left = learned;
             self.metrics
                 .foreign_calls_estimate
                 .set(i64::from(state.full_window.saturating_sub(learned.0)));
@@ -971,19 +972,13 @@ impl Admission {
 
     /// Marketo's own count of today's calls (its usage report), taken
     /// when the proxy had made `own` of them (all it has made now, if
-    /// `None`).
-    pub fn reconcile(self: &Arc<Self>, marketo_total: u64, own: Option<u64>) {
+    /// `None`). Answers today's calls from outside the proxy it shows, and
+    /// the proxy's calls Marketo refused today.
+    pub fn reconcile(self: &Arc<Self>, marketo_total: u64, own: Option<u64>) -> (u64, u64) {
         let mut state = self.lock();
         state.quota.roll((self.wall)());
         state.quota.reconcile(marketo_total, own);
         self.pump(&mut state);
-    }
-
-    /// Today's calls from outside the proxy as Marketo's usage report
-    /// showed them last, and the proxy's calls Marketo refused today.
-    pub fn foreign_today(&self) -> (u64, u64) {
-        let mut state = self.lock();
-        state.quota.roll((self.wall)());
         (state.quota.foreign(), state.quota.refused())
     }
 
@@ -1084,7 +1079,7 @@ impl Admission {
             concurrency: state.concurrency,
             configured_window: state.full_window,
             configured_concurrency: state.full_concurrency,
-            foreign_in_window: state.full_window.saturating_sub(state.learned_window(now)),
+            foreign_in_window: state.full_window.saturating_sub(state.window_left(now)),
             kept_free: state.foreign.reserve(),
             queued: state.queued,
             mode: if self.observe { "observe" } else { "enforce" },
@@ -1309,7 +1304,7 @@ impl Admission {
 impl State {
     /// The window limit that calls the proxy cannot see leave it: what
     /// Marketo's refusals leave, and no more than its reports leave.
-    fn learned_window(&self, now: Instant) -> u32 {
+    fn window_left(&self, now: Instant) -> u32 {
         let reported = self.full_window - self.foreign.reserve();
         self.learned_window.limit(now).min(reported)
     }

@@ -629,8 +629,9 @@ impl SharedLimits {
             id: id.clone(),
             answered: false,
         };
-        // Lower while Marketo's refusals show calls from outside the proxy.
-        let (window_calls, concurrency) = admission.learned_limits();
+        // Lower while Marketo's refusals or reports show calls from outside
+        // the proxy.
+        let (window_calls, concurrency) = admission.limits_left();
         let mut invocation = self.acquire.prepare_invoke();
         self.acquisition_keys(&mut invocation, service, day);
         invocation
