@@ -329,7 +329,7 @@ async fn every_replica_keeps_free_the_part_of_the_window_marketos_reports_show()
         reads("/rest/v1/stats/errors.json"),
     );
     assert!(
-        usage_reads <= 6 && error_reads <= usage_reads,
+        usage_reads <= 6 && error_reads >= 1,
         "{usage_reads} usage and {error_reads} error reports read"
     );
 }
