@@ -95,16 +95,23 @@ impl App {
         }
         metrics.start_series(&config.counted_names());
         let upstream = Upstream::new(&config.marketo)?;
+        let admission = Admission::new(&config, metrics.clone());
+        // One Marketo day for the quota, bulk export bytes and Redis's day keys.
+        let marketo_day = admission.marketo_day().clone();
         let limits = match (&config.state.backend, &config.state.redis) {
-            (Backend::Redis, Some(redis)) => Some(SharedLimits::new(&config, redis, metrics.clone())?),
+            (Backend::Redis, Some(redis)) => Some(SharedLimits::new(
+                &config,
+                redis,
+                metrics.clone(),
+                marketo_day.clone(),
+            )?),
             _ => None,
         };
-        let admission = Admission::new(&config, metrics.clone());
         if let Some(limits) = &limits {
             // Until Redis has answered, this replica keeps to its share.
             admission.set_share(limits.fallback_replicas());
         }
-        let bulk = BulkJobs::new(&config, metrics.clone(), limits.clone());
+        let bulk = BulkJobs::new(&config, metrics.clone(), limits.clone(), marketo_day);
         let ledger = config.state.file.as_ref().map(|path| {
             Arc::new(
                 Ledger::new(path, config.counted_names(), Arc::clone(&admission))

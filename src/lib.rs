@@ -14,6 +14,7 @@ pub mod config;
 pub mod egress;
 pub mod error;
 pub mod ledger;
+pub mod limits;
 pub mod logging;
 pub mod marketo;
 pub mod metrics;

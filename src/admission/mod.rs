@@ -38,6 +38,7 @@ use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
 use crate::config::{Config, INTERNAL_SERVICE, LimitsMode};
+use crate::limits::day::MarketoDay;
 use crate::metrics::Metrics;
 use crate::recent::{LastMinuteWaits, WaitCounts};
 use foreign::ForeignRate;
@@ -47,8 +48,7 @@ use prometheus::{Histogram, IntCounter, IntGauge};
 use quota::{DailyQuota, QuotaScope, ServiceQuota};
 use window::SlidingWindow;
 
-/// Wall-clock time, for the quota's day. Injected so tests can move it.
-pub type WallClock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
+pub use crate::limits::day::WallClock;
 
 /// The rate limit a request could not be admitted under.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,7 +118,8 @@ pub struct Admission {
     timer: Arc<Notify>,
     metrics: Metrics,
     names: Vec<String>,
-    wall: WallClock,
+    /// Marketo's day, on the clock the quota counts by.
+    marketo_day: MarketoDay,
     max_queue_length: usize,
     /// `limits.mode: observe`: calls go at once, verdicts are only counted.
     observe: bool,
@@ -393,6 +394,7 @@ impl Admission {
 
     pub fn with_clock(config: &Config, metrics: Metrics, wall: WallClock) -> Arc<Self> {
         let limits = &config.limits;
+        let marketo_day = MarketoDay::with_clock(limits.timezone, wall);
         let quota_services: Vec<ServiceQuota> = config
             .services
             .iter()
@@ -424,7 +426,7 @@ impl Admission {
             cap: limits.daily_quota.get(),
             reserved: 0,
         });
-        let now = wall();
+        let now = marketo_day.now();
         let names = config.counted_names();
         for name in &names {
             // Every series exists from the start, at 0, so that a rate over
@@ -437,7 +439,7 @@ impl Admission {
             }
         }
         let quota = DailyQuota::new(
-            limits.timezone,
+            marketo_day.clone(),
             limits.daily_quota.get(),
             quota_services,
             limits.quota_probe_interval,
@@ -486,7 +488,7 @@ impl Admission {
             timer: Arc::new(Notify::new()),
             metrics,
             names,
-            wall,
+            marketo_day,
             max_queue_length: limits.max_queue_length.get(),
             observe: limits.mode == LimitsMode::Observe,
             window_length: limits.window,
@@ -512,7 +514,7 @@ impl Admission {
         let (receiver, id) = {
             let mut state = self.lock();
             let now = Instant::now();
-            let wall = (self.wall)();
+            let wall = self.marketo_day.now();
             state.quota.roll(wall);
             if service >= state.lanes.len() || state.closed {
                 return Err(AdmissionError::Closed);
@@ -651,7 +653,7 @@ impl Admission {
     /// A request of `service` was answered without a call of its own.
     pub fn saved(&self, service: usize, saved: Saved) {
         let mut state = self.lock();
-        state.quota.roll((self.wall)());
+        state.quota.roll(self.marketo_day.now());
         let tally = state.tally(service);
         match saved {
             Saved::Coalesced => tally.coalesced += 1,
@@ -673,7 +675,7 @@ impl Admission {
             return None;
         }
         let now = Instant::now();
-        let wall = (self.wall)();
+        let wall = self.marketo_day.now();
         state.quota.roll(wall);
         let window_length = self.window_length;
         let mut window = {
@@ -752,7 +754,7 @@ impl Admission {
     /// from now. Saved with the day's counts, so a restart keeps to the
     /// window its calls still hold.
     pub fn window_frees_at(&self) -> Vec<DateTime<Utc>> {
-        let wall = (self.wall)();
+        let wall = self.marketo_day.now();
         let mut state = self.lock();
         let (left, in_flight) = state.window.taken(Instant::now());
         let hold = state.window.hold();
@@ -769,7 +771,7 @@ impl Admission {
     /// [`window_frees_at`]: Self::window_frees_at
     pub fn restore_window(self: &Arc<Self>, frees_at: &[DateTime<Utc>]) {
         let now = Instant::now();
-        let wall = (self.wall)();
+        let wall = self.marketo_day.now();
         let mut state = self.lock();
         state.window.restore(
             frees_at
@@ -813,7 +815,7 @@ impl Admission {
     pub fn refused(self: &Arc<Self>, limit: Refused, sent: Instant, instance_window: Option<u32>) {
         let mut state = self.lock();
         let now = Instant::now();
-        state.quota.roll((self.wall)());
+        state.quota.roll(self.marketo_day.now());
         state.quota.count_refusal();
         let (name, lowered) = match limit {
             Refused::Window => {
@@ -917,7 +919,7 @@ impl Admission {
     /// told to read it again.
     pub fn quota_spent(self: &Arc<Self>) {
         let mut state = self.lock();
-        state.quota.mark_spent((self.wall)());
+        state.quota.mark_spent(self.marketo_day.now());
         self.marked_spent
             .store(true, std::sync::atomic::Ordering::Release);
         self.pump(&mut state);
@@ -945,7 +947,7 @@ impl Admission {
     /// How long a call refused for `scope` of the daily quota should wait.
     pub fn quota_retry_after(&self, scope: QuotaScope) -> Duration {
         let state = self.lock();
-        state.quota.retry_after(scope, (self.wall)())
+        state.quota.retry_after(scope, self.marketo_day.now())
     }
 
     /// Wakes when Marketo reports the day spent.
@@ -976,7 +978,7 @@ impl Admission {
     /// the proxy's calls Marketo refused today.
     pub fn reconcile(self: &Arc<Self>, marketo_total: u64, own: Option<u64>) -> (u64, u64) {
         let mut state = self.lock();
-        state.quota.roll((self.wall)());
+        state.quota.roll(self.marketo_day.now());
         state.quota.reconcile(marketo_total, own);
         self.pump(&mut state);
         (state.quota.foreign(), state.quota.refused())
@@ -985,7 +987,7 @@ impl Admission {
     /// Today's counts per service and the calls from outside the proxy.
     pub fn daily_counts(&self) -> (chrono::NaiveDate, Vec<u64>, u64) {
         let mut state = self.lock();
-        state.quota.roll((self.wall)());
+        state.quota.roll(self.marketo_day.now());
         let used = (0..state.lanes.len())
             .map(|service| state.quota.used_by(service))
             .collect();
@@ -995,7 +997,7 @@ impl Admission {
     /// Restores counts saved earlier today.
     pub fn restore(self: &Arc<Self>, day: chrono::NaiveDate, used: &[u64], foreign: u64) {
         let mut state = self.lock();
-        state.quota.roll((self.wall)());
+        state.quota.roll(self.marketo_day.now());
         state.quota.restore(day, used, foreign);
         self.pump(&mut state);
     }
@@ -1016,7 +1018,7 @@ impl Admission {
         let snapshot = self.snapshot_of(&mut state, now);
         let exhaustion_eta = self.exhaustion_eta(&mut state, now);
         let second = state.second(now);
-        let wall = (self.wall)();
+        let wall = self.marketo_day.now();
         Status {
             now: wall,
             next_reset: state.quota.next_reset(wall),
@@ -1036,7 +1038,7 @@ impl Admission {
     }
 
     fn snapshot_of(&self, state: &mut State, now: Instant) -> Snapshot {
-        state.quota.roll((self.wall)());
+        state.quota.roll(self.marketo_day.now());
         let window_used = state.window.used(now);
         let services = state
             .lanes
@@ -1124,7 +1126,7 @@ impl Admission {
     /// every change.
     fn pump(self: &Arc<Self>, state: &mut State) {
         let now = Instant::now();
-        let wall = (self.wall)();
+        let wall = self.marketo_day.now();
         state.quota.roll(wall);
         self.expire_deadlines(state, now);
         if state.paused_until.is_some_and(|until| until <= now) {
@@ -1242,7 +1244,7 @@ impl Admission {
         }
         let per_second = calls as f64 / observed.as_secs_f64();
         let eta = Duration::try_from_secs_f64(remaining as f64 / per_second).ok()?;
-        let wall = (self.wall)();
+        let wall = self.marketo_day.now();
         let until_reset = (state.quota.next_reset(wall) - wall).to_std().unwrap_or_default();
         (eta < until_reset).then_some(eta)
     }
@@ -1251,7 +1253,7 @@ impl Admission {
     /// without any call to trigger an update).
     pub fn refresh_metrics(&self) {
         let mut state = self.lock();
-        state.quota.roll((self.wall)());
+        state.quota.roll(self.marketo_day.now());
         self.publish(&mut state);
         let eta = self.exhaustion_eta(&mut state, Instant::now());
         self.metrics
@@ -1269,17 +1271,23 @@ impl Admission {
         self.names.len() - 1
     }
 
+    /// Marketo's day, on the clock the quota counts by: bulk admission and
+    /// the shared limits count by it too.
+    pub fn marketo_day(&self) -> &MarketoDay {
+        &self.marketo_day
+    }
+
     /// The quota's current day (local date in its time zone).
     pub fn day(&self) -> chrono::NaiveDate {
         let mut state = self.lock();
-        state.quota.roll((self.wall)());
+        state.quota.roll(self.marketo_day.now());
         state.quota.day()
     }
 
     /// The quota's time zone and when the day resets.
     pub fn next_reset(&self) -> DateTime<Utc> {
         let state = self.lock();
-        state.quota.next_reset((self.wall)())
+        state.quota.next_reset(self.marketo_day.now())
     }
 
     fn name(&self, service: usize) -> &str {
@@ -1581,7 +1589,7 @@ impl Permit {
         let mut state = self.admission.lock();
         let earlier = match (marketo, state.marketo_clock.as_mut()) {
             (Some(marketo), Some(clock)) => {
-                let received = (self.admission.wall)().timestamp_millis();
+                let received = self.admission.marketo_day.now().timestamp_millis();
                 Self::earlier(clock.took(self.sent_wall, received, marketo, now), received)
             }
             _ => Duration::ZERO,

@@ -1,10 +1,9 @@
 //! The daily quota: calls per day for the instance and each service, with
 //! reserves, in the instance's time zone.
 //!
-//! Marketo resets the quota at midnight US Central time. The day is kept
-//! as a local date in the configured zone; midnight is found with
-//! `chrono-tz`, so the 23- and 25-hour days of a daylight-saving change
-//! are counted as they fall. Wall-clock time is passed in.
+//! Marketo resets the quota at midnight US Central time: the day and its
+//! reset are [`MarketoDay`]'s. Wall-clock time is passed in, so the counts
+//! here are a pure function of it.
 //!
 //! Marketo's own word that the day is spent (607) holds only until a probe
 //! time: its reset may come a little after ours (clock skew, or a
@@ -15,8 +14,10 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, Days, NaiveDate, TimeZone, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use chrono_tz::Tz;
+
+use crate::limits::day::MarketoDay;
 
 /// Retry-After for a refusal until the reset is spread over this long
 /// after it, so that every client does not come back at the same instant.
@@ -43,7 +44,7 @@ pub struct ServiceQuota {
 /// Today's counts.
 #[derive(Debug, Clone)]
 pub struct DailyQuota {
-    tz: Tz,
+    marketo_day: MarketoDay,
     limit: u64,
     services: Vec<ServiceQuota>,
     day: NaiveDate,
@@ -77,7 +78,7 @@ struct Share {
 
 impl DailyQuota {
     pub fn new(
-        tz: Tz,
+        marketo_day: MarketoDay,
         limit: u64,
         services: Vec<ServiceQuota>,
         probe_after: Duration,
@@ -85,10 +86,10 @@ impl DailyQuota {
     ) -> Self {
         let used = vec![0; services.len()];
         Self {
-            tz,
+            day: marketo_day.date_at(now),
+            marketo_day,
             limit,
             services,
-            day: local_day(tz, now),
             used,
             foreign: 0,
             refused: 0,
@@ -120,7 +121,7 @@ impl DailyQuota {
 
     /// Starts a new day when local midnight has passed.
     pub fn roll(&mut self, now: DateTime<Utc>) {
-        let today = local_day(self.tz, now);
+        let today = self.marketo_day.date_at(now);
         if today != self.day {
             self.day = today;
             self.used.iter_mut().for_each(|used| *used = 0);
@@ -152,7 +153,7 @@ impl DailyQuota {
 
     /// The zone whose midnight starts a new day.
     pub fn timezone(&self) -> Tz {
-        self.tz
+        self.marketo_day.zone()
     }
 
     /// Calls counted today: this proxy's and, after reconciliation, others'.
@@ -234,7 +235,7 @@ impl DailyQuota {
                 return (until - now).to_std().unwrap_or_default();
             }
         }
-        let until_reset = (self.next_reset(now) - now).to_std().unwrap_or_default();
+        let until_reset = self.marketo_day.until_reset_from(now);
         let jitter = RESET_JITTER.mul_f64(rand::random::<f64>());
         until_reset + jitter
     }
@@ -311,28 +312,8 @@ impl DailyQuota {
 
     /// The next local midnight, as an instant.
     pub fn next_reset(&self, now: DateTime<Utc>) -> DateTime<Utc> {
-        next_midnight(self.tz, now)
+        self.marketo_day.next_reset(now)
     }
-}
-
-/// The local date at `now` in `tz`.
-pub fn local_day(tz: Tz, now: DateTime<Utc>) -> NaiveDate {
-    now.with_timezone(&tz).date_naive()
-}
-
-/// The first instant of the next local day in `tz`.
-pub fn next_midnight(tz: Tz, now: DateTime<Utc>) -> DateTime<Utc> {
-    let tomorrow = local_day(tz, now)
-        .checked_add_days(Days::new(1))
-        .unwrap_or(NaiveDate::MAX);
-    // Where a zone skips midnight itself, the day starts at the first
-    // instant that exists.
-    (0..24)
-        .filter_map(|hour| tomorrow.and_hms_opt(hour, 0, 0))
-        .find_map(|local| tz.from_local_datetime(&local).earliest())
-        .map_or(now + chrono::Duration::hours(24), |start| {
-            start.with_timezone(&Utc)
-        })
 }
 
 #[cfg(test)]
@@ -358,7 +339,13 @@ mod tests {
                 reserved: *reserved,
             })
             .collect();
-        DailyQuota::new(chrono_tz::America::Chicago, limit, services, PROBE_AFTER, now)
+        DailyQuota::new(
+            MarketoDay::new(chrono_tz::America::Chicago),
+            limit,
+            services,
+            PROBE_AFTER,
+            now,
+        )
     }
 
     #[test]
@@ -382,18 +369,13 @@ mod tests {
     #[test]
     fn resets_at_local_midnight_across_daylight_saving_changes() {
         // DST starts 2026-03-08 at 02:00 CST: the 8th starts at 06:00 UTC
-        // (UTC-6) and the 9th at 05:00 UTC (UTC-5), a 23-hour day.
+        // (UTC-6) and the 9th at 05:00 UTC (UTC-5), a 23-hour day (the
+        // day's own tests are in `limits::day`).
+        let mut quota = quota(1, &[(1, 0)], at("2026-03-08T06:00:00Z"));
         assert_eq!(
-            next_midnight(chrono_tz::America::Chicago, at("2026-03-08T12:00:00Z")),
+            quota.next_reset(at("2026-03-08T12:00:00Z")),
             at("2026-03-09T05:00:00Z")
         );
-        // DST ends 2026-11-01 at 02:00 CDT: the 1st starts at 05:00 UTC and
-        // the 2nd at 06:00 UTC, a 25-hour day.
-        assert_eq!(
-            next_midnight(chrono_tz::America::Chicago, at("2026-11-01T05:00:00Z")),
-            at("2026-11-02T06:00:00Z")
-        );
-        let mut quota = quota(1, &[(1, 0)], at("2026-03-08T06:00:00Z"));
         quota.consume(0, whenever());
         quota.roll(at("2026-03-09T04:59:59Z"));
         assert_eq!(
@@ -407,15 +389,6 @@ mod tests {
             Ok(()),
             "the 9th begins at 05:00 UTC in CDT"
         );
-    }
-
-    #[test]
-    fn a_zone_without_midnight_starts_the_day_at_its_first_instant() {
-        // America/Havana skipped 00:00-01:00 on 2026-03-08 (DST at midnight).
-        let reset = next_midnight(chrono_tz::America::Havana, at("2026-03-07T12:00:00Z"));
-        let local = reset.with_timezone(&chrono_tz::America::Havana);
-        assert_eq!(local.date_naive(), "2026-03-08".parse::<NaiveDate>().unwrap());
-        assert!(reset > at("2026-03-07T12:00:00Z"));
     }
 
     #[test]

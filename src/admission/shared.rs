@@ -48,6 +48,7 @@ use super::learn::Episode;
 use super::quota::QuotaScope;
 use super::{Admission, InstanceUse, Permit};
 use crate::config::{Config, INTERNAL_SERVICE, RedisConfig};
+use crate::limits::day::MarketoDay;
 use crate::metrics::Metrics;
 
 /// How long a Redis call may take before Redis counts as unreachable.
@@ -400,8 +401,8 @@ pub struct SharedLimits {
     recent_slots: Mutex<std::collections::VecDeque<(String, Instant)>>,
     /// Acquisitions whose answer was lost, still to be released.
     to_release: Mutex<Vec<(usize, NaiveDate, String)>>,
-    /// The quota's time zone, for the day by Redis's clock.
-    timezone: chrono_tz::Tz,
+    /// Marketo's day, read by Redis's clock.
+    marketo_day: MarketoDay,
     /// Redis's clock minus this replica's, in milliseconds, as of the
     /// last acquisition.
     clock_offset: AtomicI64,
@@ -435,7 +436,12 @@ pub struct SharedLimits {
 impl SharedLimits {
     /// Prepares the client; connects on first use. Fails only on a URL
     /// that can never work.
-    pub fn new(config: &Config, redis: &RedisConfig, metrics: Metrics) -> Result<Arc<Self>, SharedError> {
+    pub fn new(
+        config: &Config,
+        redis: &RedisConfig,
+        metrics: Metrics,
+        marketo_day: MarketoDay,
+    ) -> Result<Arc<Self>, SharedError> {
         // The URL may hold a password: the message says what kind of
         // problem, never the URL.
         let client = Self::client(redis)?;
@@ -474,7 +480,7 @@ impl SharedLimits {
             batches: Mutex::new(Vec::new()),
             recent_slots: Mutex::new(std::collections::VecDeque::new()),
             to_release: Mutex::new(Vec::new()),
-            timezone: limits.timezone,
+            marketo_day,
             clock_offset: AtomicI64::new(0),
             seen: Mutex::new(InstanceUse::default()),
             lost_at: Mutex::new(None),
@@ -592,7 +598,7 @@ impl SharedLimits {
     /// Today by Redis's clock, in the quota's zone.
     pub fn day(&self) -> NaiveDate {
         let offset = chrono::Duration::milliseconds(self.clock_offset.load(Ordering::Relaxed));
-        super::quota::local_day(self.timezone, chrono::Utc::now() + offset)
+        self.marketo_day.date_at(self.marketo_day.now() + offset)
     }
 
     /// The instance's window slots taken, as the last acquisition saw them.
@@ -664,7 +670,7 @@ impl SharedLimits {
         };
         asked.answered = true;
         self.clock_offset.store(
-            redis_now - chrono::Utc::now().timestamp_millis(),
+            redis_now - self.marketo_day.now().timestamp_millis(),
             Ordering::Relaxed,
         );
         *lock(&self.seen) = InstanceUse {
@@ -780,12 +786,12 @@ impl SharedLimits {
     /// `at` by Redis's clock, in milliseconds.
     fn redis_millis(&self, at: Instant) -> i64 {
         let ago = i64::try_from(Instant::now().saturating_duration_since(at).as_millis()).unwrap_or(i64::MAX);
-        chrono::Utc::now().timestamp_millis() + self.clock_offset.load(Ordering::Relaxed) - ago
+        self.marketo_day.now().timestamp_millis() + self.clock_offset.load(Ordering::Relaxed) - ago
     }
 
     /// The moment Redis's clock read `millis` (now, for a later one).
     fn instant_of(&self, millis: i64) -> Instant {
-        let redis_now = chrono::Utc::now().timestamp_millis() + self.clock_offset.load(Ordering::Relaxed);
+        let redis_now = self.marketo_day.now().timestamp_millis() + self.clock_offset.load(Ordering::Relaxed);
         let ago = Duration::from_millis(u64::try_from(redis_now - millis).unwrap_or(0));
         Instant::now().checked_sub(ago).unwrap_or_else(Instant::now)
     }
@@ -1414,8 +1420,10 @@ mod tests {
                     state: { backend: redis, file: ~, redis: { url: 'redis://127.0.0.1:1' } }\n";
         let config = Config::from_yaml_with_env(yaml, |_| None).expect("config");
         let redis = config.state.redis.as_ref().expect("redis settings");
-        let shared = SharedLimits::new(&config, redis, Metrics::new()).expect("shared limits");
-        let here = super::super::quota::local_day(chrono_tz::Pacific::Kiritimati, chrono::Utc::now());
+        let marketo_day = MarketoDay::new(config.limits.timezone);
+        let shared =
+            SharedLimits::new(&config, redis, Metrics::new(), marketo_day.clone()).expect("shared limits");
+        let here = marketo_day.today();
         assert_eq!(shared.day(), here);
         // Redis's clock is a day ahead of this replica's.
         shared.clock_offset.store(24 * 3600 * 1000, Ordering::Relaxed);

@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
-use chrono::{NaiveDate, Utc};
+use chrono::NaiveDate;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::{Notify, oneshot};
@@ -44,6 +44,7 @@ use super::endpoint::{
 use super::shared::{Seen, SharedBulk};
 use crate::admission::shared::{SharedLimits, call_id};
 use crate::config::Config;
+use crate::limits::day::MarketoDay;
 use crate::marketo::code;
 use crate::metrics::Metrics;
 
@@ -146,7 +147,8 @@ pub struct BulkJobs {
     pause: Duration,
     poll_after: Duration,
     poll_pace: Duration,
-    timezone: chrono_tz::Tz,
+    /// The day the export bytes count in (Redis's, with Redis).
+    marketo_day: MarketoDay,
     metrics: Metrics,
     /// Wakes the status poller early.
     wake_poller: Notify,
@@ -167,7 +169,12 @@ fn index(queue: Queue) -> usize {
 impl BulkJobs {
     /// `redis`: the limits shared through Redis, whose connection and day
     /// the bulk state shares too.
-    pub fn new(config: &Config, metrics: Metrics, redis: Option<Arc<SharedLimits>>) -> Arc<Self> {
+    pub fn new(
+        config: &Config,
+        metrics: Metrics,
+        redis: Option<Arc<SharedLimits>>,
+        marketo_day: MarketoDay,
+    ) -> Arc<Self> {
         let names = config.counted_names();
         let bulk = &config.bulk;
         let fallback_replicas = redis
@@ -185,7 +192,7 @@ impl BulkJobs {
                 lines: [line(), line()],
                 day: shared
                     .as_ref()
-                    .map_or_else(|| today(config.limits.timezone), SharedBulk::day),
+                    .map_or_else(|| marketo_day.today(), SharedBulk::day),
                 export_bytes: 0,
                 export_spent: false,
                 services: vec![ServiceDay::default(); names.len()],
@@ -206,7 +213,7 @@ impl BulkJobs {
             pause: bulk.pause,
             poll_after: bulk.poll_after,
             poll_pace: bulk.poll_pace,
-            timezone: config.limits.timezone,
+            marketo_day,
             metrics,
             wake_poller: Notify::new(),
             shared,
@@ -231,7 +238,7 @@ impl BulkJobs {
         let today = self
             .shared
             .as_ref()
-            .map_or_else(|| today(self.timezone), SharedBulk::day);
+            .map_or_else(|| self.marketo_day.today(), SharedBulk::day);
         if state.day != today {
             state.day = today;
             state.export_bytes = 0;
@@ -249,16 +256,7 @@ impl BulkJobs {
 
     /// How long until the day's export bytes come back.
     fn until_reset(&self) -> Duration {
-        let now = Utc::now().with_timezone(&self.timezone);
-        let tomorrow = now
-            .date_naive()
-            .succ_opt()
-            .and_then(|day| day.and_hms_opt(0, 0, 0));
-        tomorrow
-            .and_then(|midnight| midnight.and_local_timezone(self.timezone).earliest())
-            .and_then(|midnight| (midnight - now).to_std().ok())
-            .unwrap_or(Duration::from_secs(3600))
-            .max(Duration::from_secs(1))
+        self.marketo_day.until_reset().max(Duration::from_secs(1))
     }
 
     /// Refuses a create or enqueue of an export once today's bytes are
@@ -836,8 +834,4 @@ fn job_id(result: &Value) -> Option<String> {
 
 fn someone_waits_in(line: &Line) -> bool {
     line.waiting.iter().any(|waiting| !waiting.is_empty())
-}
-
-fn today(timezone: chrono_tz::Tz) -> NaiveDate {
-    Utc::now().with_timezone(&timezone).date_naive()
 }

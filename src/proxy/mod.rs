@@ -223,12 +223,14 @@ mod tests {
         let upstream = Upstream::new(&config.marketo).unwrap();
         let tokens = Arc::new(TokenCaches::new(&config, &upstream, &metrics));
         let admission = Admission::new(&config, metrics.clone());
+        let bulk =
+            crate::bulk::BulkJobs::new(&config, metrics.clone(), None, admission.marketo_day().clone());
         Components {
             callers: Arc::new(Callers::new(&config, &metrics)),
             share: share::ShareLayer::new(&config, tokens.users(), Arc::clone(&admission)),
             tokens,
             admission,
-            bulk: crate::bulk::BulkJobs::new(&config, metrics.clone(), None),
+            bulk,
             limits: None,
             upstream,
             metrics,
