@@ -59,6 +59,8 @@ pub struct Metrics {
     pub token_expiry_seconds: Gauge,
     pub replays: IntCounterVec,
     pub backend_up: IntGauge,
+    /// Redis scripts that failed (a bug, not an outage), by script.
+    pub backend_script_errors: IntCounterVec,
     /// Seconds until the day's quota runs out at the current rate; +Inf
     /// when it will not before the reset.
     pub quota_exhaustion_eta_seconds: Gauge,
@@ -183,6 +185,14 @@ impl Metrics {
                 "1 while the state backend is reachable",
             )
             .expect("valid metric"),
+            backend_script_errors: IntCounterVec::new(
+                Opts::new(
+                    "marketo_proxy_backend_script_errors_total",
+                    "Redis scripts that failed: a bug in the proxy, not an outage",
+                ),
+                &["script"],
+            )
+            .expect("valid metric"),
             quota_exhaustion_eta_seconds: Gauge::new(
                 "marketo_proxy_quota_exhaustion_eta_seconds",
                 "Seconds until the daily quota runs out at the current rate (+Inf: not before the reset)",
@@ -242,7 +252,7 @@ impl Metrics {
     }
 
     fn register_all(&self) {
-        let collectors: [Box<dyn prometheus::core::Collector>; 26] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 27] = [
             Box::new(self.requests.clone()),
             Box::new(self.upstream_calls.clone()),
             Box::new(self.queue_wait.clone()),
@@ -262,6 +272,7 @@ impl Metrics {
             Box::new(self.token_expiry_seconds.clone()),
             Box::new(self.replays.clone()),
             Box::new(self.backend_up.clone()),
+            Box::new(self.backend_script_errors.clone()),
             Box::new(self.quota_exhaustion_eta_seconds.clone()),
             Box::new(self.calls_saved.clone()),
             Box::new(self.queued.clone()),

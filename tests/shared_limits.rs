@@ -512,3 +512,45 @@ async fn the_usage_reader_keeps_its_lock_and_another_replica_takes_over_when_it_
     .await;
     assert_eq!(reader.lead_reconciliation(hold).await, Some(false));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_script_is_counted_as_a_bug_and_does_not_start_the_fallback() {
+    use redis::AsyncCommands;
+
+    let redis = RedisServer::start();
+    let sim = quick_sim(Duration::from_secs(2)).await;
+    let limits = "  window_calls: 10\n  window: 2s\n  max_queue_wait: 1s";
+    let proxy = app::spawn(replica_config(&sim.url(), &redis.url(), limits, "bug"))
+        .await
+        .unwrap();
+    backend_up(&proxy, true).await;
+    // The shared window turned into a string: every acquire script fails
+    // on it, while Redis itself answers.
+    let mut connection = redis.connection().await;
+    let _: () = connection.set("{bug}:window", "not a sorted set").await.unwrap();
+
+    let answers = fire(&[&proxy], 1).await;
+    assert!(!answers[0].1, "no call can be admitted: {answers:?}");
+    let metrics = support::metrics_text(&proxy.admin_url()).await;
+    let errors = support::metric(
+        &metrics,
+        r#"marketo_proxy_backend_script_errors_total{script="acquire"}"#,
+    );
+    assert!(errors.is_some_and(|errors| errors >= 1.0), "{errors:?}");
+    assert_eq!(support::metric(&metrics, "marketo_proxy_backend_up"), Some(1.0));
+    assert_eq!(sim.stats().calls, 0, "nothing went to Marketo");
+
+    // Mended, calls go through on the shared limits again (once the new
+    // Redis has settled: it grants nothing for its first 2 s).
+    let _: () = connection.del("{bug}:window").await.unwrap();
+    support::eventually(Duration::from_secs(5), async || {
+        let answers = fire(&[&proxy], 1).await;
+        if answers[0].1 {
+            Ok(())
+        } else {
+            Err(format!("{answers:?}"))
+        }
+    })
+    .await;
+    assert_eq!(sim.stats().calls, 1);
+}

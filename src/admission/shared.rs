@@ -49,6 +49,7 @@ use super::quota::QuotaScope;
 use super::{Admission, InstanceUse, Permit};
 use crate::config::{Config, INTERNAL_SERVICE, RedisConfig};
 use crate::limits::day::MarketoDay;
+use crate::limits::redis::scripts::{self, Args, Verdict, millis};
 use crate::metrics::Metrics;
 
 /// How long a Redis call may take before Redis counts as unreachable.
@@ -73,254 +74,7 @@ const DAY_TTL: Duration = Duration::from_secs(3 * 24 * 3600);
 /// takes for free what the others still hold.
 const SETTLE: Duration = Duration::from_secs(2);
 
-/// Checks and takes a window slot, a concurrency lease and a unit of the
-/// day's quota, or says which limit is in the way and for how long.
-const ACQUIRE: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local id = ARGV[1]
-for i = 1, 4 do redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now) end
-redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', now)
-local total = tonumber(redis.call('HGET', KEYS[5], 'total') or '0')
-local foreign = tonumber(redis.call('HGET', KEYS[5], 'foreign') or '0')
-local function reply(granted, kind, wait)
-  local learned = tonumber(redis.call('HGET', KEYS[9], 'version') or '0')
-  return {granted, kind, wait, redis.call('ZCARD', KEYS[1]), redis.call('ZCARD', KEYS[2]), total + foreign, now, learned}
-end
-local function wait(key)
-  local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
-  if first[2] then return math.max(1, tonumber(first[2]) - now) end
-  return 1000
-end
--- Its asker gave up on it already and released it.
-if redis.call('ZSCORE', KEYS[6], id) then return reply(0, 'released', 0) end
--- Redis lost the data the asker wrote (its window slots among them).
-if redis.call('GET', KEYS[7]) ~= ARGV[13] then return reply(0, 'lost', 0) end
--- It lost it just now: the replicas are still writing what they hold.
-local settling = redis.call('PTTL', KEYS[8])
-if settling > 0 then return reply(0, 'settling', settling) end
-if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[4]) then return reply(0, 'concurrency', 25) end
-if redis.call('ZCARD', KEYS[4]) >= tonumber(ARGV[7]) then return reply(0, 'service_concurrency', 25) end
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return reply(0, 'window', wait(KEYS[1])) end
-local service_window = tonumber(ARGV[6])
-if service_window > 0 and redis.call('ZCARD', KEYS[3]) >= service_window then
-  return reply(0, 'service_window', wait(KEYS[3]))
-end
-local spent = tonumber(redis.call('HGET', KEYS[5], 'spent') or '0')
-if spent > 0 and now < spent then return reply(0, 'spent', spent - now) end
-local remaining = tonumber(ARGV[8]) - total - foreign
-if remaining <= 0 then return reply(0, 'quota', 0) end
-if tonumber(redis.call('HGET', KEYS[5], ARGV[9]) or '0') >= tonumber(ARGV[10]) then
-  return reply(0, 'service_cap', 0)
-end
-local held = 0
-for i = 14, #ARGV, 2 do
-  local used = tonumber(redis.call('HGET', KEYS[5], ARGV[i]) or '0')
-  held = held + math.max(0, tonumber(ARGV[i + 1]) - used)
-end
-if remaining <= held then return reply(0, 'reserved', 0) end
--- After Marketo's 607 this call is the probe: the others wait for it.
-if spent > 0 then redis.call('HSET', KEYS[5], 'spent', now + tonumber(ARGV[12])) end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), id)
-redis.call('ZADD', KEYS[2], now + tonumber(ARGV[5]), id)
-if service_window > 0 then redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), id) end
-redis.call('ZADD', KEYS[4], now + tonumber(ARGV[5]), id)
-total = total + 1
-redis.call('HINCRBY', KEYS[5], 'total', 1)
-redis.call('HINCRBY', KEYS[5], ARGV[9], 1)
-redis.call('EXPIRE', KEYS[5], tonumber(ARGV[11]))
-for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], tonumber(ARGV[3]) + 60000) end
-if spent > 0 then return reply(1, 'probe', 0) end
-return reply(1, 'ok', 0)
-";
-
-/// Counts a refusal of Marketo's in the day hash (its error report counts
-/// every replica's), and keeps the latest lowering of each learned limit
-/// (see [`super::learn`]), so that what one replica learns from Marketo's
-/// refusals holds for all. KEYS: learned, day. ARGV: for the window, then
-/// the concurrency: floor, when it was lowered (Redis ms; 0: never), hold
-/// ms; then the hash's lifetime in ms, the day hash's in seconds. Answers
-/// the learned hash.
-const LEARN: &str = r"
-redis.call('HINCRBY', KEYS[2], 'refused', 1)
-redis.call('EXPIRE', KEYS[2], tonumber(ARGV[8]))
-local changed = false
-for i, kind in ipairs({'window', 'concurrency'}) do
-  local floor, at = tonumber(ARGV[3 * i - 2]), tonumber(ARGV[3 * i - 1])
-  local stored = tonumber(redis.call('HGET', KEYS[1], kind .. '_at') or '0')
-  local stored_floor = tonumber(redis.call('HGET', KEYS[1], kind .. '_floor') or '0')
-  if at > stored or (at == stored and at > 0 and floor < stored_floor) then
-    redis.call('HSET', KEYS[1], kind .. '_floor', floor, kind .. '_at', at, kind .. '_hold', ARGV[3 * i])
-    changed = true
-  end
-end
-if changed then redis.call('HINCRBY', KEYS[1], 'version', 1) end
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[7]))
-return redis.call('HGETALL', KEYS[1])
-";
-
-/// Gives back everything an acquisition took, when its asker never got
-/// the answer, and leaves a tombstone so that an acquisition still on its
-/// way takes nothing. Counts the day's unit back only if it was taken.
-/// KEYS: window, inflight, service window, service inflight, day, done.
-/// ARGV: id, service field, tombstone ms.
-const UNDO: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local id = ARGV[1]
-redis.call('ZADD', KEYS[6], now + tonumber(ARGV[3]), id)
-redis.call('PEXPIRE', KEYS[6], tonumber(ARGV[3]) + 60000)
-local took = 0
-for i = 1, 4 do took = took + redis.call('ZREM', KEYS[i], id) end
-if took > 0 then
-  redis.call('HINCRBY', KEYS[5], 'total', -1)
-  redis.call('HINCRBY', KEYS[5], ARGV[2], -1)
-end
-return took
-";
-
-/// A call is over: its concurrency leases go, and a tombstone keeps a
-/// renewal already on its way from bringing them back. KEYS: inflight,
-/// service inflight, done. ARGV: id, tombstone ms.
-const RELEASE: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZADD', KEYS[3], now + tonumber(ARGV[2]), ARGV[1])
-redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[2]) + 60000)
-redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
-return 1
-";
-
-/// Renews a call's concurrency leases, re-creating any that lapsed (an
-/// outage longer than the lease), unless the call is over. KEYS:
-/// inflight, service inflight, done. ARGV: id, lease ms.
-const RENEW: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if redis.call('ZSCORE', KEYS[3], ARGV[1]) then return 0 end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
-redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) + 60000)
-redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[2]) + 60000)
-return 1
-";
-
-/// Moves a call's window slots when its answer arrives: they free
-/// `window + margin` from now. ARGV: call id, ms from now.
-const RESCORE: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-for i = 1, #KEYS do redis.call('ZADD', KEYS[i], 'XX', now + tonumber(ARGV[2]), ARGV[1]) end
-return 1
-";
-
-/// Writes what a replica did while Redis was unreachable, so that writing
-/// it again changes nothing: the window slots of its answered calls that
-/// still run, by call id (milliseconds left on each), its calls still in
-/// flight by id (a window slot if they have none, and the concurrency
-/// lease unless the call is over), and the day's calls per service in
-/// numbered batches, each counted once. KEYS: window, inflight, day,
-/// applied batches, done. ARGV: pending ms, lease ms, n, n x (id, ms
-/// left), m, m x id, then batches: (batch id, k, k x (field, calls)).
-const CATCH_UP: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local pending = tonumber(ARGV[1])
-local lease = tonumber(ARGV[2])
-local i = 3
-local slots = tonumber(ARGV[i])
-for n = 1, slots do
-  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[i + 2 * n]), ARGV[i + 2 * n - 1])
-end
-i = i + 2 * slots + 1
-local live = tonumber(ARGV[i])
-for n = 1, live do
-  local id = ARGV[i + n]
-  redis.call('ZADD', KEYS[1], 'NX', now + pending, id)
-  if not redis.call('ZSCORE', KEYS[5], id) then redis.call('ZADD', KEYS[2], now + lease, id) end
-end
-i = i + live + 1
-redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
-while i <= #ARGV do
-  local batch = ARGV[i]
-  local fields = tonumber(ARGV[i + 1])
-  if not redis.call('ZSCORE', KEYS[4], batch) then
-    for n = 1, fields do
-      local field = ARGV[i + 2 * n]
-      local calls = tonumber(ARGV[i + 2 * n + 1])
-      redis.call('HINCRBY', KEYS[3], field, calls)
-      redis.call('HINCRBY', KEYS[3], 'total', calls)
-    end
-    redis.call('ZADD', KEYS[4], now + 259200000, batch)
-  end
-  i = i + 2 + 2 * fields
-end
-redis.call('EXPIRE', KEYS[3], 259200)
-redis.call('PEXPIRE', KEYS[4], 259200000)
-redis.call('PEXPIRE', KEYS[1], pending + 60000)
-redis.call('PEXPIRE', KEYS[2], lease + 60000)
-return 1
-";
-
-/// Marketo said 607: no replica calls before the probe time (Redis time
-/// plus ARGV[1] ms). ARGV[2]: the day hash's lifetime.
-const MARK_SPENT: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('HSET', KEYS[1], 'spent', now + tonumber(ARGV[1]))
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
-return 1
-";
-
-/// Takes Marketo's count of today's calls: what it counted beyond all
-/// replicas' calls came from outside. Answers today's calls from outside
-/// and the replicas' calls Marketo refused today.
-const RECONCILE: &str = r"
-local total = tonumber(redis.call('HGET', KEYS[1], 'total') or '0')
-local foreign = math.max(0, tonumber(ARGV[1]) - total)
-local known = tonumber(redis.call('HGET', KEYS[1], 'foreign') or '0')
-if foreign > known then
-  redis.call('HSET', KEYS[1], 'foreign', foreign)
-  known = foreign
-end
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
-return {known, tonumber(redis.call('HGET', KEYS[1], 'refused') or '0')}
-";
-
-/// Takes or keeps the lock of the replica that reads Marketo's usage
-/// report for all of them. KEYS: lock. ARGV: replica id, lock ms.
-const LEAD: &str = r"
-local holder = redis.call('GET', KEYS[1])
-if holder and holder ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', tonumber(ARGV[2]))
-return 1
-";
-
-/// The mark of this Redis's data: made by the first replica to find it
-/// missing, so a Redis that lost its data (restarted without persistence,
-/// or failed over to an empty replica) has a new one, and grants nothing
-/// for [`SETTLE`]. Also answers the version of the learned limits, so that
-/// a replica without calls of its own learns of a change within a tick.
-/// KEYS: epoch, settling, learned. ARGV: a new mark, used if there is
-/// none; settle ms.
-const EPOCH: &str = r"
-local learned = tonumber(redis.call('HGET', KEYS[3], 'version') or '0')
-local epoch = redis.call('GET', KEYS[1])
-if epoch then return {epoch, learned} end
-redis.call('SET', KEYS[1], ARGV[1])
-redis.call('SET', KEYS[2], '1', 'PX', tonumber(ARGV[2]))
-return {ARGV[1], learned}
-";
-
-/// Why Redis could not be used.
-#[derive(Debug, thiserror::Error)]
-pub enum SharedError {
-    #[error("state.redis.url is not usable: {0}")]
-    Url(String),
-    #[error("Redis is unreachable")]
-    Unreachable,
-}
+pub use crate::limits::redis::SharedError;
 
 /// What Redis said about a call.
 pub enum Grant {
@@ -413,21 +167,10 @@ pub struct SharedLimits {
     lost_at: Mutex<Option<Instant>>,
     /// This replica, for the reconciler's lock.
     replica: String,
-    lead: redis::Script,
-    epoch_script: redis::Script,
     /// The mark of Redis's data as this replica last saw it.
     epoch: Mutex<Option<String>>,
     /// The version of the learned limits this replica last took.
     learned_version: AtomicI64,
-    learn: redis::Script,
-    acquire: redis::Script,
-    undo: redis::Script,
-    release: redis::Script,
-    renew: redis::Script,
-    rescore: redis::Script,
-    catch_up: redis::Script,
-    reconcile: redis::Script,
-    mark_spent: redis::Script,
     /// How long a 607 holds before a probe.
     probe_after: Duration,
     metrics: Metrics,
@@ -496,19 +239,8 @@ impl SharedLimits {
             recoveries: std::sync::atomic::AtomicU64::new(0),
             leases: Mutex::new(Leases::default()),
             replica: call_id(),
-            lead: redis::Script::new(LEAD),
-            epoch_script: redis::Script::new(EPOCH),
             epoch: Mutex::new(None),
             learned_version: AtomicI64::new(0),
-            learn: redis::Script::new(LEARN),
-            acquire: redis::Script::new(ACQUIRE),
-            undo: redis::Script::new(UNDO),
-            release: redis::Script::new(RELEASE),
-            renew: redis::Script::new(RENEW),
-            rescore: redis::Script::new(RESCORE),
-            catch_up: redis::Script::new(CATCH_UP),
-            reconcile: redis::Script::new(RECONCILE),
-            mark_spent: redis::Script::new(MARK_SPENT),
             probe_after: limits.quota_probe_interval,
             metrics,
         });
@@ -576,23 +308,34 @@ impl SharedLimits {
         }
         let connected = tokio::time::timeout(REDIS_TIMEOUT, ConnectionManager::new(self.client.clone()))
             .await
-            .map_err(|_| SharedError::Unreachable)?
-            .map_err(|_| SharedError::Unreachable)?;
+            .map_err(|_| SharedError::Timeout(REDIS_TIMEOUT))?
+            .map_err(SharedError::Unreachable)?;
         *slot = Some(connected.clone());
         Ok(connected)
     }
 
-    /// Runs one Redis call within [`REDIS_TIMEOUT`], on the connection
-    /// every shared count uses.
-    pub(crate) async fn call<T: redis::FromRedisValue>(
-        &self,
-        invocation: &redis::ScriptInvocation<'_>,
-    ) -> Result<T, SharedError> {
+    /// Runs one script within [`REDIS_TIMEOUT`], on the connection every
+    /// shared count uses. A script that fails is logged and counted as the
+    /// bug it is.
+    pub(crate) async fn run<A: Args>(&self, keys: &[&str], args: &A) -> Result<A::Reply, SharedError> {
+        let script = A::script();
+        let invocation = script.invocation(keys, args);
         let mut connection = self.connection().await?;
-        match tokio::time::timeout(REDIS_TIMEOUT, invocation.invoke_async(&mut connection)).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(_)) | Err(_) => Err(SharedError::Unreachable),
+        let error = match tokio::time::timeout(REDIS_TIMEOUT, invocation.invoke_async(&mut connection)).await
+        {
+            Ok(Ok(reply)) => return Ok(reply),
+            Ok(Err(error)) => SharedError::of_script(script.name, error),
+            Err(_) => SharedError::Timeout(REDIS_TIMEOUT),
+        };
+        if !error.is_unreachable() {
+            self.metrics
+                .backend_script_errors
+                .with_label_values(&[script.name])
+                .inc();
+            let cause = std::error::Error::source(&error).map(ToString::to_string);
+            tracing::error!(%error, cause, "a Redis script failed: this is a bug");
         }
+        Err(error)
     }
 
     /// Today by Redis's clock, in the quota's zone.
@@ -638,88 +381,102 @@ impl SharedLimits {
         // Lower while Marketo's refusals or reports show calls from outside
         // the proxy.
         let (window_calls, concurrency) = admission.limits_left();
-        let mut invocation = self.acquire.prepare_invoke();
-        self.acquisition_keys(&mut invocation, service, day);
-        invocation
-            .arg(&id)
-            .arg(self.window_calls.min(window_calls))
-            .arg(millis(self.pending))
-            .arg(self.concurrency.min(concurrency))
-            .arg(millis(self.lease))
-            .arg(limits.window_calls)
-            .arg(limits.concurrency)
-            .arg(self.daily_quota)
-            .arg(&limits.field)
-            .arg(limits.cap)
-            .arg(DAY_TTL.as_secs())
-            .arg(millis(self.probe_after))
-            .arg(lock(&self.epoch).clone().unwrap_or_default());
-        for (other, other_limits) in self.services.iter().enumerate() {
-            if other != service && other_limits.reserved > 0 {
-                invocation.arg(&other_limits.field).arg(other_limits.reserved);
+        let epoch = lock(&self.epoch).clone().unwrap_or_default();
+        let args = scripts::Acquire {
+            id: &id,
+            window_calls: self.window_calls.min(window_calls),
+            concurrency: self.concurrency.min(concurrency),
+            pending_ms: millis(self.pending),
+            lease_ms: millis(self.lease),
+            service_window_calls: limits.window_calls,
+            service_concurrency: limits.concurrency,
+            daily_quota: self.daily_quota,
+            field: &limits.field,
+            cap: limits.cap,
+            day_ttl_s: DAY_TTL.as_secs(),
+            probe_after_ms: millis(self.probe_after),
+            epoch: &epoch,
+            reserves: self
+                .services
+                .iter()
+                .enumerate()
+                .filter(|(other, other_limits)| *other != service && other_limits.reserved > 0)
+                .map(|(_, other_limits)| (other_limits.field.as_str(), other_limits.reserved))
+                .collect(),
+        };
+        let acquired = match self.run(&self.acquisition_keys(service, day).each(), &args).await {
+            Ok(acquired) => acquired,
+            Err(error) if error.is_unreachable() => {
+                // Often only the connection broke (Redis restarted, a
+                // network blip): try at once, so the fallback lasts as
+                // short as can be.
+                self.reconnect_now(admission).await;
+                return Grant::Readmit;
             }
-        }
-        let Ok((granted, kind, wait_ms, window, in_flight, day_used, redis_now, learned)) = self
-            .call::<(u8, String, u64, u32, u32, u64, i64, i64)>(&invocation)
-            .await
-        else {
-            // Often only the connection broke (Redis restarted, a network
-            // blip): try at once, so the fallback lasts as short as can be.
-            self.reconnect_now(admission).await;
-            return Grant::Readmit;
+            // A bug, counted and logged: the call asks again, and no
+            // fallback hides it.
+            Err(_) => return Grant::Wait(MAX_ASK_INTERVAL),
         };
         asked.answered = true;
         self.clock_offset.store(
-            redis_now - self.marketo_day.now().timestamp_millis(),
+            acquired.redis_now - self.marketo_day.now().timestamp_millis(),
             Ordering::Relaxed,
         );
         *lock(&self.seen) = InstanceUse {
-            window,
-            in_flight,
-            day_used,
+            window: acquired.window,
+            in_flight: acquired.in_flight,
+            day_used: acquired.day_used,
         };
-        self.learned_changed(learned, admission).await;
-        if kind == "lost" {
-            // Write this replica's slots and leases again before anything
-            // is counted on data that lacks them, then admit once more.
-            tracing::warn!(
-                "Redis lost the shared counts (restarted empty?): writing this replica's window slots and leases again"
-            );
-            self.reconnect_now(admission).await;
-            return Grant::Readmit;
-        }
-        if granted == 1 {
-            self.leases_mut().synced.insert((service, id.clone()), true);
-            return Grant::Granted(Lease {
-                shared: Arc::clone(self),
-                service,
-                id,
-                stamped: false,
-                probe: kind == "probe",
-            });
-        }
-        match kind.as_str() {
-            "quota" => Grant::Refused(QuotaScope::Instance, None),
-            "spent" => Grant::Refused(QuotaScope::Instance, Some(Duration::from_millis(wait_ms))),
-            "service_cap" => Grant::Refused(QuotaScope::ServiceCap, None),
-            "reserved" => Grant::Refused(QuotaScope::Reserved, None),
-            _ => Grant::Wait(Duration::from_millis(wait_ms).min(MAX_ASK_INTERVAL)),
+        self.learned_changed(acquired.learned_version, admission).await;
+        let wait = Duration::from_millis(acquired.wait_ms);
+        match acquired.verdict {
+            Verdict::Lost => {
+                // Write this replica's slots and leases again before
+                // anything is counted on data that lacks them, then admit
+                // once more.
+                tracing::warn!(
+                    "Redis lost the shared counts (restarted empty?): writing this replica's window slots and leases again"
+                );
+                self.reconnect_now(admission).await;
+                Grant::Readmit
+            }
+            Verdict::Granted | Verdict::Probe => {
+                self.leases_mut().synced.insert((service, id.clone()), true);
+                Grant::Granted(Lease {
+                    shared: Arc::clone(self),
+                    service,
+                    id,
+                    stamped: false,
+                    probe: acquired.verdict == Verdict::Probe,
+                })
+            }
+            Verdict::Quota => Grant::Refused(QuotaScope::Instance, None),
+            Verdict::Spent => Grant::Refused(QuotaScope::Instance, Some(wait)),
+            Verdict::ServiceCap => Grant::Refused(QuotaScope::ServiceCap, None),
+            Verdict::Reserved => Grant::Refused(QuotaScope::Reserved, None),
+            Verdict::Released
+            | Verdict::Settling
+            | Verdict::Concurrency
+            | Verdict::ServiceConcurrency
+            | Verdict::Window
+            | Verdict::ServiceWindow => Grant::Wait(wait.min(MAX_ASK_INTERVAL)),
         }
     }
 
     /// The keys an acquisition of `service` on `day` touches, in the order
-    /// ACQUIRE and UNDO take them (UNDO ignores the last three).
-    fn acquisition_keys(&self, invocation: &mut redis::ScriptInvocation<'_>, service: usize, day: NaiveDate) {
-        invocation
-            .key(self.key("window"))
-            .key(self.key("inflight"))
-            .key(self.service_key("window", service))
-            .key(self.service_key("inflight", service))
-            .key(self.day_key(day))
-            .key(self.key("done"))
-            .key(self.key("epoch"))
-            .key(self.key("settling"))
-            .key(self.key("learned"));
+    /// the acquire script takes them (undo takes the first six).
+    fn acquisition_keys(&self, service: usize, day: NaiveDate) -> AcquisitionKeys {
+        AcquisitionKeys([
+            self.key("window"),
+            self.key("inflight"),
+            self.service_key("window", service),
+            self.service_key("inflight", service),
+            self.day_key(day),
+            self.key("done"),
+            self.key("epoch"),
+            self.key("settling"),
+            self.key("learned"),
+        ])
     }
 
     /// Marketo refused a call for its window or concurrency: counts the
@@ -730,21 +487,23 @@ impl SharedLimits {
         if !self.is_up() {
             return;
         }
-        let mut invocation = self.learn.prepare_invoke();
-        invocation
-            .key(self.key("learned"))
-            .key(self.day_key(admission.day()));
-        for episode in admission.learned_episodes() {
-            match episode {
-                Some(episode) => invocation
-                    .arg(episode.floor)
-                    .arg(self.redis_millis(episode.lowered_at))
-                    .arg(millis(episode.hold)),
-                None => invocation.arg(0).arg(0).arg(0),
-            };
-        }
-        invocation.arg(millis(LEARNED_TTL)).arg(DAY_TTL.as_secs());
-        if let Ok(fields) = self.call::<HashMap<String, i64>>(&invocation).await {
+        let [window, concurrency] = admission.learned_episodes().map(|episode| {
+            episode.map_or_else(scripts::LearnedEpisode::default, |episode| {
+                scripts::LearnedEpisode {
+                    floor: episode.floor,
+                    at_ms: self.redis_millis(episode.lowered_at),
+                    hold_ms: millis(episode.hold),
+                }
+            })
+        });
+        let args = scripts::Learn {
+            window,
+            concurrency,
+            learned_ttl_ms: millis(LEARNED_TTL),
+            day_ttl_s: DAY_TTL.as_secs(),
+        };
+        let keys = [self.key("learned"), self.day_key(admission.day())];
+        if let Ok(fields) = self.run(&keys.each_ref().map(String::as_str), &args).await {
             self.adopt_learned(admission, &fields);
         }
     }
@@ -808,13 +567,14 @@ impl SharedLimits {
     }
 
     async fn undo_acquisition(&self, service: usize, day: NaiveDate, id: &str) -> Result<(), SharedError> {
-        let mut invocation = self.undo.prepare_invoke();
-        self.acquisition_keys(&mut invocation, service, day);
-        invocation
-            .arg(id)
-            .arg(self.field(service))
-            .arg(millis(self.tombstone()));
-        self.call::<u8>(&invocation).await.map(drop)
+        let args = scripts::Undo {
+            id,
+            field: self.field(service),
+            tombstone_ms: millis(self.tombstone()),
+        };
+        self.run(&self.acquisition_keys(service, day).each()[..6], &args)
+            .await
+            .map(drop)
     }
 
     /// A lease of this replica's own while Redis is unreachable.
@@ -902,12 +662,11 @@ impl SharedLimits {
     /// Marketo said 607: no replica calls before the probe time.
     pub async fn mark_spent(&self) {
         let day = self.day();
-        let mut invocation = self.mark_spent.prepare_invoke();
-        invocation
-            .key(self.day_key(day))
-            .arg(millis(self.probe_after))
-            .arg(DAY_TTL.as_secs());
-        let _ = self.call::<u8>(&invocation).await;
+        let args = scripts::MarkSpent {
+            probe_after_ms: millis(self.probe_after),
+            day_ttl_s: DAY_TTL.as_secs(),
+        };
+        let _ = self.run(&[self.day_key(day).as_str()], &args).await;
     }
 
     /// A call went through after Marketo's 607: the day is not spent.
@@ -930,24 +689,23 @@ impl SharedLimits {
     /// Answers today's calls from outside the proxy and the replicas'
     /// calls Marketo refused today, unless Redis cannot say.
     pub async fn reconcile(&self, day: NaiveDate, marketo_total: u64) -> Option<(u64, u64)> {
-        let mut invocation = self.reconcile.prepare_invoke();
-        invocation
-            .key(self.day_key(day))
-            .arg(marketo_total)
-            .arg(DAY_TTL.as_secs());
-        self.call::<(u64, u64)>(&invocation).await.ok()
+        let args = scripts::Reconcile {
+            marketo_total,
+            day_ttl_s: DAY_TTL.as_secs(),
+        };
+        self.run(&[self.day_key(day).as_str()], &args).await.ok()
     }
 
     /// Whether this replica reads Marketo's usage report for every
     /// replica: it holds the lock (for `hold` more), or just took it from
     /// nobody. `None` while Redis cannot say.
     pub async fn lead_reconciliation(&self, hold: Duration) -> Option<bool> {
-        let mut invocation = self.lead.prepare_invoke();
-        invocation
-            .key(self.key("reconciler"))
-            .arg(&self.replica)
-            .arg(millis(hold));
-        self.call::<u8>(&invocation).await.ok().map(|led| led == 1)
+        let args = scripts::Lead {
+            replica: &self.replica,
+            hold_ms: millis(hold),
+        };
+        let led = self.run(&[self.key("reconciler").as_str()], &args).await.ok()?;
+        Some(led == 1)
     }
 
     /// Marketo's usage report as the reconciler read it, for the others,
@@ -984,28 +742,33 @@ impl SharedLimits {
     }
 
     async fn stamp(&self, service: usize, id: &str, earlier: Duration) {
-        let mut invocation = self.rescore.prepare_invoke();
-        invocation.key(self.key("window"));
+        let mut keys = vec![self.key("window")];
         if self
             .services
             .get(service)
             .is_some_and(|limits| limits.window_calls > 0)
         {
-            invocation.key(self.service_key("window", service));
+            keys.push(self.service_key("window", service));
         }
-        invocation.arg(id).arg(millis(self.hold.saturating_sub(earlier)));
-        let _ = self.call::<u8>(&invocation).await;
+        let args = scripts::Rescore {
+            id,
+            free_in_ms: millis(self.hold.saturating_sub(earlier)),
+        };
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let _ = self.run(&keys, &args).await;
     }
 
     async fn release(&self, service: usize, id: &str) {
-        let mut invocation = self.release.prepare_invoke();
-        invocation
-            .key(self.key("inflight"))
-            .key(self.service_key("inflight", service))
-            .key(self.key("done"))
-            .arg(id)
-            .arg(millis(self.tombstone()));
-        let _ = self.call::<u8>(&invocation).await;
+        let keys = [
+            self.key("inflight"),
+            self.service_key("inflight", service),
+            self.key("done"),
+        ];
+        let args = scripts::Release {
+            id,
+            tombstone_ms: millis(self.tombstone()),
+        };
+        let _ = self.run(&keys.each_ref().map(String::as_str), &args).await;
     }
 
     /// How long a finished or given-up call's id is remembered: longer
@@ -1042,6 +805,9 @@ impl SharedLimits {
                 }
                 tokio::time::sleep(tick).await;
                 match shared.same_data(&admission).await {
+                    // A failing script is counted and logged where it ran;
+                    // Redis itself still answers.
+                    Err(error) if !error.is_unreachable() => {}
                     Err(_) => {
                         shared.reconnect_now(&admission).await;
                         continue;
@@ -1058,7 +824,11 @@ impl SharedLimits {
                 since_renewal += tick;
                 if since_renewal >= shared.lease / 3 {
                     since_renewal = Duration::ZERO;
-                    if shared.renew_leases().await.is_err() {
+                    if shared
+                        .renew_leases()
+                        .await
+                        .is_err_and(|error| error.is_unreachable())
+                    {
                         shared.fall_back(&admission);
                     }
                 }
@@ -1078,7 +848,8 @@ impl SharedLimits {
             .arg("NX");
         match tokio::time::timeout(REDIS_TIMEOUT, hold.query_async::<Option<String>>(&mut connection)).await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(_)) | Err(_) => Err(SharedError::Unreachable),
+            Ok(Err(error)) => Err(SharedError::Unreachable(error)),
+            Err(_) => Err(SharedError::Timeout(REDIS_TIMEOUT)),
         }
     }
 
@@ -1086,14 +857,12 @@ impl SharedLimits {
     /// the first time it looks). Takes what other replicas learned since
     /// the last look.
     async fn same_data(&self, admission: &Arc<Admission>) -> Result<bool, SharedError> {
-        let mut invocation = self.epoch_script.prepare_invoke();
-        invocation
-            .key(self.key("epoch"))
-            .key(self.key("settling"))
-            .key(self.key("learned"))
-            .arg(call_id())
-            .arg(millis(SETTLE));
-        let (epoch, learned) = self.call::<(String, i64)>(&invocation).await?;
+        let keys = [self.key("epoch"), self.key("settling"), self.key("learned")];
+        let args = scripts::Epoch {
+            new_mark: &call_id(),
+            settle_ms: millis(SETTLE),
+        };
+        let (epoch, learned) = self.run(&keys.each_ref().map(String::as_str), &args).await?;
         self.learned_changed(learned, admission).await;
         let mut known = lock(&self.epoch);
         let same = known.as_ref().is_none_or(|known| *known == epoch);
@@ -1110,14 +879,16 @@ impl SharedLimits {
             .map(|(lease, _)| lease.clone())
             .collect();
         for (service, id) in leases {
-            let mut invocation = self.renew.prepare_invoke();
-            invocation
-                .key(self.key("inflight"))
-                .key(self.service_key("inflight", service))
-                .key(self.key("done"))
-                .arg(&id)
-                .arg(millis(self.lease));
-            self.call::<u8>(&invocation).await?;
+            let keys = [
+                self.key("inflight"),
+                self.service_key("inflight", service),
+                self.key("done"),
+            ];
+            let args = scripts::Renew {
+                id: &id,
+                lease_ms: millis(self.lease),
+            };
+            self.run(&keys.each_ref().map(String::as_str), &args).await?;
         }
         Ok(())
     }
@@ -1218,37 +989,41 @@ impl SharedLimits {
             }
             batches.clone()
         };
-        let mut invocation = self.catch_up.prepare_invoke();
-        invocation
-            .key(self.key("window"))
-            .key(self.key("inflight"))
-            .key(self.day_key(day))
-            .key(self.key("batches"))
-            .key(self.key("done"))
-            .arg(millis(self.pending))
-            .arg(millis(self.lease))
-            .arg(slots.len());
-        for (id, left) in &slots {
-            invocation.arg(id).arg(millis(*left));
-        }
-        invocation.arg(live.len());
-        for (_, id) in &live {
-            invocation.arg(id);
-        }
-        for (batch, counts) in &batches {
-            let fields: Vec<(&str, u64)> = self
-                .services
+        let args = scripts::CatchUp {
+            pending_ms: millis(self.pending),
+            lease_ms: millis(self.lease),
+            day_ttl_s: DAY_TTL.as_secs(),
+            slots: slots
                 .iter()
-                .zip(counts)
-                .filter(|(_, calls)| **calls > 0)
-                .map(|(limits, calls)| (limits.field.as_str(), *calls))
-                .collect();
-            invocation.arg(batch).arg(fields.len());
-            for (field, calls) in fields {
-                invocation.arg(field).arg(calls);
-            }
-        }
-        if self.call::<u8>(&invocation).await.is_err() {
+                .map(|(id, left)| (id.as_str(), millis(*left)))
+                .collect(),
+            live: live.iter().map(|(_, id)| id.as_str()).collect(),
+            batches: batches
+                .iter()
+                .map(|(batch, counts)| scripts::Batch {
+                    id: batch,
+                    calls: self
+                        .services
+                        .iter()
+                        .zip(counts)
+                        .filter(|(_, calls)| **calls > 0)
+                        .map(|(limits, calls)| (limits.field.as_str(), *calls))
+                        .collect(),
+                })
+                .collect(),
+        };
+        let keys = [
+            self.key("window"),
+            self.key("inflight"),
+            self.day_key(day),
+            self.key("batches"),
+            self.key("done"),
+        ];
+        if self
+            .run(&keys.each_ref().map(String::as_str), &args)
+            .await
+            .is_err()
+        {
             self.leases_mut().catching_up = false;
             return;
         }
@@ -1288,6 +1063,16 @@ impl SharedLimits {
         for (service, id) in over {
             self.release(*service, id).await;
         }
+    }
+}
+
+/// The keys of one acquisition, in the order the acquire script names
+/// them.
+struct AcquisitionKeys([String; 9]);
+
+impl AcquisitionKeys {
+    fn each(&self) -> [&str; 9] {
+        self.0.each_ref().map(String::as_str)
     }
 }
 
@@ -1402,10 +1187,6 @@ pub(crate) fn call_id() -> String {
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-pub(crate) fn millis(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]
