@@ -461,3 +461,344 @@ fn read<T: Clone>(lock: &RwLock<Option<T>>) -> Option<T> {
 fn write<T>(lock: &RwLock<Option<T>>, value: Option<T>) {
     *lock.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = value;
 }
+
+#[cfg(test)]
+mod tests {
+    //! The cache against a simulated Marketo on an ephemeral port: real
+    //! sockets, so real time; short token lifetimes stand in for the hour.
+
+    use std::time::Duration;
+
+    use futures_util::future::join_all;
+    use tokio::time::Instant;
+
+    use super::*;
+    use crate::marketo::limits::TOKEN_TTL;
+    use crate::sim::{Faults, SimClient, SimConfig, SimHandle, Simulator};
+
+    const DEMO_SECRET: &str = "demo-secret";
+    const WAREHOUSE_ID: &str = "warehouse-client";
+    const WAREHOUSE_SECRET: &str = "warehouse-secret";
+
+    /// A simulator whose tokens live `token_ttl`, with the demo API user
+    /// and the warehouse's.
+    async fn simulator(token_ttl: Duration) -> SimHandle {
+        Simulator::spawn(SimConfig {
+            token_ttl,
+            latency: Duration::ZERO,
+            clients: vec![
+                SimClient::demo(),
+                SimClient {
+                    client_id: WAREHOUSE_ID.into(),
+                    client_secret: WAREHOUSE_SECRET.into(),
+                    user: "warehouse@example.com".into(),
+                },
+            ],
+            ..SimConfig::default()
+        })
+        .await
+        .expect("the simulator starts")
+    }
+
+    /// The caches of a config calling `sim` as the demo user with
+    /// `secret`: `crm` with the instance's credential, `warehouse` with its
+    /// own.
+    fn caches(sim: &SimHandle, secret: &str, refresh_before: &str) -> (TokenCaches, Metrics) {
+        let yaml = format!(
+            "marketo: {{ base_url: '{}', client_id: demo-client, client_secret: {secret}, \
+             token_refresh_before: {refresh_before} }}\n\
+             services:\n\
+             - {{ name: crm, api_key: key-crm-1234567890abcd }}\n\
+             - {{ name: warehouse, api_key: key-warehouse-1234567890, \
+             marketo: {{ client_id: {WAREHOUSE_ID}, client_secret: {WAREHOUSE_SECRET} }} }}\n\
+             state: {{ file: ~ }}",
+            sim.url()
+        );
+        let config = Config::from_yaml_with_env(&yaml, |_| None).expect("test config is valid");
+        let upstream = Upstream::new(&config.marketo).expect("the upstream client builds");
+        let metrics = Metrics::new();
+        (TokenCaches::new(&config, &upstream, &metrics), metrics)
+    }
+
+    /// The instance's cache, calling `sim` as the demo user with `secret`.
+    fn cache(sim: &SimHandle, secret: &str, refresh_before: &str) -> (Arc<TokenCache>, Metrics) {
+        let (caches, metrics) = caches(sim, secret, refresh_before);
+        (Arc::clone(caches.for_service(0)), metrics)
+    }
+
+    fn identity_calls(sim: &SimHandle) -> u64 {
+        sim.stats().identity_calls
+    }
+
+    fn has_line(metrics: &Metrics, line: &str) -> bool {
+        metrics.render().lines().any(|metric| metric == line)
+    }
+
+    /// Polls `check` until it gives a value; fails once `deadline` passes.
+    async fn eventually<T>(deadline: Instant, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+        loop {
+            if let Some(value) = check() {
+                return value;
+            }
+            assert!(Instant::now() < deadline, "{what}: not by the deadline");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn one_identity_call_serves_concurrent_requests() {
+        let sim = simulator(TOKEN_TTL).await;
+        let (cache, metrics) = cache(&sim, DEMO_SECRET, "60s");
+        let tokens = join_all((0..20).map(|_| cache.get())).await;
+        let first = tokens[0].as_ref().expect("a token").header.clone();
+        for token in &tokens {
+            assert_eq!(token.as_ref().expect("a token").header, first);
+        }
+        assert!(first.is_sensitive());
+        assert_eq!(identity_calls(&sim), 1);
+        assert!(
+            has_line(&metrics, r#"marketo_proxy_token_refreshes_total{result="ok"} 1"#),
+            "{}",
+            metrics.render()
+        );
+    }
+
+    #[tokio::test]
+    async fn callers_waiting_on_a_failed_refresh_share_its_error() {
+        let sim = simulator(TOKEN_TTL).await;
+        sim.inject(Faults {
+            identity_fail_next: MAX_ATTEMPTS,
+            ..Faults::default()
+        });
+        let (cache, _) = cache(&sim, DEMO_SECRET, "60s");
+        let results = join_all((0..8).map(|_| cache.get())).await;
+        for result in results {
+            assert!(
+                matches!(result, Err(TokenError::Unavailable(503))),
+                "{:?}",
+                result.err()
+            );
+        }
+        assert_eq!(
+            identity_calls(&sim),
+            u64::from(MAX_ATTEMPTS),
+            "one caller's attempts, not one set per caller"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_same_token_is_handed_back_until_it_expires() {
+        const TTL: Duration = Duration::from_secs(2);
+        let sim = simulator(TTL).await;
+        let (cache, _) = cache(&sim, DEMO_SECRET, "1s");
+        let asked = Instant::now();
+        let first = cache.get().await.expect("a token");
+        let received = Instant::now();
+        // Marketo says a second less than the lifetime (rounded down); the
+        // cache adds that second back, counted from when it asked.
+        assert!(
+            first.expires_at >= asked + TTL && first.expires_at <= received + TTL,
+            "expires {:?} after asking",
+            first.expires_at - asked
+        );
+        for _ in 0..5 {
+            assert_eq!(cache.get().await.expect("a token").header, first.header);
+        }
+        assert_eq!(identity_calls(&sim), 1);
+        // The simulator issued it before `received`, so it has expired
+        // there and here by then.
+        tokio::time::sleep_until(received + TTL).await;
+        assert!(cache.cached().is_none(), "an expired token is not handed out");
+        let second = cache.get().await.expect("a token");
+        assert_ne!(second.header, first.header);
+        assert_eq!(identity_calls(&sim), 2);
+    }
+
+    #[tokio::test]
+    async fn the_refresher_asks_ahead_of_expiry_and_fetches_the_next_token_when_it_ends() {
+        const TTL: Duration = Duration::from_secs(3);
+        let sim = simulator(TTL).await;
+        let (cache, _) = cache(&sim, DEMO_SECRET, "2s");
+        let first = cache.get().await.expect("a token");
+        let refresher = tokio::spawn(cache.refresher());
+        // Two seconds before the end it asks, and Marketo hands back the same
+        // token with what is left of its life.
+        eventually(first.expires_at, "an identity call ahead of expiry", || {
+            (identity_calls(&sim) >= 2).then_some(())
+        })
+        .await;
+        let cached = cache.cached().expect("still held");
+        assert_eq!(cached.header, first.header);
+        assert!(
+            cached.expires_at <= first.expires_at,
+            "the earlier of the two expiries is kept"
+        );
+        // When it ends, the next one is fetched without anyone asking.
+        let next = eventually(
+            first.expires_at + Duration::from_secs(3),
+            "the next token",
+            || cache.cached().filter(|token| token.header != first.header),
+        )
+        .await;
+        let calls = identity_calls(&sim);
+        assert_eq!(cache.get().await.expect("a token").header, next.header);
+        assert_eq!(identity_calls(&sim), calls, "callers are served from the cache");
+        refresher.abort();
+    }
+
+    #[tokio::test]
+    async fn refused_drops_only_that_token_and_one_identity_call_replaces_it() {
+        let sim = simulator(TOKEN_TTL).await;
+        let (cache, _) = cache(&sim, DEMO_SECRET, "60s");
+        let first = cache.get().await.expect("a token");
+        sim.inject(Faults {
+            revoke_tokens: true,
+            ..Faults::default()
+        });
+        // Every call in flight with it meets 601.
+        for _ in 0..5 {
+            cache.refused(&first);
+        }
+        assert!(cache.cached().is_none());
+        let tokens = join_all((0..5).map(|_| cache.get())).await;
+        let second = tokens[0].as_ref().expect("a token").header.clone();
+        assert_ne!(second, first.header);
+        assert!(
+            tokens
+                .iter()
+                .all(|token| token.as_ref().is_ok_and(|token| token.header == second))
+        );
+        assert_eq!(identity_calls(&sim), 2);
+        // A late 601 for a call made with the old token leaves the new one.
+        cache.refused(&first);
+        assert_eq!(cache.cached().map(|token| token.header), Some(second.clone()));
+        assert_eq!(cache.get().await.expect("a token").header, second);
+        assert_eq!(identity_calls(&sim), 2);
+    }
+
+    #[tokio::test]
+    async fn a_refused_token_marketo_still_stands_by_is_used_again() {
+        let sim = simulator(TOKEN_TTL).await;
+        let (cache, _) = cache(&sim, DEMO_SECRET, "60s");
+        let first = cache.get().await.expect("a token");
+        cache.refused(&first);
+        let again = cache.get().await.expect("a token");
+        assert_eq!(
+            again.header, first.header,
+            "handed back with life left, it is good"
+        );
+        assert!(again.expires_at > Instant::now() + Duration::from_secs(60));
+        assert_eq!(identity_calls(&sim), 2);
+    }
+
+    #[tokio::test]
+    async fn a_refused_token_handed_back_with_no_life_left_is_waited_out() {
+        const TTL: Duration = Duration::from_secs(2);
+        let sim = simulator(TTL).await;
+        let (cache, _) = cache(&sim, DEMO_SECRET, "1s");
+        let first = cache.get().await.expect("a token");
+        let received = Instant::now();
+        // Less than a second of its life is left at the simulator from now
+        // on: asked about it, it says `expires_in: 0`.
+        tokio::time::sleep_until(received + Duration::from_secs(1)).await;
+        cache.refused(&first);
+        let next = cache.get().await.expect("a token");
+        assert_ne!(
+            next.header, first.header,
+            "the dying token is not handed out again"
+        );
+        assert!(next.expires_at > Instant::now() + Duration::from_millis(500));
+        let calls = identity_calls(&sim);
+        assert!(
+            calls >= 3,
+            "the first token, at least one answer with no life left, the next token: {calls}"
+        );
+    }
+
+    #[tokio::test]
+    async fn bad_credentials_are_rejected_once_and_remembered() {
+        let sim = simulator(TOKEN_TTL).await;
+        let (cache, metrics) = cache(&sim, "wrong-secret", "60s");
+        assert!(!cache.is_ready());
+        let error = cache.get().await.err().expect("wrong credentials");
+        assert!(matches!(error, TokenError::Rejected(401)), "{error:?}");
+        assert_eq!(identity_calls(&sim), 1, "asking again would not help");
+        assert!(matches!(cache.last_error(), Some(TokenError::Rejected(401))));
+        assert!(matches!(
+            cache.last_failure(),
+            Some((TokenError::Rejected(401), _))
+        ));
+        assert!(!cache.is_ready());
+        // Asked again at once, the cache answers from memory.
+        let again = cache.get().await.err().expect("still wrong");
+        assert!(matches!(again, TokenError::Rejected(401)), "{again:?}");
+        assert_eq!(identity_calls(&sim), 1);
+        assert!(
+            has_line(
+                &metrics,
+                r#"marketo_proxy_token_refreshes_total{result="rejected"} 1"#
+            ),
+            "{}",
+            metrics.render()
+        );
+    }
+
+    #[tokio::test]
+    async fn readiness_follows_the_last_identity_outcome() {
+        let sim = simulator(TOKEN_TTL).await;
+        let (cache, _) = cache(&sim, DEMO_SECRET, "60s");
+        assert!(!cache.is_ready(), "no token yet");
+        let first = cache.get().await.expect("a token");
+        assert!(cache.is_ready());
+        assert!(cache.last_error().is_none() && cache.last_failure().is_none());
+        sim.inject(Faults {
+            revoke_tokens: true,
+            identity_fail_next: MAX_ATTEMPTS,
+            ..Faults::default()
+        });
+        cache.refused(&first);
+        assert!(cache.is_ready(), "a token was held and no refresh has failed yet");
+        let error = cache.get().await.err().expect("the identity service is down");
+        assert!(matches!(error, TokenError::Unavailable(503)), "{error:?}");
+        assert_eq!(identity_calls(&sim), 1 + u64::from(MAX_ATTEMPTS));
+        assert!(!cache.is_ready());
+        assert!(matches!(cache.last_error(), Some(TokenError::Unavailable(503))));
+        let second = cache.get().await.expect("the identity service is back");
+        assert_ne!(second.header, first.header);
+        assert!(cache.is_ready());
+        assert!(cache.last_error().is_none());
+        assert!(
+            matches!(cache.last_failure(), Some((TokenError::Unavailable(503), _))),
+            "the last failure is kept for the status page"
+        );
+    }
+
+    #[tokio::test]
+    async fn each_upstream_credential_has_its_own_cache() {
+        let sim = simulator(TOKEN_TTL).await;
+        let (caches, _) = caches(&sim, DEMO_SECRET, "60s");
+        assert_eq!(caches.all().len(), 2);
+        assert_eq!(caches.users(), vec![0, 1]);
+        assert!(
+            Arc::ptr_eq(caches.for_service(0), &caches.all()[0]),
+            "crm calls as the instance"
+        );
+        assert!(
+            Arc::ptr_eq(caches.for_service(1), &caches.all()[1]),
+            "warehouse has its own"
+        );
+        assert!(
+            Arc::ptr_eq(caches.for_service(7), &caches.all()[0]),
+            "anyone else (the proxy itself) calls as the instance"
+        );
+        let instance = caches.for_service(0).get().await.expect("a token");
+        let warehouse = caches.for_service(1).get().await.expect("a token");
+        assert_ne!(instance.header, warehouse.header);
+        assert_eq!(identity_calls(&sim), 2);
+        assert_eq!(
+            caches.for_service(7).get().await.expect("a token").header,
+            instance.header
+        );
+        assert_eq!(identity_calls(&sim), 2);
+    }
+}
