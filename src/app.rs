@@ -9,8 +9,9 @@
 //! does the latter in one call.
 //!
 //! Background tasks (token refreshers, the admission timer, Redis
-//! maintenance, the ledger saver, the usage sync) run on one
-//! [`TaskTracker`] and stop together with the listeners.
+//! maintenance, the ledger saver, the usage sync, and every task a
+//! component spawns) run on one [`Tasks`] and stop together with the
+//! listeners.
 //!
 //! Nothing is served before today's usage is known: the ledger is read
 //! first, and when it was there but could not be used, the first
@@ -26,8 +27,6 @@ use futures_util::FutureExt;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tower::util::BoxCloneSyncService;
 
 use crate::admin::Admin;
@@ -40,11 +39,12 @@ use crate::config::{Backend, Config};
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::proxy::body::BodyBudget;
-use crate::proxy::share::ShareLayer;
+use crate::proxy::coalesce::CoalesceLayer;
 use crate::proxy::{self, Components};
 use crate::recent::LastHour;
 use crate::server::{self, ConnectionLimits};
 use crate::status::StatusPage;
+use crate::tasks::Tasks;
 use crate::token::TokenCaches;
 use crate::upstream::{Upstream, UpstreamError};
 use crate::usage_sync::{ReportedUsage, UsageSync};
@@ -95,6 +95,7 @@ impl App {
         }
         metrics.start_series(&config.counted_names());
         let upstream = Upstream::new(&config.marketo)?;
+        let tasks = Tasks::new();
         let admission = Admission::new(&config, metrics.clone());
         // One Marketo day for the quota, bulk export bytes and Redis's day keys.
         let marketo_day = admission.marketo_day().clone();
@@ -104,14 +105,21 @@ impl App {
                 redis,
                 metrics.clone(),
                 marketo_day.clone(),
+                tasks.clone(),
             )?),
             _ => None,
         };
         if let Some(limits) = &limits {
             // Until Redis has answered, this replica keeps to its share.
-            admission.set_share(limits.fallback_replicas());
+            admission.set_fallback_split(limits.fallback_replicas());
         }
-        let bulk = BulkJobs::new(&config, metrics.clone(), limits.clone(), marketo_day);
+        let bulk = BulkJobs::new(
+            &config,
+            metrics.clone(),
+            limits.clone(),
+            marketo_day,
+            tasks.clone(),
+        );
         let ledger = config.state.file.as_ref().map(|path| {
             Arc::new(
                 Ledger::new(path, config.counted_names(), Arc::clone(&admission))
@@ -121,7 +129,7 @@ impl App {
         let tokens = Arc::new(TokenCaches::new(&config, &upstream, &metrics));
         let components = Components {
             callers: Arc::new(Callers::new(&config, &metrics)),
-            share: ShareLayer::new(&config, tokens.users(), Arc::clone(&admission)),
+            coalesce: CoalesceLayer::new(&config, tokens.users(), Arc::clone(&admission)),
             tokens,
             admission,
             bulk,
@@ -131,6 +139,7 @@ impl App {
             body_budget: BodyBudget::new(config.server.max_buffered_body_bytes.get()),
             last_hour: Arc::new(LastHour::new(config.counted_names().len())),
             ratelimit_headers: config.limits.ratelimit_headers,
+            tasks,
         };
         Ok(Self {
             config,
@@ -149,11 +158,8 @@ impl App {
             reported,
             ledger,
         } = self;
-        let tasks = TaskTracker::new();
-        let stop = CancellationToken::new();
-        let spawn = |task: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>| {
-            tasks.spawn(stop.clone().run_until_cancelled_owned(task));
-        };
+        let tasks = components.tasks.clone();
+        let spawn = |task: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>| tasks.until_stopped(task);
 
         for cache in components.tokens.all() {
             spawn(Box::pin(cache.refresher()));
@@ -237,9 +243,7 @@ impl App {
             ),
         );
 
-        stop.cancel();
-        tasks.close();
-        tasks.wait().await;
+        tasks.stop().await;
         if let Some(ledger) = ledger {
             if let Err(error) = ledger.save() {
                 tracing::error!(error = %error, "cannot save the usage ledger at shutdown");

@@ -27,6 +27,7 @@ pub mod sim;
 pub mod spool;
 pub mod status;
 pub mod target;
+pub mod tasks;
 pub mod token;
 pub mod trust;
 pub mod upstream;

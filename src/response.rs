@@ -21,6 +21,7 @@ use http_body_util::combinators::UnsyncBoxBody;
 use crate::admission::Slot;
 use crate::marketo;
 use crate::spool::{SpoolReader, spool};
+use crate::tasks::Tasks;
 use crate::upstream::AnswerBody;
 
 pub type BoxError = Box<dyn StdError + Send + Sync>;
@@ -67,14 +68,14 @@ impl ResponseBody {
     /// now; the rest of a streamed one is read into a spool at Marketo's
     /// pace, and the slot is free when Marketo has sent it all (at most
     /// `deadline` from now), however slowly the client reads.
-    pub fn answer(body: AnswerBody, slot: Option<Slot>, deadline: Duration) -> Self {
+    pub fn answer(body: AnswerBody, slot: Option<Slot>, deadline: Duration, tasks: &Tasks) -> Self {
         match body {
             AnswerBody::Whole(bytes) => {
                 drop(slot);
                 Self::full(bytes)
             }
             streaming @ AnswerBody::Streaming { .. } => Self {
-                kind: Kind::Spooled(spool(streaming.into_body(), slot, deadline)),
+                kind: Kind::Spooled(spool(streaming.into_body(), slot, deadline, tasks)),
             },
         }
     }
@@ -175,6 +176,7 @@ mod tests {
             AnswerBody::Whole(Bytes::from_static(b"{}")),
             Some(slot),
             Duration::from_secs(60),
+            &crate::tasks::Tasks::new(),
         );
         assert_eq!(admission.snapshot().in_flight, 0, "Marketo has finished");
         assert_eq!(&body.collect().await.unwrap().to_bytes()[..], b"{}");

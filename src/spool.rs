@@ -30,6 +30,7 @@ use http_body_util::BodyExt;
 
 use crate::admission::Slot;
 use crate::response::BoxError;
+use crate::tasks::Tasks;
 
 /// Bytes of an answer kept in memory before the rest goes to a file.
 pub const MEMORY_BYTES: usize = 1024 * 1024;
@@ -51,7 +52,7 @@ pub enum SpoolError {
 /// Starts reading `body` (the rest of Marketo's answer) into a spool;
 /// `slot` is given back when Marketo has finished, at most `deadline`
 /// from now. Returns the client's end.
-pub fn spool<B>(body: B, slot: Option<Slot>, deadline: Duration) -> SpoolReader
+pub fn spool<B>(body: B, slot: Option<Slot>, deadline: Duration, tasks: &Tasks) -> SpoolReader
 where
     B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError> + Send,
@@ -59,7 +60,7 @@ where
     let shared = Arc::new(Shared {
         state: Mutex::new(State::default()),
     });
-    tokio::spawn(fill(Arc::clone(&shared), body, slot, deadline));
+    tasks.until_stopped(fill(Arc::clone(&shared), body, slot, deadline));
     SpoolReader {
         shared,
         reading: None,
@@ -330,7 +331,7 @@ mod tests {
     async fn the_slot_is_free_when_marketo_has_sent_all_however_slowly_the_client_reads() {
         let (admission, slot) = slot().await;
         let (sender, body) = upstream();
-        let reader = spool(body, Some(slot), Duration::from_secs(60));
+        let reader = spool(body, Some(slot), Duration::from_secs(60), &Tasks::new());
         let sent = parts(3, 1000);
         for part in &sent {
             sender.send(Ok(Frame::data(part.clone()))).await.unwrap();
@@ -349,7 +350,7 @@ mod tests {
     async fn an_answer_larger_than_memory_goes_to_a_file_and_arrives_whole() {
         let (_admission, slot) = slot().await;
         let (sender, body) = upstream();
-        let reader = spool(body, Some(slot), Duration::from_secs(60));
+        let reader = spool(body, Some(slot), Duration::from_secs(60), &Tasks::new());
         let sent = parts(50, 64 * 1024);
         let writer = tokio::spawn(async move {
             for part in sent {
@@ -366,7 +367,7 @@ mod tests {
     async fn a_client_that_goes_away_does_not_free_the_slot_before_marketo_is_done() {
         let (admission, slot) = slot().await;
         let (sender, body) = upstream();
-        let reader = spool(body, Some(slot), Duration::from_secs(60));
+        let reader = spool(body, Some(slot), Duration::from_secs(60), &Tasks::new());
         sender
             .send(Ok(Frame::data(Bytes::from_static(b"part"))))
             .await
@@ -386,7 +387,7 @@ mod tests {
     async fn an_answer_that_never_ends_frees_the_slot_at_the_deadline() {
         let (admission, slot) = slot().await;
         let (sender, body) = upstream();
-        let reader = spool(body, Some(slot), Duration::from_secs(60));
+        let reader = spool(body, Some(slot), Duration::from_secs(60), &Tasks::new());
         sender
             .send(Ok(Frame::data(Bytes::from_static(b"part"))))
             .await

@@ -327,8 +327,14 @@ async fn a_crashed_replicas_leases_lapse_while_a_running_call_keeps_its_own() {
     let redis_config = config.state.redis.clone().unwrap();
     let replica = |metrics: Metrics| {
         let admission = Admission::new(&config, metrics.clone());
-        let shared =
-            SharedLimits::new(&config, &redis_config, metrics, admission.marketo_day().clone()).unwrap();
+        let shared = SharedLimits::new(
+            &config,
+            &redis_config,
+            metrics,
+            admission.marketo_day().clone(),
+            marketo_proxy::tasks::Tasks::new(),
+        )
+        .unwrap();
         (admission, shared)
     };
     let (living_admission, living) = replica(Metrics::new());
@@ -492,7 +498,14 @@ async fn the_usage_reader_keeps_its_lock_and_another_replica_takes_over_when_it_
     let redis_config = config.state.redis.clone().unwrap();
     let replica = || {
         let day = marketo_proxy::limits::day::MarketoDay::new(config.limits.timezone);
-        SharedLimits::new(&config, &redis_config, Metrics::new(), day).unwrap()
+        SharedLimits::new(
+            &config,
+            &redis_config,
+            Metrics::new(),
+            day,
+            marketo_proxy::tasks::Tasks::new(),
+        )
+        .unwrap()
     };
     let (reader, other) = (replica(), replica());
     let hold = Duration::from_millis(300);

@@ -53,7 +53,7 @@ pub struct MarketoClock {
 
 /// Why a call's time was not used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refused {
+pub enum Unusable {
     /// The refinement is off after an earlier time that could not be.
     Off,
     /// This time could not be: it falls outside what the recent calls allow
@@ -65,9 +65,9 @@ impl MarketoClock {
     /// A call sent at `sent` and answered at `received` (our wall clock,
     /// epoch milliseconds) carried Marketo's time `marketo`. Says when, by
     /// our wall clock, Marketo took it at the latest.
-    pub fn took(&mut self, sent: i64, received: i64, marketo: i64, now: Instant) -> Result<i64, Refused> {
+    pub fn took(&mut self, sent: i64, received: i64, marketo: i64, now: Instant) -> Result<i64, Unusable> {
         if self.off_until.is_some_and(|until| now < until) {
-            return Err(Refused::Off);
+            return Err(Unusable::Off);
         }
         self.off_until = None;
         while self
@@ -90,7 +90,7 @@ impl MarketoClock {
         if outside > 0 {
             self.samples.clear();
             self.off_until = Some(now + OFF_FOR);
-            return Err(Refused::Outside(outside));
+            return Err(Unusable::Outside(outside));
         }
         if self.samples.len() == SAMPLES {
             self.samples.pop_front();
@@ -183,11 +183,11 @@ mod tests {
         // Marketo's clock jumped back a minute.
         assert_eq!(
             clock.took(3_000, 3_500, -56_950, now),
-            Err(Refused::Outside(64_938))
+            Err(Unusable::Outside(64_938))
         );
         assert_eq!(
             clock.took(4_000, 4_020, -55_990, now + OFF_FOR / 2),
-            Err(Refused::Off)
+            Err(Unusable::Off)
         );
         // Back on after a while, learning afresh.
         assert_eq!(clock.took(4_000, 4_900, -55_990, now + OFF_FOR), Ok(4_900));

@@ -34,13 +34,15 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::config::{Config, INTERNAL_SERVICE, LimitsMode};
 use crate::limits::day::MarketoDay;
+use crate::limits::fair_queue::{FairQueue, Waiting};
 use crate::metrics::Metrics;
 use crate::recent::{LastMinuteWaits, WaitCounts};
+use crate::tasks::Tasks;
 use foreign::ForeignRate;
 use learn::{Episode, Learned};
 use marketo_clock::MarketoClock;
@@ -146,8 +148,8 @@ struct State {
     full_concurrency: u32,
     /// This replica's share of them (all of them unless Redis is
     /// unreachable).
-    window_share: u32,
-    concurrency_share: u32,
+    window_split: u32,
+    concurrency_split: u32,
     /// What Marketo's 606s and 615s leave of them (see [`learn`]).
     learned_window: Learned,
     learned_concurrency: Learned,
@@ -161,11 +163,10 @@ struct State {
     in_flight: u32,
     quota: DailyQuota,
     lanes: Vec<Lane>,
-    queued: usize,
+    /// The requests waiting, one lane per service.
+    queue: FairQueue<Result<Permit, AdmissionError>>,
     /// After Marketo said 606/615, nothing is sent before this.
     paused_until: Option<Instant>,
-    /// Start tag of the last dispatch (start-time fair queueing).
-    virtual_time: f64,
     /// Shutting down: nobody is admitted any more.
     closed: bool,
     /// Smoothed time Marketo takes to answer, for estimates.
@@ -173,7 +174,6 @@ struct State {
     /// What answers say of Marketo's clock; `None` when
     /// `limits.marketo_clock` is off.
     marketo_clock: Option<MarketoClock>,
-    next_id: u64,
     /// When the timer task should next pump the queue.
     wake_at: Option<Instant>,
     /// Calls sent per second over the last [`RATE_HORIZON`] (second since
@@ -266,47 +266,33 @@ struct Lane {
     used_gauge: IntGauge,
     wait_histogram: Histogram,
     queued_counter: IntCounter,
-    weight: f64,
     window: Option<SlidingWindow>,
     concurrency: u32,
     in_flight: u32,
-    queue: VecDeque<Waiter>,
-    /// Finish tag of the service's last dispatched call.
-    finish: f64,
     /// Queue waits of the last minute, for the status page.
     waits: LastMinuteWaits,
 }
 
 impl Lane {
     /// The lane of service `name`, with its series, taking at most
-    /// `concurrency` calls at once, of weight 1 and no window of its own.
+    /// `concurrency` calls at once, with no window of its own.
     fn new(metrics: &Metrics, name: &str, concurrency: u32) -> Self {
         Self {
             depth_gauge: metrics.queue_depth.with_label_values(&[name]),
             used_gauge: metrics.daily_used.with_label_values(&[name]),
             wait_histogram: metrics.queue_wait.with_label_values(&[name]),
             queued_counter: metrics.queued.with_label_values(&[name]),
-            weight: 1.0,
             window: None,
             concurrency,
             in_flight: 0,
-            queue: VecDeque::new(),
-            finish: 0.0,
             waits: LastMinuteWaits::default(),
         }
     }
 }
 
-struct Waiter {
-    id: u64,
-    enqueued: Instant,
-    deadline: Instant,
-    reply: oneshot::Sender<Result<Permit, AdmissionError>>,
-}
-
 /// A limit Marketo refused a call for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refused {
+pub enum MarketoLimit {
     /// 606: the rolling window.
     Window,
     /// 615: calls in flight.
@@ -412,7 +398,6 @@ impl Admission {
                     &service.name,
                     service.effective_concurrency(limits).get(),
                 );
-                lane.weight = f64::from(service.weight.get());
                 lane.window = service
                     .window_calls
                     .map(|calls| SlidingWindow::new(calls.get(), limits.window, limits.safety_margin));
@@ -421,6 +406,11 @@ impl Admission {
             .collect();
         // The proxy's own calls (the usage report) get a lane of their own.
         lanes.push(Lane::new(&metrics, INTERNAL_SERVICE, limits.concurrency.get()));
+        let weights = config
+            .services
+            .iter()
+            .map(|service| f64::from(service.weight.get()));
+        let queue = FairQueue::new(weights.chain(std::iter::once(1.0)));
         let mut quota_services: Vec<ServiceQuota> = quota_services;
         quota_services.push(ServiceQuota {
             cap: limits.daily_quota.get(),
@@ -449,8 +439,8 @@ impl Admission {
             window: SlidingWindow::new(limits.window_calls.get(), limits.window, limits.safety_margin),
             full_window: limits.window_calls.get(),
             full_concurrency: limits.concurrency.get(),
-            window_share: limits.window_calls.get(),
-            concurrency_share: limits.concurrency.get(),
+            window_split: limits.window_calls.get(),
+            concurrency_split: limits.concurrency.get(),
             learned_window: Learned::window(limits.window_calls.get(), limits.window, limits.safety_margin),
             learned_concurrency: Learned::concurrency(limits.concurrency.get()),
             foreign: ForeignRate::new(limits.window, limits.window_calls.get()),
@@ -461,13 +451,11 @@ impl Admission {
             tallies_day: quota.day(),
             quota,
             lanes,
-            queued: 0,
+            queue,
             paused_until: None,
-            virtual_time: 0.0,
             closed: false,
             latency: Duration::ZERO,
             marketo_clock: limits.marketo_clock.then(MarketoClock::default),
-            next_id: 0,
             wake_at: None,
             recent: VecDeque::new(),
             started: Instant::now(),
@@ -527,7 +515,7 @@ impl Admission {
                 return Err(AdmissionError::Quota { scope, retry_after });
             }
             let (start, scope) = state.estimate_start(service, now, front);
-            if !front && state.queued >= self.max_queue_length {
+            if !front && state.queue.len() >= self.max_queue_length {
                 return Err(AdmissionError::QueueFull {
                     limit: self.max_queue_length,
                     retry_after: start.saturating_duration_since(now).max(Duration::from_secs(1)),
@@ -542,22 +530,7 @@ impl Admission {
             }
             // Decided before it joins the queue, as observe mode decides it.
             let waits = !front && !state.can_start_now(service, now);
-            let (reply, receiver) = oneshot::channel();
-            let id = state.next_id;
-            state.next_id += 1;
-            let waiter = Waiter {
-                id,
-                enqueued: now,
-                deadline,
-                reply,
-            };
-            let lane = &mut state.lanes[service];
-            if front {
-                lane.queue.push_front(waiter);
-            } else {
-                lane.queue.push_back(waiter);
-            }
-            state.queued += 1;
+            let (id, receiver) = state.queue.push(service, now, deadline, front);
             if waits {
                 state.tally(service).queued += 1;
                 state.lanes[service].queued_counter.inc();
@@ -565,15 +538,13 @@ impl Admission {
             self.pump(&mut state);
             (receiver, id)
         };
-        let mut leave = LeaveQueue {
-            admission: self,
-            service,
-            id,
-            armed: true,
-        };
-        let result = receiver.await.unwrap_or(Err(AdmissionError::Closed));
-        leave.armed = false;
-        result
+        // Gone before its turn, the request leaves its lane; a permit
+        // granted meanwhile gives back what it took when dropped.
+        let waiting = Waiting::new(receiver, |granted| {
+            drop(granted);
+            self.leave(service, id);
+        });
+        waiting.await.unwrap_or(Err(AdmissionError::Closed))
     }
 
     /// Observe mode: counts the call as sent now and tallies what
@@ -708,28 +679,28 @@ impl Admission {
     /// state that spans replicas is unreachable, and what the others hold
     /// is unknown), or all of them again with 1. A day already split
     /// stays split as it was.
-    pub fn set_share(self: &Arc<Self>, replicas: u32) {
+    pub fn set_fallback_split(self: &Arc<Self>, replicas: u32) {
         let replicas = replicas.max(1);
         let mut state = self.lock();
-        state.window_share = (state.full_window / replicas).max(1);
-        state.concurrency_share = (state.full_concurrency / replicas).max(1);
+        state.window_split = (state.full_window / replicas).max(1);
+        state.concurrency_split = (state.full_concurrency / replicas).max(1);
         let used = state.quota.used_total();
-        state.quota.set_share(u64::from(replicas), used);
-        self.metrics.window_limit.set(i64::from(state.window_share));
+        state.quota.set_fallback_split(u64::from(replicas), used);
+        self.metrics.window_limit.set(i64::from(state.window_split));
         self.pump(&mut state);
     }
 
     /// The shared state was lost just now: enforce here this replica's
     /// part of what the instance had left, as last seen there. Its own
     /// slots and calls in flight stay its own; what the others held stays
-    /// theirs until [`set_share`] once their calls are surely over.
+    /// theirs until [`set_fallback_split`] once their calls are surely over.
     ///
-    /// [`set_share`]: Self::set_share
+    /// [`set_fallback_split`]: Self::set_fallback_split
     /// `granted` of the calls admitted here hold a grant of the shared
     /// state. The others were still waiting for one (asking, or between
     /// two asks): they hold nothing there and are admitted again (see
     /// [`Permit::admitted_before_fallback`]).
-    pub fn share_what_is_left(self: &Arc<Self>, replicas: u32, instance: InstanceUse, granted: u32) {
+    pub fn split_what_is_left(self: &Arc<Self>, replicas: u32, instance: InstanceUse, granted: u32) {
         let replicas = replicas.max(1);
         let mut state = self.lock();
         state.fallbacks += 1;
@@ -742,9 +713,11 @@ impl Admission {
         let concurrency_left = state
             .full_concurrency
             .saturating_sub(instance.in_flight.max(own_in_flight));
-        state.window_share = window;
-        state.concurrency_share = (own_in_flight + concurrency_left / replicas).max(1);
-        state.quota.set_share(u64::from(replicas), instance.day_used);
+        state.window_split = window;
+        state.concurrency_split = (own_in_flight + concurrency_left / replicas).max(1);
+        state
+            .quota
+            .set_fallback_split(u64::from(replicas), instance.day_used);
         self.metrics.window_limit.set(i64::from(window));
         self.pump(&mut state);
     }
@@ -788,12 +761,9 @@ impl Admission {
     pub fn close(&self) {
         let mut state = self.lock();
         state.closed = true;
-        for lane in &mut state.lanes {
-            for waiter in lane.queue.drain(..) {
-                let _ = waiter.reply.send(Err(AdmissionError::Closed));
-            }
+        for waiter in state.queue.take_all() {
+            let _ = waiter.reply.send(Err(AdmissionError::Closed));
         }
-        state.queued = 0;
         self.publish(&mut state);
     }
 
@@ -807,18 +777,18 @@ impl Admission {
     }
 
     /// Marketo refused a call for a limit that calls the proxy cannot see
-    /// share: 606 (`Refused::Window`) or 615 (`Refused::Concurrency`). The
+    /// share: 606 (`MarketoLimit::Window`) or 615 (`MarketoLimit::Concurrency`). The
     /// limit in force drops to the proxy's own calls counted against it
     /// (see [`learn`]). `sent` is when the refused call went out;
     /// `instance_window` the instance's window as the shared state last
     /// counted it, when replicas share it.
-    pub fn refused(self: &Arc<Self>, limit: Refused, sent: Instant, instance_window: Option<u32>) {
+    pub fn refused(self: &Arc<Self>, limit: MarketoLimit, sent: Instant, instance_window: Option<u32>) {
         let mut state = self.lock();
         let now = Instant::now();
         state.quota.roll(self.marketo_day.now());
         state.quota.count_refusal();
         let (name, lowered) = match limit {
-            Refused::Window => {
+            MarketoLimit::Window => {
                 // The refused call's own slot is among the answered ones.
                 let own = instance_window.unwrap_or_else(|| state.window.answered(now));
                 (
@@ -826,7 +796,7 @@ impl Admission {
                     state.learned_window.refused(now, sent, own.saturating_sub(1)),
                 )
             }
-            Refused::Concurrency => {
+            MarketoLimit::Concurrency => {
                 let own = state.in_flight.saturating_sub(1);
                 ("concurrency", state.learned_concurrency.refused(now, sent, own))
             }
@@ -902,8 +872,8 @@ impl Admission {
                 .foreign_calls_estimate
                 .set(i64::from(state.full_window.saturating_sub(learned.0)));
         }
-        let window = state.window_share.min(learned.0);
-        let concurrency = state.concurrency_share.min(learned.1);
+        let window = state.window_split.min(learned.0);
+        let concurrency = state.concurrency_split.min(learned.1);
         if window != state.window.limit() || concurrency != state.concurrency {
             state.window.set_limit(window);
             state.concurrency = concurrency;
@@ -1040,6 +1010,7 @@ impl Admission {
     fn snapshot_of(&self, state: &mut State, now: Instant) -> Snapshot {
         state.quota.roll(self.marketo_day.now());
         let window_used = state.window.used(now);
+        let queue = &state.queue;
         let services = state
             .lanes
             .iter_mut()
@@ -1053,7 +1024,7 @@ impl Admission {
                 window_limit: lane.window.as_ref().map(SlidingWindow::limit),
                 in_flight: lane.in_flight,
                 concurrency: lane.concurrency,
-                queued: lane.queue.len(),
+                queued: queue.lane_len(index),
                 tally: Tally::default(),
             })
             .collect::<Vec<_>>();
@@ -1083,7 +1054,7 @@ impl Admission {
             configured_concurrency: state.full_concurrency,
             foreign_in_window: state.full_window.saturating_sub(state.window_left(now)),
             kept_free: state.foreign.reserve(),
-            queued: state.queued,
+            queued: state.queue.len(),
             mode: if self.observe { "observe" } else { "enforce" },
             services,
         }
@@ -1133,7 +1104,7 @@ impl Admission {
             state.paused_until = None;
         }
         self.apply_limits(state, now);
-        while state.queued > 0
+        while !state.queue.is_empty()
             && state.paused_until.is_none()
             && state.in_flight < state.concurrency
             && state.window.has_room(now)
@@ -1141,10 +1112,9 @@ impl Admission {
             let Some(service) = state.next_lane(now) else {
                 break;
             };
-            let Some(waiter) = state.lanes[service].queue.pop_front() else {
+            let Some(waiter) = state.queue.pop(service) else {
                 break;
             };
-            state.queued -= 1;
             if waiter.reply.is_closed() {
                 continue;
             }
@@ -1190,22 +1160,12 @@ impl Admission {
     }
 
     fn expire_deadlines(&self, state: &mut State, now: Instant) {
-        for service in 0..state.lanes.len() {
-            while state.lanes[service]
-                .queue
-                .front()
-                .is_some_and(|waiter| waiter.deadline <= now)
-            {
-                let Some(waiter) = state.lanes[service].queue.pop_front() else {
-                    break;
-                };
-                state.queued -= 1;
-                let (start, _) = state.estimate_start(service, now, false);
-                let _ = waiter.reply.send(Err(AdmissionError::DeadlineExpired {
-                    max_wait: waiter.deadline.saturating_duration_since(waiter.enqueued),
-                    retry_after: start.saturating_duration_since(now).max(Duration::from_secs(1)),
-                }));
-            }
+        for (service, waiter) in state.queue.expire(now) {
+            let (start, _) = state.estimate_start(service, now, false);
+            let _ = waiter.reply.send(Err(AdmissionError::DeadlineExpired {
+                max_wait: waiter.deadline.saturating_duration_since(waiter.enqueued),
+                retry_after: start.saturating_duration_since(now).max(Duration::from_secs(1)),
+            }));
         }
     }
 
@@ -1222,7 +1182,7 @@ impl Admission {
             .set(i64::try_from(state.quota.foreign()).unwrap_or(i64::MAX));
         for (index, lane) in state.lanes.iter().enumerate() {
             lane.depth_gauge
-                .set(i64::try_from(lane.queue.len()).unwrap_or(i64::MAX));
+                .set(i64::try_from(state.queue.lane_len(index)).unwrap_or(i64::MAX));
             lane.used_gauge
                 .set(i64::try_from(state.quota.used_by(index)).unwrap_or(i64::MAX));
         }
@@ -1296,15 +1256,11 @@ impl Admission {
 
     fn leave(&self, service: usize, id: u64) {
         let mut state = self.lock();
-        let Some(lane) = state.lanes.get_mut(service) else {
-            return;
-        };
-        if let Some(position) = lane.queue.iter().position(|waiter| waiter.id == id) {
-            lane.queue.remove(position);
-            state.queued -= 1;
-            let lane = &state.lanes[service];
-            lane.depth_gauge
-                .set(i64::try_from(lane.queue.len()).unwrap_or(i64::MAX));
+        if state.queue.leave(service, id) {
+            if let Some(lane) = state.lanes.get(service) {
+                lane.depth_gauge
+                    .set(i64::try_from(state.queue.lane_len(service)).unwrap_or(i64::MAX));
+            }
         }
     }
 }
@@ -1339,29 +1295,20 @@ impl State {
             return false;
         }
         let lane = &mut self.lanes[service];
-        lane.queue.is_empty()
+        self.queue.lane_len(service) == 0
             && lane.in_flight < lane.concurrency
             && lane.window.as_mut().is_none_or(|window| window.has_room(now))
     }
 
-    /// The service to serve next: of those whose head may go now, the one
-    /// with the smallest start tag.
+    /// The service to serve next: of those whose head may go now (room in
+    /// their own limits), the one fair queueing picks.
     fn next_lane(&mut self, now: Instant) -> Option<usize> {
-        let virtual_time = self.virtual_time;
-        let mut best: Option<(usize, f64)> = None;
-        for (index, lane) in self.lanes.iter_mut().enumerate() {
-            if lane.queue.is_empty() || lane.in_flight >= lane.concurrency {
-                continue;
-            }
-            if lane.window.as_mut().is_some_and(|window| !window.has_room(now)) {
-                continue;
-            }
-            let start = lane.finish.max(virtual_time);
-            if best.is_none_or(|(_, best_start)| start < best_start) {
-                best = Some((index, start));
-            }
-        }
-        best.map(|(index, _)| index)
+        let lanes = &mut self.lanes;
+        self.queue.next_lane(|index| {
+            let lane = &mut lanes[index];
+            lane.in_flight < lane.concurrency
+                && lane.window.as_mut().is_none_or(|window| window.has_room(now))
+        })
     }
 
     /// Whole seconds since admission started: the rate history's clock.
@@ -1402,9 +1349,7 @@ impl State {
             window.acquire();
         }
         lane.in_flight += 1;
-        let start = lane.finish.max(self.virtual_time);
-        lane.finish = start + 1.0 / lane.weight;
-        self.virtual_time = start;
+        self.queue.served(service);
     }
 
     /// Drops the per-second counts more than [`RATE_HORIZON`] older than
@@ -1439,22 +1384,11 @@ impl State {
     /// When a request of `service` joining the queue now could start, and
     /// the window that decides it.
     fn estimate_start(&mut self, service: usize, now: Instant, front: bool) -> (Instant, RateScope) {
-        let own_ahead = if front { 0 } else { self.lanes[service].queue.len() };
-        let weight = self.lanes[service].weight;
-        // Under fair queueing, another service sends about weight_o /
-        // weight_s calls for each of ours, but never more than it has queued.
-        let others_ahead: usize = self
-            .lanes
-            .iter()
-            .enumerate()
-            .filter(|(index, _)| *index != service)
-            .map(|(_, lane)| {
-                let share = ((own_ahead + 1) as f64 * lane.weight / weight).ceil() as usize;
-                lane.queue.len().min(share)
-            })
-            .sum();
+        let own_ahead = if front { 0 } else { self.queue.lane_len(service) };
         let latency = self.latency;
-        let instance = self.window.estimate_start(now, own_ahead + others_ahead, latency);
+        let instance = self
+            .window
+            .estimate_start(now, self.queue.ahead_of(service, front), latency);
         let own = self.lanes[service]
             .window
             .as_mut()
@@ -1475,17 +1409,15 @@ impl State {
             }
         };
         consider(self.paused_until);
-        if self.queued > 0 {
+        if !self.queue.is_empty() {
             consider(self.learned_window.next_rise(now));
             consider(self.learned_concurrency.next_rise(now));
         }
-        for lane in &mut self.lanes {
-            consider(lane.queue.front().map(|waiter| waiter.deadline));
-        }
-        if self.queued > 0 {
+        consider(self.queue.next_deadline());
+        if !self.queue.is_empty() {
             consider(self.window.next_free(now).filter(|at| *at > now));
-            for lane in &mut self.lanes {
-                if !lane.queue.is_empty() {
+            for (index, lane) in self.lanes.iter_mut().enumerate() {
+                if self.queue.lane_len(index) > 0 {
                     if let Some(window) = lane.window.as_mut() {
                         consider(window.next_free(now).filter(|at| *at > now));
                     }
@@ -1493,22 +1425,6 @@ impl State {
             }
         }
         wake
-    }
-}
-
-/// Removes a waiter whose request went away before it was admitted.
-struct LeaveQueue<'a> {
-    admission: &'a Arc<Admission>,
-    service: usize,
-    id: u64,
-    armed: bool,
-}
-
-impl Drop for LeaveQueue<'_> {
-    fn drop(&mut self) {
-        if self.armed {
-            self.admission.leave(self.service, self.id);
-        }
     }
 }
 
@@ -1610,10 +1526,10 @@ impl Permit {
 impl Permit {
     /// How much earlier than `received` (epoch ms) Marketo's clock says it
     /// took the call; nothing when its time could not be used.
-    fn earlier(took: Result<i64, marketo_clock::Refused>, received: i64) -> Duration {
+    fn earlier(took: Result<i64, marketo_clock::Unusable>, received: i64) -> Duration {
         match took {
             Ok(took) => Duration::from_millis(u64::try_from(received - took).unwrap_or(0)),
-            Err(marketo_clock::Refused::Outside(by)) => {
+            Err(marketo_clock::Unusable::Outside(by)) => {
                 tracing::warn!(
                     off_by_ms = by,
                     off_for_seconds = marketo_clock::OFF_FOR.as_secs(),
@@ -1622,7 +1538,7 @@ impl Permit {
                 );
                 Duration::ZERO
             }
-            Err(marketo_clock::Refused::Off) => Duration::ZERO,
+            Err(marketo_clock::Unusable::Off) => Duration::ZERO,
         }
     }
 }
@@ -1706,14 +1622,13 @@ impl Slot {
 
     /// Keeps the slot for `grace` after a call that got no answer: Marketo
     /// may still be executing it, and its window slot counts from now.
-    pub fn hold_for(mut self, grace: Duration) {
+    /// Held on `tasks` until the server stops.
+    pub fn hold_for(mut self, grace: Duration, tasks: &Tasks) {
         self.permit.answered();
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                tokio::time::sleep(grace).await;
-                drop(self);
-            });
-        }
+        tasks.until_stopped(async move {
+            tokio::time::sleep(grace).await;
+            drop(self);
+        });
     }
 }
 
@@ -1760,7 +1675,7 @@ mod tests {
             in_flight: 6,
             day_used: 5000,
         };
-        admission.share_what_is_left(4, instance, 2);
+        admission.split_what_is_left(4, instance, 2);
         assert!(
             running.iter().all(Permit::admitted_before_fallback),
             "the one without a grant is admitted again"
@@ -1773,7 +1688,7 @@ mod tests {
         assert_eq!(window, 12 + 7);
         assert_eq!(concurrency, 2 + 1);
         // Once the others' calls are surely over: a plain quarter.
-        admission.set_share(4);
+        admission.set_fallback_split(4);
         {
             let state = admission.lock();
             assert_eq!((state.window.limit(), state.concurrency), (25, 2));

@@ -62,13 +62,13 @@ pub struct DailyQuota {
     probe_after: Duration,
     /// Set while replicas that cannot see each other's counts (shared
     /// state unreachable) split what was left of the day.
-    share: Option<Share>,
+    split: Option<Split>,
 }
 
 /// This replica's part of what the day had left when the replicas lost
 /// sight of each other's counts.
 #[derive(Debug, Clone, Copy)]
-struct Share {
+struct Split {
     replicas: u64,
     /// Calls counted here when the split began.
     base: u64,
@@ -95,24 +95,24 @@ impl DailyQuota {
             refused: 0,
             spent_until: None,
             probe_after,
-            share: None,
+            split: None,
         }
     }
 
     /// Splits what is left of the day between `replicas` that cannot see
     /// each other's counts, the whole instance having used `instance_used`
     /// as far as this replica knows; 1 is the whole quota again.
-    pub fn set_share(&mut self, replicas: u64, instance_used: u64) {
+    pub fn set_fallback_split(&mut self, replicas: u64, instance_used: u64) {
         if replicas <= 1 {
-            self.share = None;
+            self.split = None;
             return;
         }
-        if self.share.is_some_and(|share| share.replicas == replicas) {
+        if self.split.is_some_and(|split| split.replicas == replicas) {
             return;
         }
         let base = self.used_total();
         let left = self.limit.saturating_sub(base.max(instance_used));
-        self.share = Some(Share {
+        self.split = Some(Split {
             replicas,
             base,
             allowance: left / replicas,
@@ -140,15 +140,15 @@ impl DailyQuota {
     }
 
     /// How many replicas the quota is split between (1: not split).
-    pub fn share(&self) -> u64 {
-        self.share.map_or(1, |share| share.replicas)
+    pub fn split(&self) -> u64 {
+        self.split.map_or(1, |split| split.replicas)
     }
 
     /// The most calls this replica may count today: the quota, or while it
     /// is split, what was counted then and this replica's part of the rest.
     pub fn limit_here(&self) -> u64 {
-        self.share
-            .map_or(self.limit, |share| share.base + share.allowance)
+        self.split
+            .map_or(self.limit, |split| split.base + split.allowance)
     }
 
     /// The zone whose midnight starts a new day.
@@ -435,7 +435,7 @@ mod tests {
         }
         // Half the day used by the whole instance, 200 of it here: each of
         // two replicas may make half of the 500 left, not 1000 / 2 - 500.
-        quota.set_share(2, 500);
+        quota.set_fallback_split(2, 500);
         assert_eq!(quota.remaining(), 250);
         assert_eq!(quota.limit_here(), 450);
         for _ in 0..250 {
@@ -445,9 +445,9 @@ mod tests {
         assert_eq!(quota.check(0, whenever()), Err(QuotaScope::Instance));
         // Asked again with the same split (its calls are long over), the
         // part stays what it was; together again, the whole day is back.
-        quota.set_share(2, 0);
+        quota.set_fallback_split(2, 0);
         assert_eq!(quota.remaining(), 0);
-        quota.set_share(1, 0);
+        quota.set_fallback_split(1, 0);
         assert_eq!(quota.remaining(), 550);
     }
 

@@ -51,6 +51,7 @@ use crate::config::{Config, INTERNAL_SERVICE, RedisConfig};
 use crate::limits::day::MarketoDay;
 use crate::limits::redis::scripts::{self, Args, Verdict, millis};
 use crate::metrics::Metrics;
+use crate::tasks::Tasks;
 
 /// How long a Redis call may take before Redis counts as unreachable.
 const REDIS_TIMEOUT: Duration = Duration::from_millis(500);
@@ -86,7 +87,7 @@ pub enum Grant {
     Wait(Duration),
     /// The day's quota (or this service's part) is spent; after Marketo's
     /// 607, for about this long.
-    Refused(QuotaScope, Option<Duration>),
+    QuotaSpent(QuotaScope, Option<Duration>),
     /// Redis was lost just now and this replica dropped to its share of
     /// the limits: the call must be admitted again under the share.
     Readmit,
@@ -157,6 +158,8 @@ pub struct SharedLimits {
     to_release: Mutex<Vec<(usize, NaiveDate, String)>>,
     /// Marketo's day, read by Redis's clock.
     marketo_day: MarketoDay,
+    /// Where releases run, off the request path.
+    tasks: Tasks,
     /// Redis's clock minus this replica's, in milliseconds, as of the
     /// last acquisition.
     clock_offset: AtomicI64,
@@ -184,6 +187,7 @@ impl SharedLimits {
         redis: &RedisConfig,
         metrics: Metrics,
         marketo_day: MarketoDay,
+        tasks: Tasks,
     ) -> Result<Arc<Self>, SharedError> {
         // The URL may hold a password: the message says what kind of
         // problem, never the URL.
@@ -224,6 +228,7 @@ impl SharedLimits {
             recent_slots: Mutex::new(std::collections::VecDeque::new()),
             to_release: Mutex::new(Vec::new()),
             marketo_day,
+            tasks,
             clock_offset: AtomicI64::new(0),
             seen: Mutex::new(InstanceUse::default()),
             lost_at: Mutex::new(None),
@@ -366,7 +371,7 @@ impl SharedLimits {
             return self.local_lease(service);
         }
         let Some(limits) = self.services.get(service) else {
-            return Grant::Refused(QuotaScope::Instance, None);
+            return Grant::QuotaSpent(QuotaScope::Instance, None);
         };
         let id = call_id();
         // Released in the background if the answer never arrives here,
@@ -450,10 +455,10 @@ impl SharedLimits {
                     probe: acquired.verdict == Verdict::Probe,
                 })
             }
-            Verdict::Quota => Grant::Refused(QuotaScope::Instance, None),
-            Verdict::Spent => Grant::Refused(QuotaScope::Instance, Some(wait)),
-            Verdict::ServiceCap => Grant::Refused(QuotaScope::ServiceCap, None),
-            Verdict::Reserved => Grant::Refused(QuotaScope::Reserved, None),
+            Verdict::Quota => Grant::QuotaSpent(QuotaScope::Instance, None),
+            Verdict::Spent => Grant::QuotaSpent(QuotaScope::Instance, Some(wait)),
+            Verdict::ServiceCap => Grant::QuotaSpent(QuotaScope::ServiceCap, None),
+            Verdict::Reserved => Grant::QuotaSpent(QuotaScope::Reserved, None),
             Verdict::Released
             | Verdict::Settling
             | Verdict::Concurrency
@@ -644,7 +649,7 @@ impl SharedLimits {
             self.metrics.backend_up.set(0);
             *lock(&self.lost_at) = Some(Instant::now());
             let granted = u32::try_from(self.leases_mut().synced.len()).unwrap_or(u32::MAX);
-            admission.share_what_is_left(self.fallback_replicas, *lock(&self.seen), granted);
+            admission.split_what_is_left(self.fallback_replicas, *lock(&self.seen), granted);
         }
     }
 
@@ -655,7 +660,7 @@ impl SharedLimits {
         let mut lost_at = lock(&self.lost_at);
         if lost_at.is_some_and(|at| at.elapsed() >= self.pending) {
             *lost_at = None;
-            admission.set_share(self.fallback_replicas);
+            admission.set_fallback_split(self.fallback_replicas);
         }
     }
 
@@ -1055,7 +1060,7 @@ impl SharedLimits {
         *lock(&self.lost_at) = None;
         self.fell_back.store(false, Ordering::Release);
         self.metrics.backend_up.set(1);
-        admission.set_share(1);
+        admission.set_fallback_split(1);
         tracing::info!("Redis answers: the instance's limits are shared with the other replicas");
         for (service, id) in answered {
             self.stamp(*service, id, Duration::ZERO).await;
@@ -1093,11 +1098,11 @@ impl Drop for Asked {
         }
         let shared = Arc::clone(&self.shared);
         let (service, day, id) = (self.service, self.day, std::mem::take(&mut self.id));
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                runtime.spawn(async move { shared.release_unanswered(service, day, id).await });
-            }
-            Err(_) => lock(&shared.to_release).push((service, day, id)),
+        if Tasks::can_run() {
+            let tasks = shared.tasks.clone();
+            tasks.to_the_end(async move { shared.release_unanswered(service, day, id).await });
+        } else {
+            lock(&shared.to_release).push((service, day, id));
         }
     }
 }
@@ -1162,14 +1167,13 @@ impl Drop for Lease {
         }
         // Off the request path; without a runtime (shutdown) the lease
         // simply lapses.
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                if !stamped {
-                    shared.stamp(service, &id, Duration::ZERO).await;
-                }
-                shared.release(service, &id).await;
-            });
-        }
+        let tasks = shared.tasks.clone();
+        tasks.to_the_end(async move {
+            if !stamped {
+                shared.stamp(service, &id, Duration::ZERO).await;
+            }
+            shared.release(service, &id).await;
+        });
     }
 }
 
@@ -1202,8 +1206,8 @@ mod tests {
         let config = Config::from_yaml_with_env(yaml, |_| None).expect("config");
         let redis = config.state.redis.as_ref().expect("redis settings");
         let marketo_day = MarketoDay::new(config.limits.timezone);
-        let shared =
-            SharedLimits::new(&config, redis, Metrics::new(), marketo_day.clone()).expect("shared limits");
+        let shared = SharedLimits::new(&config, redis, Metrics::new(), marketo_day.clone(), Tasks::new())
+            .expect("shared limits");
         let here = marketo_day.today();
         assert_eq!(shared.day(), here);
         // Redis's clock is a day ahead of this replica's.

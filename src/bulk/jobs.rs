@@ -47,8 +47,11 @@ use crate::config::Config;
 use crate::limits::day::MarketoDay;
 use crate::marketo::code;
 use crate::metrics::Metrics;
+use crate::tasks::Tasks;
 
 mod sharing;
+#[cfg(test)]
+mod tests;
 
 /// What one service did today.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -149,6 +152,8 @@ pub struct BulkJobs {
     poll_pace: Duration,
     /// The day the export bytes count in (Redis's, with Redis).
     marketo_day: MarketoDay,
+    /// Where pauses and places given back in Redis run.
+    tasks: Tasks,
     metrics: Metrics,
     /// Wakes the status poller early.
     wake_poller: Notify,
@@ -174,6 +179,7 @@ impl BulkJobs {
         metrics: Metrics,
         redis: Option<Arc<SharedLimits>>,
         marketo_day: MarketoDay,
+        tasks: Tasks,
     ) -> Arc<Self> {
         let names = config.counted_names();
         let bulk = &config.bulk;
@@ -214,6 +220,7 @@ impl BulkJobs {
             poll_after: bulk.poll_after,
             poll_pace: bulk.poll_pace,
             marketo_day,
+            tasks,
             metrics,
             wake_poller: Notify::new(),
             shared,
@@ -485,7 +492,7 @@ impl BulkJobs {
         self.wake_poller.notify_one();
         let jobs = Arc::downgrade(self);
         let pause = self.pause;
-        tokio::spawn(async move {
+        self.tasks.until_stopped(async move {
             // The other replicas hold their enqueues too.
             if let Some(jobs) = jobs.upgrade().filter(|_| shared) {
                 if let Some(shared) = &jobs.shared {

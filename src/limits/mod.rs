@@ -2,7 +2,10 @@
 //! written once for call admission and bulk admission alike.
 //!
 //! - [`day`]: Marketo's day, its zone and reset, on an injected clock.
+//! - [`fair_queue`]: waiters in one lane per service, served fairly by
+//!   weight (or a key of the owner's), with deadlines and leaving on drop.
 //! - [`redis`]: the Lua scripts every count shared through Redis goes
 //!   through, and what a Redis error means.
 pub mod day;
+pub mod fair_queue;
 pub mod redis;

@@ -31,6 +31,7 @@ use super::call::Call;
 use crate::admission::shared::{Grant, Lease, SharedLimits};
 use crate::admission::{Admission, AdmissionError, Permit, Slot};
 use crate::error::ProxyError;
+use crate::tasks::Tasks;
 use crate::upstream::{Answer, UpstreamError};
 
 /// How long a call that got no answer keeps its slot: Marketo may still be
@@ -51,9 +52,13 @@ pub struct AdmitLayer {
 }
 
 impl AdmitLayer {
-    pub fn new(admission: Arc<Admission>, limits: Option<Arc<SharedLimits>>) -> Self {
+    pub fn new(admission: Arc<Admission>, limits: Option<Arc<SharedLimits>>, tasks: Tasks) -> Self {
         Self {
-            gate: Gate { admission, limits },
+            gate: Gate {
+                admission,
+                limits,
+                tasks,
+            },
         }
     }
 }
@@ -86,6 +91,8 @@ impl<S> Clone for Admit<S> {
 struct Gate {
     admission: Arc<Admission>,
     limits: Option<Arc<SharedLimits>>,
+    /// Where a call without an answer keeps its slot a while.
+    tasks: Tasks,
 }
 
 impl<S> Service<Call> for Admit<S>
@@ -108,7 +115,7 @@ where
             let slot = gate.slot(call.caller.id, call.deadline, call.replay).await?;
             // Boxed: a request waiting in the queue does not carry the
             // state of its call (Redis round trips included).
-            Box::pin(send(inner.clone(), call, slot)).await
+            Box::pin(send(inner.clone(), call, slot, &gate.tasks)).await
         })
     }
 }
@@ -161,7 +168,7 @@ impl Gate {
             match limits.acquire(service, permit, admission).await {
                 Grant::Granted(lease) => return Ok(SharedGrant::Go(Some(lease))),
                 Grant::Readmit => return Ok(SharedGrant::Readmit),
-                Grant::Refused(scope, wait) => {
+                Grant::QuotaSpent(scope, wait) => {
                     let retry_after = wait.unwrap_or_else(|| admission.quota_retry_after(scope));
                     return Err(AdmissionError::Quota { scope, retry_after }.into());
                 }
@@ -189,11 +196,11 @@ enum SharedGrant {
 }
 
 /// One call on its slot.
-async fn send<S>(inner: S, call: Call, slot: Slot) -> Result<Admitted, ProxyError>
+async fn send<S>(inner: S, call: Call, slot: Slot, tasks: &Tasks) -> Result<Admitted, ProxyError>
 where
     S: tower::Service<Call, Response = Answer, Error = ProxyError>,
 {
-    let mut unanswered = Unanswered(Some(slot));
+    let mut unanswered = Unanswered(Some(slot), tasks);
     let result = inner.oneshot(call).await;
     let Some(mut slot) = unanswered.0.take() else {
         return Err(AdmissionError::Closed.into());
@@ -212,7 +219,7 @@ where
             Err(error)
         }
         Err(error @ ProxyError::Upstream(UpstreamError::Timeout(_))) => {
-            slot.hold_for(UNANSWERED_CALL_GRACE);
+            slot.hold_for(UNANSWERED_CALL_GRACE, tasks);
             Err(error)
         }
         Err(error) => {
@@ -224,12 +231,12 @@ where
 
 /// The slot of a call sent and not yet answered. Dropped unanswered (the
 /// request went away mid-call), it keeps the slot a while.
-struct Unanswered(Option<Slot>);
+struct Unanswered<'a>(Option<Slot>, &'a Tasks);
 
-impl Drop for Unanswered {
+impl Drop for Unanswered<'_> {
     fn drop(&mut self) {
         if let Some(slot) = self.0.take() {
-            slot.hold_for(UNANSWERED_CALL_GRACE);
+            slot.hold_for(UNANSWERED_CALL_GRACE, self.1);
         }
     }
 }
@@ -244,7 +251,8 @@ mod tests {
 
     fn admitting(script: Vec<Scripted>) -> (Admit<ScriptedMarketo>, Arc<Admission>) {
         let admission = Admission::new(&testing::config(), Metrics::new());
-        let service = AdmitLayer::new(Arc::clone(&admission), None).layer(ScriptedMarketo::new(script));
+        let service =
+            AdmitLayer::new(Arc::clone(&admission), None, Tasks::new()).layer(ScriptedMarketo::new(script));
         (service, admission)
     }
 

@@ -18,18 +18,21 @@ use super::call::Call;
 use super::rewrite;
 use crate::error::ProxyError;
 use crate::response::{Outcome, ResponseBody};
+use crate::tasks::Tasks;
 
 /// Turns Marketo's answers and refusals into responses.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub struct AnswerLayer {
     /// A streamed answer that its client reads nothing of for this long
     /// gives its slot up.
     idle: Duration,
+    /// Where a streamed answer is read into its spool.
+    tasks: Tasks,
 }
 
 impl AnswerLayer {
-    pub fn new(idle: Duration) -> Self {
-        Self { idle }
+    pub fn new(idle: Duration, tasks: Tasks) -> Self {
+        Self { idle, tasks }
     }
 }
 
@@ -40,14 +43,16 @@ impl<S> Layer<S> for AnswerLayer {
         ToResponse {
             inner,
             idle: self.idle,
+            tasks: self.tasks.clone(),
         }
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ToResponse<S> {
     inner: S,
     idle: Duration,
+    tasks: Tasks,
 }
 
 impl<S> Service<Request<Bytes>> for ToResponse<S>
@@ -72,6 +77,7 @@ where
             Ok(call) => Answering::Calling {
                 future: self.inner.call(call),
                 idle: self.idle,
+                tasks: self.tasks.clone(),
             },
             Err(error) => Answering::Refused {
                 response: Some(error.into_response()),
@@ -87,6 +93,7 @@ pin_project_lite::pin_project! {
             #[pin]
             future: F,
             idle: Duration,
+            tasks: Tasks,
         },
         Refused {
             response: Option<Response<ResponseBody>>,
@@ -102,10 +109,12 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let response = match self.project() {
-            AnsweringProjection::Calling { future, idle } => match std::task::ready!(future.poll(cx)) {
-                Ok(admitted) => respond(admitted, *idle),
-                Err(error) => error.into_response(),
-            },
+            AnsweringProjection::Calling { future, idle, tasks } => {
+                match std::task::ready!(future.poll(cx)) {
+                    Ok(admitted) => respond(admitted, *idle, tasks),
+                    Err(error) => error.into_response(),
+                }
+            }
             AnsweringProjection::Refused { response } => match response.take() {
                 Some(response) => response,
                 None => ProxyError::Admission(crate::admission::AdmissionError::Closed).into_response(),
@@ -116,7 +125,7 @@ where
 }
 
 /// Marketo's answer as the client gets it.
-fn respond(admitted: Admitted, idle: Duration) -> Response<ResponseBody> {
+fn respond(admitted: Admitted, idle: Duration, tasks: &Tasks) -> Response<ResponseBody> {
     let Admitted { answer, slot } = admitted;
     let mut head = answer.head;
     rewrite::strip_hop_by_hop(&mut head.headers);
@@ -126,7 +135,7 @@ fn respond(admitted: Admitted, idle: Duration) -> Response<ResponseBody> {
         Outcome::OK
     };
     head.extensions.insert(outcome);
-    Response::from_parts(head, ResponseBody::answer(answer.body, slot, idle))
+    Response::from_parts(head, ResponseBody::answer(answer.body, slot, idle, tasks))
 }
 
 #[cfg(test)]
@@ -138,7 +147,8 @@ mod tests {
     use tower::ServiceExt;
 
     fn answering(script: Vec<Scripted>) -> ToResponse<ScriptedAdmitted> {
-        AnswerLayer::new(Duration::from_secs(60)).layer(ScriptedAdmitted(ScriptedMarketo::new(script)))
+        AnswerLayer::new(Duration::from_secs(60), Tasks::new())
+            .layer(ScriptedAdmitted(ScriptedMarketo::new(script)))
     }
 
     fn request() -> Request<Bytes> {

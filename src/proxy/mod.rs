@@ -56,13 +56,13 @@ pub mod authorize;
 pub mod body;
 pub mod call;
 pub mod caller;
+pub mod coalesce;
 pub mod guard;
 pub mod identity;
 pub mod ratelimit;
 pub mod replay;
 pub mod rewrite;
 pub mod send;
-pub mod share;
 #[cfg(test)]
 pub(crate) mod testing;
 
@@ -113,9 +113,11 @@ pub struct Components {
     /// Answers carry `RateLimit-Policy` and `RateLimit` fields.
     pub ratelimit_headers: bool,
     /// How identical reads share calls.
-    pub share: share::ShareLayer,
+    pub coalesce: coalesce::CoalesceLayer,
     /// The bulk jobs seen and admission to Marketo's bulk queues.
     pub bulk: Arc<crate::bulk::BulkJobs>,
+    /// Every task a layer spawns, stopped with the server.
+    pub tasks: crate::tasks::Tasks,
 }
 
 /// The whole request path, for the proxy listener.
@@ -174,8 +176,11 @@ where
             components.body_budget.clone(),
         ))
         .layer(BodyLayer::new(components.body_budget.clone()))
-        .layer(AnswerLayer::new(components.upstream.request_timeout()))
-        .layer(components.share.clone())
+        .layer(AnswerLayer::new(
+            components.upstream.request_timeout(),
+            components.tasks.clone(),
+        ))
+        .layer(components.coalesce.clone())
         .service(forward(components))
 }
 
@@ -197,10 +202,12 @@ pub fn forward(
             components.limits.clone(),
             components.metrics.replays.clone(),
             Arc::clone(&components.last_hour),
+            components.tasks.clone(),
         ))
         .layer(AdmitLayer::new(
             Arc::clone(&components.admission),
             components.limits.clone(),
+            components.tasks.clone(),
         ))
         .layer(AuthorizeLayer::new(Arc::clone(&components.tokens)))
         .service(SendToMarketo::new(
@@ -223,11 +230,16 @@ mod tests {
         let upstream = Upstream::new(&config.marketo).unwrap();
         let tokens = Arc::new(TokenCaches::new(&config, &upstream, &metrics));
         let admission = Admission::new(&config, metrics.clone());
-        let bulk =
-            crate::bulk::BulkJobs::new(&config, metrics.clone(), None, admission.marketo_day().clone());
+        let bulk = crate::bulk::BulkJobs::new(
+            &config,
+            metrics.clone(),
+            None,
+            admission.marketo_day().clone(),
+            crate::tasks::Tasks::new(),
+        );
         Components {
             callers: Arc::new(Callers::new(&config, &metrics)),
-            share: share::ShareLayer::new(&config, tokens.users(), Arc::clone(&admission)),
+            coalesce: coalesce::CoalesceLayer::new(&config, tokens.users(), Arc::clone(&admission)),
             tokens,
             admission,
             bulk,
@@ -237,6 +249,7 @@ mod tests {
             body_budget: body::BodyBudget::new(1 << 26),
             last_hour: Arc::new(LastHour::new(config.counted_names().len())),
             ratelimit_headers: true,
+            tasks: crate::tasks::Tasks::new(),
         }
     }
 

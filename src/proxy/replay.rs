@@ -35,10 +35,11 @@ use super::admit::Admitted;
 use super::call::Call;
 use super::rewrite::{self, BodyKind};
 use crate::admission::shared::SharedLimits;
-use crate::admission::{Admission, Refused, Slot};
+use crate::admission::{Admission, MarketoLimit, Slot};
 use crate::error::ProxyError;
 use crate::marketo::{self, code};
 use crate::recent::LastHour;
+use crate::tasks::Tasks;
 use crate::upstream::UpstreamError;
 
 /// Attempts per request, replays included.
@@ -83,7 +84,7 @@ pub enum Next {
     ReplaceTokenAndReplay,
     /// Marketo refused the call for this limit: learn from it, then call
     /// again from the head of the queue.
-    Refused(Refused),
+    OverLimit(MarketoLimit),
     /// Wait this long, then call again.
     Replay(Duration),
     /// Marketo says the day's quota is spent: pass the answer on and
@@ -98,8 +99,8 @@ pub fn classify(reply: Reply<'_>, attempt: Attempt) -> Next {
     };
     match code {
         Some(code::QUOTA_REACHED) => Next::DaySpent,
-        Some(code::RATE_LIMITED) => Next::Refused(Refused::Window),
-        Some(code::CONCURRENCY_LIMITED) => Next::Refused(Refused::Concurrency),
+        Some(code::RATE_LIMITED) => Next::OverLimit(MarketoLimit::Window),
+        Some(code::CONCURRENCY_LIMITED) => Next::OverLimit(MarketoLimit::Concurrency),
         _ if attempt.number >= MAX_ATTEMPTS => Next::Pass,
         Some(code::TOKEN_INVALID | code::TOKEN_EXPIRED) if !attempt.token_replaced => {
             Next::ReplaceTokenAndReplay
@@ -178,6 +179,8 @@ pub struct ReplayLayer {
     replays: IntCounterVec,
     /// Replays per service, for the status page.
     last_hour: Arc<LastHour>,
+    /// Where what a refusal taught is shared with the other replicas.
+    tasks: Tasks,
 }
 
 impl ReplayLayer {
@@ -186,12 +189,14 @@ impl ReplayLayer {
         limits: Option<Arc<SharedLimits>>,
         replays: IntCounterVec,
         last_hour: Arc<LastHour>,
+        tasks: Tasks,
     ) -> Self {
         Self {
             admission,
             limits,
             replays,
             last_hour,
+            tasks,
         }
     }
 }
@@ -311,7 +316,7 @@ where
                         });
                     }
                     Next::ReplaceTokenAndReplay => attempt.token_replaced = true,
-                    Next::Refused(limit) => {
+                    Next::OverLimit(limit) => {
                         // Not executed: it does not count as an attempt.
                         attempt.number -= 1;
                         let sent = result.as_ref().ok().and_then(|admitted| admitted.slot.as_ref());
@@ -323,7 +328,7 @@ where
                 policy.count(&call, reply.label());
                 // Kept without its slot: the next attempt needs one of its own.
                 last = match next {
-                    Next::Refused(_) => None,
+                    Next::OverLimit(_) => None,
                     _ => result
                         .ok()
                         .map(|admitted| {
@@ -367,7 +372,8 @@ impl ReplayLayer {
     fn confirm_available(&self, shared_probe: bool) {
         if self.admission.quota_confirmed() || shared_probe {
             if let Some(limits) = self.limits.clone() {
-                tokio::spawn(async move { limits.confirm_available().await });
+                self.tasks
+                    .to_the_end(async move { limits.confirm_available().await });
             }
         }
     }
@@ -375,14 +381,15 @@ impl ReplayLayer {
     /// Marketo refused a call for `limit`: the limits in force learn from
     /// it; after a 615, nothing goes for a moment (the calls we cannot see
     /// end within it, usually).
-    fn refused(&self, limit: Refused, sent: Instant) {
+    fn refused(&self, limit: MarketoLimit, sent: Instant) {
         let instance_window = self.limits.as_ref().map(|limits| limits.instance_window());
         self.admission.refused(limit, sent, instance_window);
         if let Some(limits) = self.limits.clone() {
             let admission = Arc::clone(&self.admission);
-            tokio::spawn(async move { limits.refused(&admission).await });
+            self.tasks
+                .to_the_end(async move { limits.refused(&admission).await });
         }
-        if limit == Refused::Concurrency {
+        if limit == MarketoLimit::Concurrency {
             self.admission.pause(PAUSE_AFTER_615);
         }
     }
@@ -442,11 +449,11 @@ mod tests {
             (answered(Some("602")), attempt(3, false, true), Next::Pass),
             // Calls we cannot see: reads and writes alike (not executed),
             // whatever the attempt.
-            (answered(Some("606")), first_write, Next::Refused(Refused::Window)),
-            (answered(Some("606")), attempt(4, true, false), Next::Refused(Refused::Window)),
-            (answered(Some("615")), first_write, Next::Refused(Refused::Concurrency)),
-            (answered(Some("606")), last_read, Next::Refused(Refused::Window)),
-            (answered(Some("615")), last_read, Next::Refused(Refused::Concurrency)),
+            (answered(Some("606")), first_write, Next::OverLimit(MarketoLimit::Window)),
+            (answered(Some("606")), attempt(4, true, false), Next::OverLimit(MarketoLimit::Window)),
+            (answered(Some("615")), first_write, Next::OverLimit(MarketoLimit::Concurrency)),
+            (answered(Some("606")), last_read, Next::OverLimit(MarketoLimit::Window)),
+            (answered(Some("615")), last_read, Next::OverLimit(MarketoLimit::Concurrency)),
             // The day is spent, whatever the attempt.
             (answered(Some("607")), first_write, Next::DaySpent),
             (answered(Some("607")), last_read, Next::DaySpent),
@@ -533,6 +540,7 @@ mod tests {
             None,
             metrics.replays.clone(),
             Arc::new(LastHour::new(config.counted_names().len())),
+            Tasks::new(),
         );
         let service = layer.layer(ScriptedAdmitted(marketo.clone()));
         (service, marketo, admission, testing::call(0, wait))

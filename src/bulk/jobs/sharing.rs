@@ -25,6 +25,7 @@ use tokio::time::Instant;
 use super::{BulkJobs, Job, JobState, Offline, Queue, Reservation, Seen, State, index, someone_waits_in};
 use crate::admission::shared::{SharedError, call_id};
 use crate::bulk::shared::{DayCounts, SharedBulk, Snapshot};
+use crate::tasks::Tasks;
 
 /// While an enqueue waits here, Redis is asked this often whether a place
 /// freed.
@@ -83,18 +84,15 @@ impl BulkJobs {
         if self.shared.is_none() {
             return;
         }
-        let runtime = tokio::runtime::Handle::try_current()
-            .ok()
-            .filter(|_| state.offline.is_none());
-        let Some(runtime) = runtime else {
+        if state.offline.is_some() || !Tasks::can_run() {
             state.to_release.push((queue, id));
             return;
-        };
+        }
         let jobs = Arc::clone(self);
-        runtime.spawn(async move {
+        self.tasks.to_the_end(async move {
             let Some(shared) = &jobs.shared else { return };
             let released = shared.places(queue, &[], std::slice::from_ref(&id)).await;
-            if released.is_err() {
+            if released.is_err_and(|error| error.is_unreachable()) {
                 let mut state = jobs.lock();
                 jobs.go_offline(&mut state);
                 state.to_release.push((queue, id));

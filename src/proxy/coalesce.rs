@@ -48,7 +48,7 @@ use crate::error::ProxyError;
 
 /// Shares reads; see the module documentation.
 #[derive(Clone)]
-pub struct ShareLayer {
+pub struct CoalesceLayer {
     /// `None` when neither coalescing nor any cache path is configured.
     reads: Option<Arc<Reads>>,
 }
@@ -68,7 +68,7 @@ pub struct Reads {
 /// Where a read that waits for an identical one gets its answer.
 type Follower = oneshot::Sender<Arc<SharedAnswer>>;
 
-impl ShareLayer {
+impl CoalesceLayer {
     /// `users` maps each service to the upstream API user it calls as.
     pub fn new(config: &Config, users: Vec<usize>, admission: Arc<Admission>) -> Self {
         let reads = (config.coalesce_reads || !config.cache.is_empty()).then(|| {
@@ -90,11 +90,11 @@ impl ShareLayer {
     }
 }
 
-impl<S> Layer<S> for ShareLayer {
-    type Service = Share<S>;
+impl<S> Layer<S> for CoalesceLayer {
+    type Service = Coalesce<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Share {
+        Coalesce {
             inner,
             reads: self.reads.clone(),
         }
@@ -102,12 +102,12 @@ impl<S> Layer<S> for ShareLayer {
 }
 
 #[derive(Clone)]
-pub struct Share<S> {
+pub struct Coalesce<S> {
     inner: S,
     reads: Option<Arc<Reads>>,
 }
 
-impl<S> Service<Call> for Share<S>
+impl<S> Service<Call> for Coalesce<S>
 where
     S: Service<Call, Response = Admitted, Error = ProxyError> + Clone + Send + 'static,
     S::Future: Send,
@@ -379,10 +379,10 @@ mod tests {
         yaml: &str,
         delay: Duration,
         code: Option<&'static str>,
-    ) -> (Share<Counting>, Arc<AtomicUsize>, Arc<Reads>) {
+    ) -> (Coalesce<Counting>, Arc<AtomicUsize>, Arc<Reads>) {
         let config = Config::from_yaml_with_env(&format!("{}{yaml}", testing::CONFIG), |_| None).unwrap();
         let admission = Admission::new(&config, Metrics::new());
-        let layer = ShareLayer::new(&config, vec![0, 1], admission);
+        let layer = CoalesceLayer::new(&config, vec![0, 1], admission);
         let calls = Arc::new(AtomicUsize::new(0));
         let reads = Arc::clone(layer.reads().unwrap());
         let service = layer.layer(Counting {
@@ -399,7 +399,7 @@ mod tests {
         call
     }
 
-    async fn body(service: &Share<Counting>, call: Call) -> Bytes {
+    async fn body(service: &Coalesce<Counting>, call: Call) -> Bytes {
         match service.clone().oneshot(call).await.unwrap().answer.body {
             crate::upstream::AnswerBody::Whole(bytes) => bytes,
             crate::upstream::AnswerBody::Streaming { .. } => panic!("streamed"),
