@@ -39,8 +39,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::NaiveDate;
-use redis::AsyncCommands;
-use redis::aio::ConnectionManager;
 
 use tokio::time::Instant;
 
@@ -48,13 +46,12 @@ use super::learn::Episode;
 use super::quota::QuotaScope;
 use super::{Admission, InstanceUse, Permit};
 use crate::config::{Config, INTERNAL_SERVICE, RedisConfig};
+use crate::limits::backend::{Backend, InMemory, RedisClient};
 use crate::limits::day::MarketoDay;
-use crate::limits::redis::scripts::{self, Args, Verdict, millis};
+use crate::limits::redis::scripts::{self, Verdict, millis};
 use crate::metrics::Metrics;
 use crate::tasks::Tasks;
 
-/// How long a Redis call may take before Redis counts as unreachable.
-const REDIS_TIMEOUT: Duration = Duration::from_millis(500);
 /// How often an unreachable Redis is tried again.
 const RETRY_EVERY: Duration = Duration::from_secs(1);
 /// The longest a grant waits between two asks.
@@ -118,8 +115,8 @@ struct ServiceLimits {
 
 /// The limits shared through one Redis, for one Marketo instance.
 pub struct SharedLimits {
-    client: redis::Client,
-    connection: tokio::sync::Mutex<Option<ConnectionManager>>,
+    /// Where the shared state lives: Redis, or memory in tests.
+    backend: Backend,
     prefix: String,
     window_calls: u32,
     hold: Duration,
@@ -191,7 +188,7 @@ impl SharedLimits {
     ) -> Result<Arc<Self>, SharedError> {
         // The URL may hold a password: the message says what kind of
         // problem, never the URL.
-        let client = Self::client(redis)?;
+        let backend = Backend::redis(RedisClient::open(redis, metrics.clone())?);
         let limits = &config.limits;
         let services = config
             .services
@@ -215,8 +212,7 @@ impl SharedLimits {
             .collect::<Vec<_>>();
         let hold = limits.window + limits.safety_margin;
         let shared = Arc::new(Self {
-            client,
-            connection: tokio::sync::Mutex::new(None),
+            backend,
             prefix: format!("{{{}}}", redis.key_prefix),
             window_calls: limits.window_calls.get(),
             hold,
@@ -253,31 +249,6 @@ impl SharedLimits {
         Ok(shared)
     }
 
-    /// A client for `redis.url`: over TLS for `rediss://`, trusting the
-    /// bundled webpki roots or `redis.ca_file`.
-    fn client(redis: &RedisConfig) -> Result<redis::Client, SharedError> {
-        let url = redis.url.expose();
-        let unusable = |error: redis::RedisError| SharedError::Url(format!("{:?}", error.kind()));
-        if !url.starts_with("rediss://") {
-            return redis::Client::open(url).map_err(unusable);
-        }
-        // The redis crate builds its TLS settings with the process's
-        // default provider; ring is the one this build carries.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let Some(path) = &redis.ca_file else {
-            return redis::Client::open(url).map_err(unusable);
-        };
-        let root_cert = std::fs::read(path).map_err(|error| SharedError::Url(format!("ca_file: {error}")))?;
-        redis::Client::build_with_tls(
-            url,
-            redis::TlsCertificates {
-                client_tls: None,
-                root_cert: Some(root_cert),
-            },
-        )
-        .map_err(unusable)
-    }
-
     /// How many replicas the limits are split between while Redis is
     /// unreachable.
     pub fn fallback_replicas(&self) -> u32 {
@@ -305,42 +276,9 @@ impl SharedLimits {
         format!("{}:day:{day}", self.prefix)
     }
 
-    /// A live connection, made on first use and after a failure.
-    async fn connection(&self) -> Result<ConnectionManager, SharedError> {
-        let mut slot = self.connection.lock().await;
-        if let Some(connection) = slot.as_ref() {
-            return Ok(connection.clone());
-        }
-        let connected = tokio::time::timeout(REDIS_TIMEOUT, ConnectionManager::new(self.client.clone()))
-            .await
-            .map_err(|_| SharedError::Timeout(REDIS_TIMEOUT))?
-            .map_err(SharedError::Unreachable)?;
-        *slot = Some(connected.clone());
-        Ok(connected)
-    }
-
-    /// Runs one script within [`REDIS_TIMEOUT`], on the connection every
-    /// shared count uses. A script that fails is logged and counted as the
-    /// bug it is.
-    pub(crate) async fn run<A: Args>(&self, keys: &[&str], args: &A) -> Result<A::Reply, SharedError> {
-        let script = A::script();
-        let invocation = script.invocation(keys, args);
-        let mut connection = self.connection().await?;
-        let error = match tokio::time::timeout(REDIS_TIMEOUT, invocation.invoke_async(&mut connection)).await
-        {
-            Ok(Ok(reply)) => return Ok(reply),
-            Ok(Err(error)) => SharedError::of_script(script.name, error),
-            Err(_) => SharedError::Timeout(REDIS_TIMEOUT),
-        };
-        if !error.is_unreachable() {
-            self.metrics
-                .backend_script_errors
-                .with_label_values(&[script.name])
-                .inc();
-            let cause = std::error::Error::source(&error).map(ToString::to_string);
-            tracing::error!(%error, cause, "a Redis script failed: this is a bug");
-        }
-        Err(error)
+    /// Runs one operation on the shared state.
+    pub(crate) async fn run<A: InMemory>(&self, keys: &[&str], args: &A) -> Result<A::Reply, SharedError> {
+        self.backend.run(keys, args).await
     }
 
     /// Today by Redis's clock, in the quota's zone.
@@ -523,11 +461,8 @@ impl SharedLimits {
 
     /// Takes the learned limits another replica shared.
     async fn fetch_learned(&self, admission: &Arc<Admission>) {
-        let Ok(mut connection) = self.connection().await else {
-            return;
-        };
-        let read = connection.hgetall::<_, HashMap<String, i64>>(self.key("learned"));
-        if let Ok(Ok(fields)) = tokio::time::timeout(REDIS_TIMEOUT, read).await {
+        let learned = self.key("learned");
+        if let Ok(fields) = self.run(&[learned.as_str()], &scripts::Learned {}).await {
             self.adopt_learned(admission, &fields);
         }
     }
@@ -677,17 +612,9 @@ impl SharedLimits {
     /// A call went through after Marketo's 607: the day is not spent.
     pub async fn confirm_available(&self) {
         let day = self.day();
-        let Ok(mut connection) = self.connection().await else {
-            return;
-        };
-        let _ = tokio::time::timeout(
-            REDIS_TIMEOUT,
-            redis::cmd("HDEL")
-                .arg(self.day_key(day))
-                .arg("spent")
-                .query_async::<()>(&mut connection),
-        )
-        .await;
+        let _ = self
+            .run(&[self.day_key(day).as_str()], &scripts::ClearSpent {})
+            .await;
     }
 
     /// Marketo's count of today's calls, shared with every replica.
@@ -716,33 +643,20 @@ impl SharedLimits {
     /// Marketo's usage report as the reconciler read it, for the others,
     /// kept for `keep`.
     pub async fn publish_usage(&self, usage: &crate::marketo::MarketoUsage, keep: Duration) {
-        let (Ok(text), Ok(mut connection)) = (serde_json::to_string(usage), self.connection().await) else {
+        let Ok(text) = serde_json::to_string(usage) else {
             return;
         };
-        let _ = tokio::time::timeout(
-            REDIS_TIMEOUT,
-            redis::cmd("SET")
-                .arg(self.key("usage"))
-                .arg(text)
-                .arg("PX")
-                .arg(millis(keep))
-                .query_async::<()>(&mut connection),
-        )
-        .await;
+        let args = scripts::Publish {
+            text: &text,
+            keep_ms: millis(keep),
+        };
+        let _ = self.run(&[self.key("usage").as_str()], &args).await;
     }
 
     /// The usage report the reconciler last published, if any.
     pub async fn published_usage(&self) -> Option<crate::marketo::MarketoUsage> {
-        let mut connection = self.connection().await.ok()?;
-        let text = tokio::time::timeout(
-            REDIS_TIMEOUT,
-            redis::cmd("GET")
-                .arg(self.key("usage"))
-                .query_async::<Option<String>>(&mut connection),
-        )
-        .await
-        .ok()?
-        .ok()??;
+        let usage = self.key("usage");
+        let text = self.run(&[usage.as_str()], &scripts::Published {}).await.ok()??;
         serde_json::from_str(&text).ok()
     }
 
@@ -844,18 +758,10 @@ impl SharedLimits {
     /// Makes Redis grant nothing for [`SETTLE`], unless it already holds
     /// acquisitions.
     async fn hold_acquisitions(&self) -> Result<(), SharedError> {
-        let mut connection = self.connection().await?;
-        let mut hold = redis::cmd("SET");
-        hold.arg(self.key("settling"))
-            .arg(1)
-            .arg("PX")
-            .arg(millis(SETTLE))
-            .arg("NX");
-        match tokio::time::timeout(REDIS_TIMEOUT, hold.query_async::<Option<String>>(&mut connection)).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(error)) => Err(SharedError::Unreachable(error)),
-            Err(_) => Err(SharedError::Timeout(REDIS_TIMEOUT)),
-        }
+        let args = scripts::Hold {
+            hold_ms: millis(SETTLE),
+        };
+        self.run(&[self.key("settling").as_str()], &args).await.map(drop)
     }
 
     /// Whether Redis still holds the data this replica saw there (`true`
@@ -936,13 +842,7 @@ impl SharedLimits {
     async fn try_recover(&self, admission: &Arc<Admission>) {
         // A new connection, not the one that failed, and an answer to PING
         // before anything waits on the catch-up.
-        *self.connection.lock().await = None;
-        let Ok(mut connection) = self.connection().await else {
-            return;
-        };
-        let ping = redis::cmd("PING");
-        let answered = tokio::time::timeout(REDIS_TIMEOUT, ping.query_async::<String>(&mut connection)).await;
-        if !matches!(answered, Ok(Ok(_))) {
+        if self.backend.ping().await.is_err() {
             return;
         }
         // The mark of the data this replica now writes into: a later change

@@ -26,7 +26,7 @@
 //!
 //! One mutex, never held across an await.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -34,7 +34,7 @@ use bytes::Bytes;
 use chrono::NaiveDate;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::BulkError;
@@ -45,6 +45,7 @@ use super::shared::{Seen, SharedBulk};
 use crate::admission::shared::{SharedLimits, call_id};
 use crate::config::Config;
 use crate::limits::day::MarketoDay;
+use crate::limits::fair_queue::{self, FairQueue, Waiting};
 use crate::marketo::code;
 use crate::metrics::Metrics;
 use crate::tasks::Tasks;
@@ -95,19 +96,14 @@ struct Job {
     offline: bool,
 }
 
-struct Waiter {
-    since: Instant,
-    /// Gets the id of the place granted.
-    reply: oneshot::Sender<String>,
-}
-
 struct Line {
     /// Places held for enqueues sent and not yet answered, by id.
     held: HashSet<String>,
     /// After Marketo said the queue was full.
     paused_until: Option<Instant>,
-    /// One line per service.
-    waiting: Vec<VecDeque<Waiter>>,
+    /// Enqueues waiting for a place, one lane per service; each is handed
+    /// the id of the place it gets.
+    waiting: FairQueue<String>,
 }
 
 struct State {
@@ -190,7 +186,7 @@ impl BulkJobs {
         let line = || Line {
             held: HashSet::new(),
             paused_until: None,
-            waiting: (0..names.len()).map(|_| VecDeque::new()).collect(),
+            waiting: FairQueue::new(names.iter().map(|_| 1.0)),
         };
         let jobs = Arc::new(Self {
             state: Mutex::new(State {
@@ -327,37 +323,35 @@ impl BulkJobs {
         if let Some(reservation) = self.admit_shared(queue, service).await {
             return Ok(reservation);
         }
-        let receiver = {
+        let waiting = {
             let mut state = self.lock();
             self.roll(&mut state);
             let now = Instant::now();
             let line = &state.lines[index(queue)];
-            let nobody_waits = line.waiting.iter().all(VecDeque::is_empty);
+            let nobody_waits = line.waiting.is_empty();
             if nobody_waits && self.has_room(&state, queue, now) {
                 return Ok(self.hold(&mut state, queue, call_id()));
             }
             if deadline <= now {
                 return Err(self.queue_full(queue));
             }
-            let (reply, receiver) = oneshot::channel();
             let lane = service.min(self.internal);
-            state.lines[index(queue)].waiting[lane].push_back(Waiter { since: now, reply });
+            let (id, receiver) = state.lines[index(queue)].waiting.push(lane, now, deadline, false);
             // The poller reads the queue's jobs more often while someone waits.
             self.wake_poller.notify_one();
             self.wake_shared.notify_one();
-            Waiting {
-                jobs: self,
-                queue,
-                receiver: Some(receiver),
-            }
+            // Gone before its turn, the enqueue leaves its lane; a place
+            // granted meanwhile is given back.
+            Waiting::new(receiver, move |granted: Option<String>| {
+                if let Some(place) = granted {
+                    drop(self.reservation(queue, place));
+                }
+                self.lock().lines[index(queue)].waiting.leave(lane, id);
+            })
         };
-        let mut waiting = receiver;
-        let granted = tokio::time::timeout_at(deadline, waiting.receiver.as_mut().expect("set above")).await;
-        match granted {
-            Ok(Ok(id)) => {
-                waiting.receiver = None;
-                Ok(self.reservation(queue, id))
-            }
+        let mut waiting = waiting;
+        match tokio::time::timeout_at(deadline, &mut waiting).await {
+            Ok(Some(place)) => Ok(self.reservation(queue, place)),
             // Refused: dropping `waiting` leaves the line, or hands back a
             // place granted meanwhile.
             _ => Err(self.queue_full(queue)),
@@ -446,9 +440,9 @@ impl BulkJobs {
 
     /// The next waiter for a place: the service with the fewest jobs in
     /// the queue first, the longest waiting among equals.
-    fn next_waiter(&self, state: &mut State, queue: Queue) -> Option<Waiter> {
+    fn next_waiter(&self, state: &mut State, queue: Queue) -> Option<fair_queue::Waiter<String>> {
         let service = self.next_lane(state, queue)?;
-        state.lines[index(queue)].waiting[service].pop_front()
+        state.lines[index(queue)].waiting.pop(service)
     }
 
     /// The line of [`Self::next_waiter`].
@@ -462,16 +456,9 @@ impl BulkJobs {
                 })
                 .count()
         };
-        let line = &state.lines[index(queue)];
-        let next = line
+        state.lines[index(queue)]
             .waiting
-            .iter()
-            .enumerate()
-            .filter_map(|(service, waiting)| {
-                waiting.front().map(|head| (owned(service), head.since, service))
-            })
-            .min();
-        next.map(|(_, _, service)| service)
+            .next_lane_by(|service, head| Some((owned(service), head.enqueued)))
     }
 
     /// Marketo said `queue` is full: jobs the proxy has not seen hold it.
@@ -787,31 +774,6 @@ impl Drop for Reservation {
     }
 }
 
-/// A waiter in a line. Dropped before its place was taken, it leaves the
-/// line, or gives back a place granted in the meantime.
-struct Waiting<'a> {
-    jobs: &'a Arc<BulkJobs>,
-    queue: Queue,
-    receiver: Option<oneshot::Receiver<String>>,
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        let Some(mut receiver) = self.receiver.take() else {
-            return;
-        };
-        if let Ok(id) = receiver.try_recv() {
-            drop(self.jobs.reservation(self.queue, id));
-        }
-        // A waiter not granted has a closed reply now; `pump` passes over it.
-        receiver.close();
-        let mut state = self.jobs.lock();
-        for waiting in &mut state.lines[index(self.queue)].waiting {
-            waiting.retain(|waiter| !waiter.reply.is_closed());
-        }
-    }
-}
-
 /// Whether `answer` is Marketo saying `queue` is full.
 pub fn says_full(queue: Queue, body: Option<&Bytes>) -> bool {
     let Some(body) = body else { return false };
@@ -840,5 +802,5 @@ fn job_id(result: &Value) -> Option<String> {
 }
 
 fn someone_waits_in(line: &Line) -> bool {
-    line.waiting.iter().any(|waiting| !waiting.is_empty())
+    !line.waiting.is_empty()
 }

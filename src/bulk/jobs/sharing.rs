@@ -192,7 +192,9 @@ impl BulkJobs {
                     () = tokio::time::sleep(every) => {}
                     () = jobs.wake_shared.notified() => {}
                 }
-                if jobs.refresh(shared).await.is_err() || jobs.pump_shared(shared).await.is_err() {
+                let unreachable =
+                    |result: Result<(), SharedError>| result.is_err_and(|error| error.is_unreachable());
+                if unreachable(jobs.refresh(shared).await) || unreachable(jobs.pump_shared(shared).await) {
                     jobs.go_offline(&mut jobs.lock());
                 }
             }

@@ -14,6 +14,7 @@
 //! it is logged and counted (`marketo_proxy_backend_script_errors_total`)
 //! and the call it served waits and asks again.
 
+pub mod client;
 pub mod scripts;
 
 use std::time::Duration;

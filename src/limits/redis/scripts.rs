@@ -74,6 +74,11 @@ scripts! {
     BULK_EXPORT_DAY => "bulk_export_day",
     BULK_SPENT => "bulk_spent",
     BULK_PAUSE => "bulk_pause",
+    LEARNED => "learned",
+    CLEAR_SPENT => "clear_spent",
+    HOLD => "hold",
+    PUBLISH => "publish",
+    PUBLISHED => "published",
 }
 
 macro_rules! args {
@@ -227,6 +232,11 @@ pub struct Learn {
 }
 args!(Learn => LEARN, std::collections::HashMap<String, i64>);
 
+/// The learned limits as [`Learn`] keeps them. Keys: learned.
+#[derive(Debug, Serialize)]
+pub struct Learned {}
+args!(Learned => LEARNED, std::collections::HashMap<String, i64>);
+
 /// Gives back what an unanswered acquisition took. Keys: those of
 /// [`Acquire`], the first six. Answers how many sets held it.
 #[derive(Debug, Serialize)]
@@ -293,6 +303,33 @@ pub struct MarkSpent {
     pub day_ttl_s: u64,
 }
 args!(MarkSpent => MARK_SPENT, u8);
+
+/// A call went through after Marketo's 607: the day is not spent. Keys:
+/// day.
+#[derive(Debug, Serialize)]
+pub struct ClearSpent {}
+args!(ClearSpent => CLEAR_SPENT, u8);
+
+/// Nothing is granted for `hold_ms`, unless a hold is on already. Keys:
+/// settling.
+#[derive(Debug, Serialize)]
+pub struct Hold {
+    pub hold_ms: u64,
+}
+args!(Hold => HOLD, u8);
+
+/// Keeps `text` for `keep_ms`. Keys: the text's.
+#[derive(Debug, Serialize)]
+pub struct Publish<'a> {
+    pub text: &'a str,
+    pub keep_ms: u64,
+}
+args!(Publish<'a> => PUBLISH, u8);
+
+/// The text last published, if it is still kept. Keys: the text's.
+#[derive(Debug, Serialize)]
+pub struct Published {}
+args!(Published => PUBLISHED, Option<String>);
 
 /// Marketo's count of today's calls. Keys: day. Answers (calls from
 /// outside, the replicas' calls Marketo refused).
