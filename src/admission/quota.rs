@@ -23,16 +23,7 @@ use crate::limits::day::MarketoDay;
 /// after it, so that every client does not come back at the same instant.
 pub const RESET_JITTER: Duration = Duration::from_secs(5 * 60);
 
-/// Which daily limit a call ran into.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum QuotaScope {
-    /// The instance's quota is spent (or Marketo said 607).
-    Instance,
-    /// The service's own `daily_quota` cap is spent.
-    ServiceCap,
-    /// What is left is reserved for other services.
-    Reserved,
-}
+pub use crate::limits::rules::{QuotaScope, held_for_others, one_more_call};
 
 /// One service's daily limits.
 #[derive(Debug, Clone, Copy, Default)]
@@ -181,28 +172,27 @@ impl DailyQuota {
 
     /// Whether `service` may make one more call today, at `now`.
     pub fn check(&self, service: usize, now: DateTime<Utc>) -> Result<(), QuotaScope> {
-        if self.spent_until.is_some_and(|until| now < until) || self.counted_remaining() == 0 {
+        if self.spent_until.is_some_and(|until| now < until) {
             return Err(QuotaScope::Instance);
         }
         let own = self.services.get(service).copied().unwrap_or_default();
-        let used = self.used_by(service);
-        if used >= own.cap {
-            return Err(QuotaScope::ServiceCap);
-        }
-        if self.counted_remaining() <= self.held_for_others(service) {
-            return Err(QuotaScope::Reserved);
-        }
-        Ok(())
+        one_more_call(
+            self.counted_remaining(),
+            self.used_by(service),
+            own.cap,
+            self.held_for_others(service),
+        )
     }
 
     /// What other services' reserves still hold back from `service`.
     fn held_for_others(&self, service: usize) -> u64 {
-        self.services
-            .iter()
-            .enumerate()
-            .filter(|(other, _)| *other != service)
-            .map(|(other, quota)| quota.reserved.saturating_sub(self.used_by(other)))
-            .sum()
+        held_for_others(
+            self.services
+                .iter()
+                .enumerate()
+                .filter(|(other, _)| *other != service)
+                .map(|(other, quota)| (quota.reserved, self.used_by(other))),
+        )
     }
 
     /// The calls `service` may make in a day: its cap, within this

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::store::Store;
 use crate::limits::redis::scripts::{self, Acquired, Args, Verdict};
+use crate::limits::rules::{QuotaScope, held_for_others, one_more_call};
 
 /// The clock the memory backend reads as Redis's `TIME`, in epoch ms.
 pub type MillisClock = Arc<dyn Fn() -> i64 + Send + Sync>;
@@ -137,20 +138,19 @@ impl InMemory for scripts::Acquire<'_> {
         if spent > 0 && now < spent {
             return reply(store, Verdict::Spent, spent - now, total);
         }
-        let remaining = ms(self.daily_quota) - total - foreign;
-        if remaining <= 0 {
-            return reply(store, Verdict::Quota, 0, total);
-        }
-        if store.hget_number(day, self.field) >= ms(self.cap) {
-            return reply(store, Verdict::ServiceCap, 0, total);
-        }
-        let held: i64 = self
-            .reserves
-            .iter()
-            .map(|(field, reserved)| (ms(*reserved) - store.hget_number(day, field)).max(0))
-            .sum();
-        if remaining <= held {
-            return reply(store, Verdict::Reserved, 0, total);
+        let count = |value: i64| u64::try_from(value).unwrap_or(0);
+        let remaining = count(ms(self.daily_quota) - total - foreign);
+        let held = held_for_others(
+            self.reserves
+                .iter()
+                .map(|(field, reserved)| (*reserved, count(store.hget_number(day, field)))),
+        );
+        let used = count(store.hget_number(day, self.field));
+        match one_more_call(remaining, used, self.cap, held) {
+            Ok(()) => {}
+            Err(QuotaScope::Instance) => return reply(store, Verdict::Quota, 0, total),
+            Err(QuotaScope::ServiceCap) => return reply(store, Verdict::ServiceCap, 0, total),
+            Err(QuotaScope::Reserved) => return reply(store, Verdict::Reserved, 0, total),
         }
         // After Marketo's 607 this call is the probe: the others wait for it.
         if spent > 0 {
