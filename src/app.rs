@@ -34,7 +34,7 @@ use crate::admission::Admission;
 use crate::admission::shared::{SharedError, SharedLimits};
 use crate::auth::Callers;
 use crate::bulk::BulkJobs;
-use crate::bulk::poll::StatusPoller;
+use crate::bulk_status::StatusPoller;
 use crate::config::{Backend, Config};
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
@@ -94,6 +94,9 @@ impl App {
             tracing::warn!("{warning}");
         }
         metrics.start_series(&config.counted_names());
+        for script in crate::limits::redis::scripts::NAMES {
+            metrics.backend_script_errors.with_label_values(&[script]);
+        }
         let upstream = Upstream::new(&config.marketo)?;
         let tasks = Tasks::new();
         let admission = Admission::new(&config, metrics.clone());

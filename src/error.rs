@@ -13,7 +13,6 @@ use http::{HeaderValue, Response, StatusCode, header};
 use crate::admission::AdmissionError;
 use crate::auth::AuthError;
 use crate::marketo::code;
-use crate::proxy::rewrite::InvalidBoundary;
 use crate::recent::Refusal;
 use crate::response::{Outcome, ResponseBody, marketo_error};
 use crate::target::PathError;
@@ -23,6 +22,11 @@ use crate::upstream::UpstreamError;
 /// The methods Marketo's REST API knows; anything else is answered with
 /// Marketo's 605 and never forwarded.
 pub const ALLOWED_METHODS: &str = "GET, POST, PUT, DELETE";
+
+/// A `multipart/form-data` body whose boundary RFC 2046 does not allow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the multipart boundary must be 1 to 70 characters long (RFC 2046)")]
+pub struct InvalidBoundary;
 
 /// Who made a request fail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -10,6 +10,7 @@ pub mod answer_cache;
 pub mod app;
 pub mod auth;
 pub mod bulk;
+pub mod bulk_status;
 pub mod config;
 pub mod egress;
 pub mod error;

@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::auth::ServiceId;
 use crate::metrics::BUCKETS;
 
 /// A ring of `N` buckets, one per period (a second, a minute), keyed by
@@ -181,7 +180,7 @@ impl LastHour {
         now.saturating_duration_since(self.started).as_secs() / 60
     }
 
-    fn record(&self, service: ServiceId, count: impl FnOnce(&mut HourCounts)) {
+    fn record(&self, service: usize, count: impl FnOnce(&mut HourCounts)) {
         let minute = self.minute(Instant::now());
         let mut services = self
             .services
@@ -193,7 +192,7 @@ impl LastHour {
     }
 
     /// `service` got a local refusal.
-    pub fn refused(&self, service: ServiceId, refusal: Refusal) {
+    pub fn refused(&self, service: usize, refusal: Refusal) {
         self.record(service, |counts| match refusal {
             Refusal::Rate => counts.refused_rate += 1,
             Refusal::Quota => counts.refused_quota += 1,
@@ -201,7 +200,7 @@ impl LastHour {
     }
 
     /// A call of `service` was sent again.
-    pub fn replayed(&self, service: ServiceId) {
+    pub fn replayed(&self, service: usize) {
         self.record(service, |counts| counts.replays += 1);
     }
 

@@ -29,8 +29,8 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 
 use crate::admission::Slot;
-use crate::response::BoxError;
 use crate::tasks::Tasks;
+use tower::BoxError;
 
 /// Bytes of an answer kept in memory before the rest goes to a file.
 pub const MEMORY_BYTES: usize = 1024 * 1024;

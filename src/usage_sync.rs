@@ -21,15 +21,15 @@ use serde::Deserialize;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tower::ServiceExt;
-use tower::util::BoxCloneSyncService;
 
 use crate::admission::foreign::Reading;
-use crate::admission::shared::SharedLimits;
+use crate::admission::shared::{SharedLimits, call_id};
 use crate::admission::{Admission, Slot};
 use crate::auth::Caller;
 use crate::error::ProxyError;
+use crate::limits::redis::scripts::{self, millis};
 use crate::marketo::{MarketoUsage, code};
-use crate::proxy::admit::Admitted;
+use crate::proxy::Forward;
 use crate::proxy::call::Call;
 use crate::proxy::caller::Deadline;
 use crate::target;
@@ -68,10 +68,6 @@ impl ReportedUsage {
     }
 }
 
-/// The calls a request makes to Marketo, as [`crate::proxy::forward`]
-/// builds them.
-pub type Forward = BoxCloneSyncService<Call, Admitted, ProxyError>;
-
 /// Reads Marketo's usage report and applies it.
 pub struct UsageSync {
     forward: Forward,
@@ -83,6 +79,65 @@ pub struct UsageSync {
     reported: Arc<ReportedUsage>,
     /// How long Marketo's 607 holds before a call probes.
     probe_after: Duration,
+    /// With replicas: whether this one reads the reports for all of them.
+    election: Election,
+}
+
+/// The replicas' election of the one that reads Marketo's reports for all
+/// of them: a lock in the shared state with an expiry, which its holder
+/// keeps by taking it again within it, and another replica takes once it
+/// lapses.
+pub struct Election {
+    replica: String,
+}
+
+impl Election {
+    pub fn new() -> Self {
+        Self { replica: call_id() }
+    }
+
+    /// Whether this replica reads the reports for every replica: it holds
+    /// the lock (for `hold` more), or just took it from nobody. `None`
+    /// while the shared state cannot say.
+    pub async fn lead(&self, limits: &SharedLimits, hold: Duration) -> Option<bool> {
+        let args = scripts::Lead {
+            replica: &self.replica,
+            hold_ms: millis(hold),
+        };
+        let led = limits
+            .run(&[limits.key("reconciler").as_str()], &args)
+            .await
+            .ok()?;
+        Some(led == 1)
+    }
+}
+
+impl Default for Election {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Marketo's usage report as the reader read it, for the others, kept for
+/// `keep`.
+async fn publish_usage(limits: &SharedLimits, usage: &MarketoUsage, keep: Duration) {
+    let Ok(text) = serde_json::to_string(usage) else {
+        return;
+    };
+    let args = scripts::Publish {
+        text: &text,
+        keep_ms: millis(keep),
+    };
+    let _ = limits.run(&[limits.key("usage").as_str()], &args).await;
+}
+
+/// The usage report the reader last published, if any.
+async fn published_usage(limits: &SharedLimits) -> Option<MarketoUsage> {
+    let text = limits
+        .run(&[limits.key("usage").as_str()], &scripts::Published {})
+        .await
+        .ok()??;
+    serde_json::from_str(&text).ok()
 }
 
 /// One of Marketo's reports: days, today's first.
@@ -173,6 +228,7 @@ impl UsageSync {
             limits,
             reported,
             probe_after,
+            election: Election::new(),
         }
     }
 
@@ -185,9 +241,9 @@ impl UsageSync {
         };
         // The lock outlives one interval, so its holder keeps it; if the
         // holder is gone, another replica takes over within half of one.
-        match limits.lead_reconciliation(interval + interval / 2).await {
+        match self.election.lead(limits, interval + interval / 2).await {
             Some(false) => {
-                let Some(usage) = limits.published_usage().await else {
+                let Some(usage) = published_usage(limits).await else {
                     return Ok(None);
                 };
                 self.apply_here(&usage);
@@ -195,7 +251,7 @@ impl UsageSync {
             }
             Some(true) | None => {
                 let usage = self.reconcile().await?;
-                limits.publish_usage(&usage, interval * 2).await;
+                publish_usage(limits, &usage, interval * 2).await;
                 Ok(Some(usage))
             }
         }

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use marketo_proxy::limits::backend::{Backend, Memory, RedisClient};
+use marketo_proxy::limits::backend::{Backend, RedisClient};
 use marketo_proxy::limits::day::MarketoDay;
 use marketo_proxy::limits::redis::scripts::{
     Acquire, Acquired, Batch, BulkAdmit, BulkExportDay, BulkObserve, BulkPause, BulkPlaces, BulkSnapshot,
@@ -57,6 +57,7 @@ conformance!(
     an_empty_store_settles_before_granting_and_a_lost_mark_is_seen,
     marketos_607_holds_every_caller_until_one_probe,
     one_replica_at_a_time_reads_the_usage_report,
+    the_day_key_turns_at_local_midnight_across_a_daylight_saving_change,
 );
 
 fn redis_backend(url: &str) -> Backend {
@@ -660,17 +661,7 @@ async fn one_replica_at_a_time_reads_the_usage_report(backend: &Backend) {
 
 /// The day's counts live under the day's key: Marketo's day, on an injected
 /// clock, turns at local midnight, a daylight-saving change included.
-#[tokio::test]
-async fn the_day_key_turns_at_local_midnight_across_a_daylight_saving_change() {
-    for backend in [
-        Backend::Memory(Memory::new()),
-        redis_backend(&support::redis::RedisServer::start().url()),
-    ] {
-        day_key_turns(&backend).await;
-    }
-}
-
-async fn day_key_turns(backend: &Backend) {
+async fn the_day_key_turns_at_local_midnight_across_a_daylight_saving_change(backend: &Backend) {
     ready(backend).await;
     let at = |text: &str| text.parse::<DateTime<Utc>>().expect("a time").timestamp_millis();
     // The last second of the 8th in Chicago (CST), an hour before the 23-hour

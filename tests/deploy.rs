@@ -38,6 +38,7 @@ const EXPECTED_ALERTS: &[&str] = &[
     "MarketoProxyTokenRefreshFailing",
     "MarketoProxyTokenExpired",
     "MarketoProxyBackendDown",
+    "MarketoProxyBackendScriptErrors",
 ];
 
 /// Labels Prometheus attaches to every scraped series.
@@ -116,6 +117,10 @@ fn exposition() -> BTreeMap<String, Family> {
     metrics.observed.with_label_values(&["s", "would_wait"]).inc();
     metrics.bulk_jobs.with_label_values(&["leads", "queued"]).set(1);
     metrics.bulk_export_bytes.with_label_values(&["s"]).inc();
+    metrics
+        .backend_script_errors
+        .with_label_values(&["acquire"])
+        .inc();
     parse_exposition(&metrics.render())
 }
 

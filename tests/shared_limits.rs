@@ -487,6 +487,8 @@ async fn marketo_607_on_one_replica_holds_every_replica_until_a_probe() {
 async fn the_usage_reader_keeps_its_lock_and_another_replica_takes_over_when_it_lapses() {
     use marketo_proxy::admission::shared::SharedLimits;
     use marketo_proxy::metrics::Metrics;
+    use marketo_proxy::usage_sync::Election;
+    use std::sync::Arc;
 
     let redis = RedisServer::start();
     let config = replica_config(
@@ -507,23 +509,22 @@ async fn the_usage_reader_keeps_its_lock_and_another_replica_takes_over_when_it_
         )
         .unwrap()
     };
-    let (reader, other) = (replica(), replica());
+    let (reader, other) = ((replica(), Election::new()), (replica(), Election::new()));
     let hold = Duration::from_millis(300);
-    assert_eq!(reader.lead_reconciliation(hold).await, Some(true));
-    assert_eq!(other.lead_reconciliation(hold).await, Some(false));
+    let lead = async |(limits, election): &(Arc<SharedLimits>, Election)| election.lead(limits, hold).await;
+    assert_eq!(lead(&reader).await, Some(true));
+    assert_eq!(lead(&other).await, Some(false));
     // The reader renews it at each interval and stays the reader.
-    assert_eq!(reader.lead_reconciliation(hold).await, Some(true));
-    assert_eq!(other.lead_reconciliation(hold).await, Some(false));
+    assert_eq!(lead(&reader).await, Some(true));
+    assert_eq!(lead(&other).await, Some(false));
     // The reader is gone (no more renewals): the lock lapses, and the
     // other replica takes over, which the old reader then cannot.
-    support::eventually(Duration::from_secs(3), async || {
-        match other.lead_reconciliation(hold).await {
-            Some(true) => Ok(()),
-            other => Err(other),
-        }
+    support::eventually(Duration::from_secs(3), async || match lead(&other).await {
+        Some(true) => Ok(()),
+        other => Err(other),
     })
     .await;
-    assert_eq!(reader.lead_reconciliation(hold).await, Some(false));
+    assert_eq!(lead(&reader).await, Some(false));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

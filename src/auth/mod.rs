@@ -38,8 +38,20 @@ pub const PROXY_TOKEN_TTL: Duration = Duration::from_secs(3600);
 /// Failed attempts a client address may make per minute.
 const FAILURES_PER_MINUTE: u32 = 10;
 
-/// The index of a service in the configuration.
-pub type ServiceId = usize;
+/// A configured service, as the caller table knows it. Only the table
+/// makes one ([`Callers::authenticate`], [`Callers::issue_token`],
+/// [`Callers::internal`]), so a request's service is always one the
+/// configuration has; the limits index their lanes by [`ServiceId::index`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceId(usize);
+
+impl ServiceId {
+    /// The service's place in the configuration (the proxy's own calls
+    /// last), as the limits' lanes are laid out.
+    pub fn index(self) -> usize {
+        self.0
+    }
+}
 
 /// Why a caller was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -114,7 +126,7 @@ impl Callers {
                 .into_iter()
                 .enumerate()
                 .map(|(id, name)| Caller {
-                    id,
+                    id: ServiceId(id),
                     series: Arc::new(metrics.service_series(Arc::from(name))),
                 })
                 .collect(),
@@ -138,16 +150,22 @@ impl Callers {
     }
 
     pub fn name(&self, service: ServiceId) -> &str {
-        self.callers.get(service).map_or("unknown", Caller::name)
+        self.callers.get(service.0).map_or("unknown", Caller::name)
     }
 
     /// The caller `service`, as request extensions carry it. Every
     /// [`ServiceId`] comes from this table ([`Callers::authenticate`]).
     pub fn caller(&self, service: ServiceId) -> Caller {
-        self.callers[service].clone()
+        self.callers[service.0].clone()
     }
 
     /// The proxy's own calls (its usage report), as a caller.
+    /// The service configured at `index` (the proxy's own calls last),
+    /// if there is one.
+    pub fn service(&self, index: usize) -> Option<ServiceId> {
+        (index < self.callers.len()).then_some(ServiceId(index))
+    }
+
     pub fn internal(&self) -> Caller {
         self.callers
             .last()
@@ -157,7 +175,7 @@ impl Callers {
 
     /// The longest a request of `service` may wait to be admitted.
     pub fn max_wait(&self, service: ServiceId) -> Duration {
-        self.max_waits.get(service).copied().unwrap_or_default()
+        self.max_waits.get(service.0).copied().unwrap_or_default()
     }
 
     /// Notes a failed attempt from `peer` and says how to refuse it: as
@@ -207,7 +225,7 @@ impl Callers {
                 .as_ref()
                 .is_some_and(|key| key.matches(credential))
             {
-                matched = Some(index);
+                matched = Some(ServiceId(index));
             }
         }
         matched.or_else(|| self.issued.owner(credential))
@@ -227,7 +245,7 @@ impl Callers {
                 .as_ref()
                 .is_some_and(|secret| secret.matches(client_secret));
             if id_matches & secret_matches {
-                matched = Some(index);
+                matched = Some(ServiceId(index));
             }
         }
         let service = matched?;
@@ -270,8 +288,8 @@ services:
     #[tokio::test]
     async fn api_keys_name_their_service() {
         let callers = callers();
-        assert_eq!(callers.authenticate("key-crm-1234567890abcd"), Some(0));
-        assert_eq!(callers.authenticate("key-forms-0987654321"), Some(1));
+        assert_eq!(callers.authenticate("key-crm-1234567890abcd"), Some(ServiceId(0)));
+        assert_eq!(callers.authenticate("key-forms-0987654321"), Some(ServiceId(1)));
         assert_eq!(callers.authenticate("key-forms-098765432"), None);
         assert_eq!(callers.authenticate(""), None);
     }
@@ -284,7 +302,7 @@ services:
         let (_, first) = callers.issue_token("crm-id", "crm-secret-0123456789").unwrap();
         assert_eq!(first.scope, "crm");
         assert_eq!(first.expires_in, 3599);
-        assert_eq!(callers.authenticate(&first.access_token), Some(0));
+        assert_eq!(callers.authenticate(&first.access_token), Some(ServiceId(0)));
         let (_, again) = callers.issue_token("crm-id", "crm-secret-0123456789").unwrap();
         assert_eq!(again.access_token, first.access_token);
         assert!(again.expires_in <= first.expires_in);
@@ -298,7 +316,7 @@ services:
         assert_eq!(callers.authenticate(&first.access_token), None);
         let (_, second) = callers.issue_token("crm-id", "crm-secret-0123456789").unwrap();
         assert_ne!(second.access_token, first.access_token);
-        assert_eq!(callers.authenticate(&second.access_token), Some(0));
+        assert_eq!(callers.authenticate(&second.access_token), Some(ServiceId(0)));
     }
 
     #[tokio::test]

@@ -115,7 +115,7 @@ impl Derived {
     /// The token of `service` for `hour` (hours since the epoch), shaped
     /// like Marketo's.
     fn token(&self, service: ServiceId, hour: u64) -> String {
-        let name = self.services.get(service).map_or("", |name| &**name);
+        let name = self.services.get(service.index()).map_or("", |name| &**name);
         let message = format!("marketo-proxy access token\0{name}\0{hour}");
         let tag = hmac::sign(&self.key, message.as_bytes());
         let mut bytes = [0u8; 16];
@@ -154,7 +154,7 @@ impl Derived {
         }
         let mut by_token = HashMap::with_capacity(self.services.len() * 3);
         for of in hour.saturating_sub(1)..=hour + 1 {
-            for service in 0..self.services.len() {
+            for service in (0..self.services.len()).map(ServiceId) {
                 by_token.insert(self.token(service, of), (service, of));
             }
         }
@@ -194,38 +194,49 @@ mod tests {
     fn replicas_with_the_same_key_issue_and_accept_the_same_token() {
         let (one, two) = (derived(KEY), derived(KEY));
         let at = Duration::from_secs(TEN + 600);
-        let (token, left) = one.issue_at(0, at);
+        let (token, left) = one.issue_at(ServiceId(0), at);
         assert_eq!(left, Duration::from_secs(3000));
         assert_eq!(
-            two.issue_at(0, at + Duration::from_secs(60)).0,
+            two.issue_at(ServiceId(0), at + Duration::from_secs(60)).0,
             token,
             "same token all hour"
         );
-        assert_eq!(two.owner_at(&token, at), Some(0));
-        assert_ne!(one.issue_at(1, at).0, token, "each service has its own");
-        assert_eq!(two.owner_at(&one.issue_at(1, at).0, at), Some(1));
+        assert_eq!(two.owner_at(&token, at), Some(ServiceId(0)));
+        assert_ne!(
+            one.issue_at(ServiceId(1), at).0,
+            token,
+            "each service has its own"
+        );
+        assert_eq!(
+            two.owner_at(&one.issue_at(ServiceId(1), at).0, at),
+            Some(ServiceId(1))
+        );
         assert!(token.ends_with(":mp") && token.len() == 39, "{token}");
     }
 
     #[test]
     fn a_token_expires_with_its_hour_give_or_take_the_clock_skew() {
         let replica = derived(KEY);
-        let (token, _) = replica.issue_at(0, Duration::from_secs(TEN + 10));
+        let (token, _) = replica.issue_at(ServiceId(0), Duration::from_secs(TEN + 10));
         let at = |seconds: u64| Duration::from_secs(TEN + seconds);
-        assert_eq!(replica.owner_at(&token, at(3599)), Some(0));
-        assert_eq!(replica.owner_at(&token, at(3600 + 29)), Some(0), "a late clock");
+        assert_eq!(replica.owner_at(&token, at(3599)), Some(ServiceId(0)));
+        assert_eq!(
+            replica.owner_at(&token, at(3600 + 29)),
+            Some(ServiceId(0)),
+            "a late clock"
+        );
         assert_eq!(replica.owner_at(&token, at(3600 + 30)), None);
         // Issued by a replica whose clock is ahead, at 10:59:50.
-        let (early, left) = replica.issue_at(0, at(3600 + 5));
+        let (early, left) = replica.issue_at(ServiceId(0), at(3600 + 5));
         assert_eq!(left, Duration::from_secs(3595));
-        assert_eq!(replica.owner_at(&early, at(3600 - 10)), Some(0));
+        assert_eq!(replica.owner_at(&early, at(3600 - 10)), Some(ServiceId(0)));
         assert_eq!(replica.owner_at(&early, at(3600 - 31)), None);
     }
 
     #[test]
     fn another_key_or_a_made_up_token_is_unknown() {
         let at = Duration::from_secs(TEN);
-        let (token, _) = derived(KEY).issue_at(0, at);
+        let (token, _) = derived(KEY).issue_at(ServiceId(0), at);
         assert_eq!(
             derived("another-key-of-thirty-two-chars!!").owner_at(&token, at),
             None

@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chrono::NaiveDate;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -41,6 +41,7 @@ use super::BulkError;
 use super::endpoint::{
     EXPORT_QUOTA_MESSAGE, Endpoint, JobState, Kind, Op, Queue, TOO_MANY_IMPORTS, list_path, status_path,
 };
+pub use super::shared::ServiceDay;
 use super::shared::{Seen, SharedBulk};
 use crate::admission::shared::{SharedLimits, call_id};
 use crate::config::Config;
@@ -53,15 +54,6 @@ use crate::tasks::Tasks;
 mod sharing;
 #[cfg(test)]
 mod tests;
-
-/// What one service did today.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ServiceDay {
-    /// Jobs it enqueued (exports) or started (imports).
-    pub jobs: u64,
-    /// `fileSize` of its exports that completed.
-    pub export_bytes: u64,
-}
 
 /// The day's bulk usage, for `/usage` and the ledger.
 #[derive(Debug, Clone, Serialize)]

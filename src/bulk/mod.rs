@@ -10,18 +10,16 @@
 //! - [`endpoint`] reads which bulk call a request is;
 //! - [`jobs`] tracks the jobs seen and holds enqueues until there is room,
 //!   fairly between services and within each request's deadline;
-//! - [`layer`] is the tower layer around each call to Marketo that asks
-//!   for a place, takes what the answer says, and absorbs Marketo's own
-//!   "queue full" (jobs started elsewhere) by pausing and trying again;
-//! - [`poll`] reads the status of jobs nobody has asked about for a while,
-//!   at a steady pace, under the proxy's own name;
+//! - `proxy::bulk` is the tower layer around each call to Marketo that
+//!   asks for a place, takes what the answer says, and absorbs Marketo's
+//!   own "queue full" (jobs started elsewhere) by pausing and trying again;
+//! - `bulk_status` reads the status of jobs nobody has asked about for a
+//!   while, at a steady pace, under the proxy's own name;
 //! - [`shared`] keeps the jobs, the places and the day's counts in Redis
 //!   when replicas share an instance.
 
 pub mod endpoint;
 pub mod jobs;
-pub mod layer;
-pub mod poll;
 pub mod shared;
 
 use std::time::Duration;

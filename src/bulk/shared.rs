@@ -35,15 +35,24 @@ use std::time::Duration;
 use chrono::NaiveDate;
 
 use super::endpoint::{JobState, Kind, Queue};
-use super::jobs::ServiceDay;
 use crate::admission::shared::{SharedError, SharedLimits};
 use crate::config::Config;
 use crate::limits::redis::scripts::{self, millis};
+use serde::{Deserialize, Serialize};
 
 /// Day hashes, the jobs and the queues outlive their last write by this.
 const KEEP: Duration = Duration::from_secs(3 * 24 * 3600);
 /// A job created and never enqueued is forgotten after this.
 const STALE_CREATED: Duration = Duration::from_secs(24 * 3600);
+
+/// What one service did today.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceDay {
+    /// Jobs it enqueued (exports) or started (imports).
+    pub jobs: u64,
+    /// `fileSize` of its exports that completed.
+    pub export_bytes: u64,
+}
 
 /// What one answer (or a catch-up) says of one job.
 #[derive(Debug, Clone)]

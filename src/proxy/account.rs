@@ -112,7 +112,7 @@ where
                 }
             }
             if let (Some(caller), Some(refusal)) = (caller, extensions.get::<Refusal>()) {
-                counters.last_hour.refused(caller.id, *refusal);
+                counters.last_hour.refused(caller.id.index(), *refusal);
             }
         }
         Poll::Ready(result)
@@ -140,7 +140,8 @@ mod tests {
         let last_hour = Arc::new(LastHour::new(2));
         let service = AccountLayer::new(metrics.requests.clone(), Arc::clone(&last_hour))
             .layer(tower::service_fn(answer));
-        let crm = testing::callers_counting_in(&metrics).caller(0);
+        let callers = testing::callers_counting_in(&metrics);
+        let crm = callers.caller(callers.service(0).expect("crm"));
         let requests = [
             Request::builder().extension(crm.clone()).extension(Outcome::OK),
             Request::builder().extension(crm.clone()).extension(Outcome::OK),

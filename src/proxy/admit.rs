@@ -112,7 +112,9 @@ where
         let shared = Arc::clone(&self.shared);
         Box::pin(async move {
             let (gate, inner) = &*shared;
-            let slot = gate.slot(call.caller.id, call.deadline, call.replay).await?;
+            let slot = gate
+                .slot(call.caller.id.index(), call.deadline, call.replay)
+                .await?;
             // Boxed: a request waiting in the queue does not carry the
             // state of its call (Redis round trips included).
             Box::pin(send(inner.clone(), call, slot, &gate.tasks)).await

@@ -66,7 +66,7 @@ where
     }
 
     fn call(&mut self, mut call: Call) -> Self::Future {
-        let cache = Arc::clone(self.tokens.for_service(call.caller.id));
+        let cache = Arc::clone(self.tokens.for_service(call.caller.id.index()));
         if let Some(token) = cache.cached() {
             call.request_mut()
                 .headers_mut()

@@ -159,7 +159,7 @@ impl Reads {
     fn key(&self, call: &Call) -> Arc<ReadKey> {
         let request = &call.request;
         Arc::new(ReadKey {
-            user: self.users.get(call.caller.id).copied().unwrap_or(0),
+            user: self.users.get(call.caller.id.index()).copied().unwrap_or(0),
             method: request.method().clone(),
             path: call.target.path.clone(),
             query: call.target.query.clone(),
@@ -179,7 +179,7 @@ impl Reads {
     where
         S: Service<Call, Response = Admitted, Error = ProxyError>,
     {
-        let service = call.caller.id;
+        let service = call.caller.id.index();
         let key = self.key(&call);
         if ttl.is_some() && !wants_fresh(call.request.headers()) {
             if let Some(kept) = self.cache.get(&key, Instant::now()) {

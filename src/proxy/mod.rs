@@ -54,6 +54,7 @@ pub mod admit;
 pub mod answer;
 pub mod authorize;
 pub mod body;
+pub mod bulk;
 pub mod call;
 pub mod caller;
 pub mod coalesce;
@@ -96,6 +97,10 @@ use guard::GuardLayer;
 use identity::IdentityLayer;
 use replay::ReplayLayer;
 use send::SendToMarketo;
+
+/// The calls a request makes to Marketo, as [`crate::proxy::forward`]
+/// builds them.
+pub type Forward = tower::util::BoxCloneSyncService<call::Call, Admitted, ProxyError>;
 
 /// What the layers are built from; `app.rs` builds each once.
 pub struct Components {
@@ -196,7 +201,7 @@ pub fn forward(
     ServiceBuilder::new()
         // Bulk jobs: an enqueue holds its place in Marketo's queue across
         // its replays; a prefix check for every other call.
-        .layer(crate::bulk::layer::BulkLayer::new(Arc::clone(&components.bulk)))
+        .layer(bulk::BulkLayer::new(Arc::clone(&components.bulk)))
         .layer(ReplayLayer::new(
             Arc::clone(&components.admission),
             components.limits.clone(),

@@ -105,7 +105,7 @@ where
             let standing = response
                 .extensions()
                 .get::<Caller>()
-                .and_then(|caller| admission.standing(caller.id));
+                .and_then(|caller| admission.standing(caller.id.index()));
             if let Some(standing) = standing {
                 let (policy, limit) = fields(&standing);
                 let headers = response.headers_mut();

@@ -397,7 +397,7 @@ impl ReplayLayer {
     fn count(&self, call: &Call, reason: &str) {
         tracing::info!(service = call.caller.name(), reason, "replaying a call");
         self.replays.with_label_values(&[reason]).inc();
-        self.last_hour.replayed(call.caller.id);
+        self.last_hour.replayed(call.caller.id.index());
     }
 }
 

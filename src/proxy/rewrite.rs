@@ -115,10 +115,7 @@ impl Boundary {
     }
 }
 
-/// A `multipart/form-data` body whose boundary RFC 2046 does not allow.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("the multipart boundary must be 1 to {MAX_BOUNDARY_CHARS} characters long (RFC 2046)")]
-pub struct InvalidBoundary;
+pub use crate::error::InvalidBoundary;
 
 /// The kind of body its `Content-Type` announces; a multipart body with a
 /// boundary RFC 2046 does not allow is an error, so it is refused as it is

@@ -108,7 +108,9 @@ pub fn call(service: usize, wait: std::time::Duration) -> Call {
     let mut request = Request::get("/rest/v1/lead/1.json").body(Bytes::new()).unwrap();
     let extensions = request.extensions_mut();
     extensions.insert(crate::target::normalise("/rest/v1/lead/1.json", None).unwrap());
-    extensions.insert(callers().caller(service));
+    let callers = callers();
+    let service = callers.service(service).expect("a configured service");
+    extensions.insert(callers.caller(service));
     extensions.insert(super::caller::Deadline::after(tokio::time::Instant::now(), wait));
     Call::from_request(request).unwrap()
 }

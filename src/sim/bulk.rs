@@ -22,8 +22,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::time::{Duration, Instant};
 
+use super::bulk_routes::BulkCall as Endpoint;
 use super::leads::LeadStore;
-use crate::bulk::endpoint::{EXPORT_QUOTA_MESSAGE, Endpoint, JobState, Kind, Op, Queue};
+use crate::bulk::endpoint::{EXPORT_QUOTA_MESSAGE, JobState, Kind, Op, Queue};
 use crate::marketo::code;
 
 /// Jobs a queue processes at once (Marketo: 2).

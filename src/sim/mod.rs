@@ -13,6 +13,8 @@
 //! port with [`Simulator::spawn`]; the `marketo-sim` binary wraps it.
 
 mod bulk;
+mod bulk_routes;
+mod http_parts;
 mod leads;
 mod state;
 mod tls;
@@ -40,6 +42,7 @@ pub use state::{Arrival, FailNext, Failure, Faults, Stats};
 pub use tls::{TlsSetupError, server_config};
 
 use crate::marketo::{self, IdentityError, TokenAnswer, code};
+use http_parts::*;
 use state::{Admission, State};
 
 use crate::marketo::limits::{self, MAX_BODY_BYTES, MAX_IMPORT_BODY_BYTES, MAX_URI_BYTES};
@@ -502,7 +505,7 @@ impl Simulator {
     fn route(&self, method: &Method, path: &str, params: &BTreeMap<String, String>, body: &Bytes) -> Routed {
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
         let mut inner = self.state.lock();
-        if let Some(endpoint) = crate::bulk::endpoint::Endpoint::parse(method, path) {
+        if let Some(endpoint) = bulk_routes::route(method, path) {
             let state::Inner { bulk, leads, .. } = &mut *inner;
             let context = self.state.bulk_context(leads);
             return match bulk.answer(&endpoint, params, body, &context) {
@@ -667,144 +670,3 @@ impl Drop for SimHandle {
 
 /// The header a [`Failure`] with `header_bytes` adds to an answer.
 pub const PADDING_HEADER: &str = "x-sim-padding";
-
-/// The answer an injected [`Failure`] gives instead of the call's own, and
-/// the code the arrival is recorded under; `None` when it only pads the
-/// call's own answer with a large header.
-fn injected_answer(request_id: &str, failure: Failure) -> Option<(Response<SimBody>, String)> {
-    let Failure {
-        code: error_code,
-        http_status,
-        body,
-        header_bytes,
-    } = failure;
-    let status =
-        http_status.map(|status| StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE));
-    if let Some(body) = body {
-        let mut response = Response::new(full(body));
-        response.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json;charset=UTF-8"),
-        );
-        let recorded = match status {
-            Some(status) => {
-                *response.status_mut() = status;
-                format!("http_{}", status.as_u16())
-            }
-            None => "body".into(),
-        };
-        return Some((response, recorded));
-    }
-    match (status, error_code) {
-        (Some(status), _) => Some((
-            error_response(request_id, status, status.as_str(), "Injected failure"),
-            format!("http_{}", status.as_u16()),
-        )),
-        (None, Some(error_code)) => Some((
-            envelope_error(request_id, &error_code, "Injected failure"),
-            error_code,
-        )),
-        (None, None) if header_bytes.is_some() => None,
-        (None, None) => Some((
-            envelope_error(request_id, code::SYSTEM_ERROR, "Injected failure"),
-            code::SYSTEM_ERROR.into(),
-        )),
-    }
-}
-
-fn take_one(counter: &mut u32) -> bool {
-    if *counter > 0 {
-        *counter -= 1;
-        true
-    } else {
-        false
-    }
-}
-
-async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, StatusCode> {
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(error) if error.is::<http_body_util::LengthLimitError>() => Err(StatusCode::PAYLOAD_TOO_LARGE),
-        Err(_) => Err(StatusCode::BAD_REQUEST),
-    }
-}
-
-fn query_params(query: Option<&str>) -> BTreeMap<String, String> {
-    query
-        .map(|query| form_params(query.as_bytes()))
-        .unwrap_or_default()
-}
-
-fn form_params(body: &[u8]) -> BTreeMap<String, String> {
-    form_urlencoded::parse(body).into_owned().collect()
-}
-
-/// A multipart or other body that carries an `access_token` field.
-fn body_mentions_access_token(headers: &http::HeaderMap, body: &[u8]) -> bool {
-    let multipart = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|value| value.to_str().ok())
-        .is_some_and(|value| value.starts_with("multipart/"));
-    multipart && body.windows(14).any(|window| window == b"\"access_token\"")
-}
-
-fn full(bytes: impl Into<Bytes>) -> SimBody {
-    Full::new(bytes.into()).boxed()
-}
-
-fn json_response(status: StatusCode, value: &impl serde::Serialize) -> Response<SimBody> {
-    let body = serde_json::to_vec(value).unwrap_or_default();
-    let mut response = Response::new(full(body));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json;charset=UTF-8"),
-    );
-    response
-}
-
-fn envelope_error(request_id: &str, error_code: &str, message: &str) -> Response<SimBody> {
-    error_response(request_id, StatusCode::OK, error_code, message)
-}
-
-fn error_response(
-    request_id: &str,
-    status: StatusCode,
-    error_code: &str,
-    message: &str,
-) -> Response<SimBody> {
-    let body = marketo::error_body(request_id, error_code, message);
-    let mut response = Response::new(full(body));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json;charset=UTF-8"),
-    );
-    response
-}
-
-fn identity_error(status: StatusCode, error: &str, description: &str) -> Response<SimBody> {
-    json_response(
-        status,
-        &IdentityError {
-            error: error.into(),
-            error_description: description.into(),
-        },
-    )
-}
-
-/// Streams the CSV in chunks, as Marketo streams export files.
-fn csv_response(rows: Vec<String>) -> Response<SimBody> {
-    const ROWS_PER_CHUNK: usize = 256;
-    let chunks: Vec<Result<Frame<Bytes>, Infallible>> = rows
-        .chunks(ROWS_PER_CHUNK)
-        .map(|chunk| Ok(Frame::data(Bytes::from(chunk.concat()))))
-        .collect();
-    let body = StreamBody::new(futures_util::stream::iter(chunks));
-    let mut response = Response::new(BodyExt::boxed(body));
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/csv;charset=UTF-8"),
-    );
-    response
-}

@@ -15,16 +15,11 @@
 pub mod memory;
 pub mod store;
 
-use std::time::Duration;
-
 pub use memory::{InMemory, Memory};
 pub use store::Store;
 
 use crate::limits::redis::SharedError;
 pub use crate::limits::redis::client::RedisClient;
-
-/// How long one operation may take before Redis counts as unreachable.
-pub const TIMEOUT: Duration = Duration::from_millis(500);
 
 /// The backend of the shared state; see the module documentation.
 pub enum Backend {

@@ -7,8 +7,10 @@ use redis::aio::ConnectionManager;
 use super::SharedError;
 use super::scripts::Args;
 use crate::config::RedisConfig;
-use crate::limits::backend::TIMEOUT;
 use crate::metrics::Metrics;
+
+/// How long one operation may take before Redis counts as unreachable.
+pub const TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// One Redis, as the shared state's backend.
 pub struct RedisClient {

@@ -52,6 +52,9 @@ macro_rules! scripts {
             static $name: LazyLock<Script> =
                 LazyLock::new(|| Script::new($file, include_str!(concat!("scripts/", $file, ".lua"))));
         )*
+
+        /// Every script's name: the `script` label of its errors.
+        pub const NAMES: &[&str] = &[$($file),*];
     };
 }
 

@@ -22,12 +22,12 @@ use bytes::Bytes;
 use futures_util::future::{BoxFuture, Either};
 use tower::{Layer, Service, ServiceExt};
 
-use super::BulkJobs;
-use super::endpoint::{Endpoint, Op, Queue};
-use super::jobs::says_full;
+use super::admit::Admitted;
+use super::call::Call;
+use crate::bulk::BulkJobs;
+use crate::bulk::endpoint::{Endpoint, Op, Queue};
+use crate::bulk::jobs::says_full;
 use crate::error::ProxyError;
-use crate::proxy::admit::Admitted;
-use crate::proxy::call::Call;
 use crate::upstream::AnswerBody;
 
 /// Tracks bulk jobs and admits enqueues; see the module documentation.
@@ -97,7 +97,7 @@ where
     S: Service<Call, Response = Admitted, Error = ProxyError> + Clone,
 {
     let queue = endpoint.kind.queue();
-    let service = call.caller.id;
+    let service = call.caller.id.index();
     let starts_export = queue == Queue::Extract && matches!(endpoint.op, Op::Create | Op::Enqueue);
     if starts_export {
         jobs.check_export_bytes().await?;

@@ -14,13 +14,13 @@ use http::{HeaderValue, Method, Request, header};
 use tokio::time::Instant;
 use tower::ServiceExt;
 
-use super::BulkJobs;
 use crate::auth::Caller;
+use crate::bulk::BulkJobs;
 use crate::error::ProxyError;
+use crate::proxy::Forward;
 use crate::proxy::call::Call;
 use crate::proxy::caller::Deadline;
 use crate::target;
-use crate::usage_sync::Forward;
 
 /// Reads the status of bulk jobs; see the module documentation.
 pub struct StatusPoller {
