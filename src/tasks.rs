@@ -8,14 +8,22 @@
 //! by their own timeouts, and which shutdown waits for.
 
 use std::future::Future;
+use std::sync::Arc;
 
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// The proxy's tasks; clones share them.
+/// The proxy's tasks; clones share them. A clone is one count on an
+/// `Arc` (a cancellation token's own clone takes a lock), so the request
+/// path may carry one.
 #[derive(Clone, Default)]
 pub struct Tasks {
+    inner: Arc<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
     tracker: TaskTracker,
     stop: CancellationToken,
 }
@@ -29,8 +37,8 @@ impl Tasks {
     /// (the process is ending) it is dropped.
     pub fn until_stopped(&self, task: impl Future<Output = ()> + Send + 'static) {
         if let Ok(runtime) = Handle::try_current() {
-            self.tracker
-                .spawn_on(self.stop.clone().run_until_cancelled_owned(task), &runtime);
+            let Inner { tracker, stop } = &*self.inner;
+            tracker.spawn_on(stop.clone().run_until_cancelled_owned(task), &runtime);
         }
     }
 
@@ -38,7 +46,7 @@ impl Tasks {
     /// a runtime it is dropped: see [`Tasks::can_run`].
     pub fn to_the_end(&self, task: impl Future<Output = ()> + Send + 'static) {
         if let Ok(runtime) = Handle::try_current() {
-            self.tracker.spawn_on(task, &runtime);
+            self.inner.tracker.spawn_on(task, &runtime);
         }
     }
 
@@ -50,9 +58,9 @@ impl Tasks {
     /// Cancels the tasks that run until the server stops and waits for
     /// every task to end.
     pub async fn stop(&self) {
-        self.stop.cancel();
-        self.tracker.close();
-        self.tracker.wait().await;
+        self.inner.stop.cancel();
+        self.inner.tracker.close();
+        self.inner.tracker.wait().await;
     }
 }
 
