@@ -23,9 +23,12 @@ use crate::upstream::UpstreamError;
 /// Marketo's 605 and never forwarded.
 pub const ALLOWED_METHODS: &str = "GET, POST, PUT, DELETE";
 
+/// The longest multipart boundary RFC 2046 allows.
+pub const MAX_BOUNDARY_CHARS: usize = 70;
+
 /// A `multipart/form-data` body whose boundary RFC 2046 does not allow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("the multipart boundary must be 1 to 70 characters long (RFC 2046)")]
+#[error("the multipart boundary must be 1 to {MAX_BOUNDARY_CHARS} characters long (RFC 2046)")]
 pub struct InvalidBoundary;
 
 /// Who made a request fail.

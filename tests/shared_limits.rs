@@ -545,6 +545,7 @@ async fn a_failing_script_is_counted_as_a_bug_and_does_not_start_the_fallback() 
 
     let answers = fire(&[&proxy], 1).await;
     assert!(!answers[0].1, "no call can be admitted: {answers:?}");
+    assert_eq!(answers[0].2, "606", "refused at its deadline: {answers:?}");
     let metrics = support::metrics_text(&proxy.admin_url()).await;
     let errors = support::metric(
         &metrics,

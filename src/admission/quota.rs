@@ -23,7 +23,8 @@ use crate::limits::day::MarketoDay;
 /// after it, so that every client does not come back at the same instant.
 pub const RESET_JITTER: Duration = Duration::from_secs(5 * 60);
 
-pub use crate::limits::rules::{QuotaScope, held_for_others, one_more_call};
+pub use crate::limits::rules::QuotaScope;
+use crate::limits::rules::{held_for_others, one_more_call};
 
 /// One service's daily limits.
 #[derive(Debug, Clone, Copy, Default)]

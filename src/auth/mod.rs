@@ -159,13 +159,14 @@ impl Callers {
         self.callers[service.0].clone()
     }
 
-    /// The proxy's own calls (its usage report), as a caller.
     /// The service configured at `index` (the proxy's own calls last),
-    /// if there is one.
+    /// if there is one: how the layers' unit tests name a caller.
+    #[cfg(test)]
     pub fn service(&self, index: usize) -> Option<ServiceId> {
         (index < self.callers.len()).then_some(ServiceId(index))
     }
 
+    /// The proxy's own calls (its usage report), as a caller.
     pub fn internal(&self) -> Caller {
         self.callers
             .last()

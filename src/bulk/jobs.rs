@@ -41,7 +41,7 @@ use super::BulkError;
 use super::endpoint::{
     EXPORT_QUOTA_MESSAGE, Endpoint, JobState, Kind, Op, Queue, TOO_MANY_IMPORTS, list_path, status_path,
 };
-pub use super::shared::ServiceDay;
+use super::shared::ServiceDay;
 use super::shared::{Seen, SharedBulk};
 use crate::admission::shared::{SharedLimits, call_id};
 use crate::config::Config;

@@ -25,7 +25,8 @@ pub mod shared;
 use std::time::Duration;
 
 pub use endpoint::{JobState, Kind, Queue};
-pub use jobs::{BulkJobs, BulkUsage, ServiceDay};
+pub use jobs::{BulkJobs, BulkUsage};
+pub use shared::ServiceDay;
 
 /// Why a bulk call was answered by the proxy.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -88,11 +88,6 @@ impl<T> FairQueue<T> {
         self.lanes.get(lane).map_or(1.0, |lane| lane.weight)
     }
 
-    /// The first waiter of `lane`.
-    pub fn head(&self, lane: usize) -> Option<&Waiter<T>> {
-        self.lanes.get(lane)?.waiters.front()
-    }
-
     /// Puts a waiter in `lane` (at its front for a replay) and says which
     /// one it is, with the end its grant arrives at.
     pub fn push(
@@ -149,14 +144,6 @@ impl<T> FairQueue<T> {
             .iter_mut()
             .flat_map(|lane| lane.waiters.drain(..))
             .collect()
-    }
-
-    /// Removes the waiters whose requests went away without leaving.
-    pub fn forget_gone(&mut self) {
-        for lane in &mut self.lanes {
-            lane.waiters.retain(|waiter| !waiter.reply.is_closed());
-        }
-        self.len = self.lanes.iter().map(|lane| lane.waiters.len()).sum();
     }
 
     /// The lane whose head goes next by start-time fair queueing, among

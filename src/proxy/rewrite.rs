@@ -93,9 +93,6 @@ pub enum BodyKind {
     Other,
 }
 
-/// The longest multipart boundary RFC 2046 allows.
-pub const MAX_BOUNDARY_CHARS: usize = 70;
-
 /// A multipart boundary of 1 to [`MAX_BOUNDARY_CHARS`] characters, as RFC
 /// 2046 requires. Only such a boundary is ever searched for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,7 +112,7 @@ impl Boundary {
     }
 }
 
-pub use crate::error::InvalidBoundary;
+pub use crate::error::{InvalidBoundary, MAX_BOUNDARY_CHARS};
 
 /// The kind of body its `Content-Type` announces; a multipart body with a
 /// boundary RFC 2046 does not allow is an error, so it is refused as it is

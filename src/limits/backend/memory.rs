@@ -1,10 +1,10 @@
 //! The memory backend: every script's rule written in Rust over a
 //! [`Store`], line for line with its `.lua` twin, so that the conformance
 //! suite (`tests/backend_conformance.rs`) can hold the two to the same
-//! assertions. Its clock is injected, in milliseconds.
+//! assertions. Its clock, read as Redis's `TIME`, is the system's.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
@@ -12,38 +12,21 @@ use super::store::Store;
 use crate::limits::redis::scripts::{self, Acquired, Args, Verdict};
 use crate::limits::rules::{QuotaScope, held_for_others, one_more_call};
 
-/// The clock the memory backend reads as Redis's `TIME`, in epoch ms.
-pub type MillisClock = Arc<dyn Fn() -> i64 + Send + Sync>;
-
 /// One process's shared state, in memory.
+#[derive(Default)]
 pub struct Memory {
     store: Mutex<Store>,
-    clock: MillisClock,
 }
 
 impl Memory {
-    /// On the system clock.
     pub fn new() -> Self {
-        Self::with_clock(Arc::new(|| chrono::Utc::now().timestamp_millis()))
-    }
-
-    pub fn with_clock(clock: MillisClock) -> Self {
-        Self {
-            store: Mutex::new(Store::default()),
-            clock,
-        }
+        Self::default()
     }
 
     /// Runs one operation at once, as Redis runs a script: alone.
     pub fn apply<A: InMemory>(&self, keys: &[&str], args: &A) -> A::Reply {
         let mut store = self.store.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        args.apply(store.at((self.clock)()), keys)
-    }
-}
-
-impl Default for Memory {
-    fn default() -> Self {
-        Self::new()
+        args.apply(store.at(chrono::Utc::now().timestamp_millis()), keys)
     }
 }
 

@@ -44,17 +44,23 @@ impl Store {
         self.now
     }
 
-    fn sorted(&mut self, key: &str) -> &mut HashMap<String, f64> {
+    /// The value of `key`, made `empty` when missing or of another kind
+    /// (the scripts never keep two kinds under one key).
+    fn value_mut(&mut self, key: &str, empty: fn() -> Value) -> &mut Value {
         let entry = self.entries.entry(key.to_owned()).or_insert_with(|| Entry {
-            value: Value::Sorted(HashMap::new()),
+            value: empty(),
             expires_at: None,
         });
-        if !matches!(entry.value, Value::Sorted(_)) {
-            entry.value = Value::Sorted(HashMap::new());
+        if std::mem::discriminant(&entry.value) != std::mem::discriminant(&empty()) {
+            entry.value = empty();
         }
-        match &mut entry.value {
+        &mut entry.value
+    }
+
+    fn sorted(&mut self, key: &str) -> &mut HashMap<String, f64> {
+        match self.value_mut(key, || Value::Sorted(HashMap::new())) {
             Value::Sorted(members) => members,
-            _ => unreachable!("made a sorted set above"),
+            _ => unreachable!("value_mut made a sorted set"),
         }
     }
 
@@ -66,16 +72,9 @@ impl Store {
     }
 
     fn hash(&mut self, key: &str) -> &mut HashMap<String, String> {
-        let entry = self.entries.entry(key.to_owned()).or_insert_with(|| Entry {
-            value: Value::Hash(HashMap::new()),
-            expires_at: None,
-        });
-        if !matches!(entry.value, Value::Hash(_)) {
-            entry.value = Value::Hash(HashMap::new());
-        }
-        match &mut entry.value {
+        match self.value_mut(key, || Value::Hash(HashMap::new())) {
             Value::Hash(fields) => fields,
-            _ => unreachable!("made a hash above"),
+            _ => unreachable!("value_mut made a hash"),
         }
     }
 
