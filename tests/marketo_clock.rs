@@ -33,10 +33,14 @@ fn slow_sim(clock_skew_ms: i64) -> SimConfig {
 /// the fifth batch of 10 reached the simulator, in seconds after the
 /// first call, and the simulator's 606 and 615 count.
 async fn fifth_batch(clock_skew_ms: i64, marketo_clock: bool) -> (f64, u64) {
+    fifth_batch_of(slow_sim(clock_skew_ms), marketo_clock).await
+}
+
+async fn fifth_batch_of(sim: SimConfig, marketo_clock: bool) -> (f64, u64) {
     let limits = format!(
         "{{ window_calls: 10, window: 2s, safety_margin: 50ms, max_queue_wait: 30s, marketo_clock: {marketo_clock} }}"
     );
-    let stack = Stack::start_configured(slow_sim(clock_skew_ms), |sim_url| {
+    let stack = Stack::start_configured(sim, |sim_url| {
         support::proxy_config_with(sim_url, "", &limits, "{ file: ~, usage_sync_interval: 0s }")
     })
     .await;
@@ -63,13 +67,24 @@ async fn fifth_batch(clock_skew_ms: i64, marketo_clock: bool) -> (f64, u64) {
 async fn marketos_clock_starts_the_fifth_batch_sooner_and_never_too_soon() {
     let (from_answers, refused_off) = fifth_batch(0, false).await;
     let (from_clock, refused_on) = fifth_batch(0, true).await;
-    assert_eq!((refused_off, refused_on), (0, 0));
-    // Four windows and margins is the least any proxy could do.
-    assert!(from_clock >= 8.2, "fifth batch after {from_clock:.3} s: too soon");
-    assert!(
-        from_clock + 0.2 < from_answers,
-        "fifth batch after {from_clock:.3} s by Marketo's clock, {from_answers:.3} s by the answers"
-    );
+    // The same answers with spaces in their JSON.
+    let spaced = SimConfig {
+        spaced_json: true,
+        ..slow_sim(0)
+    };
+    let (from_spaced, refused_spaced) = fifth_batch_of(spaced, true).await;
+    assert_eq!((refused_off, refused_on, refused_spaced), (0, 0, 0));
+    for (from_clock, json) in [(from_clock, "compact"), (from_spaced, "spaced")] {
+        // Four windows and margins is the least any proxy could do.
+        assert!(
+            from_clock >= 8.2,
+            "fifth batch after {from_clock:.3} s ({json}): too soon"
+        );
+        assert!(
+            from_clock + 0.2 < from_answers,
+            "fifth batch after {from_clock:.3} s by Marketo's clock in {json} JSON, {from_answers:.3} s by the answers"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -119,17 +119,44 @@ impl MarketoClock {
 
 /// Marketo's time in an answer's `requestId` (`"e42b#14272d07d78"`), in
 /// epoch milliseconds, if the start of the body has one.
+///
+/// The body is read as JSON, whatever its whitespace, up to the field: the
+/// part after it may be cut off at the peek limit, so the parse's verdict
+/// on the whole is not asked for.
 pub fn in_request_id(body: &[u8]) -> Option<i64> {
-    const FIELD: &[u8] = b"\"requestId\":\"";
-    let start = body.windows(FIELD.len()).position(|window| window == FIELD)? + FIELD.len();
-    let rest = &body[start..];
-    let id = &rest[..rest.iter().position(|byte| *byte == b'"')?];
-    let hex = &id[id.iter().position(|byte| *byte == b'#')? + 1..];
-    let millis = i64::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?;
+    let mut id = None;
+    let mut json = serde_json::Deserializer::from_slice(body);
+    // Ends in an error when the body is cut short after the field, or when
+    // the field was found and the rest left unread: `id` says which.
+    let _ = serde::Deserializer::deserialize_map(&mut json, RequestId(&mut id));
+    let id = id?;
+    let millis = i64::from_str_radix(id.split_once('#')?.1, 16).ok()?;
     // 2001 to 2286: anything else is not a clock.
     (1_000_000_000_000..10_000_000_000_000)
         .contains(&millis)
         .then_some(millis)
+}
+
+/// Finds the top-level `requestId` of an object and stops there.
+struct RequestId<'a>(&'a mut Option<String>);
+
+impl<'de> serde::de::Visitor<'de> for RequestId<'_> {
+    type Value = ();
+
+    fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+        formatter.write_str("a Marketo answer")
+    }
+
+    fn visit_map<M: serde::de::MapAccess<'de>>(self, mut map: M) -> Result<(), M::Error> {
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            if key == "requestId" {
+                *self.0 = Some(map.next_value()?);
+                return Ok(());
+            }
+            map.next_value::<serde::de::IgnoredAny>()?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -148,12 +175,29 @@ mod tests {
             at(r#"{"requestId":"6e78#148ad3b76f1","success":true}"#),
             Some(1_411_655_628)
         );
+        // Whatever the whitespace, and wherever the field is at the top.
+        assert_eq!(
+            at("{ \"requestId\" :\n  \"e42b#14272d07d78\" , \"result\": []}"),
+            Some(1_384_905_735)
+        );
+        assert_eq!(
+            at(r#"{"success": true, "result": [{"requestId": "x#1"}], "requestId": "e42b#14272d07d78"}"#),
+            Some(1_384_905_735)
+        );
+        // The rest of a long answer may be cut off at the peek.
+        assert_eq!(
+            at(r#"{"requestId": "e42b#14272d07d78", "result": [{"id": 1}, {"id"#),
+            Some(1_384_905_735)
+        );
         for not_a_clock in [
             r#"{"requestId":"x#1"}"#,
             r#"{"requestId":"e42b"}"#,
             r#"{"requestId":"e42b#zz"}"#,
             r#"{"result":[]}"#,
             r#"{"requestId":"e42b#14272d07d78"#,
+            r#"{"result": [{"requestId": "e42b#14272d07d78"}]}"#,
+            r#"{"requestId": 1384905735}"#,
+            "id,name\n1,e42b#14272d07d78\n",
         ] {
             assert_eq!(at(not_a_clock), None, "{not_a_clock}");
         }

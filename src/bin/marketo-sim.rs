@@ -65,6 +65,9 @@ struct Args {
     /// Leads in the database at start.
     #[arg(long, default_value_t = 1000)]
     leads: u64,
+    /// Write answers as pretty-printed JSON, with spaces.
+    #[arg(long)]
+    spaced_json: bool,
     /// Serve HTTPS with this PEM certificate chain (leaf first); needs --tls-key.
     #[arg(long, requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -100,6 +103,7 @@ async fn main() -> anyhow::Result<()> {
         clients,
         timezone: args.timezone,
         leads: args.leads,
+        spaced_json: args.spaced_json,
     };
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => {

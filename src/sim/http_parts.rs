@@ -88,7 +88,12 @@ pub(super) fn full(bytes: impl Into<Bytes>) -> SimBody {
 }
 
 pub(super) fn json_response(status: StatusCode, value: &impl serde::Serialize) -> Response<SimBody> {
-    let body = serde_json::to_vec(value).unwrap_or_default();
+    json_response_with(status, serde_json::to_vec(value))
+}
+
+/// A JSON answer of bytes already written.
+pub(super) fn json_response_with(status: StatusCode, body: serde_json::Result<Vec<u8>>) -> Response<SimBody> {
+    let body = body.unwrap_or_default();
     let mut response = Response::new(full(body));
     *response.status_mut() = status;
     response.headers_mut().insert(

@@ -78,6 +78,9 @@ pub struct SimConfig {
     pub timezone: chrono_tz::Tz,
     /// Leads in the database at start.
     pub leads: u64,
+    /// Answers are pretty-printed JSON (`"requestId": "…"`, with spaces),
+    /// as a client's own tools and some Marketo pods write it.
+    pub spaced_json: bool,
 }
 
 impl Default for SimConfig {
@@ -99,6 +102,7 @@ impl Default for SimConfig {
             clients: vec![SimClient::demo()],
             timezone: chrono_tz::America::Chicago,
             leads: 1000,
+            spaced_json: false,
         }
     }
 }
@@ -487,13 +491,15 @@ impl Simulator {
             method.clone()
         };
         match self.route(&method, path, params, body) {
-            Routed::Json(Ok(result)) => (
-                json_response(
-                    StatusCode::OK,
-                    &json!({"requestId": request_id, "result": result, "success": true}),
-                ),
-                "ok".into(),
-            ),
+            Routed::Json(Ok(result)) => {
+                let answer = json!({"requestId": request_id, "result": result, "success": true});
+                let response = if self.state.config.spaced_json {
+                    json_response_with(StatusCode::OK, serde_json::to_vec_pretty(&answer))
+                } else {
+                    json_response(StatusCode::OK, &answer)
+                };
+                (response, "ok".into())
+            }
             Routed::Json(Err((error_code, message))) => (
                 envelope_error(request_id, error_code, &message),
                 error_code.into(),
