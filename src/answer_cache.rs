@@ -80,9 +80,10 @@ impl SharedAnswer {
         }
     }
 
-    /// Neither an error envelope nor an HTTP error.
-    pub fn is_success(&self) -> bool {
-        self.error_code.is_none() && self.head.status.is_success()
+    /// A 200 that is not an error envelope: the whole of a successful
+    /// answer, and so one that may be kept (never a 206's part of one).
+    pub fn is_whole_success(&self) -> bool {
+        self.error_code.is_none() && self.head.status == http::StatusCode::OK
     }
 
     /// Bytes the answer holds, for the cache's bound.
@@ -100,18 +101,41 @@ impl SharedAnswer {
     }
 }
 
+/// Whether the request's answer depends on what its client already holds
+/// (a part of a file, or a copy it may have): such a read is its own.
+pub fn is_conditional(headers: &http::HeaderMap) -> bool {
+    [
+        header::RANGE,
+        header::IF_RANGE,
+        header::IF_NONE_MATCH,
+        header::IF_MODIFIED_SINCE,
+        header::IF_MATCH,
+    ]
+    .iter()
+    .any(|name| headers.contains_key(name))
+}
+
+/// Whether the client forbids keeping its answer (`Cache-Control:
+/// no-store`).
+pub fn forbids_keeping(headers: &http::HeaderMap) -> bool {
+    cache_directives(headers).any(|directive| directive.eq_ignore_ascii_case("no-store"))
+}
+
 /// Whether the client asked for a fresh answer (`Cache-Control: no-cache`
 /// or `no-store`).
 pub fn wants_fresh(headers: &http::HeaderMap) -> bool {
+    cache_directives(headers).any(|directive| {
+        directive.eq_ignore_ascii_case("no-cache") || directive.eq_ignore_ascii_case("no-store")
+    })
+}
+
+fn cache_directives(headers: &http::HeaderMap) -> impl Iterator<Item = &str> {
     headers
         .get_all(header::CACHE_CONTROL)
         .iter()
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(','))
         .map(str::trim)
-        .any(|directive| {
-            directive.eq_ignore_ascii_case("no-cache") || directive.eq_ignore_ascii_case("no-store")
-        })
 }
 
 /// Answers kept for a while, within a bound on bytes.

@@ -254,3 +254,119 @@ async fn coalescing_can_be_turned_off() {
     together(&stack, CRM_KEY, DESCRIBE, 4).await;
     assert_eq!(calls_to(&stack, DESCRIBE), 4);
 }
+
+/// The path of the export file the simulator served.
+fn file_path(stack: &Stack) -> String {
+    stack
+        .sim
+        .stats()
+        .arrivals
+        .iter()
+        .find(|arrival| arrival.target.ends_with("/file.json"))
+        .map(|arrival| arrival.target.clone())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn range_reads_of_one_export_file_each_get_their_own_bytes_and_none_is_kept() {
+    let sim = SimConfig {
+        leads: 3000,
+        export_time: Duration::from_millis(50),
+        ..slow_sim(Duration::from_millis(200))
+    };
+    let stack = Stack::start_configured(sim, |url| {
+        config_with(
+            url,
+            "{ coalesce_reads: true, cache: [{ path: '/bulk/v1/leads/export/*/file.json', ttl: 1h }] }",
+        )
+    })
+    .await;
+    let file = support::export_leads(&stack.proxy.url(), CRM_KEY, &["id", "email"]).await;
+    let whole = file.bytes().await.unwrap();
+    let path = file_path(&stack);
+    let tail = 1000;
+    assert!(
+        whole.len() - tail > marketo_proxy::upstream::PEEK_LIMIT,
+        "the tail streams"
+    );
+    let ranges = [
+        (0, Some(9)),
+        (100, Some(109)),
+        (5000, Some(5019)),
+        (70, Some(79)),
+        // A download resumed: the rest of the file, streamed.
+        (tail, None),
+    ];
+    let downloads = ranges.map(|(start, end)| {
+        let range = match end {
+            Some(end) => format!("bytes={start}-{end}"),
+            None => format!("bytes={start}-"),
+        };
+        let request = stack
+            .http
+            .get(format!("{}{path}", stack.proxy.url()))
+            .header("X-Api-Key", CRM_KEY)
+            .header("range", range)
+            .send();
+        async move { request.await.unwrap() }
+    });
+    for ((start, end), answer) in ranges.iter().zip(futures_util::future::join_all(downloads).await) {
+        let end = end.unwrap_or(whole.len() - 1);
+        assert_eq!(answer.status(), 206, "bytes {start}-{end}");
+        let content_range = answer.headers()["content-range"].to_str().unwrap().to_owned();
+        assert_eq!(content_range, format!("bytes {start}-{end}/{}", whole.len()));
+        let part = answer.bytes().await.unwrap();
+        assert_eq!(part, whole[*start..=end], "bytes {start}-{end}");
+    }
+    assert_eq!(calls_to(&stack, &path), 1 + ranges.len(), "each range was a call");
+    // No part was kept for a plain read: it gets the whole file.
+    let again = stack.get(CRM_KEY, &path).await;
+    assert_eq!(again.status(), 200);
+    assert_eq!(again.bytes().await.unwrap(), whole);
+    assert_eq!(saved(&stack, "crm-sync", "coalesced").await, 0.0);
+    assert_eq!(saved(&stack, "crm-sync", "cached").await, 0.0);
+}
+
+#[tokio::test]
+async fn conditional_reads_are_their_own_and_no_store_answers_are_not_kept() {
+    let stack = Stack::start_configured(slow_sim(Duration::from_millis(300)), |url| {
+        config_with(
+            url,
+            "{ coalesce_reads: true, cache: [{ path: /rest/v1/leads/describe.json, ttl: 1h }] }",
+        )
+    })
+    .await;
+    support::wait_ready(&stack.proxy).await;
+    let read = |name: &'static str, value: &'static str| {
+        let request = stack
+            .http
+            .get(format!("{}{DESCRIBE}", stack.proxy.url()))
+            .header("X-Api-Key", CRM_KEY)
+            .header(name, value)
+            .send();
+        async move {
+            let answer = request.await.unwrap();
+            assert_eq!(answer.status(), 200);
+            answer.text().await.unwrap()
+        }
+    };
+    let conditional = [
+        ("if-none-match", "\"x\""),
+        ("if-none-match", "\"x\""),
+        ("if-modified-since", "Fri, 04 Dec 2026 00:00:00 GMT"),
+        ("if-match", "*"),
+        ("if-range", "\"x\""),
+    ];
+    futures_util::future::join_all(conditional.map(|(name, value)| read(name, value))).await;
+    assert_eq!(calls_to(&stack, DESCRIBE), conditional.len(), "none shared");
+    assert_eq!(saved(&stack, "crm-sync", "coalesced").await, 0.0);
+
+    // Nothing of those was kept, nor the answer to a no-store read.
+    read("cache-control", "no-store").await;
+    stack.get(CRM_KEY, DESCRIBE).await.text().await.unwrap();
+    assert_eq!(calls_to(&stack, DESCRIBE), conditional.len() + 2);
+    // A plain read's answer is kept.
+    stack.get(CRM_KEY, DESCRIBE).await.text().await.unwrap();
+    assert_eq!(calls_to(&stack, DESCRIBE), conditional.len() + 2);
+    assert_eq!(saved(&stack, "crm-sync", "cached").await, 1.0);
+}

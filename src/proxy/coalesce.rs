@@ -16,8 +16,14 @@
 //!   leader got no answer (a local refusal, a timeout, a request that went
 //!   away). A refusal under the leader's deadline says nothing about the
 //!   followers', which may be longer.
-//! - `Cache-Control: no-cache` (or `no-store`) from a client skips the
-//!   cache; its fresh answer is kept for those that come after.
+//! - A read that depends on what its client already holds (`Range`,
+//!   `If-Range`, `If-None-Match`, `If-Modified-Since`, `If-Match`) is
+//!   never shared nor answered from the cache: it goes to Marketo as
+//!   sent, and its answer (a 206 of some bytes, a 304) to it alone. Only
+//!   a 200 is kept in the cache.
+//! - `Cache-Control: no-cache` from a client skips the cache; its fresh
+//!   answer is kept for those that come after. `no-store` skips it too,
+//!   and its answer is not kept.
 //! - Every saved request counts under its own service, as `coalesced` or
 //!   `cached`; the leader's call counts once, under the leader's service.
 //!
@@ -42,7 +48,7 @@ use super::admit::Admitted;
 use super::call::Call;
 use super::replay::is_read;
 use crate::admission::{Admission, Saved};
-use crate::answer_cache::{AnswerCache, ReadKey, SharedAnswer, wants_fresh};
+use crate::answer_cache::{AnswerCache, ReadKey, SharedAnswer, forbids_keeping, is_conditional, wants_fresh};
 use crate::config::{CacheRule, Config};
 use crate::error::ProxyError;
 
@@ -125,7 +131,7 @@ where
             return Either::Left(self.inner.call(call));
         };
         let ttl = reads.ttl(&call);
-        if !(reads.coalesce || ttl.is_some()) || !is_read(&call) {
+        if !(reads.coalesce || ttl.is_some()) || !is_read(&call) || is_conditional(call.request.headers()) {
             return Either::Left(self.inner.call(call));
         }
         let inner = self.inner.clone();
@@ -181,7 +187,9 @@ impl Reads {
     {
         let service = call.caller.id.index();
         let key = self.key(&call);
-        if ttl.is_some() && !wants_fresh(call.request.headers()) {
+        let headers = call.request.headers();
+        let ttl = ttl.filter(|_| !forbids_keeping(headers));
+        if ttl.is_some() && !wants_fresh(headers) {
             if let Some(kept) = self.cache.get(&key, Instant::now()) {
                 self.admission.saved(service, Saved::Cached);
                 return Ok(shared(&kept));
@@ -242,7 +250,7 @@ impl Reads {
         result: &Result<Admitted, ProxyError>,
     ) -> Option<Arc<SharedAnswer>> {
         let answer = Arc::new(SharedAnswer::of(&result.as_ref().ok()?.answer)?);
-        if let Some(ttl) = ttl.filter(|_| answer.is_success()) {
+        if let Some(ttl) = ttl.filter(|_| answer.is_whole_success()) {
             self.cache.insert(key, Arc::clone(&answer), ttl, Instant::now());
         }
         Some(answer)

@@ -133,18 +133,80 @@ pub(super) fn identity_error(status: StatusCode, error: &str, description: &str)
     )
 }
 
-/// Streams the CSV in chunks, as Marketo streams export files.
-pub(super) fn csv_response(rows: Vec<String>) -> Response<SimBody> {
+/// Streams the CSV in chunks, as Marketo streams export files; or, when
+/// the request names one range of bytes (`Range: bytes=…`), that part as
+/// a 206, and a 416 when the file has no such bytes. Several ranges at once
+/// get the whole file, as RFC 9110 allows.
+pub(super) fn csv_response(rows: Vec<String>, range: Option<&HeaderValue>) -> Response<SimBody> {
     const ROWS_PER_CHUNK: usize = 256;
-    let chunks: Vec<Result<Frame<Bytes>, Infallible>> = rows
-        .chunks(ROWS_PER_CHUNK)
-        .map(|chunk| Ok(Frame::data(Bytes::from(chunk.concat()))))
-        .collect();
-    let body = StreamBody::new(futures_util::stream::iter(chunks));
-    let mut response = Response::new(BodyExt::boxed(body));
+    let mut response = match range.map(|range| byte_range(range, &rows)) {
+        None | Some(Err(Ranges::Several)) => {
+            let chunks: Vec<Result<Frame<Bytes>, Infallible>> = rows
+                .chunks(ROWS_PER_CHUNK)
+                .map(|chunk| Ok(Frame::data(Bytes::from(chunk.concat()))))
+                .collect();
+            Response::new(BodyExt::boxed(StreamBody::new(futures_util::stream::iter(
+                chunks,
+            ))))
+        }
+        Some(Ok((part, content_range))) => {
+            let mut response = Response::new(full(part));
+            *response.status_mut() = StatusCode::PARTIAL_CONTENT;
+            response
+                .headers_mut()
+                .insert(header::CONTENT_RANGE, content_range);
+            response
+        }
+        Some(Err(Ranges::Unsatisfiable(content_range))) => {
+            let mut response = Response::new(full(Bytes::new()));
+            *response.status_mut() = StatusCode::RANGE_NOT_SATISFIABLE;
+            response
+                .headers_mut()
+                .insert(header::CONTENT_RANGE, content_range);
+            response
+        }
+    };
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/csv;charset=UTF-8"),
     );
     response
+        .headers_mut()
+        .insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    response
+}
+
+/// Why a `Range` is not served as one part.
+enum Ranges {
+    Several,
+    /// With the `Content-Range` that says the file's length.
+    Unsatisfiable(HeaderValue),
+}
+
+/// The bytes of the file `rows` make that `range` names, with their
+/// `Content-Range`.
+fn byte_range(range: &HeaderValue, rows: &[String]) -> Result<(Bytes, HeaderValue), Ranges> {
+    let file = rows.concat().into_bytes();
+    let length = file.len() as u64;
+    let unsatisfiable = || Ranges::Unsatisfiable(header_value(format!("bytes */{length}")));
+    let ranges = range
+        .to_str()
+        .ok()
+        .and_then(|range| http_range_header::parse_range_header(range).ok())
+        .and_then(|parsed| parsed.validate(length).ok())
+        .ok_or_else(unsatisfiable)?;
+    let [part] = ranges.as_slice() else {
+        return Err(Ranges::Several);
+    };
+    let (start, end) = (*part.start(), *part.end());
+    let content_range = header_value(format!("bytes {start}-{end}/{length}"));
+    Ok((
+        Bytes::from(file).slice(start as usize..=end as usize),
+        content_range,
+    ))
+}
+
+/// A header of text written here (always visible ASCII).
+fn header_value(text: String) -> HeaderValue {
+    HeaderValue::try_from(text).unwrap_or(HeaderValue::from_static("?"))
 }

@@ -464,7 +464,7 @@ impl Simulator {
         let (mut response, recorded) = match failure.and_then(|failure| injected_answer(&request_id, failure))
         {
             Some(injected) => injected,
-            None => self.answer(&request_id, &parts.method, &path, &params, &body),
+            None => self.answer(&request_id, &parts, &path, &params, &body),
         };
         arrival.code = recorded;
         self.state.record(arrival);
@@ -480,11 +480,12 @@ impl Simulator {
     fn answer(
         &self,
         request_id: &str,
-        method: &Method,
+        parts: &http::request::Parts,
         path: &str,
         params: &BTreeMap<String, String>,
         body: &Bytes,
     ) -> (Response<SimBody>, String) {
+        let method = &parts.method;
         let method = if method == Method::POST && params.get("_method").map(String::as_str) == Some("GET") {
             Method::GET
         } else {
@@ -504,7 +505,7 @@ impl Simulator {
                 envelope_error(request_id, error_code, &message),
                 error_code.into(),
             ),
-            Routed::File(rows) => (csv_response(rows), "ok".into()),
+            Routed::File(rows) => (csv_response(rows, parts.headers.get(header::RANGE)), "ok".into()),
         }
     }
 
