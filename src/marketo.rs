@@ -55,6 +55,22 @@ pub mod code {
     pub const TOO_MANY_JOBS: &str = "1029";
 }
 
+/// Whether Marketo left a call with this error code out of its counts:
+/// its error-code reference says an answer with 601, 602, 604, 605, 608 or
+/// 611 "is not counted against your daily quota, or your rate limit".
+pub fn is_uncounted(error_code: &str) -> bool {
+    use code::*;
+    [
+        TOKEN_INVALID,
+        TOKEN_EXPIRED,
+        TIMED_OUT,
+        METHOD_NOT_SUPPORTED,
+        UNAVAILABLE,
+        SYSTEM_ERROR,
+    ]
+    .contains(&error_code)
+}
+
 /// One entry of the `errors` array.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApiError {

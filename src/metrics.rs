@@ -58,6 +58,9 @@ pub struct Metrics {
     pub token_refreshes: IntCounterVec,
     pub token_expiry_seconds: Gauge,
     pub replays: IntCounterVec,
+    /// Calls Marketo answered with a code it does not count, whose window
+    /// slot and unit of the day went back, by service and code.
+    pub uncounted: IntCounterVec,
     pub backend_up: IntGauge,
     /// Redis scripts that failed (a bug, not an outage), by script.
     pub backend_script_errors: IntCounterVec,
@@ -180,6 +183,15 @@ impl Metrics {
                 &["reason"],
             )
             .expect("valid metric"),
+            uncounted: IntCounterVec::new(
+                Opts::new(
+                    "marketo_proxy_uncounted_calls_total",
+                    "Calls answered with a code Marketo does not count (601, 602, 604, 605, 608, 611): \
+                     their window slot and unit of the day were given back",
+                ),
+                &["service", "code"],
+            )
+            .expect("valid metric"),
             backend_up: IntGauge::new(
                 "marketo_proxy_backend_up",
                 "1 while the state backend is reachable",
@@ -252,7 +264,7 @@ impl Metrics {
     }
 
     fn register_all(&self) {
-        let collectors: [Box<dyn prometheus::core::Collector>; 27] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 28] = [
             Box::new(self.requests.clone()),
             Box::new(self.upstream_calls.clone()),
             Box::new(self.queue_wait.clone()),
@@ -271,6 +283,7 @@ impl Metrics {
             Box::new(self.token_refreshes.clone()),
             Box::new(self.token_expiry_seconds.clone()),
             Box::new(self.replays.clone()),
+            Box::new(self.uncounted.clone()),
             Box::new(self.backend_up.clone()),
             Box::new(self.backend_script_errors.clone()),
             Box::new(self.quota_exhaustion_eta_seconds.clone()),

@@ -15,7 +15,7 @@ use marketo_proxy::limits::day::MarketoDay;
 use marketo_proxy::limits::redis::scripts::{
     Acquire, Acquired, Batch, BulkAdmit, BulkExportDay, BulkObserve, BulkPause, BulkPlaces, BulkSnapshot,
     BulkSpent, CatchUp, ClearSpent, Epoch, Lead, Learn, Learned, LearnedEpisode, MarkSpent, Publish,
-    Published, Reconcile, Release, Renew, Rescore, SeenJob, Undo, Verdict,
+    Published, Reconcile, Release, Renew, Rescore, SeenJob, Uncount, Undo, Verdict,
 };
 use marketo_proxy::metrics::Metrics;
 
@@ -51,6 +51,7 @@ conformance!(
     the_day_quota_keeps_caps_reserves_and_calls_from_outside,
     learned_limits_keep_the_latest_lowering,
     a_lost_reply_is_given_back_and_its_late_acquisition_takes_nothing,
+    a_call_marketo_did_not_count_gives_back_its_slots_and_day_once_and_keeps_its_lease,
     a_catch_up_counts_once_however_often_it_is_written,
     bulk_places_and_export_bytes_are_counted_once,
     a_bulk_place_goes_to_the_service_with_the_fewest_jobs,
@@ -360,6 +361,52 @@ async fn a_lost_reply_is_given_back_and_its_late_acquisition_takes_nothing(backe
         (late.verdict, late.window, late.day_used),
         (Verdict::Released, 1, 1)
     );
+}
+
+async fn a_call_marketo_did_not_count_gives_back_its_slots_and_day_once_and_keeps_its_lease(
+    backend: &Backend,
+) {
+    ready(backend).await;
+    let keys = Keys::new("x", TODAY);
+    let with_own_window = |id| Acquire {
+        service_window_calls: 5,
+        ..call(id, "service:x")
+    };
+    for id in ["a", "b"] {
+        assert_eq!(
+            acquire(backend, &keys, &with_own_window(id)).await.verdict,
+            Verdict::Granted
+        );
+    }
+    // "a" was answered 608: out of both windows and the day, once.
+    let uncount = Uncount {
+        id: "a",
+        field: "service:x",
+    };
+    let windows: [&str; 3] = [&keys.0[4], &keys.0[0], &keys.0[2]];
+    assert_eq!(backend.run(&windows, &uncount).await.expect("runs"), 2);
+    assert_eq!(backend.run(&windows, &uncount).await.expect("runs"), 0);
+    // The service's own count went back too: a cap of 2 lets one more in.
+    let capped = Acquire {
+        cap: 2,
+        ..with_own_window("c")
+    };
+    let next = acquire(backend, &keys, &capped).await;
+    assert_eq!(
+        (next.verdict, next.window, next.in_flight, next.day_used),
+        (Verdict::Granted, 2, 3, 2),
+        "a's lease still runs"
+    );
+    // A day that is gone is not brought back by a late give-back.
+    let old = Keys::new("x", "2026-12-01");
+    let windows: [&str; 3] = [&old.0[4], &keys.0[0], &keys.0[2]];
+    let late = Uncount {
+        id: "b",
+        field: "service:x",
+    };
+    assert_eq!(backend.run(&windows, &late).await.expect("runs"), 2);
+    let next = acquire(backend, &keys, &with_own_window("d")).await;
+    assert_eq!((next.window, next.day_used), (2, 3));
 }
 
 async fn a_catch_up_counts_once_however_often_it_is_written(backend: &Backend) {

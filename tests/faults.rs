@@ -319,15 +319,25 @@ async fn assert_slots_free_and_counts_match(admin_url: &str, sim: &SimHandle) {
         let usage = support::usage(admin_url).await;
         let stats = sim.stats();
         let gauge = |series: &str| support::metric(&metrics, series);
+        // Marketo does not count a call answered 601, 602, 604, 605, 608
+        // or 611, and neither does the proxy.
+        let counted = || {
+            stats
+                .arrivals
+                .iter()
+                .filter(|arrival| !marketo_proxy::marketo::is_uncounted(&arrival.code))
+        };
         let mut seen = vec![
             ("in flight", gauge("marketo_proxy_inflight"), Some(0.0)),
             ("window", gauge("marketo_proxy_window_used"), Some(0.0)),
-            ("counted today", usage["used"].as_f64(), Some(stats.calls as f64)),
+            (
+                "counted today",
+                usage["used"].as_f64(),
+                Some(counted().count() as f64),
+            ),
         ];
         for (name, _) in SERVICES {
-            let received = stats
-                .arrivals
-                .iter()
+            let received = counted()
                 .filter(|arrival| arrival.target.contains(&format!("caller={name}&")))
                 .count();
             let series = format!("marketo_proxy_daily_used{{service=\"{name}\"}}");
@@ -468,6 +478,82 @@ async fn transient_error_codes_replay_reads_and_pass_writes_on() {
     for code in ["604", "608", "611", "713"] {
         assert_eq!(stats.code(code), 2, "{:?}", stats.codes);
     }
+    // Marketo counts none of those but the 713; the proxy gave back their
+    // window slots and units of the day.
+    assert_eq!(stats.uncounted, 6);
+    let metrics = stack.metrics().await;
+    let given_back: f64 = ["604", "608", "611"]
+        .iter()
+        .flat_map(|code| {
+            SERVICES.map(|(service, _)| {
+                support::metric(
+                    &metrics,
+                    &format!(r#"marketo_proxy_uncounted_calls_total{{code="{code}",service="{service}"}}"#),
+                )
+                .unwrap_or(0.0)
+            })
+        })
+        .sum();
+    assert_eq!(given_back, 6.0, "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_storm_of_608s_marketo_did_not_count_the_next_window_admits_its_full_hundred_at_once() {
+    // Marketo's real limits, 50 ms a call.
+    let sim = SimConfig {
+        latency: Duration::from_millis(50),
+        ..support::sim_config()
+    };
+    let stack = Stack::start_configured(sim, |sim_url| {
+        support::proxy_config_with(sim_url, "", "{}", "{ file: ~, usage_sync_interval: 0s }")
+    })
+    .await;
+    support::wait_ready(&stack.proxy).await;
+    // 50 writes, each answered 608 (a write is not replayed).
+    stack.sim.inject(support::fail_next(50, "608"));
+    let write = |number: usize| {
+        let request = stack
+            .http
+            .post(format!("{}/rest/v1/leads.json?n={number}", stack.proxy.url()))
+            .header("X-Api-Key", CRM_KEY)
+            .json(&json!({"input": [{"email": format!("storm{number}@example.com")}]}))
+            .send();
+        async move { request.await.unwrap().text().await.unwrap() }
+    };
+    let storm = futures_util::future::join_all((0..50).map(write)).await;
+    assert!(
+        storm.iter().all(|body| body.contains(r#""code":"608""#)),
+        "{storm:?}"
+    );
+    // Marketo is back: 100 reads at once all go within the window the
+    // storm did not use.
+    let recovered_at = stack.sim.stats().arrivals.len();
+    let paths: Vec<String> = (1..=100)
+        .map(|lead| format!("/rest/v1/lead/{lead}.json"))
+        .collect();
+    let reads = paths.iter().map(|path| stack.get(CRM_KEY, path));
+    for answer in futures_util::future::join_all(reads).await {
+        assert_eq!(answer.status(), 200);
+    }
+    let stats = stack.sim.stats();
+    let recovery = &stats.arrivals[recovered_at..];
+    assert_eq!(recovery.len(), 100);
+    let took = recovery[99].at - recovery[0].at;
+    assert!(
+        took < 5.0,
+        "the 100 calls after the storm took {took:.1} s: slots were held for the 608s"
+    );
+    assert_eq!(stats.code("606") + stats.code("615"), 0, "{:?}", stats.codes);
+    assert_eq!(stats.uncounted, 50);
+    let metrics = stack.metrics().await;
+    assert_eq!(
+        support::metric(
+            &metrics,
+            r#"marketo_proxy_uncounted_calls_total{code="608",service="crm-sync"}"#
+        ),
+        Some(50.0),
+        "{metrics}"
+    );
 }
 
 fn fail_next(count: u32, failure: Failure) -> Faults {

@@ -100,6 +100,27 @@ impl Permit {
 }
 
 impl Permit {
+    /// Marketo answered with `code`, one it does not count (see
+    /// [`marketo::is_uncounted`]): the window slot and the day's unit go
+    /// back at once; the concurrency slot is held until the permit drops.
+    ///
+    /// [`marketo::is_uncounted`]: crate::marketo::is_uncounted
+    pub fn uncounted(&mut self, code: &str) {
+        if self.stamped || !self.armed {
+            return;
+        }
+        self.stamped = true;
+        let admission = Arc::clone(&self.admission);
+        admission
+            .metrics
+            .uncounted
+            .with_label_values(&[admission.name(self.service), crate::marketo::code_label(code)])
+            .inc();
+        let mut state = admission.lock();
+        state.uncount(self.service);
+        admission.pump(&mut state);
+    }
+
     /// How much earlier than `received` (epoch ms) Marketo's clock says it
     /// took the call; nothing when its time could not be used.
     pub(super) fn earlier(took: Result<i64, marketo_clock::Unusable>, received: i64) -> Duration {
@@ -186,6 +207,16 @@ impl Slot {
         let earlier = self.permit.answered_by(marketo);
         if let Some(lease) = self.lease.as_mut() {
             lease.answered(earlier).await;
+        }
+    }
+
+    /// Marketo answered with `code`, one it does not count: the window
+    /// slots and the day's unit go back, here and in the shared limits;
+    /// the concurrency slots are held until the slot drops.
+    pub async fn uncounted(&mut self, code: &str) {
+        self.permit.uncounted(code);
+        if let Some(lease) = self.lease.as_mut() {
+            lease.uncounted().await;
         }
     }
 

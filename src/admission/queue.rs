@@ -323,14 +323,20 @@ impl State {
         if let Some((_, count)) = self.recent.back_mut() {
             *count = count.saturating_sub(1);
         }
-        self.window.release_unsent();
+        self.uncount(service);
         self.in_flight -= 1;
+        self.lanes[service].in_flight -= 1;
+    }
+
+    /// Marketo did not count a call of `service` still in flight: its
+    /// window slots and its unit of the day go back, its concurrency slot
+    /// stays until it ends.
+    pub(super) fn uncount(&mut self, service: usize) {
+        self.window.release_unsent();
         self.quota.unconsume(service);
-        let lane = &mut self.lanes[service];
-        if let Some(window) = lane.window.as_mut() {
+        if let Some(window) = self.lanes[service].window.as_mut() {
             window.release_unsent();
         }
-        lane.in_flight -= 1;
     }
 
     /// When a request of `service` joining the queue now could start, and

@@ -31,6 +31,7 @@ use super::call::Call;
 use crate::admission::shared::{Grant, Lease, SharedLimits};
 use crate::admission::{Admission, AdmissionError, Permit, Slot};
 use crate::error::ProxyError;
+use crate::marketo;
 use crate::tasks::Tasks;
 use crate::upstream::{Answer, UpstreamError};
 
@@ -209,7 +210,14 @@ where
     };
     match result {
         Ok(answer) => {
-            slot.answered_by(answer.marketo_time).await;
+            match answer
+                .error_code
+                .as_deref()
+                .filter(|code| marketo::is_uncounted(code))
+            {
+                Some(code) => slot.uncounted(code).await,
+                None => slot.answered_by(answer.marketo_time).await,
+            }
             Ok(Admitted {
                 answer,
                 slot: Some(slot),

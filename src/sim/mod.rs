@@ -431,7 +431,7 @@ impl Simulator {
         };
         arrival.user = Some(user.clone());
 
-        let _in_flight = match self.state.admit(&user) {
+        let in_flight = match self.state.admit(&user) {
             Admission::Admitted(in_flight) => in_flight,
             Admission::Rejected(error_code, message) => {
                 arrival.code = error_code.into();
@@ -466,6 +466,7 @@ impl Simulator {
             Some(injected) => injected,
             None => self.answer(&request_id, &parts, &path, &params, &body),
         };
+        in_flight.answered_with(&recorded);
         arrival.code = recorded;
         self.state.record(arrival);
         if let Some(bytes) = padding {

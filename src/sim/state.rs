@@ -158,6 +158,10 @@ pub struct Stats {
     pub max_admitted_in_window: u32,
     /// Calls that carried an `access_token` parameter (query or body).
     pub access_token_params: u64,
+    /// Calls admitted and then answered with a code Marketo does not
+    /// count: their window place and unit of the day went back.
+    #[serde(default)]
+    pub uncounted: u64,
     /// TCP connections accepted.
     #[serde(default)]
     pub connections: u64,
@@ -209,6 +213,37 @@ pub struct Arrival {
 /// Releases a concurrency slot when the call ends, however it ends.
 pub(crate) struct InFlight {
     state: Arc<State>,
+    user: String,
+    /// When the call arrived: its place in the window.
+    arrived: Instant,
+    day: NaiveDate,
+}
+
+impl InFlight {
+    /// Marketo does not count a call answered with this code (see
+    /// [`marketo::is_uncounted`]): its window place and its unit of the
+    /// day go back. Its concurrency slot is held until it ends.
+    ///
+    /// [`marketo::is_uncounted`]: crate::marketo::is_uncounted
+    pub fn answered_with(&self, error_code: &str) {
+        if !crate::marketo::is_uncounted(error_code) {
+            return;
+        }
+        let mut guard = self.state.lock();
+        let inner = &mut *guard;
+        for arrivals in [&mut inner.window, &mut inner.offered] {
+            if let Some(place) = arrivals.iter().position(|arrived| *arrived == self.arrived) {
+                arrivals.remove(place);
+            }
+        }
+        if inner.day == self.day {
+            inner.used_today = inner.used_today.saturating_sub(1);
+            if let Some(calls) = inner.users_today.get_mut(&self.user) {
+                *calls = calls.saturating_sub(1);
+            }
+        }
+        inner.stats.uncounted += 1;
+    }
 }
 
 impl Drop for InFlight {
@@ -384,6 +419,9 @@ impl State {
         inner.stats.max_admitted_in_window = inner.stats.max_admitted_in_window.max(admitted);
         Admission::Admitted(InFlight {
             state: Arc::clone(self),
+            user: user.to_owned(),
+            arrived: now,
+            day: inner.day,
         })
     }
 

@@ -46,6 +46,8 @@ impl Drop for Asked {
 pub struct Lease {
     pub(super) shared: Arc<SharedLimits>,
     pub(super) service: usize,
+    /// The day its unit was counted to.
+    pub(super) day: NaiveDate,
     pub(super) id: String,
     pub(super) stamped: bool,
     /// The call that probes, for every replica, whether Marketo's day is
@@ -69,6 +71,23 @@ impl Lease {
             if self.shared.is_synced(self.service, &self.id) {
                 self.shared.stamp(self.service, &self.id, earlier).await;
             }
+        }
+    }
+}
+
+impl Lease {
+    /// Marketo did not count the call: its shared window slots and its
+    /// unit of the day go back (in Redis, or from the calls Redis is still
+    /// to hear of); its concurrency lease stays until it is dropped.
+    pub async fn uncounted(&mut self) {
+        if self.stamped {
+            return;
+        }
+        self.stamped = true;
+        if self.shared.is_synced(self.service, &self.id) {
+            self.shared.uncount(self.service, self.day, &self.id).await;
+        } else {
+            self.shared.uncount_unsynced(self.service);
         }
     }
 }

@@ -390,6 +390,7 @@ impl SharedLimits {
                 Grant::Granted(Lease {
                     shared: Arc::clone(self),
                     service,
+                    day,
                     id,
                     stamped: false,
                     probe: acquired.verdict == Verdict::Probe,
@@ -533,6 +534,7 @@ impl SharedLimits {
         Grant::Granted(Lease {
             shared: Arc::clone(self),
             service,
+            day: self.day(),
             id,
             stamped: false,
             probe: false,
@@ -573,6 +575,27 @@ impl SharedLimits {
         }
     }
 
+    /// A call Redis is still to hear of was not counted by Marketo: the
+    /// catch-up counts one call less to its service's day.
+    fn uncount_unsynced(&self, service: usize) {
+        if let Some(count) = lock(&self.unsynced).get_mut(service) {
+            *count = count.saturating_sub(1);
+        }
+    }
+
+    /// Marketo did not count a call Redis holds: its window slots and its
+    /// unit of `day` go back.
+    async fn uncount(&self, service: usize, day: NaiveDate, id: &str) {
+        let mut keys = vec![self.day_key(day)];
+        keys.extend(self.window_keys(service));
+        let args = scripts::Uncount {
+            id,
+            field: self.field(service),
+        };
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let _ = self.run(&keys, &args).await;
+    }
+
     /// Marketo said 607: no replica calls before the probe time.
     pub async fn mark_spent(&self) {
         let day = self.day();
@@ -602,7 +625,9 @@ impl SharedLimits {
         self.run(&[self.day_key(day).as_str()], &args).await.ok()
     }
 
-    async fn stamp(&self, service: usize, id: &str, earlier: Duration) {
+    /// The windows a call of `service` takes a slot in: the instance's,
+    /// and the service's when it has one.
+    fn window_keys(&self, service: usize) -> Vec<String> {
         let mut keys = vec![self.key("window")];
         if self
             .services
@@ -611,6 +636,11 @@ impl SharedLimits {
         {
             keys.push(self.service_key("window", service));
         }
+        keys
+    }
+
+    async fn stamp(&self, service: usize, id: &str, earlier: Duration) {
+        let keys = self.window_keys(service);
         let args = scripts::Rescore {
             id,
             free_in_ms: millis(self.hold.saturating_sub(earlier)),

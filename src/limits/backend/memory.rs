@@ -212,6 +212,18 @@ impl InMemory for scripts::Undo<'_> {
     }
 }
 
+impl InMemory for scripts::Uncount<'_> {
+    fn apply(&self, store: &mut Store, keys: &[&str]) -> u8 {
+        let day = key(keys, 0);
+        let took: u8 = keys[1..].iter().map(|window| store.zrem(window, self.id)).sum();
+        if took > 0 && store.exists(day) {
+            store.hincrby(day, "total", -1);
+            store.hincrby(day, self.field, -1);
+        }
+        took
+    }
+}
+
 impl InMemory for scripts::Release<'_> {
     fn apply(&self, store: &mut Store, keys: &[&str]) -> u8 {
         let (inflight, service_inflight, done) = (key(keys, 0), key(keys, 1), key(keys, 2));

@@ -62,6 +62,7 @@ scripts! {
     ACQUIRE => "acquire",
     LEARN => "learn",
     UNDO => "undo",
+    UNCOUNT => "uncount",
     RELEASE => "release",
     RENEW => "renew",
     RESCORE => "rescore",
@@ -249,6 +250,19 @@ pub struct Undo<'a> {
     pub tombstone_ms: u64,
 }
 args!(Undo<'a> => UNDO, u8);
+
+/// Marketo did not count a call (see [`marketo::is_uncounted`]): its
+/// window slots and its unit of the day go back, its lease stays. Keys:
+/// day, window, and the service's window when it has one. Answers how many
+/// windows held it.
+///
+/// [`marketo::is_uncounted`]: crate::marketo::is_uncounted
+#[derive(Debug, Serialize)]
+pub struct Uncount<'a> {
+    pub id: &'a str,
+    pub field: &'a str,
+}
+args!(Uncount<'a> => UNCOUNT, u8);
 
 /// A call is over: its leases go. Keys: inflight, service inflight, done.
 #[derive(Debug, Serialize)]
