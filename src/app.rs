@@ -38,7 +38,7 @@ use crate::bulk_status::StatusPoller;
 use crate::config::{Backend, Config};
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
-use crate::proxy::body::BodyBudget;
+use crate::proxy::body::{BodyBudget, UnknownBodies};
 use crate::proxy::coalesce::CoalesceLayer;
 use crate::proxy::{self, Components};
 use crate::recent::LastHour;
@@ -130,6 +130,7 @@ impl App {
             )
         });
         let tokens = Arc::new(TokenCaches::new(&config, &upstream, &metrics));
+        let (unknown_body_bytes, body_bytes) = config.server.body_budgets();
         let components = Components {
             callers: Arc::new(Callers::new(&config, &metrics)),
             coalesce: CoalesceLayer::new(&config, tokens.users(), Arc::clone(&admission)),
@@ -139,7 +140,11 @@ impl App {
             limits,
             upstream,
             metrics,
-            body_budget: BodyBudget::new(config.server.max_buffered_body_bytes.get()),
+            body_budget: BodyBudget::new(body_bytes),
+            unknown_bodies: Arc::new(UnknownBodies::new(
+                unknown_body_bytes,
+                config.server.unauthenticated_bodies_per_address.get(),
+            )),
             last_hour: Arc::new(LastHour::new(config.counted_names().len())),
             ratelimit_headers: config.limits.ratelimit_headers,
             tasks,

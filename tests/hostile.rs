@@ -220,7 +220,9 @@ async fn clients_that_trickle_their_headers_are_cut_off_while_others_are_served(
 
 #[tokio::test]
 async fn slow_bodies_hold_no_more_than_the_body_budget_and_requests_without_one_are_served() {
-    let (sim, proxy) = support::proxy_with_server("{ max_buffered_body_bytes: 4096 }").await;
+    // 4,096 bytes for the bodies of known callers, one for the others.
+    let (sim, proxy) =
+        support::proxy_with_server("{ max_buffered_body_bytes: 4097, unauthenticated_body_bytes: 1 }").await;
     let slow_head = post_head(&format!(
         "X-Api-Key: {}\r\nContent-Type: application/json\r\nContent-Length: 2000\r\n",
         support::CRM_KEY
@@ -276,6 +278,106 @@ async fn slow_bodies_hold_no_more_than_the_body_budget_and_requests_without_one_
     .await;
     assert_eq!(sim.stats().calls, forwarded + 1);
     assert!(metric(&proxy, &requests("crm-sync", "rejected_busy")).await >= 2.0);
+}
+
+/// A form body of 65,536 bytes from a caller not known yet (an old client
+/// may put its `access_token` there), of which 65,000 are sent before the
+/// client stalls: the proxy must read it to know who sent it.
+async fn stalled_unknown_form(addr: SocketAddr) -> TcpStream {
+    let head = post_head("Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 65536\r\n");
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let mut sent = head.into_bytes();
+    sent.extend_from_slice(b"input=");
+    sent.resize(sent.len() + 65_000 - 6, b'a');
+    stream.write_all(&sent).await.unwrap();
+    stream
+}
+
+#[tokio::test]
+async fn stalled_unauthenticated_bodies_leave_authenticated_writes_their_part_of_the_budget() {
+    // 4 MiB in all: 256 KiB for bodies whose caller is not known yet.
+    let (sim, proxy) = support::proxy_with_server(
+        "{ max_buffered_body_bytes: 4194304, unauthenticated_bodies_per_address: 1000 }",
+    )
+    .await;
+    let mut stalled = Vec::new();
+    for _ in 0..100 {
+        stalled.push(stalled_unknown_form(proxy.addr).await);
+    }
+    // At most four of them fit in their part; the rest are refused as
+    // their bytes come.
+    let answers = futures_util::future::join_all(stalled.iter_mut().map(async |stream| {
+        tokio::time::timeout(Duration::from_secs(3), read_until_closed(stream))
+            .await
+            .ok()
+    }))
+    .await;
+    let reading = answers.iter().filter(|answer| answer.is_none()).count();
+    assert!(
+        (1..=4).contains(&reading),
+        "{reading} unauthenticated bodies held at once"
+    );
+    for answer in answers.iter().flatten() {
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    }
+    // A known service's 150 KB write still finds its part.
+    let write = format!(
+        r#"{{"action":"createOrUpdate","input":[{{"email":"w@example.com","note":"{}"}}]}}"#,
+        "n".repeat(150_000)
+    );
+    let answer = support::client()
+        .post(format!("{}/rest/v1/leads.json", proxy.url()))
+        .header("X-Api-Key", support::CRM_KEY)
+        .header("Content-Type", "application/json")
+        .body(write)
+        .timeout(ENDED_WITHIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200, "{}", answer.text().await.unwrap());
+    assert_eq!(
+        sim.stats().calls,
+        1,
+        "only the known service's write was forwarded"
+    );
+    drop(stalled);
+}
+
+#[tokio::test]
+async fn only_a_few_unauthenticated_bodies_are_read_at_once_from_one_address() {
+    let (sim, proxy) = support::proxy_with_server("{ unauthenticated_bodies_per_address: 4 }").await;
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        stalled.push(stalled_unknown_form(proxy.addr).await);
+    }
+    // The fifth from the same address is refused once the four are read.
+    let fifth = support::eventually(ENDED_WITHIN, async || {
+        let mut fifth = stalled_unknown_form(proxy.addr).await;
+        match tokio::time::timeout(Duration::from_secs(2), read_until_closed(&mut fifth)).await {
+            Ok(answer) => Ok(answer),
+            Err(_) => Err("the fifth is being read"),
+        }
+    })
+    .await;
+    assert!(fifth.starts_with("HTTP/1.1 503"), "{fifth}");
+    assert!(fifth.contains(r#""code":"608""#), "{fifth}");
+    // Once they go, bodies from that address are read again.
+    drop(stalled);
+    let form = support::client()
+        .post(format!("{}/rest/v1/leads.json", proxy.url()))
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body("access_token=wrong")
+        .timeout(ENDED_WITHIN);
+    let answer = support::eventually(ENDED_WITHIN, async || {
+        let answer = form.try_clone().unwrap().send().await.unwrap();
+        match answer.status() {
+            reqwest::StatusCode::SERVICE_UNAVAILABLE => Err(answer.status()),
+            _ => Ok(answer),
+        }
+    })
+    .await;
+    assert_eq!(answer.status(), 401);
+    assert_eq!(sim.stats().calls, 0);
 }
 
 #[tokio::test]

@@ -219,6 +219,25 @@ pub struct ServerConfig {
     /// whole so that a call can be replayed); past it a request gets 503
     /// (Marketo's 608) with `Retry-After` instead of being buffered.
     pub max_buffered_body_bytes: NonZeroUsize,
+    /// The part of `max_buffered_body_bytes` for the bodies of requests
+    /// whose caller is not known yet (a credential in a form or multipart
+    /// body, client credentials at the identity endpoint); the rest is
+    /// for callers already known. Default: a sixteenth.
+    pub unauthenticated_body_bytes: Option<NonZeroUsize>,
+    /// Such bodies read at once from one client address.
+    pub unauthenticated_bodies_per_address: NonZeroUsize,
+}
+
+impl ServerConfig {
+    /// The bytes of bodies whose caller is not known yet, and of the rest.
+    pub fn body_budgets(&self) -> (usize, usize) {
+        let total = self.max_buffered_body_bytes.get();
+        let unknown = self
+            .unauthenticated_body_bytes
+            .map_or(total / 16, NonZeroUsize::get)
+            .min(total);
+        (unknown, total - unknown)
+    }
 }
 
 impl Default for ServerConfig {
@@ -230,6 +249,8 @@ impl Default for ServerConfig {
             header_read_timeout: Duration::from_secs(10),
             http2_max_concurrent_streams: 256,
             max_buffered_body_bytes: const { NonZeroUsize::new(256 * 1024 * 1024).expect("not zero") },
+            unauthenticated_body_bytes: None,
+            unauthenticated_bodies_per_address: const { NonZeroUsize::new(4).expect("not zero") },
         }
     }
 }

@@ -33,6 +33,16 @@ pub(super) fn check(config: &Config) -> Check {
     if config.server.http2_max_concurrent_streams == 0 {
         return invalid("server.http2_max_concurrent_streams", "must be at least 1");
     }
+    if config
+        .server
+        .unauthenticated_body_bytes
+        .is_some_and(|bytes| bytes >= config.server.max_buffered_body_bytes)
+    {
+        return invalid(
+            "server.unauthenticated_body_bytes",
+            "must be less than server.max_buffered_body_bytes: the rest is for callers already known",
+        );
+    }
     check_marketo(&config.marketo)?;
     check_limits(&config.limits)?;
     check_services(&config.services, &config.limits)?;
@@ -441,6 +451,16 @@ services:
         let mut config = valid();
         config.marketo.token_refresh_before = Duration::from_secs(3600);
         assert_invalid(config, "marketo.token_refresh_before", "1h");
+    }
+
+    #[test]
+    fn bodies_of_unknown_callers_get_a_part_of_the_body_budget_and_leave_the_rest() {
+        let config = valid();
+        assert_eq!(config.server.body_budgets(), (16 << 20, 240 << 20));
+        let mut config = valid();
+        config.server.max_buffered_body_bytes = std::num::NonZeroUsize::new(1000).unwrap();
+        config.server.unauthenticated_body_bytes = std::num::NonZeroUsize::new(1000);
+        assert_invalid(config, "server.unauthenticated_body_bytes", "less than");
     }
 
     #[test]

@@ -25,7 +25,13 @@ use std::sync::Arc;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::{Layer, Service, ServiceExt};
 
+use std::net::IpAddr;
+
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+
 use super::rewrite::{self, BodyKind};
+use crate::auth::{AuthError, Callers};
 use crate::error::ProxyError;
 use crate::marketo::limits::{MAX_BODY_BYTES, MAX_IMPORT_BODY_BYTES};
 use crate::response::{BoxError, ResponseBody};
@@ -49,6 +55,87 @@ impl BodyBudget {
     /// Bytes not held by any request.
     pub fn available(&self) -> usize {
         self.0.available_permits()
+    }
+}
+
+/// Bodies read before anyone knows who sent them (an old client's
+/// `access_token` in a form, client credentials at the identity endpoint):
+/// whoever sent them may be nobody, so they have a budget of their own,
+/// apart from the bodies of known callers, and only a few are read at once
+/// per client address. A read that stalls past [`BODY_READ_TIMEOUT`]
+/// counts as a failed attempt to authenticate.
+pub struct UnknownBodies {
+    budget: BodyBudget,
+    per_address: usize,
+    reading: DashMap<IpAddr, usize>,
+}
+
+impl UnknownBodies {
+    pub fn new(bytes: usize, per_address: usize) -> Self {
+        Self {
+            budget: BodyBudget::new(bytes),
+            per_address,
+            reading: DashMap::new(),
+        }
+    }
+
+    /// Reads the body `peer` sent, within `limit` bytes (see
+    /// [`read_within`]). The bytes are not held past the read: once the
+    /// caller is known, the body counts in its own budget.
+    pub async fn read<B>(
+        &self,
+        peer: IpAddr,
+        body: B,
+        limit: usize,
+        callers: &Callers,
+    ) -> Result<Bytes, ProxyError>
+    where
+        B: Body,
+        B::Error: Into<BoxError>,
+    {
+        let _reading = self.start(peer)?;
+        match read_within(body, limit, &self.budget).await {
+            Ok((body, _)) => Ok(body),
+            Err(error @ ProxyError::BodyTimeout(_)) => match callers.failed(peer) {
+                throttled @ AuthError::Throttled { .. } => Err(throttled.into()),
+                AuthError::Unauthenticated => Err(error),
+            },
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Bytes not held by any read.
+    pub fn available(&self) -> usize {
+        self.budget.available()
+    }
+
+    fn start(&self, peer: IpAddr) -> Result<Reading<'_>, ProxyError> {
+        let mut reading = self.reading.entry(peer).or_insert(0);
+        if *reading >= self.per_address {
+            return Err(ProxyError::Busy {
+                what: "unauthenticated request bodies from this address",
+                retry_after: BUSY_RETRY_AFTER,
+            });
+        }
+        *reading += 1;
+        Ok(Reading { bodies: self, peer })
+    }
+}
+
+/// One body of an unknown caller being read; counted for its address.
+struct Reading<'a> {
+    bodies: &'a UnknownBodies,
+    peer: IpAddr,
+}
+
+impl Drop for Reading<'_> {
+    fn drop(&mut self) {
+        if let Entry::Occupied(mut reading) = self.bodies.reading.entry(self.peer) {
+            *reading.get_mut() -= 1;
+            if *reading.get() == 0 {
+                reading.remove();
+            }
+        }
     }
 }
 

@@ -31,7 +31,7 @@ use http_body_util::{Either as EitherBody, Full};
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 
-use super::body::{self, BodyBudget};
+use super::body::UnknownBodies;
 use super::rewrite::{self, API_KEY_HEADER, BodyKind};
 use crate::auth::{Caller, Callers, ServiceId};
 use crate::error::ProxyError;
@@ -67,12 +67,12 @@ pub type CallerBody<B> = EitherBody<B, Full<Bytes>>;
 #[derive(Clone)]
 pub struct CallerLayer {
     callers: Arc<Callers>,
-    budget: BodyBudget,
+    bodies: Arc<UnknownBodies>,
 }
 
 impl CallerLayer {
-    pub fn new(callers: Arc<Callers>, budget: BodyBudget) -> Self {
-        Self { callers, budget }
+    pub fn new(callers: Arc<Callers>, bodies: Arc<UnknownBodies>) -> Self {
+        Self { callers, bodies }
     }
 }
 
@@ -83,7 +83,7 @@ impl<S> Layer<S> for CallerLayer {
         Authenticate {
             inner,
             callers: Arc::clone(&self.callers),
-            budget: self.budget.clone(),
+            bodies: Arc::clone(&self.bodies),
         }
     }
 }
@@ -92,8 +92,8 @@ impl<S> Layer<S> for CallerLayer {
 pub struct Authenticate<S> {
     inner: S,
     callers: Arc<Callers>,
-    /// For the bodies read here, of callers not known yet.
-    budget: BodyBudget,
+    /// The bodies read here, of callers not known yet.
+    bodies: Arc<UnknownBodies>,
 }
 
 impl<S, B> Service<Request<B>> for Authenticate<S>
@@ -130,12 +130,12 @@ where
                 // and look there.
                 let inner = self.inner.clone();
                 let callers = Arc::clone(&self.callers);
-                let budget = self.budget.clone();
+                let bodies = Arc::clone(&self.bodies);
                 Either::Right(Box::pin(async move {
                     let (parts, body) = request.into_parts();
                     // The body layer below accounts for these bytes again.
-                    let body = match body::read_within(body, UNKNOWN_CALLER_BODY_BYTES, &budget).await {
-                        Ok((body, _)) => body,
+                    let body = match bodies.read(peer, body, UNKNOWN_CALLER_BODY_BYTES, &callers).await {
+                        Ok(body) => body,
                         Err(error) => return Ok(error.into_response()),
                     };
                     let service = credential_in_body(&parts.headers, &body)
@@ -257,7 +257,7 @@ mod tests {
         B::Error: Into<BoxError>,
     {
         let stub = StubAnswer::default();
-        let response = CallerLayer::new(Arc::clone(callers), BodyBudget::new(1 << 24))
+        let response = CallerLayer::new(Arc::clone(callers), Arc::new(UnknownBodies::new(1 << 24, 4)))
             .layer(stub.clone())
             .oneshot(request)
             .await
@@ -351,6 +351,28 @@ mod tests {
         assert_eq!(response.status(), StatusCode::BAD_REQUEST);
         assert_eq!(marketo_code(response).await, "1003");
         assert_eq!(stub.calls(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn form_bodies_that_never_arrive_count_as_failed_attempts_and_get_their_address_throttled() {
+        let callers = callers();
+        let peer = Peer(([192, 0, 2, 7], 4000).into());
+        for _ in 0..10 {
+            let silent = futures_util::stream::pending::<Result<http_body::Frame<Bytes>, Infallible>>();
+            let request = Request::post("/rest/v1/leads.json")
+                .extension(peer)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(http_body_util::StreamBody::new(silent))
+                .unwrap();
+            let (response, stub) = call(&callers, request).await;
+            assert_eq!(response.status(), StatusCode::REQUEST_TIMEOUT);
+            assert_eq!(stub.calls(), 0);
+        }
+        let wrong = get("/rest/v1/lead/1.json")
+            .extension(peer)
+            .header("x-api-key", "wrong-key-0123456789012");
+        let (response, _) = call(&callers, wrong.body(Full::default()).unwrap()).await;
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
     }
 
     #[tokio::test]

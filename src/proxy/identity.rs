@@ -14,7 +14,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
 use tower::{Layer, Service};
 
-use super::body::{self, BodyBudget};
+use super::body::UnknownBodies;
 use crate::auth::{AuthError, Callers};
 use crate::error::ProxyError;
 use crate::marketo::IdentityError;
@@ -33,12 +33,12 @@ pub const IDENTITY_BODY_BYTES: usize = 8 * 1024;
 #[derive(Clone)]
 pub struct IdentityLayer {
     callers: Arc<Callers>,
-    budget: BodyBudget,
+    bodies: Arc<UnknownBodies>,
 }
 
 impl IdentityLayer {
-    pub fn new(callers: Arc<Callers>, budget: BodyBudget) -> Self {
-        Self { callers, budget }
+    pub fn new(callers: Arc<Callers>, bodies: Arc<UnknownBodies>) -> Self {
+        Self { callers, bodies }
     }
 }
 
@@ -49,7 +49,7 @@ impl<S> Layer<S> for IdentityLayer {
         Identity {
             inner,
             callers: Arc::clone(&self.callers),
-            budget: self.budget.clone(),
+            bodies: Arc::clone(&self.bodies),
         }
     }
 }
@@ -58,7 +58,8 @@ impl<S> Layer<S> for IdentityLayer {
 pub struct Identity<S> {
     inner: S,
     callers: Arc<Callers>,
-    budget: BodyBudget,
+    /// Token requests come from callers not known yet.
+    bodies: Arc<UnknownBodies>,
 }
 
 impl<S, B> Service<Request<B>> for Identity<S>
@@ -80,15 +81,15 @@ where
             return Either::Left(self.inner.call(request));
         }
         let callers = Arc::clone(&self.callers);
-        let budget = self.budget.clone();
+        let bodies = Arc::clone(&self.bodies);
         Either::Right(Box::pin(
-            async move { Ok(issue(&callers, &budget, request).await) },
+            async move { Ok(issue(&callers, &bodies, request).await) },
         ))
     }
 }
 
 /// A token for the service whose client credentials came with `request`.
-async fn issue<B>(callers: &Callers, budget: &BodyBudget, request: Request<B>) -> Response<ResponseBody>
+async fn issue<B>(callers: &Callers, bodies: &UnknownBodies, request: Request<B>) -> Response<ResponseBody>
 where
     B: Body,
     B::Error: Into<BoxError>,
@@ -101,8 +102,8 @@ where
         .map(|query| form_urlencoded::parse(query.as_bytes()).into_owned().collect())
         .unwrap_or_default();
     if parts.method == Method::POST {
-        match body::read_within(body, IDENTITY_BODY_BYTES, budget).await {
-            Ok((body, _held)) => params.extend(form_urlencoded::parse(&body).into_owned()),
+        match bodies.read(peer, body, IDENTITY_BODY_BYTES, callers).await {
+            Ok(body) => params.extend(form_urlencoded::parse(&body).into_owned()),
             Err(error) => return error.into_response(),
         }
     } else if parts.method != Method::GET {
@@ -178,7 +179,7 @@ mod tests {
         request: Request<Full<Bytes>>,
     ) -> (Response<ResponseBody>, StubAnswer) {
         let stub = StubAnswer::default();
-        let response = IdentityLayer::new(Arc::clone(callers), BodyBudget::new(1 << 20))
+        let response = IdentityLayer::new(Arc::clone(callers), Arc::new(UnknownBodies::new(1 << 20, 4)))
             .layer(stub.clone())
             .oneshot(request)
             .await

@@ -111,8 +111,11 @@ pub struct Components {
     pub limits: Option<Arc<SharedLimits>>,
     pub upstream: Upstream,
     pub metrics: Metrics,
-    /// The bound on request-body bytes held across the proxy.
+    /// The bound on request-body bytes of known callers held across the
+    /// proxy.
     pub body_budget: body::BodyBudget,
+    /// The bodies read before their caller is known, bounded apart.
+    pub unknown_bodies: Arc<body::UnknownBodies>,
     /// Local refusals and replays per service over the last hour.
     pub last_hour: Arc<LastHour>,
     /// Answers carry `RateLimit-Policy` and `RateLimit` fields.
@@ -173,12 +176,12 @@ where
         ]))
         .layer(IdentityLayer::new(
             Arc::clone(&components.callers),
-            components.body_budget.clone(),
+            Arc::clone(&components.unknown_bodies),
         ))
         .layer(GuardLayer)
         .layer(CallerLayer::new(
             Arc::clone(&components.callers),
-            components.body_budget.clone(),
+            Arc::clone(&components.unknown_bodies),
         ))
         .layer(BodyLayer::new(components.body_budget.clone()))
         .layer(AnswerLayer::new(
@@ -252,6 +255,7 @@ mod tests {
             upstream,
             metrics,
             body_budget: body::BodyBudget::new(1 << 26),
+            unknown_bodies: Arc::new(body::UnknownBodies::new(1 << 22, 4)),
             last_hour: Arc::new(LastHour::new(config.counted_names().len())),
             ratelimit_headers: true,
             tasks: crate::tasks::Tasks::new(),
