@@ -81,6 +81,11 @@ pub enum ProxyError {
     Admission(#[from] AdmissionError),
     #[error(transparent)]
     Bulk(#[from] crate::bulk::BulkError),
+    /// A read stepped aside for an identical one already at Marketo, whose
+    /// answer it takes instead: the layer that shares reads turns this
+    /// into that answer, and no client ever gets it.
+    #[error("an identical read at Marketo answers this one")]
+    SteppedAside,
 }
 
 impl ProxyError {
@@ -96,7 +101,8 @@ impl ProxyError {
             | Self::Boundary(_) => ErrorSource::Client,
             Self::Token(TokenError::Rejected(_))
             | Self::Admission(AdmissionError::Closed)
-            | Self::Busy { .. } => ErrorSource::Proxy,
+            | Self::Busy { .. }
+            | Self::SteppedAside => ErrorSource::Proxy,
             Self::Admission(_) | Self::Bulk(_) => ErrorSource::Client,
             Self::Token(_) | Self::Upstream(_) => ErrorSource::Upstream,
         }
@@ -112,7 +118,10 @@ impl ProxyError {
             | Self::BodyTimeout(_)
             | Self::Boundary(_) => "rejected_request",
             Self::UriTooLong { .. } | Self::BodyTooLarge { .. } => "rejected_size",
-            Self::Token(_) | Self::Upstream(_) | Self::Admission(AdmissionError::Closed) => "upstream_error",
+            Self::Token(_)
+            | Self::Upstream(_)
+            | Self::Admission(AdmissionError::Closed)
+            | Self::SteppedAside => "upstream_error",
             Self::Admission(AdmissionError::Quota { .. }) => "rejected_quota",
             Self::Admission(AdmissionError::QueueFull { .. }) => "rejected_queue",
             Self::Busy { .. } => "rejected_busy",
@@ -166,7 +175,7 @@ impl ProxyError {
             Self::Admission(error @ AdmissionError::Quota { .. }) => {
                 (StatusCode::OK, code::QUOTA_REACHED, error.retry_after())
             }
-            Self::Admission(AdmissionError::Closed) => (
+            Self::Admission(AdmissionError::Closed) | Self::SteppedAside => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 code::UNAVAILABLE,
                 Some(Duration::from_secs(1)),

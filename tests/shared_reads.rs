@@ -370,3 +370,132 @@ async fn conditional_reads_are_their_own_and_no_store_answers_are_not_kept() {
     assert_eq!(calls_to(&stack, DESCRIBE), conditional.len() + 2);
     assert_eq!(saved(&stack, "crm-sync", "cached").await, 1.0);
 }
+
+/// A GET as the service with `key`, sent when spawned.
+fn spawn_get(stack: &Stack, key: &str, path: &str) -> tokio::task::JoinHandle<reqwest::Response> {
+    let request = stack
+        .http
+        .get(format!("{}{path}", stack.proxy.url()))
+        .header("X-Api-Key", key)
+        .send();
+    tokio::spawn(async move { request.await.unwrap() })
+}
+
+/// Waits until the proxy has `calls` calls at Marketo (the simulator
+/// records a call when it ends).
+async fn at_marketo(stack: &Stack, calls: f64) {
+    support::eventually(Duration::from_secs(5), async || {
+        match support::metric(&stack.metrics().await, "marketo_proxy_inflight") {
+            Some(value) if value == calls => Ok(()),
+            other => Err(other),
+        }
+    })
+    .await;
+}
+
+/// Two services calling Marketo as the same API user: `batch` one call at
+/// a time, `interactive` waiting at most 2 s for its turn.
+fn batch_and_interactive(sim_url: &str) -> Config {
+    batch_and_interactive_with(sim_url, "{}")
+}
+
+fn batch_and_interactive_with(sim_url: &str, limits: &str) -> Config {
+    let yaml = format!(
+        r#"
+marketo: {{ base_url: {sim_url}, client_id: demo-client, client_secret: demo-secret }}
+limits: {limits}
+coalesce_reads: true
+services:
+  - {{ name: batch, api_key: {CRM_KEY}, concurrency: 1 }}
+  - {{ name: interactive, api_key: {WAREHOUSE_KEY}, max_queue_wait: 2s }}
+state: {{ file: ~, usage_sync_interval: 0s }}
+"#
+    );
+    Config::from_yaml_with_env(&yaml, |_| None).expect("test config is valid")
+}
+
+#[tokio::test]
+async fn a_read_identical_to_one_still_queued_elsewhere_goes_itself_and_is_never_slower() {
+    let stack = Stack::start_configured(slow_sim(Duration::from_secs(3)), batch_and_interactive).await;
+    support::wait_ready(&stack.proxy).await;
+    // The batch service has one call at Marketo and an identical describe
+    // queued behind it, by its own concurrency of one.
+    let busy = spawn_get(&stack, CRM_KEY, "/rest/v1/lead/1.json");
+    at_marketo(&stack, 1.0).await;
+    let queued = spawn_get(&stack, CRM_KEY, DESCRIBE);
+    support::eventually(Duration::from_secs(5), async || {
+        match support::metric(
+            &stack.metrics().await,
+            r#"marketo_proxy_queue_depth{service="batch"}"#,
+        ) {
+            Some(1.0) => Ok(()),
+            other => Err(other),
+        }
+    })
+    .await;
+    // The interactive service asks for the same describe: it does not wait
+    // for the batch service's turn.
+    let asked = tokio::time::Instant::now();
+    let answer = stack.get(WAREHOUSE_KEY, DESCRIBE).await;
+    let took = asked.elapsed();
+    assert_eq!(answer.status(), 200);
+    assert!(answer.text().await.unwrap().contains(r#""success":true"#));
+    assert!(
+        took < Duration::from_millis(4500),
+        "answered after {took:?}: it waited for the batch service's turn"
+    );
+    assert_eq!(busy.await.unwrap().status(), 200);
+    assert_eq!(queued.await.unwrap().status(), 200);
+    assert_eq!(calls_to(&stack, DESCRIBE), 2, "each went itself");
+    assert_eq!(saved(&stack, "interactive", "coalesced").await, 0.0);
+}
+
+#[tokio::test]
+async fn a_read_identical_to_one_at_marketo_waits_for_its_answer_and_spends_nothing() {
+    let stack = Stack::start_configured(slow_sim(Duration::from_secs(1)), batch_and_interactive).await;
+    support::wait_ready(&stack.proxy).await;
+    let leader = spawn_get(&stack, CRM_KEY, DESCRIBE);
+    at_marketo(&stack, 1.0).await;
+    let follower = stack.get(WAREHOUSE_KEY, DESCRIBE).await.text().await.unwrap();
+    let leader = leader.await.unwrap().text().await.unwrap();
+    assert_eq!(follower, leader, "byte for byte");
+    assert_eq!(calls_to(&stack, DESCRIBE), 1);
+    assert_eq!(saved(&stack, "interactive", "coalesced").await, 1.0);
+}
+
+#[tokio::test]
+async fn reads_that_follow_hold_their_place_in_the_queue_and_its_bound() {
+    let stack = Stack::start_configured(slow_sim(Duration::from_secs(2)), |url| {
+        batch_and_interactive_with(url, "{ max_queue_length: 2 }")
+    })
+    .await;
+    support::wait_ready(&stack.proxy).await;
+    let busy = spawn_get(&stack, CRM_KEY, "/rest/v1/lead/1.json");
+    at_marketo(&stack, 1.0).await;
+    // A describe leads from the queue, and an identical one follows there:
+    // the queue is full.
+    let leader = spawn_get(&stack, CRM_KEY, DESCRIBE);
+    let follower = spawn_get(&stack, CRM_KEY, DESCRIBE);
+    support::eventually(Duration::from_secs(5), async || {
+        match support::metric(
+            &stack.metrics().await,
+            r#"marketo_proxy_queue_depth{service="batch"}"#,
+        ) {
+            Some(2.0) => Ok(()),
+            other => Err(other),
+        }
+    })
+    .await;
+    let refused = stack.get(CRM_KEY, DESCRIBE).await.text().await.unwrap();
+    assert!(refused.contains(r#""code":"606""#), "{refused}");
+    assert!(refused.contains("queue full"), "{refused}");
+    for answer in [busy, leader, follower] {
+        assert_eq!(answer.await.unwrap().status(), 200);
+    }
+    assert_eq!(
+        calls_to(&stack, DESCRIBE),
+        1,
+        "the follower stepped aside for the leader"
+    );
+    assert_eq!(saved(&stack, "batch", "coalesced").await, 1.0);
+}

@@ -27,7 +27,7 @@ use futures_util::future::BoxFuture;
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 
-use super::call::Call;
+use super::call::{Call, Lead, Sharing};
 use crate::admission::shared::{Grant, Lease, SharedLimits};
 use crate::admission::{Admission, AdmissionError, Permit, Slot};
 use crate::error::ProxyError;
@@ -113,9 +113,19 @@ where
         let shared = Arc::clone(&self.shared);
         Box::pin(async move {
             let (gate, inner) = &*shared;
+            // A read that follows an identical one steps aside when that one
+            // is at Marketo by the time its own turn comes (a replay has
+            // gone itself already).
+            let follows = match &call.sharing {
+                Some(Sharing::Follows(lead)) if !call.replay => Some(lead.as_ref()),
+                _ => None,
+            };
             let slot = gate
-                .slot(call.caller.id.index(), call.deadline, call.replay)
+                .slot(call.caller.id.index(), call.deadline, call.replay, follows)
                 .await?;
+            if let Some(Sharing::Leads(lead)) = &call.sharing {
+                lead.reached_marketo();
+            }
             // Boxed: a request waiting in the queue does not carry the
             // state of its call (Redis round trips included).
             Box::pin(send(inner.clone(), call, slot, &gate.tasks)).await
@@ -124,11 +134,23 @@ where
 }
 
 impl Gate {
-    /// Waits for a slot in this replica's limits and then the shared ones.
-    async fn slot(&self, service: usize, deadline: Instant, mut front: bool) -> Result<Slot, ProxyError> {
+    /// Waits for a slot in this replica's limits and then the shared ones;
+    /// steps aside (before the shared limits are asked) when it `follows`
+    /// a read that is at Marketo by then.
+    async fn slot(
+        &self,
+        service: usize,
+        deadline: Instant,
+        mut front: bool,
+        follows: Option<&Lead>,
+    ) -> Result<Slot, ProxyError> {
         let mut readmitted = false;
         loop {
             let permit = self.admission.admit(service, deadline, front).await?;
+            if follows.is_some_and(Lead::is_at_marketo) {
+                permit.unsent();
+                return Err(ProxyError::SteppedAside);
+            }
             if self.admission.observes() {
                 // Observe mode holds nothing back, here or across replicas.
                 return Ok(Slot::new(permit, None));

@@ -8,6 +8,7 @@
 //! headers, once, and a request waiting in the queue holds them once.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use http::Request;
@@ -35,6 +36,36 @@ pub struct Call {
     /// The request body's share of the proxy's body budget, held until
     /// the call is answered.
     pub held: Option<HeldBytes>,
+    /// Its part in a read shared with identical ones, if any.
+    pub sharing: Option<Sharing>,
+}
+
+/// A read's part among identical reads (see [`coalesce`](super::coalesce)).
+#[derive(Debug, Clone)]
+pub enum Sharing {
+    /// It leads: once admitted, it is at Marketo for all of them.
+    Leads(Arc<Lead>),
+    /// It follows: when its own turn comes and the lead is at Marketo
+    /// already, it steps aside and waits for the lead's answer; otherwise
+    /// it goes itself.
+    Follows(Arc<Lead>),
+}
+
+/// What the reads identical to a leading one know of it.
+#[derive(Debug, Default)]
+pub struct Lead {
+    at_marketo: AtomicBool,
+}
+
+impl Lead {
+    /// The lead was admitted: its call goes to Marketo now.
+    pub fn reached_marketo(&self) {
+        self.at_marketo.store(true, Ordering::Release);
+    }
+
+    pub fn is_at_marketo(&self) -> bool {
+        self.at_marketo.load(Ordering::Acquire)
+    }
 }
 
 impl Call {
@@ -65,6 +96,7 @@ impl Call {
             deadline,
             replay: false,
             held,
+            sharing: None,
         })
     }
 }

@@ -9,6 +9,12 @@
 //!   get byte for byte what it got, whatever it was (an error envelope
 //!   too), and spend nothing. Later reads call again, unless the answer
 //!   was kept in the cache, which never keeps an error.
+//! - A read is never slower for having followed: a follower waits in its
+//!   own service's queue, under its own deadline and its service's rules
+//!   (so it counts in `max_queue_length`), and takes the lead's answer if
+//!   that comes first. When its own turn comes and the lead is at Marketo,
+//!   it steps aside and waits for that answer; when the lead is still
+//!   queued (behind its own service's caps, say), it goes itself.
 //! - Only answers that arrive whole are shared: those within the upstream
 //!   peek limit ([`PEEK_LIMIT`], 64 KB). A larger answer (a bulk export
 //!   file) streams to its leader alone, and each follower then calls on its
@@ -45,7 +51,7 @@ use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 
 use super::admit::Admitted;
-use super::call::Call;
+use super::call::{Call, Lead, Sharing};
 use super::replay::is_read;
 use crate::admission::{Admission, Saved};
 use crate::answer_cache::{AnswerCache, ReadKey, SharedAnswer, forbids_keeping, is_conditional, wants_fresh};
@@ -68,7 +74,13 @@ pub struct Reads {
     users: Vec<usize>,
     admission: Arc<Admission>,
     /// Reads queued or in flight, and who waits for each one's answer.
-    leading: Mutex<HashMap<Arc<ReadKey>, Vec<Follower>>>,
+    leading: Mutex<HashMap<Arc<ReadKey>, Leader>>,
+}
+
+/// A read that leads, and those that wait for its answer.
+struct Leader {
+    lead: Arc<Lead>,
+    followers: Vec<Follower>,
 }
 
 /// Where a read that waits for an identical one gets its answer.
@@ -142,13 +154,19 @@ where
 /// What a read does about an identical one.
 enum Role {
     /// None is queued or in flight: this one calls, and others may wait.
-    Lead,
-    /// Another is: wait for its answer.
-    Follow(oneshot::Receiver<Arc<SharedAnswer>>),
+    Lead(Arc<Lead>),
+    /// Another is: wait for its answer, or go when it is still queued.
+    Follow(Arc<Lead>, oneshot::Receiver<Arc<SharedAnswer>>),
+}
+
+/// What a follower heard first.
+enum First {
+    Lead(Result<Arc<SharedAnswer>, oneshot::error::RecvError>),
+    Own(Result<Admitted, ProxyError>),
 }
 
 impl Reads {
-    fn lock(&self) -> MutexGuard<'_, HashMap<Arc<ReadKey>, Vec<Follower>>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<Arc<ReadKey>, Leader>> {
         self.leading
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -183,7 +201,7 @@ impl Reads {
         ttl: Option<Duration>,
     ) -> Result<Admitted, ProxyError>
     where
-        S: Service<Call, Response = Admitted, Error = ProxyError>,
+        S: Service<Call, Response = Admitted, Error = ProxyError> + Clone,
     {
         let service = call.caller.id.index();
         let key = self.key(&call);
@@ -201,23 +219,16 @@ impl Reads {
             return result;
         }
         match self.join(&key) {
-            Role::Follow(answer) => {
-                if let Ok(answer) = answer.await {
-                    self.admission.saved(service, Saved::Coalesced);
-                    return Ok(shared(&answer));
-                }
-                // The leader got nothing to share: call as if alone.
-                let result = inner.oneshot(call).await;
-                self.keep(key, ttl, &result);
-                result
-            }
-            Role::Lead => {
-                let mut lead = Leading {
+            Role::Follow(lead, answer) => self.follow(inner, call, key, ttl, lead, answer).await,
+            Role::Lead(lead) => {
+                let mut lead_guard = Leading {
                     reads: &self,
                     key: Some(Arc::clone(&key)),
                 };
+                let mut call = call;
+                call.sharing = Some(Sharing::Leads(lead));
                 let result = inner.oneshot(call).await;
-                let followers = lead.finish();
+                let followers = lead_guard.finish();
                 let answer = self.keep(key, ttl, &result);
                 if let Some(answer) = answer {
                     for follower in followers {
@@ -229,16 +240,75 @@ impl Reads {
         }
     }
 
+    /// A read identical to one that leads: it waits in its own queue and
+    /// takes the lead's answer if that comes first; when its own turn comes
+    /// it steps aside if the lead is at Marketo, and goes itself if not.
+    async fn follow<S>(
+        &self,
+        inner: S,
+        call: Call,
+        key: Arc<ReadKey>,
+        ttl: Option<Duration>,
+        lead: Arc<Lead>,
+        mut answer: oneshot::Receiver<Arc<SharedAnswer>>,
+    ) -> Result<Admitted, ProxyError>
+    where
+        S: Service<Call, Response = Admitted, Error = ProxyError> + Clone,
+    {
+        let service = call.caller.id.index();
+        let mut own = call.clone();
+        own.sharing = Some(Sharing::Follows(Arc::clone(&lead)));
+        let own = inner.clone().oneshot(own);
+        let mut own = std::pin::pin!(own);
+        let first = tokio::select! {
+            shared = &mut answer => First::Lead(shared),
+            result = &mut own => First::Own(result),
+        };
+        let (result, answer) = match first {
+            First::Lead(Ok(shared)) => return Ok(self.shared_with(service, &shared)),
+            // The lead got nothing to share: its own call goes on alone.
+            First::Lead(Err(_)) => (own.await, None),
+            First::Own(result) => (result, Some(answer)),
+        };
+        if !matches!(result, Err(ProxyError::SteppedAside)) {
+            self.keep(key, ttl, &result);
+            return result;
+        }
+        if let Some(Ok(shared)) = match answer {
+            Some(answer) => Some(answer.await),
+            None => None,
+        } {
+            return Ok(self.shared_with(service, &shared));
+        }
+        // The lead got nothing to share after all: call as if alone.
+        let result = inner.oneshot(call).await;
+        self.keep(key, ttl, &result);
+        result
+    }
+
+    /// An answer shared with a read of `service`, which spent nothing.
+    fn shared_with(&self, service: usize, answer: &SharedAnswer) -> Admitted {
+        self.admission.saved(service, Saved::Coalesced);
+        shared(answer)
+    }
+
     /// Leads the reads identical to `key`, or follows the one that does.
     fn join(&self, key: &Arc<ReadKey>) -> Role {
         let mut leading = self.lock();
-        if let Some(followers) = leading.get_mut(key) {
+        if let Some(leader) = leading.get_mut(key) {
             let (sender, receiver) = oneshot::channel();
-            followers.push(sender);
-            return Role::Follow(receiver);
+            leader.followers.push(sender);
+            return Role::Follow(Arc::clone(&leader.lead), receiver);
         }
-        leading.insert(Arc::clone(key), Vec::new());
-        Role::Lead
+        let lead = Arc::new(Lead::default());
+        leading.insert(
+            Arc::clone(key),
+            Leader {
+                lead: Arc::clone(&lead),
+                followers: Vec::new(),
+            },
+        );
+        Role::Lead(lead)
     }
 
     /// The shareable form of a call's answer, kept in the cache when its
@@ -284,6 +354,7 @@ impl Leading<'_> {
         self.key
             .take()
             .and_then(|key| self.reads.lock().remove(&key))
+            .map(|leader| leader.followers)
             .unwrap_or_default()
     }
 }
@@ -347,7 +418,8 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// A Marketo that answers each read with its query, after `delay`,
-    /// and counts the calls it got.
+    /// and counts the calls it got; admitted at once, as the admission
+    /// layer does it marks a lead at Marketo and steps a follower aside.
     #[derive(Clone)]
     struct Counting {
         calls: Arc<AtomicUsize>,
@@ -366,6 +438,13 @@ mod tests {
 
         fn call(&mut self, call: Call) -> Self::Future {
             let (calls, delay, code) = (Arc::clone(&self.calls), self.delay, self.code);
+            match &call.sharing {
+                Some(Sharing::Leads(lead)) => lead.reached_marketo(),
+                Some(Sharing::Follows(lead)) if lead.is_at_marketo() => {
+                    return Box::pin(std::future::ready(Err(ProxyError::SteppedAside)));
+                }
+                _ => {}
+            }
             Box::pin(async move {
                 let number = calls.fetch_add(1, Ordering::SeqCst) + 1;
                 tokio::time::sleep(delay).await;
