@@ -159,12 +159,6 @@ enum Role {
     Follow(Arc<Lead>, oneshot::Receiver<Arc<SharedAnswer>>),
 }
 
-/// What a follower heard first.
-enum First {
-    Lead(Result<Arc<SharedAnswer>, oneshot::error::RecvError>),
-    Own(Result<Admitted, ProxyError>),
-}
-
 impl Reads {
     fn lock(&self) -> MutexGuard<'_, HashMap<Arc<ReadKey>, Leader>> {
         self.leading
@@ -260,15 +254,17 @@ impl Reads {
         own.sharing = Some(Sharing::Follows(Arc::clone(&lead)));
         let own = inner.clone().oneshot(own);
         let mut own = std::pin::pin!(own);
-        let first = tokio::select! {
-            shared = &mut answer => First::Lead(shared),
-            result = &mut own => First::Own(result),
+        let own_first = tokio::select! {
+            shared = &mut answer => match shared {
+                Ok(shared) => return Ok(self.shared_with(service, &shared)),
+                // The lead got nothing to share: its own call goes on alone.
+                Err(_) => None,
+            },
+            result = &mut own => Some(result),
         };
-        let (result, answer) = match first {
-            First::Lead(Ok(shared)) => return Ok(self.shared_with(service, &shared)),
-            // The lead got nothing to share: its own call goes on alone.
-            First::Lead(Err(_)) => (own.await, None),
-            First::Own(result) => (result, Some(answer)),
+        let (result, answer) = match own_first {
+            Some(result) => (result, Some(answer)),
+            None => (own.await, None),
         };
         if !matches!(result, Err(ProxyError::SteppedAside)) {
             self.keep(key, ttl, &result);
