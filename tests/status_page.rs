@@ -60,12 +60,15 @@ async fn the_status_json_says_what_usage_and_metrics_say() {
     let stack = Stack::start_configured(support::sim_config(), capped_config).await;
     support::wait_ready(&stack.proxy).await;
     // crm-sync: Marketo says 601 once (the proxy replays with a fresh
-    // token), then its cap of two is spent and the proxy answers 607.
+    // token; Marketo does not count the 601, nor does the proxy), then its
+    // cap of two is spent and the proxy answers 607.
     stack.sim.inject(support::fail_next(1, "601"));
-    assert_eq!(
-        marketo_code(stack.get(CRM_KEY, "/rest/v1/lead/1.json").await).await,
-        None
-    );
+    for _ in 0..2 {
+        assert_eq!(
+            marketo_code(stack.get(CRM_KEY, "/rest/v1/lead/1.json").await).await,
+            None
+        );
+    }
     assert_eq!(
         marketo_code(stack.get(CRM_KEY, "/rest/v1/lead/1.json").await)
             .await
@@ -149,15 +152,17 @@ async fn the_status_json_says_what_usage_and_metrics_say() {
         1.0
     );
     assert_eq!(value(r#"marketo_proxy_replays_total{reason="601"}"#), 1.0);
-    // Every call admitted counts one queue wait, as in the histogram.
-    assert_eq!(crm["wait"]["count"], 2);
+    // Every call admitted counts one queue wait, as in the histogram (the
+    // 601's replay too).
+    assert_eq!(crm["wait"]["count"], 3);
     assert_eq!(
         value(r#"marketo_proxy_queue_wait_seconds_count{service="crm-sync"}"#),
-        2.0
+        3.0
     );
     assert!(crm["wait"]["p99_seconds"].as_f64().unwrap() < 0.2, "{crm}");
 
-    // Three calls this second (or the last, if it just turned).
+    // Four calls sent this second (or the last, if it just turned): the
+    // three Marketo counted and its 601.
     let timeline: Vec<u64> = status["timeline"]["calls_per_second"]
         .as_array()
         .unwrap()
@@ -165,7 +170,7 @@ async fn the_status_json_says_what_usage_and_metrics_say() {
         .map(|calls| calls.as_u64().unwrap())
         .collect();
     assert_eq!(timeline.len(), 40, "two 20 s windows");
-    assert_eq!(timeline.iter().sum::<u64>(), 3, "{timeline:?}");
+    assert_eq!(timeline.iter().sum::<u64>(), 4, "{timeline:?}");
 
     // Health: a token for each credential, the one limit-free backend.
     let tokens = status["health"]["tokens"].as_array().unwrap();
