@@ -172,13 +172,25 @@ async fn window_slots_hold_until_their_answer_plus_the_window(backend: &Backend)
     let full = acquire(backend, &keys, &small("c")).await;
     assert_eq!((full.verdict, full.window), (Verdict::Window, 2));
     assert!((1..=5_000).contains(&full.wait_ms), "{full:?}");
+    // Each reply says when each slot frees: both in flight, after their
+    // pending hold.
+    assert_eq!(full.window_frees_ms.len(), 2, "{full:?}");
+    assert!(
+        full.window_frees_ms
+            .iter()
+            .all(|left| (4_000..=5_000).contains(left)),
+        "{full:?}"
+    );
     // "a" was answered: its slot frees a moment after, the call waiting
     // goes then.
     let answered = Rescore {
         id: "a",
         free_in_ms: 50,
     };
-    backend.run(&[&keys.0[0]], &answered).await.expect("rescore runs");
+    let frees = backend.run(&[&keys.0[0]], &answered).await.expect("rescore runs");
+    // It says when the slots free now: "a" soon, "b" after its pending hold.
+    assert_eq!(frees.len(), 2, "{frees:?}");
+    assert!(frees[0] <= 50 && (4_000..=5_000).contains(&frees[1]), "{frees:?}");
     support::eventually(Duration::from_secs(5), async || {
         match acquire(backend, &keys, &small("c")).await.verdict {
             Verdict::Granted => Ok(()),
@@ -423,12 +435,29 @@ async fn a_catch_up_counts_once_however_often_it_is_written(backend: &Backend) {
         day_ttl_s: 3600,
         slots: vec![("answered", 30_000)],
         live: vec!["running", "over"],
-        batches: vec![Batch {
-            id: "batch-1",
-            calls: vec![("service:x", 3)],
-        }],
+        batches: vec![
+            Batch {
+                id: "batch-1",
+                day: 1,
+                calls: vec![("service:x", 3)],
+            },
+            // Made before midnight: counted to that day, not this one.
+            Batch {
+                id: "batch-0",
+                day: 0,
+                calls: vec![("service:x", 5)],
+            },
+        ],
     };
-    let catch_up_keys = [&*keys.0[0], &keys.0[1], &keys.0[4], "{t}:batches", &keys.0[5]];
+    let yesterday = Keys::new("x", "2026-12-03");
+    let catch_up_keys = [
+        &*keys.0[0],
+        &keys.0[1],
+        "{t}:batches",
+        &keys.0[5],
+        &yesterday.0[4],
+        &keys.0[4],
+    ];
     for _ in 0..2 {
         backend
             .run(&catch_up_keys, &catch_up)
@@ -440,6 +469,8 @@ async fn a_catch_up_counts_once_however_often_it_is_written(backend: &Backend) {
     // Three slots before it (answered, running, over), the running call's
     // lease alone (the one over stays over), three calls of the day.
     assert_eq!((next.window, next.in_flight, next.day_used), (4, 2, 4));
+    let before = acquire(backend, &yesterday, &call("late", "service:x")).await;
+    assert_eq!(before.day_used, 6, "yesterday's five and this one");
 }
 
 fn seen<'a>(id: &'a str, state: &'a str, owner: &'a str, started: bool, size: Option<u64>) -> SeenJob<'a> {

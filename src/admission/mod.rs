@@ -23,6 +23,7 @@
 //! the `RateLimit` fields of its answers.
 
 mod error;
+pub mod fallback;
 pub mod foreign;
 pub mod learn;
 pub mod marketo_clock;
@@ -41,7 +42,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -51,6 +52,7 @@ use crate::limits::fair_queue::{FairQueue, Waiting};
 use crate::metrics::Metrics;
 use crate::recent::{LastMinuteWaits, WaitCounts};
 use crate::tasks::Tasks;
+use fallback::FallbackShare;
 use foreign::ForeignRate;
 use learn::{Episode, Learned};
 use marketo_clock::MarketoClock;
@@ -96,6 +98,9 @@ struct State {
     /// This replica's share of them (all of them unless Redis is
     /// unreachable).
     window_split: u32,
+    /// While the shared state is lost: how the window split grows as the
+    /// slots the instance held then free (see [`fallback`]).
+    fallback_share: Option<FallbackShare>,
     concurrency_split: u32,
     /// What Marketo's 606s and 615s leave of them (see [`learn`]).
     learned_window: Learned,
@@ -249,6 +254,7 @@ impl Admission {
             full_window: limits.window_calls.get(),
             full_concurrency: limits.concurrency.get(),
             window_split: limits.window_calls.get(),
+            fallback_share: None,
             concurrency_split: limits.concurrency.get(),
             learned_window: Learned::window(limits.window_calls.get(), limits.window, limits.safety_margin),
             learned_concurrency: Learned::concurrency(limits.concurrency.get()),
@@ -312,6 +318,7 @@ impl Admission {
     pub fn set_fallback_split(self: &Arc<Self>, replicas: u32) {
         let replicas = replicas.max(1);
         let mut state = self.lock();
+        state.fallback_share = None;
         state.window_split = (state.full_window / replicas).max(1);
         state.concurrency_split = (state.full_concurrency / replicas).max(1);
         let used = state.quota.used_total();
@@ -321,25 +328,45 @@ impl Admission {
     }
 
     /// The shared state was lost just now: enforce here this replica's
-    /// part of what the instance had left, as last seen there. Its own
-    /// slots and calls in flight stay its own; what the others held stays
-    /// theirs until [`set_fallback_split`] once their calls are surely over.
+    /// part of what the instance had left, as last seen there. Its window
+    /// split grows as the slots the instance held then free
+    /// (`instance_frees`; a call in flight frees within `pending`; see
+    /// [`fallback`]); its concurrency split is its
+    /// own calls in flight and a part of what the others left, until
+    /// [`set_fallback_split`] once their calls are surely over.
     ///
     /// [`set_fallback_split`]: Self::set_fallback_split
     /// `granted` of the calls admitted here hold a grant of the shared
     /// state. The others were still waiting for one (asking, or between
     /// two asks): they hold nothing there and are admitted again (see
     /// [`Permit::admitted_before_fallback`]).
-    pub fn split_what_is_left(self: &Arc<Self>, replicas: u32, instance: InstanceUse, granted: u32) {
+    pub fn split_what_is_left(
+        self: &Arc<Self>,
+        replicas: u32,
+        instance: InstanceUse,
+        instance_frees: Vec<Instant>,
+        pending: Duration,
+        granted: u32,
+    ) {
         let replicas = replicas.max(1);
         let mut state = self.lock();
         state.fallbacks += 1;
         let unsent = state.in_flight.saturating_sub(granted);
         let now = Instant::now();
-        let own_window = state.window.used(now).saturating_sub(unsent);
+        let (own_answered, _) = state.window.taken(now);
+        let share = FallbackShare::after_loss(
+            replicas,
+            state.full_window,
+            state.full_concurrency,
+            instance_frees,
+            own_answered.into_iter().map(|left| now + left).collect(),
+            now,
+            state.window.hold(),
+            pending,
+        );
+        let window = share.split_at(state.full_window, now);
+        state.fallback_share = Some(share);
         let own_in_flight = state.in_flight.saturating_sub(unsent);
-        let window_left = state.full_window.saturating_sub(instance.window.max(own_window));
-        let window = (own_window + window_left / replicas).max(1);
         let concurrency_left = state
             .full_concurrency
             .saturating_sub(instance.in_flight.max(own_in_flight));
@@ -474,6 +501,16 @@ impl Admission {
             self.metrics
                 .foreign_calls_estimate
                 .set(i64::from(state.full_window.saturating_sub(learned.0)));
+        }
+        if let Some(share) = &state.fallback_share {
+            let split = share.split_at(state.full_window, now);
+            if split != state.window_split {
+                state.window_split = split;
+                self.metrics.window_limit.set(i64::from(split));
+            }
+            if share.is_settled(now) {
+                state.fallback_share = None;
+            }
         }
         let window = state.window_split.min(learned.0);
         let concurrency = state.concurrency_split.min(learned.1);
@@ -661,18 +698,39 @@ mod tests {
             in_flight: 6,
             day_used: 5000,
         };
-        admission.split_what_is_left(4, instance, 2);
+        // Its own 10 answered slots free after the hold; 56 of the others'
+        // in 5 s, and the 6 calls in flight after their pending hold.
+        let now = Instant::now();
+        let hold = admission.lock().window.hold();
+        let frees = [
+            vec![now + hold; 10],
+            vec![now + Duration::from_secs(5); 56],
+            vec![now + Duration::from_secs(80); 6],
+        ]
+        .concat();
+        admission.split_what_is_left(4, instance, frees, Duration::from_secs(80), 2);
         assert!(
             running.iter().all(Permit::admitted_before_fallback),
             "the one without a grant is admitted again"
         );
-        let (window, concurrency) = {
-            let state = admission.lock();
+        let limits = || {
+            let mut state = admission.lock();
+            admission.apply_limits(&mut state, Instant::now());
             (state.window.limit(), state.concurrency)
         };
-        // Its 12 slots and (100 - 72) / 4 more; its 2 calls and (10 - 6) / 4.
-        assert_eq!(window, 12 + 7);
-        assert_eq!(concurrency, 2 + 1);
+        // Its 10 answered slots and nothing more: the 28 slots it did not
+        // see may be the others'. Its 2 calls and (10 - 6) / 4.
+        assert_eq!(limits(), (10, 2 + 1));
+        // The others' answered slots free: a quarter of those 56.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(limits().0, 10 + 14);
+        // One hold on, the unseen slots answered before the loss are free,
+        // its own too: a quarter of what the calls that may be in flight
+        // (6 seen, 10 unseen) leave.
+        tokio::time::advance(hold).await;
+        assert_eq!(limits().0, (100 - 6 - 10) / 4);
+        tokio::time::advance(Duration::from_secs(80)).await;
+        assert_eq!(limits().0, 25);
         // Once the others' calls are surely over: a plain quarter.
         admission.set_fallback_split(4);
         {

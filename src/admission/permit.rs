@@ -20,6 +20,8 @@ pub struct Permit {
     pub(super) armed: bool,
     /// This replica's fall backs to its share when the call was admitted.
     pub(super) fallbacks: u64,
+    /// The day its unit of the quota was counted to.
+    pub(super) day: NaiveDate,
     /// The proxy's calls today when this one was sent, itself included;
     /// for the proxy's own calls only.
     pub(super) day_count: Option<u64>,
@@ -42,7 +44,7 @@ impl Permit {
         self.armed = false;
         let admission = Arc::clone(&self.admission);
         let mut state = admission.lock();
-        state.undispatch(self.service);
+        state.undispatch(self.service, self.day);
         admission.pump(&mut state);
     }
 
@@ -117,7 +119,7 @@ impl Permit {
             .with_label_values(&[admission.name(self.service), crate::marketo::code_label(code)])
             .inc();
         let mut state = admission.lock();
-        state.uncount(self.service);
+        state.uncount(self.service, self.day);
         admission.pump(&mut state);
     }
 

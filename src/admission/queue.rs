@@ -132,6 +132,7 @@ impl Admission {
             stamped: false,
             armed: true,
             fallbacks: state.fallbacks,
+            day: state.quota.day(),
             // Only the proxy's own calls (its reading of Marketo's usage
             // report) need it.
             day_count: (service == self.internal_service()).then(|| state.quota.own_total()),
@@ -237,7 +238,7 @@ impl Admission {
                 // was never made, so give everything back here, under the
                 // lock we hold.
                 permit.armed = false;
-                state.undispatch(service);
+                state.undispatch(service, permit.day);
             }
         }
         let wake_at = state.next_wake(now);
@@ -319,21 +320,21 @@ impl State {
     /// Undoes [`dispatch`] for a call that was never sent.
     ///
     /// [`dispatch`]: Self::dispatch
-    pub(super) fn undispatch(&mut self, service: usize) {
+    pub(super) fn undispatch(&mut self, service: usize, day: NaiveDate) {
         if let Some((_, count)) = self.recent.back_mut() {
             *count = count.saturating_sub(1);
         }
-        self.uncount(service);
+        self.uncount(service, day);
         self.in_flight -= 1;
         self.lanes[service].in_flight -= 1;
     }
 
     /// Marketo did not count a call of `service` still in flight: its
-    /// window slots and its unit of the day go back, its concurrency slot
-    /// stays until it ends.
-    pub(super) fn uncount(&mut self, service: usize) {
+    /// window slots and its unit of `day` (the day it was counted to) go
+    /// back, its concurrency slot stays until it ends.
+    pub(super) fn uncount(&mut self, service: usize, day: NaiveDate) {
         self.window.release_unsent();
-        self.quota.unconsume(service);
+        self.quota.unconsume(service, day);
         if let Some(window) = self.lanes[service].window.as_mut() {
             window.release_unsent();
         }
@@ -349,9 +350,19 @@ impl State {
     ) -> (Instant, RateScope) {
         let own_ahead = if front { 0 } else { self.queue.lane_len(service) };
         let latency = self.latency;
-        let instance = self
-            .window
-            .estimate_start(now, self.queue.ahead_of(service, front), latency);
+        let ahead = self.queue.ahead_of(service, front);
+        let instance = match &self.fallback_share {
+            // The split grows: a request it can serve in time waits.
+            Some(share) => share.estimate_start(
+                &self.window,
+                self.full_window,
+                self.limits_left.0,
+                now,
+                ahead,
+                latency,
+            ),
+            None => self.window.estimate_start(now, ahead, latency),
+        };
         let own = self.lanes[service]
             .window
             .as_mut()
@@ -379,6 +390,11 @@ impl State {
         consider(self.queue.next_deadline());
         if !self.queue.is_empty() {
             consider(self.window.next_free(now).filter(|at| *at > now));
+            consider(
+                self.fallback_share
+                    .as_ref()
+                    .and_then(|share| share.next_change(now)),
+            );
             for (index, lane) in self.lanes.iter_mut().enumerate() {
                 if self.queue.lane_len(index) > 0 {
                     if let Some(window) = lane.window.as_mut() {

@@ -242,8 +242,12 @@ impl DailyQuota {
         }
     }
 
-    /// Gives back the unit of a call that was never sent.
-    pub fn unconsume(&mut self, service: usize) {
+    /// Gives back the unit of a call that was never sent (or that Marketo
+    /// did not count), counted to `day`: a day already over keeps it.
+    pub fn unconsume(&mut self, service: usize, day: NaiveDate) {
+        if day != self.day {
+            return;
+        }
         if let Some(used) = self.used.get_mut(service) {
             *used = used.saturating_sub(1);
         }
@@ -354,6 +358,21 @@ mod tests {
         assert_eq!(quota.check(0, whenever()), Err(QuotaScope::Instance));
         quota.roll(at("2026-11-28T06:00:00Z"));
         assert_eq!(quota.check(0, whenever()), Ok(()));
+        assert_eq!(quota.used_total(), 0);
+    }
+
+    #[test]
+    fn a_unit_given_back_after_midnight_goes_to_the_day_it_was_taken_from() {
+        let mut quota = quota(5, &[(5, 0)], at("2026-11-28T05:59:00Z"));
+        quota.consume(0, whenever());
+        let taken_on = quota.day();
+        quota.roll(at("2026-11-28T06:00:01Z"));
+        quota.consume(0, whenever());
+        // The call of the day before was never sent: the new day keeps its
+        // own call.
+        quota.unconsume(0, taken_on);
+        assert_eq!(quota.used_total(), 1);
+        quota.unconsume(0, quota.day());
         assert_eq!(quota.used_total(), 0);
     }
 

@@ -95,6 +95,13 @@ impl SlidingWindow {
         self.frees_at.len() as u32
     }
 
+    /// Slots that will still be taken at `at`: calls in flight, and
+    /// answered calls whose slots free after it.
+    pub fn held_at(&self, at: Instant) -> u32 {
+        let answered = self.frees_at.len() - self.frees_at.partition_point(|free| *free <= at);
+        self.pending + answered as u32
+    }
+
     pub fn has_room(&mut self, now: Instant) -> bool {
         self.used(now) < self.limit
     }

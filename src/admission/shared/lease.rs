@@ -87,7 +87,7 @@ impl Lease {
         if self.shared.is_synced(self.service, &self.id) {
             self.shared.uncount(self.service, self.day, &self.id).await;
         } else {
-            self.shared.uncount_unsynced(self.service);
+            self.shared.uncount_unsynced(self.service, self.day);
         }
     }
 }
@@ -127,5 +127,45 @@ impl Drop for Lease {
             }
             shared.release(service, &id).await;
         });
+    }
+}
+
+/// What a call Marketo did not count gives back of the shared limits.
+impl SharedLimits {
+    /// A call of `service` counted to `day` while Redis is unreachable.
+    pub(super) fn count_unsynced(&self, service: usize, day: NaiveDate) {
+        let services = self.services.len();
+        let mut unsynced = lock(&self.unsynced);
+        if let Some(count) = unsynced
+            .entry(day)
+            .or_insert_with(|| vec![0; services])
+            .get_mut(service)
+        {
+            *count += 1;
+        }
+    }
+
+    /// A call Redis is still to hear of was not counted by Marketo: the
+    /// catch-up counts one call less to its service's `day`.
+    pub(super) fn uncount_unsynced(&self, service: usize, day: NaiveDate) {
+        if let Some(count) = lock(&self.unsynced)
+            .get_mut(&day)
+            .and_then(|counts| counts.get_mut(service))
+        {
+            *count = count.saturating_sub(1);
+        }
+    }
+
+    /// Marketo did not count a call Redis holds: its window slots and its
+    /// unit of `day` go back.
+    pub(super) async fn uncount(&self, service: usize, day: NaiveDate, id: &str) {
+        let mut keys = vec![self.day_key(day)];
+        keys.extend(self.window_keys(service));
+        let args = scripts::Uncount {
+            id,
+            field: self.field(service),
+        };
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let _ = self.run(&keys, &args).await;
     }
 }

@@ -32,7 +32,7 @@
 //! (restarted empty) learns every replica's window slots and leases again
 //! this way, and grants nothing until they all had time to write them.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -74,10 +74,12 @@ const SETTLE: Duration = Duration::from_secs(2);
 
 mod lease;
 mod recovery;
+mod seen;
 
 pub use crate::limits::redis::SharedError;
 pub use lease::Lease;
 use lease::{AcquisitionKeys, Asked};
+use seen::Seen;
 
 /// What Redis said about a call.
 pub enum Grant {
@@ -146,11 +148,11 @@ pub struct SharedLimits {
     /// Leases of this replica's calls in flight.
     leases: Mutex<Leases>,
     /// Calls per service made while Redis was unreachable, not yet in a
-    /// batch.
-    unsynced: Mutex<Vec<u64>>,
-    /// Batches of those counts on their way to Redis: (batch id, calls per
-    /// service), sent again until Redis has taken them.
-    batches: Mutex<Vec<(String, Vec<u64>)>>,
+    /// batch, by the day they count to.
+    unsynced: Mutex<BTreeMap<NaiveDate, Vec<u64>>>,
+    /// Batches of those counts on their way to Redis: (batch id, day,
+    /// calls per service), sent again until Redis has taken them.
+    batches: Mutex<Vec<(String, NaiveDate, Vec<u64>)>>,
     /// This replica's answered calls whose window slots still run: their
     /// ids and when they free, in that order. Written to Redis again by id
     /// after an outage: a Redis that kept them gets the same entries, one
@@ -166,7 +168,7 @@ pub struct SharedLimits {
     /// last acquisition.
     clock_offset: AtomicI64,
     /// The whole instance's use as Redis last reported it.
-    seen: Mutex<InstanceUse>,
+    seen: Mutex<Seen>,
     /// When Redis was lost, until this replica's share no longer needs to
     /// leave room for what the others held then.
     lost_at: Mutex<Option<Instant>>,
@@ -222,14 +224,14 @@ impl SharedLimits {
             pending: config.marketo.request_timeout + hold,
             concurrency: limits.concurrency.get(),
             daily_quota: limits.daily_quota.get(),
-            unsynced: Mutex::new(vec![0; services.len()]),
+            unsynced: Mutex::new(BTreeMap::new()),
             batches: Mutex::new(Vec::new()),
             recent_slots: Mutex::new(std::collections::VecDeque::new()),
             to_release: Mutex::new(Vec::new()),
             marketo_day,
             tasks,
             clock_offset: AtomicI64::new(0),
-            seen: Mutex::new(InstanceUse::default()),
+            seen: Mutex::new(Seen::default()),
             lost_at: Mutex::new(None),
             services,
             fallback_replicas: redis.fallback_replicas.get(),
@@ -291,7 +293,7 @@ impl SharedLimits {
 
     /// The instance's window slots taken, as the last acquisition saw them.
     pub fn instance_window(&self) -> u32 {
-        lock(&self.seen).window
+        lock(&self.seen).instance.window
     }
 
     /// Asks Redis for a call of `service`, admitted here with `permit`.
@@ -367,11 +369,7 @@ impl SharedLimits {
             acquired.redis_now - self.marketo_day.now().timestamp_millis(),
             Ordering::Relaxed,
         );
-        *lock(&self.seen) = InstanceUse {
-            window: acquired.window,
-            in_flight: acquired.in_flight,
-            day_used: acquired.day_used,
-        };
+        lock(&self.seen).update(&acquired, Instant::now());
         self.learned_changed(acquired.learned_version, admission).await;
         let wait = Duration::from_millis(acquired.wait_ms);
         match acquired.verdict {
@@ -530,11 +528,12 @@ impl SharedLimits {
             }
             leases.synced.insert((service, id.clone()), false);
         }
-        self.count_unsynced(service);
+        let day = self.day();
+        self.count_unsynced(service, day);
         Grant::Granted(Lease {
             shared: Arc::clone(self),
             service,
-            day: self.day(),
+            day,
             id,
             stamped: false,
             probe: false,
@@ -563,37 +562,6 @@ impl SharedLimits {
         self.leases
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn count_unsynced(&self, service: usize) {
-        let mut unsynced = self
-            .unsynced
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(count) = unsynced.get_mut(service) {
-            *count += 1;
-        }
-    }
-
-    /// A call Redis is still to hear of was not counted by Marketo: the
-    /// catch-up counts one call less to its service's day.
-    fn uncount_unsynced(&self, service: usize) {
-        if let Some(count) = lock(&self.unsynced).get_mut(service) {
-            *count = count.saturating_sub(1);
-        }
-    }
-
-    /// Marketo did not count a call Redis holds: its window slots and its
-    /// unit of `day` go back.
-    async fn uncount(&self, service: usize, day: NaiveDate, id: &str) {
-        let mut keys = vec![self.day_key(day)];
-        keys.extend(self.window_keys(service));
-        let args = scripts::Uncount {
-            id,
-            field: self.field(service),
-        };
-        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-        let _ = self.run(&keys, &args).await;
     }
 
     /// Marketo said 607: no replica calls before the probe time.
@@ -646,7 +614,9 @@ impl SharedLimits {
             free_in_ms: millis(self.hold.saturating_sub(earlier)),
         };
         let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-        let _ = self.run(&keys, &args).await;
+        if let Ok(frees) = self.run(&keys, &args).await {
+            lock(&self.seen).frees_now(&frees, Instant::now());
+        }
     }
 
     async fn release(&self, service: usize, id: &str) {

@@ -20,7 +20,14 @@ impl SharedLimits {
             self.metrics.backend_up.set(0);
             *lock(&self.lost_at) = Some(Instant::now());
             let granted = u32::try_from(self.leases_mut().synced.len()).unwrap_or(u32::MAX);
-            admission.split_what_is_left(self.fallback_replicas, *lock(&self.seen), granted);
+            let seen = lock(&self.seen).clone();
+            admission.split_what_is_left(
+                self.fallback_replicas,
+                seen.instance,
+                seen.frees,
+                self.pending,
+                granted,
+            );
         }
     }
 
@@ -203,7 +210,6 @@ impl SharedLimits {
                 return;
             }
         }
-        let day = self.day();
         // This replica's answered calls whose slots still run, and its calls
         // in flight, by id: Redis may have come back empty, or not have
         // seen them.
@@ -218,15 +224,21 @@ impl SharedLimits {
             leases.catching_up = true;
             leases.synced.keys().cloned().collect()
         };
-        // The day's calls made meanwhile, in batches Redis counts once.
+        // The calls made meanwhile, in batches Redis counts once, each to
+        // the day it was made on (an outage may cross midnight).
         let batches = {
-            let counts = std::mem::replace(&mut *lock(&self.unsynced), vec![0; self.services.len()]);
+            let counts = std::mem::take(&mut *lock(&self.unsynced));
             let mut batches = lock(&self.batches);
-            if counts.iter().any(|calls| *calls > 0) {
-                batches.push((call_id(), counts));
+            for (day, counts) in counts {
+                if counts.iter().any(|calls| *calls > 0) {
+                    batches.push((call_id(), day, counts));
+                }
             }
             batches.clone()
         };
+        let mut days: Vec<NaiveDate> = batches.iter().map(|(_, day, _)| *day).collect();
+        days.sort_unstable();
+        days.dedup();
         let args = scripts::CatchUp {
             pending_ms: millis(self.pending),
             lease_ms: millis(self.lease),
@@ -238,8 +250,9 @@ impl SharedLimits {
             live: live.iter().map(|(_, id)| id.as_str()).collect(),
             batches: batches
                 .iter()
-                .map(|(batch, counts)| scripts::Batch {
+                .map(|(batch, day, counts)| scripts::Batch {
                     id: batch,
+                    day: days.binary_search(day).unwrap_or_default(),
                     calls: self
                         .services
                         .iter()
@@ -250,22 +263,19 @@ impl SharedLimits {
                 })
                 .collect(),
         };
-        let keys = [
+        let mut keys = vec![
             self.key("window"),
             self.key("inflight"),
-            self.day_key(day),
             self.key("batches"),
             self.key("done"),
         ];
-        if self
-            .run(&keys.each_ref().map(String::as_str), &args)
-            .await
-            .is_err()
-        {
+        keys.extend(days.iter().map(|day| self.day_key(*day)));
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        if self.run(&keys, &args).await.is_err() {
             self.leases_mut().catching_up = false;
             return;
         }
-        lock(&self.batches).retain(|(batch, _)| !batches.iter().any(|(sent, _)| sent == batch));
+        lock(&self.batches).retain(|(batch, _, _)| !batches.iter().any(|(sent, _, _)| sent == batch));
         self.up.store(true, Ordering::Release);
         let mut over = Vec::new();
         {

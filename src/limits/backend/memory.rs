@@ -39,6 +39,16 @@ fn key<'a>(keys: &[&'a str], index: usize) -> &'a str {
     keys.get(index).copied().unwrap_or_default()
 }
 
+/// Milliseconds from `now` until each slot of `window` frees, soonest
+/// first.
+fn window_frees(store: &Store, window: &str, now: i64) -> Vec<u64> {
+    store
+        .zscores(window)
+        .into_iter()
+        .map(|score| u64::try_from(score as i64 - now).unwrap_or(0))
+        .collect()
+}
+
 /// A number of milliseconds as a score or a time.
 fn ms(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
@@ -87,6 +97,7 @@ impl InMemory for scripts::Acquire<'_> {
             day_used: u64::try_from(total + foreign).unwrap_or(0),
             redis_now: now,
             learned_version: store.hget_number(learned, "version"),
+            window_frees_ms: window_frees(store, window, now),
         };
         let wait = |store: &Store, key: &str| {
             store
@@ -252,18 +263,20 @@ impl InMemory for scripts::Renew<'_> {
 }
 
 impl InMemory for scripts::Rescore<'_> {
-    fn apply(&self, store: &mut Store, keys: &[&str]) -> u8 {
-        let frees = (store.now() + ms(self.free_in_ms)) as f64;
+    fn apply(&self, store: &mut Store, keys: &[&str]) -> Vec<u64> {
+        let now = store.now();
+        let frees = (now + ms(self.free_in_ms)) as f64;
         for key in keys {
             store.zadd_xx(key, frees, self.id);
         }
-        1
+        window_frees(store, key(keys, 0), now)
     }
 }
 
 impl InMemory for scripts::CatchUp<'_> {
     fn apply(&self, store: &mut Store, keys: &[&str]) -> u8 {
-        let [window, inflight, day, batches, done] = std::array::from_fn(|index| key(keys, index));
+        let [window, inflight, batches, done] = std::array::from_fn(|index| key(keys, index));
+        let days = keys.get(4..).unwrap_or_default();
         let now = store.now();
         for (id, left) in &self.slots {
             store.zadd(window, (now + ms(*left)) as f64, id);
@@ -278,6 +291,7 @@ impl InMemory for scripts::CatchUp<'_> {
         let keep = ms(self.day_ttl_s) * 1000;
         for batch in &self.batches {
             if store.zscore(batches, batch.id).is_none() {
+                let day = key(days, batch.day);
                 for (field, calls) in &batch.calls {
                     store.hincrby(day, field, ms(*calls));
                     store.hincrby(day, "total", ms(*calls));
@@ -285,7 +299,9 @@ impl InMemory for scripts::CatchUp<'_> {
                 store.zadd(batches, (now + keep) as f64, batch.id);
             }
         }
-        store.pexpire(day, keep);
+        for day in days {
+            store.pexpire(day, keep);
+        }
         store.pexpire(batches, keep);
         store.pexpire(window, ms(self.pending_ms) + 60_000);
         store.pexpire(inflight, ms(self.lease_ms) + 60_000);

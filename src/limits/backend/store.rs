@@ -139,6 +139,16 @@ impl Store {
         self.sorted_ref(key)?.values().copied().reduce(f64::min)
     }
 
+    /// The scores, lowest first (of `ZRANGE key 0 -1 WITHSCORES`).
+    pub fn zscores(&self, key: &str) -> Vec<f64> {
+        let mut scores: Vec<f64> = self
+            .sorted_ref(key)
+            .map(|members| members.values().copied().collect())
+            .unwrap_or_default();
+        scores.sort_by(f64::total_cmp);
+        scores
+    }
+
     /// The members, lowest score first (`ZRANGE key 0 -1`).
     pub fn zmembers(&self, key: &str) -> Vec<String> {
         let Some(members) = self.sorted_ref(key) else {

@@ -155,7 +155,7 @@ pub enum Verdict {
 }
 
 /// The acquire script's reply.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Acquired {
     pub verdict: Verdict,
     /// How long the limit in the way holds, in ms.
@@ -168,20 +168,24 @@ pub struct Acquired {
     pub redis_now: i64,
     /// The version of the learned limits.
     pub learned_version: i64,
+    /// Milliseconds until each window slot frees, soonest first (a call
+    /// still in flight: its pending hold).
+    pub window_frees_ms: Vec<u64>,
 }
 
 impl FromRedisValue for Acquired {
     fn from_redis_value(value: &Value) -> RedisResult<Self> {
-        let (granted, verdict, wait_ms, window, in_flight, day_used, redis_now, learned_version): (
-            u8,
-            String,
-            u64,
-            u32,
-            u32,
-            u64,
-            i64,
-            i64,
-        ) = FromRedisValue::from_redis_value(value)?;
+        let (
+            granted,
+            verdict,
+            wait_ms,
+            window,
+            in_flight,
+            day_used,
+            redis_now,
+            learned_version,
+            window_frees_ms,
+        ): (u8, String, u64, u32, u32, u64, i64, i64, Vec<u64>) = FromRedisValue::from_redis_value(value)?;
         let verdict = match (granted, verdict.as_str()) {
             (1, "granted") => Verdict::Granted,
             (1, "probe") => Verdict::Probe,
@@ -213,6 +217,7 @@ impl FromRedisValue for Acquired {
             day_used,
             redis_now,
             learned_version,
+            window_frees_ms,
         })
     }
 }
@@ -288,18 +293,21 @@ pub struct Rescore<'a> {
     pub id: &'a str,
     pub free_in_ms: u64,
 }
-args!(Rescore<'a> => RESCORE, u8);
+args!(Rescore<'a> => RESCORE, Vec<u64>);
 
-/// One batch of calls counted while Redis was unreachable: its id, then
-/// (day field, calls) per service.
+/// One batch of calls counted while Redis was unreachable: its id, the
+/// day they count to (an index into the catch-up's day keys), then (day
+/// field, calls) per service.
 #[derive(Debug, Serialize)]
 pub struct Batch<'a> {
     pub id: &'a str,
+    pub day: usize,
     pub calls: Vec<(&'a str, u64)>,
 }
 
 /// Writes what a replica did while Redis was unreachable. Keys: window,
-/// inflight, day, applied batches, done.
+/// inflight, applied batches, done, then the key of each day its batches
+/// count to.
 #[derive(Debug, Serialize)]
 pub struct CatchUp<'a> {
     pub pending_ms: u64,

@@ -1,7 +1,8 @@
 -- Checks and takes a window slot, a concurrency lease and a unit of the
 -- day's quota for one call, or says which limit is in the way and for how
 -- long. Replies {granted, verdict, wait ms, window slots taken, calls in
--- flight, day's calls, Redis ms, learned limits' version}.
+-- flight, day's calls, Redis ms, learned limits' version, ms until each
+-- window slot frees (soonest first)}.
 local window, inflight, service_window, service_inflight = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local day, done, epoch, settling, learned = KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
 local a = cjson.decode(ARGV[1])
@@ -14,7 +15,10 @@ local total = tonumber(redis.call('HGET', day, 'total') or '0')
 local foreign = tonumber(redis.call('HGET', day, 'foreign') or '0')
 local function reply(granted, verdict, wait)
   local version = tonumber(redis.call('HGET', learned, 'version') or '0')
-  return {granted, verdict, wait, redis.call('ZCARD', window), redis.call('ZCARD', inflight), total + foreign, now, version}
+  local slots = redis.call('ZRANGE', window, 0, -1, 'WITHSCORES')
+  local frees = {}
+  for i = 2, #slots, 2 do frees[#frees + 1] = math.max(0, tonumber(slots[i]) - now) end
+  return {granted, verdict, wait, redis.call('ZCARD', window), redis.call('ZCARD', inflight), total + foreign, now, version, frees}
 end
 local function wait(key)
   local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
