@@ -43,6 +43,7 @@ use crate::proxy::coalesce::CoalesceLayer;
 use crate::proxy::{self, Components};
 use crate::recent::LastHour;
 use crate::server::{self, ConnectionLimits};
+use crate::spool::Spooler;
 use crate::status::StatusPage;
 use crate::tasks::Tasks;
 use crate::token::TokenCaches;
@@ -131,6 +132,12 @@ impl App {
         });
         let tokens = Arc::new(TokenCaches::new(&config, &upstream, &metrics));
         let (unknown_body_bytes, body_bytes) = config.server.body_budgets();
+        let spooler = Spooler::new(
+            &config.server,
+            upstream.request_timeout(),
+            &metrics,
+            tasks.clone(),
+        );
         let components = Components {
             callers: Arc::new(Callers::new(&config, &metrics)),
             coalesce: CoalesceLayer::new(&config, tokens.users(), Arc::clone(&admission)),
@@ -145,6 +152,7 @@ impl App {
                 unknown_body_bytes,
                 config.server.unauthenticated_bodies_per_address.get(),
             )),
+            spooler,
             last_hour: Arc::new(LastHour::new(config.counted_names().len())),
             ratelimit_headers: config.limits.ratelimit_headers,
             tasks,
@@ -207,7 +215,7 @@ impl App {
             StatusPoller {
                 jobs: Arc::clone(&components.bulk),
                 forward: BoxCloneSyncService::new(proxy::forward(&components)),
-                caller: components.callers.internal(),
+                callers: Arc::clone(&components.callers),
                 max_wait: config.limits.max_queue_wait,
             }
             .run(),

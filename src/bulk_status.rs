@@ -1,10 +1,11 @@
 //! The proxy's own status calls for bulk jobs: a job in a queue that no
-//! client has asked about for `bulk.poll_after` (for `bulk.poll_pace`
-//! while an enqueue waits for a place) gets a status call, and after
+//! client has asked about for `bulk.poll_after` (a minute: Marketo
+//! updates a job's status no more often) gets a status call, and after
 //! Marketo said a queue was full the export lists are read to find the
 //! jobs started elsewhere. At most one call per `bulk.poll_pace`, through
-//! the same replays, admission and token as any call, under the proxy's
-//! own name; the bulk layer takes what the answers say.
+//! the same replays, admission and token as any call: under the name of
+//! the service waiting for a place in that queue, if one is, else under
+//! the proxy's own. The bulk layer takes what the answers say.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +15,7 @@ use http::{HeaderValue, Method, Request, header};
 use tokio::time::Instant;
 use tower::ServiceExt;
 
-use crate::auth::Caller;
+use crate::auth::{Caller, Callers};
 use crate::bulk::BulkJobs;
 use crate::error::ProxyError;
 use crate::proxy::Forward;
@@ -26,8 +27,8 @@ use crate::target;
 pub struct StatusPoller {
     pub jobs: Arc<BulkJobs>,
     pub forward: Forward,
-    /// The proxy's own name.
-    pub caller: Caller,
+    /// Whom each call is made for.
+    pub callers: Arc<Callers>,
     pub max_wait: Duration,
 }
 
@@ -43,16 +44,20 @@ impl StatusPoller {
                 () = tokio::time::sleep(pace) => {}
                 () = woken => tokio::time::sleep(pace / 4).await,
             }
-            let Some(path) = self.jobs.next_poll() else {
+            let Some((path, service)) = self.jobs.next_poll() else {
                 continue;
             };
-            if let Err(error) = self.get(&path).await {
+            let caller = self
+                .callers
+                .at(service)
+                .unwrap_or_else(|| self.callers.internal());
+            if let Err(error) = self.get(&path, caller).await {
                 tracing::debug!(%error, "bulk status call failed");
             }
         }
     }
 
-    async fn get(&self, path_and_query: &str) -> Result<(), ProxyError> {
+    async fn get(&self, path_and_query: &str, caller: Caller) -> Result<(), ProxyError> {
         let (path, query) = match path_and_query.split_once('?') {
             Some((path, query)) => (path, Some(query)),
             None => (path_and_query, None),
@@ -64,7 +69,7 @@ impl StatusPoller {
             .insert(header::ACCEPT, HeaderValue::from_static("application/json"));
         let extensions = request.extensions_mut();
         extensions.insert(target::normalise(path, query)?);
-        extensions.insert(self.caller.clone());
+        extensions.insert(caller);
         extensions.insert(Deadline::after(Instant::now(), self.max_wait));
         // The answer matters to the bulk layer only, which has read it.
         self.forward.clone().oneshot(Call::from_request(request)?).await?;

@@ -81,6 +81,12 @@ pub struct Metrics {
     pub bulk_export_bytes: IntCounterVec,
     /// Export file bytes left today.
     pub bulk_export_bytes_remaining: IntGauge,
+    /// Bytes of Marketo's large answers held for their clients, by place
+    /// (`memory`, `disk`).
+    pub spool_bytes: IntGaugeVec,
+    /// Large answers that streamed at their client's pace, holding their
+    /// slot, because the spool's bounds were reached.
+    pub spool_streamed: IntCounter,
 }
 
 impl Metrics {
@@ -255,16 +261,32 @@ impl Metrics {
                 "Bulk export file bytes left today",
             )
             .expect("valid metric"),
+            spool_bytes: IntGaugeVec::new(
+                Opts::new(
+                    "marketo_proxy_spool_bytes",
+                    "Bytes of Marketo's large answers held for their clients, by place",
+                ),
+                &["place"],
+            )
+            .expect("valid metric"),
+            spool_streamed: IntCounter::new(
+                "marketo_proxy_spool_streamed_total",
+                "Large answers that streamed at their client's pace, holding their Marketo slot, because the spool was full",
+            )
+            .expect("valid metric"),
             registry,
         };
         metrics.register_all();
+        for place in ["memory", "disk"] {
+            metrics.spool_bytes.with_label_values(&[place]);
+        }
         metrics.backend_up.set(1);
         metrics.quota_exhaustion_eta_seconds.set(f64::INFINITY);
         metrics
     }
 
     fn register_all(&self) {
-        let collectors: [Box<dyn prometheus::core::Collector>; 28] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 30] = [
             Box::new(self.requests.clone()),
             Box::new(self.upstream_calls.clone()),
             Box::new(self.queue_wait.clone()),
@@ -293,6 +315,8 @@ impl Metrics {
             Box::new(self.bulk_jobs.clone()),
             Box::new(self.bulk_export_bytes.clone()),
             Box::new(self.bulk_export_bytes_remaining.clone()),
+            Box::new(self.spool_bytes.clone()),
+            Box::new(self.spool_streamed.clone()),
         ];
         for collector in collectors {
             // Names are fixed and distinct; a clash would be a programming error.

@@ -10,6 +10,7 @@
 
 use std::error::Error as StdError;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -20,8 +21,7 @@ use http_body_util::combinators::UnsyncBoxBody;
 
 use crate::admission::Slot;
 use crate::marketo;
-use crate::spool::{SpoolReader, spool};
-use crate::tasks::Tasks;
+use crate::spool::{SpoolReader, Spooler, spool};
 use crate::upstream::AnswerBody;
 
 pub type BoxError = Box<dyn StdError + Send + Sync>;
@@ -66,16 +66,17 @@ impl ResponseBody {
 
     /// Marketo's answer. A whole one has ended, so its call's slot is free
     /// now; the rest of a streamed one is read into a spool at Marketo's
-    /// pace, and the slot is free when Marketo has sent it all (at most
-    /// `deadline` from now), however slowly the client reads.
-    pub fn answer(body: AnswerBody, slot: Option<Slot>, deadline: Duration, tasks: &Tasks) -> Self {
+    /// pace, and the slot is free when Marketo has sent it all (within the
+    /// spooler's deadline), however slowly the client reads, while the
+    /// spooler's bounds allow.
+    pub fn answer(body: AnswerBody, slot: Option<Slot>, spooler: &Arc<Spooler>) -> Self {
         match body {
             AnswerBody::Whole(bytes) => {
                 drop(slot);
                 Self::full(bytes)
             }
             streaming @ AnswerBody::Streaming { .. } => Self {
-                kind: Kind::Spooled(spool(streaming.into_body(), slot, deadline, tasks)),
+                kind: Kind::Spooled(spool(streaming.into_body(), slot, spooler)),
             },
         }
     }
@@ -175,8 +176,7 @@ mod tests {
         let body = ResponseBody::answer(
             AnswerBody::Whole(Bytes::from_static(b"{}")),
             Some(slot),
-            Duration::from_secs(60),
-            &crate::tasks::Tasks::new(),
+            &Spooler::for_tests(Duration::from_secs(60)),
         );
         assert_eq!(admission.snapshot().in_flight, 0, "Marketo has finished");
         assert_eq!(&body.collect().await.unwrap().to_bytes()[..], b"{}");

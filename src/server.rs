@@ -78,6 +78,9 @@ pub struct ConnectionLimits {
     pub header_read_timeout: Duration,
     /// Requests in flight on one HTTP/2 connection.
     pub http2_max_concurrent_streams: u32,
+    /// An answer whose client takes nothing of it for this long: the
+    /// connection is closed (and the answer's spool freed).
+    pub send_timeout: Duration,
 }
 
 impl ConnectionLimits {
@@ -88,6 +91,7 @@ impl ConnectionLimits {
             idle_timeout: server.idle_timeout,
             header_read_timeout: server.header_read_timeout,
             http2_max_concurrent_streams: server.http2_max_concurrent_streams,
+            send_timeout: server.send_timeout,
         }
     }
 
@@ -256,6 +260,11 @@ pub async fn serve_with<H, S, B>(
                 }
             };
             tracing::debug!(%peer, why, "closing a connection");
+            if why == SEND_TIMEOUT {
+                // Nothing of it would be taken: closed at once, and the
+                // answer (its spool) dropped with it.
+                return;
+            }
             connection.as_mut().graceful_shutdown();
             let grace = if why == "shutdown" {
                 SHUTDOWN_GRACE
@@ -284,6 +293,11 @@ struct Activity {
     last: AtomicU64,
     /// Requests whose answer has not been sent in full yet.
     in_flight: AtomicUsize,
+    /// Answers whose body is being sent.
+    sending: AtomicUsize,
+    /// Milliseconds from `accepted` to when a client last took a part of
+    /// an answer (or an answer started).
+    sent: AtomicU64,
     /// Requests seen so far.
     requests: AtomicU64,
 }
@@ -294,22 +308,34 @@ impl Activity {
             accepted: Instant::now(),
             last: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
+            sending: AtomicUsize::new(0),
+            sent: AtomicU64::new(0),
             requests: AtomicU64::new(0),
         }
     }
 
     fn touch(&self) {
-        let since = self.accepted.elapsed().as_millis();
-        self.last
-            .store(u64::try_from(since).unwrap_or(u64::MAX), Ordering::Relaxed);
+        self.last.store(self.since_accepted(), Ordering::Relaxed);
+    }
+
+    /// A client took a part of an answer.
+    fn took(&self) {
+        self.sent.store(self.since_accepted(), Ordering::Relaxed);
+    }
+
+    fn since_accepted(&self) -> u64 {
+        u64::try_from(self.accepted.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     /// Why the connection should be closed now, if it should.
     fn expired(&self, limits: &ConnectionLimits) -> Option<&'static str> {
-        if self.in_flight.load(Ordering::Relaxed) > 0 {
-            return None;
-        }
         let now = self.accepted.elapsed();
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            let sent = Duration::from_millis(self.sent.load(Ordering::Relaxed));
+            let stalled =
+                self.sending.load(Ordering::Relaxed) > 0 && now.saturating_sub(sent) > limits.send_timeout;
+            return stalled.then_some(SEND_TIMEOUT);
+        }
         if self.requests.load(Ordering::Relaxed) == 0 {
             return (now > limits.header_read_timeout).then_some("no request within the header-read timeout");
         }
@@ -351,6 +377,9 @@ where
     }
 }
 
+/// Why a connection whose client stopped taking its answer is closed.
+const SEND_TIMEOUT: &str = "the client took nothing of its answer within the send timeout";
+
 /// Marks a request done: no longer in flight, and the connection's idle
 /// time counts from now.
 fn done(activity: Option<Arc<Activity>>) {
@@ -387,13 +416,27 @@ where
         let output = std::task::ready!(this.future.poll(cx));
         let activity = this.activity.take();
         Poll::Ready(match output {
-            Ok(response) => Ok(response.map(|body| InFlightBody { body, activity })),
+            Ok(response) => {
+                if let Some(activity) = &activity {
+                    activity.sending.fetch_add(1, Ordering::Relaxed);
+                    activity.took();
+                }
+                Ok(response.map(|body| InFlightBody { body, activity }))
+            }
             Err(error) => {
                 done(activity);
                 Err(error)
             }
         })
     }
+}
+
+/// Marks an answer sent (or given up): its request is done.
+fn sent(activity: Option<Arc<Activity>>) {
+    if let Some(activity) = &activity {
+        activity.sending.fetch_sub(1, Ordering::Relaxed);
+    }
+    done(activity);
 }
 
 pin_project_lite::pin_project! {
@@ -406,7 +449,7 @@ pin_project_lite::pin_project! {
 
     impl<B> PinnedDrop for InFlightBody<B> {
         fn drop(this: Pin<&mut Self>) {
-            done(this.project().activity.take());
+            sent(this.project().activity.take());
         }
     }
 }
@@ -421,8 +464,14 @@ impl<B: http_body::Body> http_body::Body for InFlightBody<B> {
     ) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
         let this = self.project();
         let polled = this.body.poll_frame(cx);
-        if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
-            done(this.activity.take());
+        match &polled {
+            Poll::Ready(None | Some(Err(_))) => sent(this.activity.take()),
+            Poll::Ready(Some(Ok(_))) => {
+                if let Some(activity) = this.activity {
+                    activity.took();
+                }
+            }
+            Poll::Pending => {}
         }
         polled
     }

@@ -6,11 +6,19 @@
 //! one that went away, must not keep it (nginx's `proxy_buffering` is the
 //! model). A task reads the rest of the answer as fast as Marketo sends it
 //! and then gives the slot back; the client reads from the spool. The
-//! spool keeps up to [`MEMORY_BYTES`] in memory and the rest in a
-//! temporary file, unlinked as soon as it is created, so nothing is left
-//! behind. A client that goes away mid-answer does not free the slot
-//! early: the task reads Marketo's answer to its end (or until the request
-//! timeout has passed) and throws it away.
+//! spool keeps up to [`MEMORY_BYTES`] of an answer in memory and the rest
+//! in a temporary file (in `server.spool_dir`), unlinked as soon as it is
+//! created, so nothing is left behind. A client that goes away mid-answer
+//! does not free the slot early: the task reads Marketo's answer to its
+//! end (or until the request timeout has passed) and throws it away.
+//!
+//! All spools together keep at most `server.spool_memory_bytes` in memory
+//! and `server.spool_disk_bytes` on disk ([`Spooler`]). Past them an
+//! answer keeps no more than the part its client is taking: it streams at
+//! the client's pace and holds its slot meanwhile, and
+//! `marketo_proxy_spool_streamed_total` counts it. A client that takes
+//! nothing for `server.send_timeout` is disconnected (see `server`), which
+//! frees its spool.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -18,7 +26,7 @@ use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -27,8 +35,12 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
+use prometheus::{IntCounter, IntGauge};
+use tokio::sync::Notify;
 
 use crate::admission::Slot;
+use crate::config::ServerConfig;
+use crate::metrics::Metrics;
 use crate::tasks::Tasks;
 use tower::BoxError;
 
@@ -49,18 +61,130 @@ pub enum SpoolError {
     TooSlow(Duration),
 }
 
+/// Where spools go and what bounds them all: bytes in memory and on disk,
+/// the directory of their files, the longest Marketo may take to send an
+/// answer, and the tasks that read them.
+pub struct Spooler {
+    memory_limit: usize,
+    disk_limit: u64,
+    memory: AtomicUsize,
+    disk: AtomicU64,
+    dir: PathBuf,
+    /// Marketo's answer must have arrived whole within this.
+    deadline: Duration,
+    tasks: Tasks,
+    memory_gauge: IntGauge,
+    disk_gauge: IntGauge,
+    streamed: IntCounter,
+}
+
+impl Spooler {
+    pub fn new(server: &ServerConfig, deadline: Duration, metrics: &Metrics, tasks: Tasks) -> Arc<Self> {
+        Arc::new(Self {
+            memory_limit: server.spool_memory_bytes.get(),
+            disk_limit: server.spool_disk_bytes.get(),
+            memory: AtomicUsize::new(0),
+            disk: AtomicU64::new(0),
+            dir: server.spool_dir.clone().unwrap_or_else(std::env::temp_dir),
+            deadline,
+            tasks,
+            memory_gauge: metrics.spool_bytes.with_label_values(&["memory"]),
+            disk_gauge: metrics.spool_bytes.with_label_values(&["disk"]),
+            streamed: metrics.spool_streamed.clone(),
+        })
+    }
+
+    /// The default bounds, for tests of the layers.
+    pub fn for_tests(deadline: Duration) -> Arc<Self> {
+        Self::new(&ServerConfig::default(), deadline, &Metrics::new(), Tasks::new())
+    }
+
+    /// Bytes held in memory and on disk, all spools together.
+    pub fn held(&self) -> (usize, u64) {
+        (
+            self.memory.load(Ordering::Acquire),
+            self.disk.load(Ordering::Acquire),
+        )
+    }
+
+    /// Takes `bytes` of memory: within the bound, or past it when `force`
+    /// (the one part an answer streams through).
+    fn take_memory(&self, bytes: usize, force: bool) -> bool {
+        let taken = self
+            .memory
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                (force || held + bytes <= self.memory_limit).then_some(held + bytes)
+            })
+            .is_ok();
+        if taken {
+            self.memory_gauge.add(bytes as i64);
+        }
+        taken
+    }
+
+    fn give_memory(&self, bytes: usize) {
+        if bytes > 0 {
+            self.memory.fetch_sub(bytes, Ordering::AcqRel);
+            self.memory_gauge.sub(bytes as i64);
+        }
+    }
+
+    fn take_disk(&self, bytes: u64) -> bool {
+        let taken = self
+            .disk
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                (held + bytes <= self.disk_limit).then_some(held + bytes)
+            })
+            .is_ok();
+        if taken {
+            self.disk_gauge.add(bytes as i64);
+        }
+        taken
+    }
+
+    fn give_disk(&self, bytes: u64) {
+        if bytes > 0 {
+            self.disk.fetch_sub(bytes, Ordering::AcqRel);
+            self.disk_gauge.sub(bytes as i64);
+        }
+    }
+
+    /// A new file only this process can read, already unlinked.
+    fn temporary_file(&self) -> io::Result<File> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let name = format!(
+            "marketo-proxy-spool-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let path = self.dir.join(name);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)?;
+        std::fs::remove_file(&path)?;
+        Ok(file)
+    }
+}
+
 /// Starts reading `body` (the rest of Marketo's answer) into a spool;
-/// `slot` is given back when Marketo has finished, at most `deadline`
-/// from now. Returns the client's end.
-pub fn spool<B>(body: B, slot: Option<Slot>, deadline: Duration, tasks: &Tasks) -> SpoolReader
+/// `slot` is given back when Marketo has finished, at most the spooler's
+/// deadline from now. Returns the client's end.
+pub fn spool<B>(body: B, slot: Option<Slot>, spooler: &Arc<Spooler>) -> SpoolReader
 where
     B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError> + Send,
 {
     let shared = Arc::new(Shared {
         state: Mutex::new(State::default()),
+        taken: Notify::new(),
+        spooler: Arc::clone(spooler),
     });
-    tasks.until_stopped(fill(Arc::clone(&shared), body, slot, deadline));
+    spooler
+        .tasks
+        .until_stopped(fill(Arc::clone(&shared), body, slot, spooler.deadline));
     SpoolReader {
         shared,
         reading: None,
@@ -75,20 +199,37 @@ struct State {
     /// Bytes written to the file, and read back from it.
     written: u64,
     read: u64,
+    /// Bytes of the spooler's disk bound this answer holds.
+    disk_held: u64,
     /// Marketo's answer has ended (well or not).
     finished: Option<Result<(), Arc<SpoolError>>>,
     /// The client went away: what arrives is thrown away.
     abandoned: bool,
+    /// The spooler's bounds made it stream at its client's pace.
+    streamed: bool,
     waker: Option<Waker>,
 }
 
 struct Shared {
     state: Mutex<State>,
+    /// The client took a part: room may have come back.
+    taken: Notify,
+    spooler: Arc<Spooler>,
 }
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        let state = self.lock();
+        let (memory, disk) = (state.memory_bytes, state.disk_held);
+        drop(state);
+        self.spooler.give_memory(memory);
+        self.spooler.give_disk(disk);
     }
 }
 
@@ -125,62 +266,82 @@ where
     }
 }
 
-/// Keeps one part of the answer: in memory while there is room and nothing
-/// is on disk yet (order matters), else at the end of the file.
-async fn store(shared: &Shared, data: Bytes) -> Result<(), SpoolError> {
-    let file = {
-        let mut state = shared.lock();
-        if state.abandoned {
-            return Ok(());
-        }
-        if state.file.is_none() && state.memory_bytes + data.len() <= MEMORY_BYTES {
-            state.memory_bytes += data.len();
-            state.memory.push_back(data);
-            if let Some(waker) = state.waker.take() {
-                waker.wake();
-            }
-            return Ok(());
-        }
-        match &state.file {
-            Some(file) => (Arc::clone(file), state.written),
-            None => {
-                let file = Arc::new(temporary_file().map_err(SpoolError::File)?);
-                state.file = Some(Arc::clone(&file));
-                (file, 0)
-            }
-        }
-    };
-    let (file, at) = file;
-    let length = data.len() as u64;
-    tokio::task::spawn_blocking(move || file.write_all_at(&data, at))
-        .await
-        .map_err(|error| SpoolError::File(io::Error::other(error)))?
-        .map_err(SpoolError::File)?;
-    let mut state = shared.lock();
-    state.written += length;
-    if let Some(waker) = state.waker.take() {
-        waker.wake();
-    }
-    Ok(())
+/// Where one part of the answer goes.
+enum Place {
+    Kept,
+    File(Arc<File>, u64),
+    /// No room: wait for the client to take what this answer holds.
+    Wait,
 }
 
-/// A new file only this process can read, already unlinked.
-fn temporary_file() -> io::Result<File> {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let name = format!(
-        "marketo-proxy-spool-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    );
-    let path: PathBuf = std::env::temp_dir().join(name);
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)?;
-    std::fs::remove_file(&path)?;
-    Ok(file)
+/// Keeps one part of the answer: in memory while there is room and nothing
+/// is on disk yet (order matters), else at the end of the file; with no
+/// room in either, once the client has taken everything before it.
+async fn store(shared: &Shared, data: Bytes) -> Result<(), SpoolError> {
+    let spooler = &shared.spooler;
+    let length = data.len();
+    loop {
+        let taken = shared.taken.notified();
+        let place = {
+            let mut state = shared.lock();
+            if state.abandoned {
+                return Ok(());
+            }
+            let drained = state.memory.is_empty() && state.read >= state.written;
+            let in_memory = (state.file.is_none() && state.memory_bytes + length <= MEMORY_BYTES) || drained;
+            if in_memory && spooler.take_memory(length, false) {
+                Place::Kept
+            } else if spooler.take_disk(length as u64) {
+                state.disk_held += length as u64;
+                match &state.file {
+                    Some(file) => Place::File(Arc::clone(file), state.written),
+                    None => {
+                        let file = Arc::new(spooler.temporary_file().map_err(SpoolError::File)?);
+                        state.file = Some(Arc::clone(&file));
+                        Place::File(file, 0)
+                    }
+                }
+            } else {
+                if !state.streamed {
+                    state.streamed = true;
+                    spooler.streamed.inc();
+                }
+                if drained {
+                    // Nothing of this answer waits for its client: this
+                    // part passes through, past the bound.
+                    spooler.take_memory(length, true);
+                    Place::Kept
+                } else {
+                    Place::Wait
+                }
+            }
+        };
+        match place {
+            Place::Kept => {
+                let mut state = shared.lock();
+                state.memory_bytes += length;
+                state.memory.push_back(data);
+                if let Some(waker) = state.waker.take() {
+                    waker.wake();
+                }
+                return Ok(());
+            }
+            Place::File(file, at) => {
+                let length = length as u64;
+                tokio::task::spawn_blocking(move || file.write_all_at(&data, at))
+                    .await
+                    .map_err(|error| SpoolError::File(io::Error::other(error)))?
+                    .map_err(SpoolError::File)?;
+                let mut state = shared.lock();
+                state.written += length;
+                if let Some(waker) = state.waker.take() {
+                    waker.wake();
+                }
+                return Ok(());
+            }
+            Place::Wait => taken.await,
+        }
+    }
 }
 
 /// The client's end of a spool: a response body.
@@ -206,6 +367,7 @@ impl Body for SpoolReader {
                 return match read {
                     Ok(bytes) => {
                         this.shared.lock().read += bytes.len() as u64;
+                        this.shared.taken.notify_one();
                         Poll::Ready(Some(Ok(Frame::data(bytes))))
                     }
                     Err(error) => Poll::Ready(Some(Err(Arc::new(SpoolError::File(error))))),
@@ -214,6 +376,9 @@ impl Body for SpoolReader {
             let mut state = this.shared.lock();
             if let Some(bytes) = state.memory.pop_front() {
                 state.memory_bytes -= bytes.len();
+                drop(state);
+                this.shared.spooler.give_memory(bytes.len());
+                this.shared.taken.notify_one();
                 return Poll::Ready(Some(Ok(Frame::data(bytes))));
             }
             if let (Some(file), true) = (&state.file, state.read < state.written) {
@@ -261,12 +426,18 @@ impl Body for SpoolReader {
 impl Drop for SpoolReader {
     fn drop(&mut self) {
         // The client went away: Marketo's answer is still read to its end
-        // (the slot stays taken until then), but nothing more is kept.
+        // (the slot stays taken until then), but nothing more is kept, and
+        // what was kept is given back.
         let mut state = self.shared.lock();
         state.abandoned = true;
         state.memory.clear();
-        state.memory_bytes = 0;
+        let memory = std::mem::take(&mut state.memory_bytes);
+        let disk = std::mem::take(&mut state.disk_held);
         state.file = None;
+        drop(state);
+        self.shared.spooler.give_memory(memory);
+        self.shared.spooler.give_disk(disk);
+        self.shared.taken.notify_one();
     }
 }
 
@@ -331,7 +502,7 @@ mod tests {
     async fn the_slot_is_free_when_marketo_has_sent_all_however_slowly_the_client_reads() {
         let (admission, slot) = slot().await;
         let (sender, body) = upstream();
-        let reader = spool(body, Some(slot), Duration::from_secs(60), &Tasks::new());
+        let reader = spool(body, Some(slot), &Spooler::for_tests(Duration::from_secs(60)));
         let sent = parts(3, 1000);
         for part in &sent {
             sender.send(Ok(Frame::data(part.clone()))).await.unwrap();
@@ -350,7 +521,7 @@ mod tests {
     async fn an_answer_larger_than_memory_goes_to_a_file_and_arrives_whole() {
         let (_admission, slot) = slot().await;
         let (sender, body) = upstream();
-        let reader = spool(body, Some(slot), Duration::from_secs(60), &Tasks::new());
+        let reader = spool(body, Some(slot), &Spooler::for_tests(Duration::from_secs(60)));
         let sent = parts(50, 64 * 1024);
         let writer = tokio::spawn(async move {
             for part in sent {
@@ -367,7 +538,7 @@ mod tests {
     async fn a_client_that_goes_away_does_not_free_the_slot_before_marketo_is_done() {
         let (admission, slot) = slot().await;
         let (sender, body) = upstream();
-        let reader = spool(body, Some(slot), Duration::from_secs(60), &Tasks::new());
+        let reader = spool(body, Some(slot), &Spooler::for_tests(Duration::from_secs(60)));
         sender
             .send(Ok(Frame::data(Bytes::from_static(b"part"))))
             .await
@@ -387,7 +558,7 @@ mod tests {
     async fn an_answer_that_never_ends_frees_the_slot_at_the_deadline() {
         let (admission, slot) = slot().await;
         let (sender, body) = upstream();
-        let reader = spool(body, Some(slot), Duration::from_secs(60), &Tasks::new());
+        let reader = spool(body, Some(slot), &Spooler::for_tests(Duration::from_secs(60)));
         sender
             .send(Ok(Frame::data(Bytes::from_static(b"part"))))
             .await

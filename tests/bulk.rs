@@ -290,7 +290,11 @@ async fn the_daily_export_bytes_are_enforced_locally_and_kept_across_a_restart()
 
 #[tokio::test]
 async fn a_queue_filled_outside_the_proxy_is_waited_out_without_an_error_to_the_client() {
-    let (sim, proxy) = start(Duration::from_millis(300), "{ poll_pace: 50ms, pause: 200ms }").await;
+    let (sim, proxy) = start(
+        Duration::from_millis(300),
+        "{ poll_after: 300ms, poll_pace: 50ms, pause: 200ms }",
+    )
+    .await;
 
     // Another integration, straight to Marketo, fills the queue.
     let http = support::client();
@@ -331,6 +335,50 @@ async fn a_queue_filled_outside_the_proxy_is_waited_out_without_an_error_to_the_
         .iter()
         .any(|arrival| arrival.target.starts_with("/bulk/v1/leads/export.json"));
     assert!(listed, "the proxy read the queue's jobs again");
+}
+
+#[tokio::test]
+async fn while_an_enqueue_waits_each_job_is_polled_once_a_poll_after_for_the_waiting_service() {
+    // A tenth of the defaults: a job's status read at most once in 6 s,
+    // one call of the proxy's own a second.
+    let (sim, proxy) = start(Duration::from_secs(3), "{ poll_after: 6s, poll_pace: 1s }").await;
+    // The warehouse fills the queue and never asks about its jobs.
+    let warehouse = Integration::new(&proxy.url(), KEYS[1].1);
+    for _ in 0..10 {
+        let id = warehouse.create().await;
+        assert_eq!(code(&warehouse.enqueue(&id).await), "ok");
+    }
+    // crm-sync's export waits for a place: the proxy learns of one from
+    // its own status calls.
+    let crm = Integration::new(&proxy.url(), KEYS[0].1);
+    let id = crm.create().await;
+    let enqueued = crm.enqueue(&id).await;
+    assert_eq!(code(&enqueued), "ok", "{enqueued}");
+    let stats = sim.stats();
+    assert_eq!(stats.code("1029"), 0, "{:?}", stats.codes);
+    let taken_at = stats
+        .arrivals
+        .iter()
+        .find(|arrival| arrival.target.ends_with(&format!("{id}/enqueue.json")) && arrival.code == "ok")
+        .map(|arrival| arrival.at)
+        .unwrap();
+    let polls = stats
+        .arrivals
+        .iter()
+        .filter(|arrival| arrival.target.ends_with("/status.json") && arrival.at <= taken_at)
+        .count();
+    assert!(
+        (1..=6).contains(&polls),
+        "{polls} status calls while the enqueue waited"
+    );
+    // Made for the service that waited, and counted as its calls.
+    let metrics = support::metrics_text(&proxy.admin_url()).await;
+    let crm_bulk = metric(
+        &metrics,
+        r#"marketo_proxy_upstream_calls_total{api="bulk",code="ok",service="crm-sync"}"#,
+    )
+    .unwrap_or(0.0);
+    assert!(crm_bulk >= 2.0 + polls as f64, "{metrics}");
 }
 
 #[tokio::test]
@@ -432,7 +480,13 @@ async fn two_replicas_sharing_redis_keep_to_one_queue_and_report_the_same_usage(
 async fn a_place_goes_to_the_service_with_the_fewest_jobs_whichever_replica_it_waits_on() {
     let redis = RedisServer::start();
     let sim = Simulator::spawn(sim(Duration::from_millis(600))).await.unwrap();
-    let [one, two] = replicas(&sim.url(), "{ poll_pace: 50ms }", &redis, "fair").await;
+    let [one, two] = replicas(
+        &sim.url(),
+        "{ poll_after: 300ms, poll_pace: 50ms }",
+        &redis,
+        "fair",
+    )
+    .await;
     // crm-sync fills the queue through one replica and waits there for
     // two places more; warehouse, with no job in the queue, waits on the
     // other replica.

@@ -618,3 +618,112 @@ async fn a_request_head_over_64_kb_is_refused_without_reading_on() {
         "nothing of the oversized heads was forwarded"
     );
 }
+
+/// The spool's file descriptors this process holds (the proxy runs in
+/// it): its files are unlinked at once, so they show as deleted links.
+fn spool_files() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|fds| {
+            fds.filter_map(Result::ok)
+                .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+                .filter(|target| target.to_string_lossy().contains("marketo-proxy-spool"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_never_read_a_large_answer_keep_the_spool_within_bounds_and_are_cut_off() {
+    const MEMORY: f64 = 4.0 * 1024.0 * 1024.0;
+    const DISK: f64 = 8.0 * 1024.0 * 1024.0;
+    let sim = marketo_proxy::sim::Simulator::spawn(marketo_proxy::sim::SimConfig {
+        leads: 120_000,
+        export_time: Duration::from_millis(50),
+        ..support::sim_config()
+    })
+    .await
+    .unwrap();
+    let mut config = support::proxy_config(&sim.url(), "");
+    config.server = serde_yaml_ng::from_str(&format!(
+        "{{ spool_memory_bytes: {MEMORY}, spool_disk_bytes: {DISK}, send_timeout: 1s }}"
+    ))
+    .unwrap();
+    config.limits.max_queue_wait = Duration::from_secs(120);
+    let proxy = marketo_proxy::app::spawn(config).await.unwrap();
+    support::wait_ready(&proxy).await;
+    let file = support::export_leads(
+        &proxy.url(),
+        support::CRM_KEY,
+        &["id", "email", "firstName", "lastName"],
+    )
+    .await;
+    let size = file.bytes().await.unwrap().len();
+    // Larger than the kernel's socket buffers take on loopback (4 MB).
+    assert!(size > 5_000_000, "a file of {size} bytes");
+    let path = sim
+        .stats()
+        .arrivals
+        .iter()
+        .find(|arrival| arrival.target.ends_with("/file.json"))
+        .map(|arrival| arrival.target.clone())
+        .unwrap();
+    // Sixty clients ask for it and read nothing.
+    let mut clients = Vec::new();
+    for _ in 0..60 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut stream = socket.connect(proxy.addr).await.unwrap();
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: proxy\r\nX-Api-Key: {}\r\n\r\n",
+            support::CRM_KEY
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        clients.push(stream);
+    }
+    // The spool stays within its bounds (an answer that streams holds one
+    // part past them) until every one of them is cut off.
+    let (mut most_memory, mut most_disk) = (0.0_f64, 0.0_f64);
+    support::eventually(Duration::from_secs(90), async || {
+        let metrics = support::metrics_text(&proxy.admin_url()).await;
+        let held = |place: &str| {
+            metric_in(
+                &metrics,
+                &format!(r#"marketo_proxy_spool_bytes{{place="{place}"}}"#),
+            )
+        };
+        most_memory = most_memory.max(held("memory"));
+        most_disk = most_disk.max(held("disk"));
+        match held_connections(proxy.addr) {
+            0 => Ok(()),
+            open => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                Err(open)
+            }
+        }
+    })
+    .await;
+    assert!(
+        most_memory <= MEMORY + 10.0 * 64.0 * 1024.0,
+        "{most_memory} bytes in memory"
+    );
+    assert!(most_disk <= DISK, "{most_disk} bytes on disk");
+    assert!(most_disk > 0.0, "the disk was used");
+    // Once they are cut off, nothing is left of their spools.
+    support::eventually(Duration::from_secs(30), async || {
+        let metrics = support::metrics_text(&proxy.admin_url()).await;
+        let held = (
+            metric_in(&metrics, r#"marketo_proxy_spool_bytes{place="memory"}"#),
+            metric_in(&metrics, r#"marketo_proxy_spool_bytes{place="disk"}"#),
+            spool_files(),
+        );
+        if held == (0.0, 0.0, 0) { Ok(()) } else { Err(held) }
+    })
+    .await;
+    let metrics = support::metrics_text(&proxy.admin_url()).await;
+    assert!(metric_in(&metrics, "marketo_proxy_spool_streamed_total") > 0.0);
+    drop(clients);
+}
+
+fn metric_in(metrics: &str, series: &str) -> f64 {
+    support::metric(metrics, series).unwrap_or_else(|| panic!("no {series} in\n{metrics}"))
+}

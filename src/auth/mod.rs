@@ -166,6 +166,12 @@ impl Callers {
         (index < self.callers.len()).then_some(ServiceId(index))
     }
 
+    /// The caller at `index` in admission order (the proxy's own last):
+    /// whom the proxy's own calls for a service are made as.
+    pub fn at(&self, index: usize) -> Option<Caller> {
+        self.callers.get(index).cloned()
+    }
+
     /// The proxy's own calls (its usage report), as a caller.
     pub fn internal(&self) -> Caller {
         self.callers

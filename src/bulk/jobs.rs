@@ -350,6 +350,22 @@ impl BulkJobs {
         self.write(day, &seen, spent).await;
     }
 
+    /// Marketo served the file of the job `endpoint` names (a 200, or a
+    /// 206 of a part): only a completed job has one. A job the proxy does
+    /// not know by that id is left alone.
+    pub async fn file_served(&self, endpoint: &Endpoint, service: usize) {
+        let Some(id) = endpoint.job.as_deref() else {
+            return;
+        };
+        if !self.lock().jobs.contains_key(id) {
+            return;
+        }
+        let answer =
+            serde_json::json!({"success": true, "result": [{"exportId": id, "status": "Completed"}]});
+        self.observe(endpoint, service, Some(&Bytes::from(answer.to_string())))
+            .await;
+    }
+
     /// Updates the jobs an answer names; what it said of each, for
     /// counting and for Redis.
     fn take_answer(
@@ -364,7 +380,9 @@ impl BulkJobs {
         let mut left = false;
         let mut seen = Vec::new();
         for result in &results {
-            let id = endpoint.job.clone().or_else(|| job_id(result));
+            // The id Marketo gave; the path's spelling only for a job it
+            // gave that id to.
+            let id = job_id(result).or_else(|| endpoint.job.clone().filter(|id| state.jobs.contains_key(id)));
             let Some(id) = id else { continue };
             let reported = result["status"].as_str().and_then(JobState::from_marketo);
             let state_now = match endpoint.op {
@@ -450,13 +468,21 @@ impl BulkJobs {
     }
 
     /// The next status or list call the proxy should make of its own, if
-    /// any: a job in a queue not heard about for `poll_after` (for
-    /// `poll_pace` while someone waits for a place), or, after Marketo said
-    /// a queue was full, the lists of export jobs.
-    pub fn next_poll(&self) -> Option<String> {
+    /// any, and the service it is made for: a job in a queue not heard
+    /// about for `poll_after` (the least recently heard first), or, after
+    /// Marketo said a queue was full, the lists of export jobs. A call made
+    /// while a service waits for a place in that queue is that service's
+    /// (the one that would get the place first); otherwise the proxy's.
+    pub fn next_poll(&self) -> Option<(String, usize)> {
         let mut state = self.lock();
         self.roll(&mut state);
         let now = Instant::now();
+        let waiting_for = |state: &State, queue: Queue| {
+            let waiting = &state.lines[index(queue)].waiting;
+            waiting
+                .next_lane(|lane| waiting.lane_len(lane) > 0)
+                .unwrap_or(self.internal)
+        };
         if state.reread {
             let kinds = [Kind::Leads, Kind::Activities, Kind::ProgramMembers];
             let kind = kinds[state.list_cursor % kinds.len()];
@@ -464,20 +490,23 @@ impl BulkJobs {
             if state.list_cursor % kinds.len() == 0 {
                 state.reread = false;
             }
-            return list_path(kind).map(|path| format!("{path}?status=Queued,Processing"));
+            let path = list_path(kind)?;
+            return Some((
+                format!("{path}?status=Queued,Processing"),
+                waiting_for(&state, Queue::Extract),
+            ));
         }
-        let quiet_for = if state.lines.iter().any(someone_waits_in) {
-            self.poll_pace
-        } else {
-            self.poll_after
-        };
+        let poll_after = self.poll_after;
         let (id, job) = state
             .jobs
             .iter_mut()
-            .filter(|(_, job)| job.state.is_active() && now.saturating_duration_since(job.heard) >= quiet_for)
+            .filter(|(_, job)| {
+                job.state.is_active() && now.saturating_duration_since(job.heard) >= poll_after
+            })
             .min_by_key(|(_, job)| job.heard)?;
         job.heard = now;
-        Some(status_path(job.kind, &job.base, id))
+        let (path, queue) = (status_path(job.kind, &job.base, id), job.kind.queue());
+        Some((path, waiting_for(&state, queue)))
     }
 
     /// Wakes when the poller should look again before its next tick.

@@ -126,10 +126,12 @@ pub struct BulkConfig {
     /// Export file bytes (their `fileSize`) allowed a day.
     pub export_daily_bytes: NonZeroU64,
     /// A job in a queue not heard about for this long gets a status call
-    /// from the proxy.
+    /// from the proxy: no job is polled more often (Marketo updates a
+    /// job's status once a minute at most).
     #[serde(with = "humantime_serde")]
     pub poll_after: Duration,
-    /// At most one status call of the proxy's own per this.
+    /// At most one status or list call of the proxy's own per this, for
+    /// all jobs together.
     #[serde(with = "humantime_serde")]
     pub poll_pace: Duration,
     /// After Marketo says a queue is full (jobs the proxy did not see),
@@ -145,7 +147,7 @@ impl Default for BulkConfig {
             import_queue: const { NonZeroU32::new(limits::BULK_QUEUE).expect("not zero") },
             export_daily_bytes: const { NonZeroU64::new(limits::EXPORT_DAILY_BYTES).expect("not zero") },
             poll_after: Duration::from_secs(60),
-            poll_pace: Duration::from_secs(2),
+            poll_pace: Duration::from_secs(10),
             pause: Duration::from_secs(10),
         }
     }
@@ -226,6 +228,18 @@ pub struct ServerConfig {
     pub unauthenticated_body_bytes: Option<NonZeroUsize>,
     /// Such bodies read at once from one client address.
     pub unauthenticated_bodies_per_address: NonZeroUsize,
+    /// A client that takes nothing of its answer for this long is
+    /// disconnected, and the answer's spool freed.
+    #[serde(with = "humantime_serde")]
+    pub send_timeout: Duration,
+    /// Bytes of Marketo's large answers kept in memory, all answers
+    /// together, while their clients read them.
+    pub spool_memory_bytes: NonZeroUsize,
+    /// Bytes of them kept on disk, in `spool_dir`.
+    pub spool_disk_bytes: NonZeroU64,
+    /// Where the spool's files go (unlinked at once); the system's
+    /// temporary directory by default.
+    pub spool_dir: Option<std::path::PathBuf>,
 }
 
 impl ServerConfig {
@@ -251,6 +265,10 @@ impl Default for ServerConfig {
             max_buffered_body_bytes: const { NonZeroUsize::new(256 * 1024 * 1024).expect("not zero") },
             unauthenticated_body_bytes: None,
             unauthenticated_bodies_per_address: const { NonZeroUsize::new(4).expect("not zero") },
+            send_timeout: Duration::from_secs(60),
+            spool_memory_bytes: const { NonZeroUsize::new(64 * 1024 * 1024).expect("not zero") },
+            spool_disk_bytes: const { NonZeroU64::new(1024 * 1024 * 1024).expect("not zero") },
+            spool_dir: None,
         }
     }
 }

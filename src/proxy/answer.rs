@@ -6,8 +6,8 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -18,21 +18,18 @@ use super::call::Call;
 use super::rewrite;
 use crate::error::ProxyError;
 use crate::response::{Outcome, ResponseBody};
-use crate::tasks::Tasks;
+use crate::spool::Spooler;
 
 /// Turns Marketo's answers and refusals into responses.
 #[derive(Clone)]
 pub struct AnswerLayer {
-    /// A streamed answer that its client reads nothing of for this long
-    /// gives its slot up.
-    idle: Duration,
     /// Where a streamed answer is read into its spool.
-    tasks: Tasks,
+    spooler: Arc<Spooler>,
 }
 
 impl AnswerLayer {
-    pub fn new(idle: Duration, tasks: Tasks) -> Self {
-        Self { idle, tasks }
+    pub fn new(spooler: Arc<Spooler>) -> Self {
+        Self { spooler }
     }
 }
 
@@ -42,8 +39,7 @@ impl<S> Layer<S> for AnswerLayer {
     fn layer(&self, inner: S) -> Self::Service {
         ToResponse {
             inner,
-            idle: self.idle,
-            tasks: self.tasks.clone(),
+            spooler: Arc::clone(&self.spooler),
         }
     }
 }
@@ -51,8 +47,7 @@ impl<S> Layer<S> for AnswerLayer {
 #[derive(Clone)]
 pub struct ToResponse<S> {
     inner: S,
-    idle: Duration,
-    tasks: Tasks,
+    spooler: Arc<Spooler>,
 }
 
 impl<S> Service<Request<Bytes>> for ToResponse<S>
@@ -76,8 +71,7 @@ where
         match Call::from_request(request) {
             Ok(call) => Answering::Calling {
                 future: self.inner.call(call),
-                idle: self.idle,
-                tasks: self.tasks.clone(),
+                spooler: Arc::clone(&self.spooler),
             },
             Err(error) => Answering::Refused {
                 response: Some(error.into_response()),
@@ -92,8 +86,7 @@ pin_project_lite::pin_project! {
         Calling {
             #[pin]
             future: F,
-            idle: Duration,
-            tasks: Tasks,
+            spooler: Arc<Spooler>,
         },
         Refused {
             response: Option<Response<ResponseBody>>,
@@ -109,12 +102,10 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let response = match self.project() {
-            AnsweringProjection::Calling { future, idle, tasks } => {
-                match std::task::ready!(future.poll(cx)) {
-                    Ok(admitted) => respond(admitted, *idle, tasks),
-                    Err(error) => error.into_response(),
-                }
-            }
+            AnsweringProjection::Calling { future, spooler } => match std::task::ready!(future.poll(cx)) {
+                Ok(admitted) => respond(admitted, spooler),
+                Err(error) => error.into_response(),
+            },
             AnsweringProjection::Refused { response } => match response.take() {
                 Some(response) => response,
                 None => ProxyError::Admission(crate::admission::AdmissionError::Closed).into_response(),
@@ -125,7 +116,7 @@ where
 }
 
 /// Marketo's answer as the client gets it.
-fn respond(admitted: Admitted, idle: Duration, tasks: &Tasks) -> Response<ResponseBody> {
+fn respond(admitted: Admitted, spooler: &Arc<Spooler>) -> Response<ResponseBody> {
     let Admitted { answer, slot } = admitted;
     let mut head = answer.head;
     rewrite::strip_hop_by_hop(&mut head.headers);
@@ -135,7 +126,7 @@ fn respond(admitted: Admitted, idle: Duration, tasks: &Tasks) -> Response<Respon
         Outcome::OK
     };
     head.extensions.insert(outcome);
-    Response::from_parts(head, ResponseBody::answer(answer.body, slot, idle, tasks))
+    Response::from_parts(head, ResponseBody::answer(answer.body, slot, spooler))
 }
 
 #[cfg(test)]
@@ -144,10 +135,11 @@ mod tests {
     use crate::proxy::testing::{Scripted, ScriptedAdmitted, ScriptedMarketo, marketo_code};
     use http::StatusCode;
     use http_body_util::BodyExt;
+    use std::time::Duration;
     use tower::ServiceExt;
 
     fn answering(script: Vec<Scripted>) -> ToResponse<ScriptedAdmitted> {
-        AnswerLayer::new(Duration::from_secs(60), Tasks::new())
+        AnswerLayer::new(Spooler::for_tests(Duration::from_secs(60)))
             .layer(ScriptedAdmitted(ScriptedMarketo::new(script)))
     }
 

@@ -104,7 +104,12 @@ where
     }
     if !matches!(endpoint.op, Op::Enqueue | Op::Import) {
         let admitted = inner.oneshot(call).await?;
-        jobs.observe(&endpoint, service, whole(&admitted)).await;
+        let answer = &admitted.answer;
+        if endpoint.op == Op::File && answer.head.status.is_success() && answer.error_code.is_none() {
+            jobs.file_served(&endpoint, service).await;
+        } else {
+            jobs.observe(&endpoint, service, whole(&admitted)).await;
+        }
         return Ok(admitted);
     }
     loop {

@@ -116,6 +116,9 @@ pub struct Components {
     pub body_budget: body::BodyBudget,
     /// The bodies read before their caller is known, bounded apart.
     pub unknown_bodies: Arc<body::UnknownBodies>,
+    /// Where Marketo's large answers wait for their clients, and its
+    /// bounds.
+    pub spooler: Arc<crate::spool::Spooler>,
     /// Local refusals and replays per service over the last hour.
     pub last_hour: Arc<LastHour>,
     /// Answers carry `RateLimit-Policy` and `RateLimit` fields.
@@ -184,10 +187,7 @@ where
             Arc::clone(&components.unknown_bodies),
         ))
         .layer(BodyLayer::new(components.body_budget.clone()))
-        .layer(AnswerLayer::new(
-            components.upstream.request_timeout(),
-            components.tasks.clone(),
-        ))
+        .layer(AnswerLayer::new(Arc::clone(&components.spooler)))
         .layer(components.coalesce.clone())
         .service(forward(components))
 }
@@ -256,6 +256,7 @@ mod tests {
             metrics,
             body_budget: body::BodyBudget::new(1 << 26),
             unknown_bodies: Arc::new(body::UnknownBodies::new(1 << 22, 4)),
+            spooler: crate::spool::Spooler::for_tests(std::time::Duration::from_secs(60)),
             last_hour: Arc::new(LastHour::new(config.counted_names().len())),
             ratelimit_headers: true,
             tasks: crate::tasks::Tasks::new(),

@@ -466,16 +466,18 @@ async fn next_poll_asks_about_jobs_in_a_queue_not_heard_of_for_a_while() {
     assert_eq!(jobs.next_poll(), None);
     tokio::time::advance(Duration::from_secs(1)).await;
     let e1 = "/bulk/v1/leads/export/e1/status.json".to_owned();
-    assert_eq!(jobs.next_poll(), Some(e1.clone()), "e0 is in no queue");
+    assert_eq!(jobs.next_poll(), Some((e1.clone(), poller)), "e0 is in no queue");
     assert_eq!(jobs.next_poll(), None, "asked about just now");
-    // While someone waits for a place, the queue's jobs are read at the pace.
+    // Someone waiting for a place changes nothing about how often a job
+    // is read (Marketo updates its status once a minute at most), only
+    // whose call it is.
     let mut waiter = Box::pin(jobs.admit(Queue::Extract, FORMS, far()));
     assert!((&mut waiter).now_or_never().is_none());
-    tokio::time::advance(Duration::from_secs(2)).await;
-    assert_eq!(jobs.next_poll(), Some(e1));
+    tokio::time::advance(Duration::from_secs(59)).await;
+    assert_eq!(jobs.next_poll(), None);
+    tokio::time::advance(Duration::from_secs(1)).await;
+    assert_eq!(jobs.next_poll(), Some((e1, FORMS)), "for the service that waits");
     drop(waiter);
-    tokio::time::advance(Duration::from_secs(2)).await;
-    assert_eq!(jobs.next_poll(), None, "nobody waits now");
     status(&jobs, poller, "e1", "Completed", Some(1)).await;
     tokio::time::advance(Duration::from_secs(60)).await;
     assert_eq!(
@@ -483,6 +485,67 @@ async fn next_poll_asks_about_jobs_in_a_queue_not_heard_of_for_a_while() {
         None,
         "a job out of the queue is not asked about"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_clients_status_call_or_download_is_heard_as_the_proxys_own() {
+    let (jobs, _) = bulk_jobs("{ extract_queue: 1, poll_after: 60s }");
+    enqueue(&jobs, CRM, "e1").await;
+    tokio::time::advance(Duration::from_secs(50)).await;
+    // The client asks itself: no call of the proxy's own for a minute.
+    status(&jobs, CRM, "e1", "Processing", None).await;
+    tokio::time::advance(Duration::from_secs(50)).await;
+    assert_eq!(jobs.next_poll(), None);
+    assert!(!room_now(&jobs, Queue::Extract).await);
+    // It downloads the file: the job is over, its place free.
+    let file = Endpoint::parse(&Method::GET, "/bulk/v1/leads/export/e1/file.json").expect("a bulk call");
+    jobs.file_served(&file, CRM).await;
+    assert!(room_now(&jobs, Queue::Extract).await);
+}
+
+#[tokio::test]
+async fn a_job_is_known_by_the_id_marketo_gave_and_no_other_spelling() {
+    let (jobs, _) = bulk_jobs("{ extract_queue: 2 }");
+    // Marketo's answer names the job: its id, not the path's spelling.
+    let place = jobs
+        .admit(Queue::Extract, CRM, Instant::now())
+        .await
+        .expect("room");
+    answered(
+        &jobs,
+        CRM,
+        Method::POST,
+        "/bulk/v1/leads/export/E1/enqueue.json",
+        json!([{"exportId": "e1", "status": "Queued"}]),
+    )
+    .await;
+    drop(place);
+    assert_eq!(jobs.usage().extract_in_queue, 1);
+    // A status answer without an id, for a spelling Marketo never gave,
+    // is no job; for the id it gave, it is that job.
+    answered(
+        &jobs,
+        CRM,
+        Method::GET,
+        "/bulk/v1/leads/export/E1/status.json",
+        json!([{"status": "Completed"}]),
+    )
+    .await;
+    assert_eq!(jobs.usage().extract_in_queue, 1);
+    answered(
+        &jobs,
+        CRM,
+        Method::GET,
+        "/bulk/v1/leads/export/e1/status.json",
+        json!([{"status": "Completed"}]),
+    )
+    .await;
+    assert_eq!(jobs.usage().extract_in_queue, 0);
+    // Nor does a download under another spelling free anything.
+    enqueue(&jobs, CRM, "e2").await;
+    let file = Endpoint::parse(&Method::GET, "/bulk/v1/leads/export/E2/file.json").expect("a bulk call");
+    jobs.file_served(&file, CRM).await;
+    assert_eq!(jobs.usage().extract_in_queue, 1);
 }
 
 #[tokio::test(start_paused = true)]
@@ -501,7 +564,7 @@ async fn marketo_saying_full_pauses_the_queue_and_rereads_its_jobs() {
         "/bulk/v1/activities/export.json?status=Queued,Processing",
         "/bulk/v1/program/members/export.json?status=Queued,Processing",
     ] {
-        assert_eq!(jobs.next_poll().as_deref(), Some(list));
+        assert_eq!(jobs.next_poll(), Some((list.to_owned(), poller)));
     }
     assert_eq!(jobs.next_poll(), None, "each list once");
     // A job leaving ends the pause at once.
