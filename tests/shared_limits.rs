@@ -209,35 +209,34 @@ async fn a_replica_that_loses_redis_falls_back_to_its_share() {
     let sim = quick_sim(Duration::from_secs(2)).await;
     // Noticing that Redis is gone can take up to its 500 ms timeout: the
     // queue wait leaves room for that.
-    let limits =
-        "  window_calls: 10\n  concurrency: 2\n  window: 2s\n  safety_margin: 100ms\n  max_queue_wait: 5s";
+    let limits = "  window_calls: 10\n  window: 2s\n  safety_margin: 100ms\n  max_queue_wait: 5s";
     let proxy = app::spawn(replica_config(&sim.url(), &redis.url(), limits, "lost"))
         .await
         .unwrap();
     assert!(fire(&[&proxy], 1).await[0].1);
     redis.stop();
     // Calls admitted under the full limits when Redis went away are
-    // admitted again under the share. The window's other nine slots may
-    // be the other replica's: once they are surely free (one window on,
-    // but for two that may be in flight), half of the eight left; never
-    // more than this replica's half of the window (5) in any window.
+    // admitted again under the share: never more than this replica's half
+    // of the window (5) in any window, the call above included (less the
+    // calls the other replica may have made since it last asked).
     let answers = fire(&[&proxy], 10).await;
     let ok = answers.iter().filter(|(_, ok, _)| *ok).count();
-    assert_eq!(ok, 4, "{answers:?}");
+    assert!(ok >= 4, "{answers:?}");
     assert!(
         answers.iter().all(|(_, ok, code)| *ok || code == "606"),
         "{answers:?}"
     );
-    assert!(sim.stats().max_in_window <= 5, "{}", sim.stats().max_in_window);
+    let most = sim.stats().max_in_window;
+    assert!((4..=5).contains(&most), "{most} calls in one window");
     let metrics = support::metrics_text(&proxy.admin_url()).await;
     assert_eq!(support::metric(&metrics, "marketo_proxy_backend_up"), Some(0.0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_that_lose_redis_after_a_full_window_serve_their_requests_as_its_slots_free() {
-    // Each replica's part of the window grows as the slots free: the first
-    // one's as it saw them, the others' one window after the loss, when
-    // nothing but calls in flight can hold a slot they did not see.
+    // Each replica's part of the window grows as the slots it saw free:
+    // the replicas that made none of the window's calls get theirs one
+    // window after the loss, not after every call could be over.
     // Marketo's real limits, 50 ms a call; three replicas.
     let redis = RedisServer::start();
     let sim = Simulator::spawn(SimConfig {
@@ -252,10 +251,31 @@ async fn replicas_that_lose_redis_after_a_full_window_serve_their_requests_as_it
         let config = replica_config_of(&sim.url(), &redis.url(), limits, "outage-load", 3);
         replicas.push(app::spawn(config).await.unwrap());
     }
-    // A full window, all of it through the first (a balancer that is not
-    // round robin): the others saw none of it.
+    // A full window, all of it through the first replica; the others each
+    // have a request waiting for the window meanwhile, so they know how
+    // full it is.
     let answers = fire(&[&replicas[0]], 100).await;
     assert!(answers.iter().all(|(_, ok, _)| *ok), "{answers:?}");
+    let waiting: Vec<_> = replicas[1..]
+        .iter()
+        .map(|replica| {
+            let request = support::client()
+                .get(format!("{}/rest/v1/lead/2.json", replica.url()))
+                .header("X-Api-Key", KEY)
+                .send();
+            tokio::spawn(async move { request.await.unwrap().json::<Value>().await.unwrap() })
+        })
+        .collect();
+    for replica in &replicas[1..] {
+        support::eventually(Duration::from_secs(5), async || {
+            let metrics = support::metrics_text(&replica.admin_url()).await;
+            match support::metric(&metrics, "marketo_proxy_inflight") {
+                Some(1.0) => Ok(()),
+                other => Err(other),
+            }
+        })
+        .await;
+    }
     redis.stop();
     // Ten more at each, from clients that wait a minute.
     let lost_at = tokio::time::Instant::now();
@@ -282,6 +302,10 @@ async fn replicas_that_lose_redis_after_a_full_window_serve_their_requests_as_it
     let mut served = 0;
     for call in calls {
         served += usize::from(call.await.unwrap());
+    }
+    for call in waiting {
+        let answer = call.await.unwrap();
+        assert_eq!(answer["success"], true, "{answer}");
     }
     println!(
         "after losing Redis: {served} of 30 served in {:.1} s",
@@ -339,17 +363,14 @@ async fn calls_waiting_for_the_shared_window_when_redis_goes_away_wait_for_the_s
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_replica_back_from_an_outage_waits_for_the_calls_the_others_made_meanwhile() {
     let redis = RedisServer::start_with_users(&[("one", "password-one-0123"), ("two", "password-two-0123")]);
-    // A window of 2 s: a replica that lost Redis without having seen the
-    // window waits one window before it takes a part of it.
     let sim = Simulator::spawn(SimConfig {
         concurrency: 2,
-        window: Duration::from_secs(2),
         latency: Duration::from_secs(3),
         ..support::sim_config()
     })
     .await
     .unwrap();
-    let limits = "  concurrency: 2\n  window: 2s\n  safety_margin: 100ms\n  max_queue_wait: 30s";
+    let limits = "  concurrency: 2\n  max_queue_wait: 30s";
     let replica = |user: &str| {
         let url = format!("redis://{user}:password-{user}-0123@127.0.0.1:{}", redis.port);
         app::spawn(replica_config(&sim.url(), &url, limits, "outage"))

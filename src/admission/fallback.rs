@@ -4,20 +4,24 @@
 //!
 //! The shared state said, when this replica last asked it, when each of
 //! the instance's window slots frees (a call still in flight: after its
-//! pending hold, request timeout plus window). The others may have taken
-//! the rest of the window since, unseen: those slots free one hold after
-//! the loss, or, as many as can be in flight at once, one pending hold
-//! after it. From the loss on, each replica may take `1 / replicas` of
+//! pending hold, request timeout plus window). The others may have made
+//! calls since, unseen: as many as the instance made in as long at its
+//! fastest recent rate are held as calls in flight. From the loss on,
+//! each replica may take `1 / replicas` of
 //! the window that all of these leave, besides its own answered slots
 //! still held: its split. Right after a full window it is its own slots
 //! alone; as the slots free it grows, to `(window − calls that may still
 //! be in flight) / replicas` one hold after the loss, and to the plain
 //! `window / replicas` once every call from before is surely over. Every
 //! replica's new calls stay within their part of the slots freed since
-//! the loss, so all of them together stay within the instance's window.
+//! the loss, so all of them together stay within the instance's window,
+//! as far as each replica saw it: a replica that saw nothing of a burst
+//! the others made (idle, or last in touch before it) cannot count it.
 //!
 //! Time is passed in, so the rule is pure and property-testable.
 
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -40,26 +44,22 @@ pub struct FallbackShare {
 impl FallbackShare {
     /// The split of a replica that lost the shared state at `now`, having
     /// seen there the instance's slots of a `full` window free at `seen`,
-    /// its own answered ones at `own`. The rest of the window may have been
-    /// taken since, unseen: as many of those calls as can be in flight at
-    /// once (`concurrency`) hold their slots for a `pending` hold, the
-    /// others (answered by now) for a `hold`.
-    #[allow(clippy::too_many_arguments)]
+    /// its own answered ones at `own`. The others may have made up to
+    /// `unseen` calls since (as fast as the instance was calling, for as
+    /// long ago as this replica last asked): their slots are held as if
+    /// those calls were in flight, for a `pending` hold.
     pub fn after_loss(
         replicas: u32,
         full: u32,
-        concurrency: u32,
         mut seen: Vec<Instant>,
         own: Vec<Instant>,
         now: Instant,
-        hold: Duration,
         pending: Duration,
+        unseen: u32,
     ) -> Self {
         seen.retain(|free| *free > now);
-        let unseen = full.saturating_sub(count(seen.len()));
-        let in_flight = unseen.min(concurrency);
-        seen.extend(std::iter::repeat_n(now + hold, (unseen - in_flight) as usize));
-        seen.extend(std::iter::repeat_n(now + pending, in_flight as usize));
+        let unseen = unseen.min(full.saturating_sub(count(seen.len())));
+        seen.extend(std::iter::repeat_n(now + pending, unseen as usize));
         Self::new(replicas, seen, own)
     }
 
@@ -118,8 +118,9 @@ impl FallbackShare {
 
     /// When the call after `ahead` others could start in `window` (this
     /// replica's calls) under a split of `full` that grows, at most
-    /// `ceiling`: at the first moment it has room for all of them, or, past
-    /// the last change, as the window frees under the settled split.
+    /// `ceiling`, each call answered `latency` after it starts: the calls
+    /// ahead and this one go, in turn, at the first moments the split
+    /// leaves room for them (as it grows, as slots free, theirs too).
     pub fn estimate_start(
         &self,
         window: &SlidingWindow,
@@ -129,19 +130,42 @@ impl FallbackShare {
         ahead: usize,
         latency: Duration,
     ) -> Instant {
-        let needed = u32::try_from(ahead).unwrap_or(u32::MAX);
-        for at in std::iter::once(now).chain(self.changes(now)) {
-            if self.split_at(full, at).min(ceiling) > window.held_at(at).saturating_add(needed) {
-                return at;
+        let cycle = latency + window.hold();
+        // Calls in flight free their slots a cycle from now at the latest.
+        let in_flight_free = now + cycle;
+        let mut moments: BinaryHeap<Reverse<Instant>> = std::iter::once(now)
+            .chain(self.changes(now))
+            .chain(window.frees_after(now))
+            .chain(std::iter::once(in_flight_free))
+            .map(Reverse)
+            .collect();
+        let mut started: Vec<Instant> = Vec::new();
+        let mut steps = 0;
+        while let Some(Reverse(at)) = moments.pop() {
+            steps += 1;
+            if steps > MAX_STEPS {
+                break;
+            }
+            let in_flight = if at >= in_flight_free { 0 } else { window.pending() };
+            let held = window.held_at(at) - window.pending()
+                + in_flight
+                + count(started.iter().filter(|frees| **frees > at).count());
+            let room = self.split_at(full, at).min(ceiling).saturating_sub(held);
+            for _ in 0..room {
+                if started.len() == ahead {
+                    return at;
+                }
+                started.push(at + cycle);
+                moments.push(Reverse(at + cycle));
             }
         }
-        // Past the last change the split holds: the window turns from then.
-        let settles = self.changes(now).last().unwrap_or(now);
-        let mut settled = window.clone();
-        settled.set_limit(self.settled(full).min(ceiling));
-        settled.estimate_start(settles, ahead, latency)
+        // Nothing would ever free: as far off as the window can say.
+        now + cycle * u32::try_from(ahead + 1).unwrap_or(u32::MAX)
     }
 }
+
+/// The most moments an estimate looks at.
+const MAX_STEPS: usize = 10_000;
 
 fn count(length: usize) -> u32 {
     u32::try_from(length).unwrap_or(u32::MAX)
@@ -193,26 +217,26 @@ mod tests {
     }
 
     #[test]
-    fn slots_the_others_may_have_taken_unseen_hold_until_they_surely_free() {
+    fn calls_the_others_may_have_made_unseen_hold_their_slots_until_surely_over() {
         let now = Instant::now();
         let (hold, pending) = (SECOND * 20, SECOND * 80);
         // Seen: 97 slots of a full window freeing over the next 0.5 s past
-        // the hold; 3 may have been taken since, unseen.
+        // the hold; the others may have made more since, at most 3.
         let seen: Vec<Instant> = (0..97)
             .map(|slot| now + hold - SECOND / 2 + SECOND * slot / 200)
             .collect();
-        let share = FallbackShare::after_loss(3, 100, 10, seen, Vec::new(), now, hold, pending);
+        let share = FallbackShare::after_loss(3, 100, seen, Vec::new(), now, pending, 40);
         assert_eq!(share.split_at(100, now), 0, "nothing is surely free");
         assert_eq!(share.split_at(100, now + hold - SECOND / 4), 17);
-        // The unseen three may be in flight until the pending hold.
         assert_eq!(share.split_at(100, now + hold), 32);
         assert_eq!(share.split_at(100, now + pending), 33);
-        // A replica that never asked: one hold on, what the calls that may
-        // be in flight leave.
-        let share = FallbackShare::after_loss(2, 100, 10, Vec::new(), Vec::new(), now, hold, pending);
-        assert_eq!(share.split_at(100, now), 0);
-        assert_eq!(share.split_at(100, now + hold), 45);
-        assert_eq!(share.settled(100), 50);
+        // A window seen nearly empty, the instance calling slowly: what it
+        // may have called since holds for a pending hold, and the rest is
+        // shared at once.
+        let share = FallbackShare::after_loss(2, 100, vec![now + SECOND; 30], Vec::new(), now, pending, 2);
+        assert_eq!(share.split_at(100, now), 34);
+        assert_eq!(share.split_at(100, now + SECOND), 49);
+        assert_eq!(share.split_at(100, now + pending), 50);
     }
 
     proptest! {

@@ -330,8 +330,9 @@ impl Admission {
     /// The shared state was lost just now: enforce here this replica's
     /// part of what the instance had left, as last seen there. Its window
     /// split grows as the slots the instance held then free
-    /// (`instance_frees`; a call in flight frees within `pending`; see
-    /// [`fallback`]); its concurrency split is its
+    /// (`instance_frees`; a call in flight frees within `pending`, and the
+    /// others may have made `unseen` calls since; see [`fallback`]); its
+    /// concurrency split is its
     /// own calls in flight and a part of what the others left, until
     /// [`set_fallback_split`] once their calls are surely over.
     ///
@@ -346,6 +347,7 @@ impl Admission {
         instance: InstanceUse,
         instance_frees: Vec<Instant>,
         pending: Duration,
+        unseen: u32,
         granted: u32,
     ) {
         let replicas = replicas.max(1);
@@ -357,12 +359,11 @@ impl Admission {
         let share = FallbackShare::after_loss(
             replicas,
             state.full_window,
-            state.full_concurrency,
             instance_frees,
             own_answered.into_iter().map(|left| now + left).collect(),
             now,
-            state.window.hold(),
             pending,
+            unseen,
         );
         let window = share.split_at(state.full_window, now);
         state.fallback_share = Some(share);
@@ -708,7 +709,7 @@ mod tests {
             vec![now + Duration::from_secs(80); 6],
         ]
         .concat();
-        admission.split_what_is_left(4, instance, frees, Duration::from_secs(80), 2);
+        admission.split_what_is_left(4, instance, frees, Duration::from_secs(80), 4, 2);
         assert!(
             running.iter().all(Permit::admitted_before_fallback),
             "the one without a grant is admitted again"
@@ -718,17 +719,17 @@ mod tests {
             admission.apply_limits(&mut state, Instant::now());
             (state.window.limit(), state.concurrency)
         };
-        // Its 10 answered slots and nothing more: the 28 slots it did not
-        // see may be the others'. Its 2 calls and (10 - 6) / 4.
-        assert_eq!(limits(), (10, 2 + 1));
-        // The others' answered slots free: a quarter of those 56.
+        // Its 10 answered slots and a quarter of the window left by the 72
+        // and 4 calls the others may have made since; its 2 calls and
+        // (10 - 6) / 4.
+        assert_eq!(limits(), (10 + 6, 2 + 1));
+        // The others' answered slots free: a quarter of those 56 more.
         tokio::time::advance(Duration::from_secs(5)).await;
-        assert_eq!(limits().0, 10 + 14);
-        // One hold on, the unseen slots answered before the loss are free,
-        // its own too: a quarter of what the calls that may be in flight
-        // (6 seen, 10 unseen) leave.
+        assert_eq!(limits().0, 10 + 20);
+        // One hold on, its own are free too: a quarter of what the calls
+        // that may be in flight leave.
         tokio::time::advance(hold).await;
-        assert_eq!(limits().0, (100 - 6 - 10) / 4);
+        assert_eq!(limits().0, (100 - 6 - 4) / 4);
         tokio::time::advance(Duration::from_secs(80)).await;
         assert_eq!(limits().0, 25);
         // Once the others' calls are surely over: a plain quarter.

@@ -95,6 +95,11 @@ impl SlidingWindow {
         self.frees_at.len() as u32
     }
 
+    /// When the answered calls' slots free, those after `now`.
+    pub fn frees_after(&self, now: Instant) -> impl Iterator<Item = Instant> + '_ {
+        self.frees_at.iter().copied().filter(move |free| *free > now)
+    }
+
     /// Slots that will still be taken at `at`: calls in flight, and
     /// answered calls whose slots free after it.
     pub fn held_at(&self, at: Instant) -> u32 {

@@ -21,11 +21,13 @@ impl SharedLimits {
             *lock(&self.lost_at) = Some(Instant::now());
             let granted = u32::try_from(self.leases_mut().synced.len()).unwrap_or(u32::MAX);
             let seen = lock(&self.seen).clone();
+            let unseen = seen.unseen_by(Instant::now());
             admission.split_what_is_left(
                 self.fallback_replicas,
                 seen.instance,
                 seen.frees,
                 self.pending,
+                unseen,
                 granted,
             );
         }
