@@ -367,6 +367,7 @@ async fn while_an_enqueue_waits_each_job_is_polled_once_a_poll_after_for_the_wai
         .iter()
         .filter(|arrival| arrival.target.ends_with("/status.json") && arrival.at <= taken_at)
         .count();
+    println!("{polls} status calls of the proxy's own while the enqueue waited");
     assert!(
         (1..=6).contains(&polls),
         "{polls} status calls while the enqueue waited"

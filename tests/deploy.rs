@@ -121,6 +121,7 @@ fn exposition() -> BTreeMap<String, Family> {
         .backend_script_errors
         .with_label_values(&["acquire"])
         .inc();
+    metrics.uncounted.with_label_values(&["s", "608"]).inc();
     parse_exposition(&metrics.render())
 }
 

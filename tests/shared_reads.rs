@@ -438,6 +438,10 @@ async fn a_read_identical_to_one_still_queued_elsewhere_goes_itself_and_is_never
     let asked = tokio::time::Instant::now();
     let answer = stack.get(WAREHOUSE_KEY, DESCRIBE).await;
     let took = asked.elapsed();
+    println!(
+        "the interactive describe was answered after {:.2} s",
+        took.as_secs_f64()
+    );
     assert_eq!(answer.status(), 200);
     assert!(answer.text().await.unwrap().contains(r#""success":true"#));
     assert!(
