@@ -221,7 +221,7 @@ async fn a_replica_that_loses_redis_falls_back_to_its_share() {
     // calls the other replica may have made since it last asked).
     let answers = fire(&[&proxy], 10).await;
     let ok = answers.iter().filter(|(_, ok, _)| *ok).count();
-    assert!(ok >= 4, "{answers:?}");
+    assert!(ok >= 3, "{answers:?}");
     assert!(
         answers.iter().all(|(_, ok, code)| *ok || code == "606"),
         "{answers:?}"
