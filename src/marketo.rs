@@ -59,17 +59,18 @@ pub mod code {
 /// its error-code reference says an answer with 601, 602, 604, 605, 608 or
 /// 611 "is not counted against your daily quota, or your rate limit".
 pub fn is_uncounted(error_code: &str) -> bool {
-    use code::*;
-    [
-        TOKEN_INVALID,
-        TOKEN_EXPIRED,
-        TIMED_OUT,
-        METHOD_NOT_SUPPORTED,
-        UNAVAILABLE,
-        SYSTEM_ERROR,
-    ]
-    .contains(&error_code)
+    UNCOUNTED.contains(&error_code)
 }
+
+/// The codes of [`is_uncounted`].
+pub const UNCOUNTED: [&str; 6] = [
+    code::TOKEN_INVALID,
+    code::TOKEN_EXPIRED,
+    code::TIMED_OUT,
+    code::METHOD_NOT_SUPPORTED,
+    code::UNAVAILABLE,
+    code::SYSTEM_ERROR,
+];
 
 /// One entry of the `errors` array.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

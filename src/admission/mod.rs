@@ -241,6 +241,9 @@ impl Admission {
             for verdict in ["would_wait", "would_refuse"] {
                 metrics.observed.with_label_values(&[name, verdict]);
             }
+            for code in crate::marketo::UNCOUNTED {
+                metrics.uncounted.with_label_values(&[name, code]);
+            }
         }
         let quota = DailyQuota::new(
             marketo_day.clone(),

@@ -61,21 +61,6 @@ impl Lease {
         self.probe
     }
 
-    /// Marketo answered: the shared window slot starts its countdown (in
-    /// Redis, or here until Redis hears of it).
-    /// `earlier` than now, Marketo took the call at the latest.
-    pub async fn answered(&mut self, earlier: Duration) {
-        if !self.stamped {
-            self.stamped = true;
-            self.shared.hold_recent_slot(&self.id, earlier);
-            if self.shared.is_synced(self.service, &self.id) {
-                self.shared.stamp(self.service, &self.id, earlier).await;
-            }
-        }
-    }
-}
-
-impl Lease {
     /// Marketo did not count the call: its shared window slots and its
     /// unit of the day go back (in Redis, or from the calls Redis is still
     /// to hear of); its concurrency lease stays until it is dropped.
@@ -88,6 +73,19 @@ impl Lease {
             self.shared.uncount(self.service, self.day, &self.id).await;
         } else {
             self.shared.uncount_unsynced(self.service, self.day);
+        }
+    }
+
+    /// Marketo answered: the shared window slot starts its countdown (in
+    /// Redis, or here until Redis hears of it).
+    /// `earlier` than now, Marketo took the call at the latest.
+    pub async fn answered(&mut self, earlier: Duration) {
+        if !self.stamped {
+            self.stamped = true;
+            self.shared.hold_recent_slot(&self.id, earlier);
+            if self.shared.is_synced(self.service, &self.id) {
+                self.shared.stamp(self.service, &self.id, earlier).await;
+            }
         }
     }
 }
@@ -130,7 +128,8 @@ impl Drop for Lease {
     }
 }
 
-/// What a call Marketo did not count gives back of the shared limits.
+/// The day's units of leases: counted here while Redis is away, given
+/// back when Marketo did not count the call.
 impl SharedLimits {
     /// A call of `service` counted to `day` while Redis is unreachable.
     pub(super) fn count_unsynced(&self, service: usize, day: NaiveDate) {
