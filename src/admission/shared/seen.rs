@@ -44,9 +44,14 @@ impl Seen {
     /// Calls the others may have made by `now` since this was seen: as
     /// many as the instance made in as long at its fastest recent rate (a
     /// burst may have been under way), and one that may be on its way at
-    /// any moment.
+    /// any moment. A replica that has heard nothing for [`RATE_SPAN`]
+    /// knows no rate: the one call.
     pub(super) fn unseen_by(&self, now: Instant) -> u32 {
-        let Some((last_at, last)) = self.counts.back() else {
+        let Some((last_at, last)) = self
+            .counts
+            .back()
+            .filter(|(at, _)| now.saturating_duration_since(*at) <= RATE_SPAN)
+        else {
             return 1;
         };
         let rate = self
