@@ -26,7 +26,7 @@ use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -65,31 +65,69 @@ pub enum SpoolError {
 /// the directory of their files, the longest Marketo may take to send an
 /// answer, and the tasks that read them.
 pub struct Spooler {
-    memory_limit: usize,
-    disk_limit: u64,
-    memory: AtomicUsize,
-    disk: AtomicU64,
+    memory: Bound,
+    disk: Bound,
     dir: PathBuf,
     /// Marketo's answer must have arrived whole within this.
     deadline: Duration,
     tasks: Tasks,
-    memory_gauge: IntGauge,
-    disk_gauge: IntGauge,
     streamed: IntCounter,
+}
+
+/// Bytes all spools hold in one place, within a limit, shown by a gauge.
+struct Bound {
+    limit: u64,
+    held: AtomicU64,
+    gauge: IntGauge,
+}
+
+impl Bound {
+    fn new(limit: u64, gauge: IntGauge) -> Self {
+        Self {
+            limit,
+            held: AtomicU64::new(0),
+            gauge,
+        }
+    }
+
+    /// Takes `bytes`: within the limit, or past it when `force` (the one
+    /// part an answer streams through).
+    fn take(&self, bytes: usize, force: bool) -> bool {
+        let bytes = bytes as u64;
+        let taken = self
+            .held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                (force || held + bytes <= self.limit).then_some(held + bytes)
+            })
+            .is_ok();
+        if taken {
+            self.gauge.add(bytes as i64);
+        }
+        taken
+    }
+
+    fn give(&self, bytes: u64) {
+        if bytes > 0 {
+            self.held.fetch_sub(bytes, Ordering::AcqRel);
+            self.gauge.sub(bytes as i64);
+        }
+    }
 }
 
 impl Spooler {
     pub fn new(server: &ServerConfig, deadline: Duration, metrics: &Metrics, tasks: Tasks) -> Arc<Self> {
         Arc::new(Self {
-            memory_limit: server.spool_memory_bytes.get(),
-            disk_limit: server.spool_disk_bytes.get(),
-            memory: AtomicUsize::new(0),
-            disk: AtomicU64::new(0),
+            memory: Bound::new(
+                server.spool_memory_bytes.get() as u64,
+                metrics.spool_bytes.with_label_values(&["memory"]),
+            ),
+            disk: Bound::new(
+                server.spool_disk_bytes.get(),
+                metrics.spool_bytes.with_label_values(&["disk"]),
+            ),
             dir: server.spool_dir.clone().unwrap_or_else(std::env::temp_dir),
             deadline,
             tasks,
-            memory_gauge: metrics.spool_bytes.with_label_values(&["memory"]),
-            disk_gauge: metrics.spool_bytes.with_label_values(&["disk"]),
             streamed: metrics.spool_streamed.clone(),
         })
     }
@@ -97,56 +135,6 @@ impl Spooler {
     /// The default bounds, for tests of the layers.
     pub fn for_tests(deadline: Duration) -> Arc<Self> {
         Self::new(&ServerConfig::default(), deadline, &Metrics::new(), Tasks::new())
-    }
-
-    /// Bytes held in memory and on disk, all spools together.
-    pub fn held(&self) -> (usize, u64) {
-        (
-            self.memory.load(Ordering::Acquire),
-            self.disk.load(Ordering::Acquire),
-        )
-    }
-
-    /// Takes `bytes` of memory: within the bound, or past it when `force`
-    /// (the one part an answer streams through).
-    fn take_memory(&self, bytes: usize, force: bool) -> bool {
-        let taken = self
-            .memory
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
-                (force || held + bytes <= self.memory_limit).then_some(held + bytes)
-            })
-            .is_ok();
-        if taken {
-            self.memory_gauge.add(bytes as i64);
-        }
-        taken
-    }
-
-    fn give_memory(&self, bytes: usize) {
-        if bytes > 0 {
-            self.memory.fetch_sub(bytes, Ordering::AcqRel);
-            self.memory_gauge.sub(bytes as i64);
-        }
-    }
-
-    fn take_disk(&self, bytes: u64) -> bool {
-        let taken = self
-            .disk
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
-                (held + bytes <= self.disk_limit).then_some(held + bytes)
-            })
-            .is_ok();
-        if taken {
-            self.disk_gauge.add(bytes as i64);
-        }
-        taken
-    }
-
-    fn give_disk(&self, bytes: u64) {
-        if bytes > 0 {
-            self.disk.fetch_sub(bytes, Ordering::AcqRel);
-            self.disk_gauge.sub(bytes as i64);
-        }
     }
 
     /// A new file only this process can read, already unlinked.
@@ -228,8 +216,8 @@ impl Drop for Shared {
         let state = self.lock();
         let (memory, disk) = (state.memory_bytes, state.disk_held);
         drop(state);
-        self.spooler.give_memory(memory);
-        self.spooler.give_disk(disk);
+        self.spooler.memory.give(memory as u64);
+        self.spooler.disk.give(disk);
     }
 }
 
@@ -289,9 +277,9 @@ async fn store(shared: &Shared, data: Bytes) -> Result<(), SpoolError> {
             }
             let drained = state.memory.is_empty() && state.read >= state.written;
             let in_memory = (state.file.is_none() && state.memory_bytes + length <= MEMORY_BYTES) || drained;
-            if in_memory && spooler.take_memory(length, false) {
+            if in_memory && spooler.memory.take(length, false) {
                 Place::Kept
-            } else if spooler.take_disk(length as u64) {
+            } else if spooler.disk.take(length, false) {
                 state.disk_held += length as u64;
                 match &state.file {
                     Some(file) => Place::File(Arc::clone(file), state.written),
@@ -309,7 +297,7 @@ async fn store(shared: &Shared, data: Bytes) -> Result<(), SpoolError> {
                 if drained {
                     // Nothing of this answer waits for its client: this
                     // part passes through, past the bound.
-                    spooler.take_memory(length, true);
+                    spooler.memory.take(length, true);
                     Place::Kept
                 } else {
                     Place::Wait
@@ -377,7 +365,7 @@ impl Body for SpoolReader {
             if let Some(bytes) = state.memory.pop_front() {
                 state.memory_bytes -= bytes.len();
                 drop(state);
-                this.shared.spooler.give_memory(bytes.len());
+                this.shared.spooler.memory.give(bytes.len() as u64);
                 this.shared.taken.notify_one();
                 return Poll::Ready(Some(Ok(Frame::data(bytes))));
             }
@@ -435,8 +423,8 @@ impl Drop for SpoolReader {
         let disk = std::mem::take(&mut state.disk_held);
         state.file = None;
         drop(state);
-        self.shared.spooler.give_memory(memory);
-        self.shared.spooler.give_disk(disk);
+        self.shared.spooler.memory.give(memory as u64);
+        self.shared.spooler.disk.give(disk);
         self.shared.taken.notify_one();
     }
 }

@@ -660,13 +660,7 @@ async fn clients_that_never_read_a_large_answer_keep_the_spool_within_bounds_and
     let size = file.bytes().await.unwrap().len();
     // Larger than the kernel's socket buffers take on loopback (4 MB).
     assert!(size > 5_000_000, "a file of {size} bytes");
-    let path = sim
-        .stats()
-        .arrivals
-        .iter()
-        .find(|arrival| arrival.target.ends_with("/file.json"))
-        .map(|arrival| arrival.target.clone())
-        .unwrap();
+    let path = support::file_path(&sim);
     // Sixty clients ask for it and read nothing.
     let mut clients = Vec::new();
     for _ in 0..60 {

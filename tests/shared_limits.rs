@@ -97,6 +97,19 @@ async fn backend_up(proxy: &RunningProxy, up: bool) {
     .await;
 }
 
+/// Waits until `replica` has `calls` calls in flight (admitted here, at
+/// Marketo or waiting for the shared limits).
+async fn in_flight_becomes(replica: &RunningProxy, calls: f64) {
+    support::eventually(Duration::from_secs(5), async || {
+        let metrics = support::metrics_text(&replica.admin_url()).await;
+        match support::metric(&metrics, "marketo_proxy_inflight") {
+            Some(value) if value == calls => Ok(()),
+            other => Err(other),
+        }
+    })
+    .await;
+}
+
 /// Fires `count` requests at once, spread over the replicas; returns the
 /// (HTTP status, Marketo success, error code) of each.
 async fn fire(replicas: &[&RunningProxy], count: usize) -> Vec<(u16, bool, String)> {
@@ -267,14 +280,7 @@ async fn replicas_that_lose_redis_after_a_full_window_serve_their_requests_as_it
         })
         .collect();
     for replica in &replicas[1..] {
-        support::eventually(Duration::from_secs(5), async || {
-            let metrics = support::metrics_text(&replica.admin_url()).await;
-            match support::metric(&metrics, "marketo_proxy_inflight") {
-                Some(1.0) => Ok(()),
-                other => Err(other),
-            }
-        })
-        .await;
+        in_flight_becomes(replica, 1.0).await;
     }
     redis.stop();
     // Ten more at each, from clients that wait a minute.
@@ -341,14 +347,7 @@ async fn calls_waiting_for_the_shared_window_when_redis_goes_away_wait_for_the_s
             })
         })
         .collect();
-    support::eventually(Duration::from_secs(5), async || {
-        let metrics = support::metrics_text(&second.admin_url()).await;
-        match support::metric(&metrics, "marketo_proxy_inflight") {
-            Some(3.0) => Ok(()),
-            other => Err(other),
-        }
-    })
-    .await;
+    in_flight_becomes(&second, 3.0).await;
     // Redis goes away: they were admitted under the shared limits and hold
     // nothing there, so they wait for room in the second's share (its own
     // five slots: nothing was left), not go out at once.

@@ -229,14 +229,7 @@ async fn streamed_answers_are_not_shared() {
     let file = support::export_leads(&stack.proxy.url(), CRM_KEY, &["id", "email"]).await;
     let whole = file.text().await.unwrap();
     assert!(whole.len() > marketo_proxy::upstream::PEEK_LIMIT);
-    let path = stack
-        .sim
-        .stats()
-        .arrivals
-        .iter()
-        .find(|arrival| arrival.target.ends_with("/file.json"))
-        .map(|arrival| arrival.target.clone())
-        .unwrap();
+    let path = support::file_path(&stack.sim);
     let files = together(&stack, CRM_KEY, &path, 3).await;
     assert!(files.iter().all(|file| *file == whole));
     assert_eq!(calls_to(&stack, &path), 4, "each streamed answer was a call");
@@ -255,18 +248,6 @@ async fn coalescing_can_be_turned_off() {
     assert_eq!(calls_to(&stack, DESCRIBE), 4);
 }
 
-/// The path of the export file the simulator served.
-fn file_path(stack: &Stack) -> String {
-    stack
-        .sim
-        .stats()
-        .arrivals
-        .iter()
-        .find(|arrival| arrival.target.ends_with("/file.json"))
-        .map(|arrival| arrival.target.clone())
-        .unwrap()
-}
-
 #[tokio::test]
 async fn range_reads_of_one_export_file_each_get_their_own_bytes_and_none_is_kept() {
     let sim = SimConfig {
@@ -283,7 +264,7 @@ async fn range_reads_of_one_export_file_each_get_their_own_bytes_and_none_is_kep
     .await;
     let file = support::export_leads(&stack.proxy.url(), CRM_KEY, &["id", "email"]).await;
     let whole = file.bytes().await.unwrap();
-    let path = file_path(&stack);
+    let path = support::file_path(&stack.sim);
     let tail = 1000;
     assert!(
         whole.len() - tail > marketo_proxy::upstream::PEEK_LIMIT,

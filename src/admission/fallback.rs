@@ -82,11 +82,6 @@ impl FallbackShare {
         held(&self.own) + full.saturating_sub(held(&self.instance)) / self.replicas
     }
 
-    /// The plain split, once every slot seen has freed.
-    pub fn settled(&self, full: u32) -> u32 {
-        (full / self.replicas).max(1)
-    }
-
     /// Whether every slot seen has freed by `now`.
     pub fn is_settled(&self, now: Instant) -> bool {
         self.instance.last().is_none_or(|last| *last <= now)

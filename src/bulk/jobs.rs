@@ -311,9 +311,13 @@ impl BulkJobs {
     /// writes it there before it returns, so a place the call held is given
     /// back only once the job holds it.
     pub async fn observe(&self, endpoint: &Endpoint, service: usize, body: Option<&Bytes>) {
-        let Some(answer) = body.and_then(|body| serde_json::from_slice::<Value>(body).ok()) else {
-            return;
-        };
+        if let Some(answer) = body.and_then(|body| serde_json::from_slice::<Value>(body).ok()) {
+            self.take(endpoint, service, &answer).await;
+        }
+    }
+
+    /// Takes what Marketo's answer `answer` to a bulk call says.
+    async fn take(&self, endpoint: &Endpoint, service: usize, answer: &Value) {
         let (day, seen, spent) = {
             let mut state = self.lock();
             self.roll(&mut state);
@@ -336,7 +340,7 @@ impl BulkJobs {
                 }
                 (state.day, Vec::new(), true)
             } else {
-                let seen = self.take_answer(&mut state, endpoint, owner, &answer);
+                let seen = self.take_answer(&mut state, endpoint, owner, answer);
                 if !shared_up {
                     self.count(&mut state, &seen);
                 }
@@ -362,8 +366,7 @@ impl BulkJobs {
         }
         let answer =
             serde_json::json!({"success": true, "result": [{"exportId": id, "status": "Completed"}]});
-        self.observe(endpoint, service, Some(&Bytes::from(answer.to_string())))
-            .await;
+        self.take(endpoint, service, &answer).await;
     }
 
     /// Updates the jobs an answer names; what it said of each, for

@@ -104,11 +104,6 @@ impl UnknownBodies {
         }
     }
 
-    /// Bytes not held by any read.
-    pub fn available(&self) -> usize {
-        self.budget.available()
-    }
-
     fn start(&self, peer: IpAddr) -> Result<Reading<'_>, ProxyError> {
         let mut reading = self.reading.entry(peer).or_insert(0);
         if *reading >= self.per_address {

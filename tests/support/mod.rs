@@ -276,6 +276,16 @@ pub async fn export_leads(proxy_url: &str, key: &str, fields: &[&str]) -> reqwes
         .expect("file answered")
 }
 
+/// The path of the first export file `sim` served.
+pub fn file_path(sim: &SimHandle) -> String {
+    sim.stats()
+        .arrivals
+        .iter()
+        .find(|arrival| arrival.target.ends_with("/file.json"))
+        .map(|arrival| arrival.target.clone())
+        .expect("an export file was served")
+}
+
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .no_proxy()
